@@ -1,0 +1,97 @@
+"""Turn many small calls into few large ones (actor hops and transactions
+are the pipeline's cost, not the work inside them)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable, Generic, Sequence, TypeVar
+
+log = logging.getLogger(__name__)
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+class GroupCommitter(Generic[In, Out]):
+    """Callers submit items and wait for their own results; items that
+    arrive while a write is in progress go together in the next write."""
+
+    def __init__(self, write: Callable[[list[In]], Awaitable[Sequence[Out]]], *, max_batch: int = 2000):
+        self._write = write
+        self._max_batch = max_batch
+        self._pending: list[tuple[In, asyncio.Future]] = []
+        self._flushing = False
+
+    async def submit(self, items: Sequence[In]) -> list[Out]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for item in items:
+            future = loop.create_future()
+            self._pending.append((item, future))
+            futures.append(future)
+        if not self._flushing:
+            self._flushing = True
+            asyncio.ensure_future(self._flush())
+        return list(await asyncio.gather(*futures))
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
+                try:
+                    results = await self._write([item for item, _ in batch])
+                except Exception as exc:  # every waiter of this batch sees the failure
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), result in zip(batch, results):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self._flushing = False
+
+
+class Outbox(Generic[In]):
+    """Fire-and-forget items collected and sent in batches by one sender
+    coroutine; a failed send is retried, so nothing queued is dropped."""
+
+    def __init__(
+        self,
+        send: Callable[[list[In]], Awaitable[object]],
+        *,
+        max_batch: int = 2000,
+        retry_s: float = 0.5,
+        name: str = "outbox",
+    ):
+        self._send = send
+        self._max_batch = max_batch
+        self._retry_s = retry_s
+        self._name = name
+        self._items: list[In] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def put(self, items: Sequence[In]) -> None:
+        self._items.extend(items)
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._items:
+                batch = self._items[: self._max_batch]
+                try:
+                    await self._send(batch)
+                except Exception:
+                    log.warning("%s: send of %d items failed; retrying", self._name, len(batch), exc_info=True)
+                    await asyncio.sleep(self._retry_s)
+                    continue
+                del self._items[: len(batch)]

@@ -1,0 +1,283 @@
+"""A shard owns the tasks of its time ranges: it stores submissions (group
+commit), fires each due task on a precise timer, and records outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timedelta
+from typing import Protocol, Sequence
+
+import ray
+
+from actors.batching import GroupCommitter
+from scheduling.clock import Clock, SystemClock
+from scheduling.fire_timer import FireTimer
+from scheduling.models import NewTask, RunResult, SubmitResult, TaskSpec
+from storage.repository import TaskRepository, lost_result
+
+from chronoray.errors import ChronorayError
+from chronoray.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class DispatcherLink(Protocol):
+    async def hello(self) -> str: ...
+    async def room(self) -> int: ...
+    async def submit(self, specs: list[TaskSpec]) -> int: ...
+
+
+class ShardPeers(Protocol):
+    async def track(self, shard: int, entries: list[tuple[int, datetime]]) -> None: ...
+
+
+class Shard:
+    """Plain class: the actor below wraps it. Every public method is safe to
+    call twice (Ray replays calls to a restarted actor)."""
+
+    MAX_TIMER_WAIT_S = 1.0  # cap sleeps: long epoll waits wake late
+
+    def __init__(
+        self,
+        *,
+        index: int,
+        repo: TaskRepository,
+        dispatcher: DispatcherLink,
+        peers: ShardPeers,
+        settings: Settings,
+        clock: Clock | None = None,
+    ) -> None:
+        self.index = index
+        self.epoch = 0
+        self._repo = repo
+        self._dispatcher = dispatcher
+        self._peers = peers
+        self._settings = settings
+        self._wheel = settings.wheel
+        self._clock = clock or SystemClock()
+        self._timer = FireTimer()
+        self._room = settings.dispatcher_max_queued
+        self._dispatcher_seen: str | None = None
+        self._committer: GroupCommitter[NewTask, SubmitResult | ChronorayError] = GroupCommitter(
+            self._store
+        )
+        self.wake = asyncio.Event()
+
+    async def _io(self, fn, *args, **kwargs):
+        """Blocking database calls leave the event loop free for timers."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def start(self) -> int:
+        self.epoch = await self._io(self._repo.start_shard, self.index, now=self._clock.now())
+        log.info("shard %d started at epoch %d", self.index, self.epoch)
+        await self.sweep()
+        return self.epoch
+
+    # -- submissions -----------------------------------------------------
+    async def submit(self, new_tasks: Sequence[NewTask]) -> list[SubmitResult | ChronorayError]:
+        return await self._committer.submit(list(new_tasks))
+
+    async def _store(self, batch: list[NewTask]) -> list[SubmitResult | ChronorayError]:
+        results = await self._io(self._repo.add_tasks, batch, now=self._clock.now())
+        await self._route(
+            [(r.task.task_id, r.task.execute_at) for r in results if isinstance(r, SubmitResult)]
+        )
+        return results
+
+    async def track(self, entries: Sequence[tuple[int, datetime]]) -> None:
+        """Watch these tasks if they fall inside the look-ahead window."""
+        horizon = self._clock.now() + timedelta(seconds=self._settings.lookahead_s)
+        for task_id, due_at in entries:
+            if due_at <= horizon:
+                self._timer.add(task_id, due_at)
+        self.wake.set()
+
+    async def _route(self, entries: Sequence[tuple[int, datetime]]) -> None:
+        """Track our own tasks; tell the owner shard about the others."""
+        by_shard: dict[int, list[tuple[int, datetime]]] = {}
+        for task_id, due_at in entries:
+            by_shard.setdefault(self._wheel.shard_of(due_at), []).append((task_id, due_at))
+        for shard, owned in by_shard.items():
+            if shard == self.index:
+                await self.track(owned)
+            else:
+                await self._peers.track(shard, owned)
+
+    # -- firing ------------------------------------------------------------
+    def next_wake_s(self) -> float:
+        return self._timer.seconds_until_next(
+            now=self._clock.now(),
+            lead_s=self._settings.prefire_ms / 1000.0,
+            cap_s=self.MAX_TIMER_WAIT_S,
+        )
+
+    async def fire_due(self) -> int:
+        """Claim what is due (or within the prefire lead) and hand it over,
+        no more than the dispatcher has room for."""
+        if self._room <= 0:
+            self._room = await self._dispatcher.room()
+            if self._room <= 0:
+                return 0
+        now = self._clock.now()
+        limit = min(self._room, self._settings.claim_batch)
+        due = self._timer.pop_due(now=now, lead_s=self._settings.prefire_ms / 1000.0, limit=limit)
+        if not due:
+            return 0
+        lease_until = now + timedelta(seconds=self._settings.queue_lease_s)
+        specs = await self._io(
+            self._repo.claim, due, shard=self.index, epoch=self.epoch, lease_until=lease_until, now=now
+        )
+        if specs:
+            self._room = await self._dispatcher.submit(specs)
+        return len(specs)
+
+    # -- outcomes ------------------------------------------------------------
+    async def mark_running(self, specs: Sequence[TaskSpec]) -> int:
+        return await self._io(
+            self._repo.mark_running,
+            list(specs),
+            lease_grace_s=self._settings.lease_grace_s,
+            now=self._clock.now(),
+        )
+
+    async def record_results(self, results: Sequence[RunResult]) -> int:
+        retried = await self._io(
+            self._repo.record_results, list(results), policy=self._settings.retry, now=self._clock.now()
+        )
+        await self._route([(t.task_id, t.execute_at) for t in retried])
+        return len(retried)
+
+    # -- the safety net --------------------------------------------------------
+    async def sweep(self) -> None:
+        """Pick up what a fast path missed: due tasks not yet on the timer,
+        expired leases, and queued tasks a restarted dispatcher forgot."""
+        now = self._clock.now()
+        due = await self._io(
+            self._repo.due_tasks,
+            wheel=self._wheel,
+            shard=self.index,
+            before=now + timedelta(seconds=self._settings.lookahead_s),
+            limit=50_000,
+        )
+        await self.track(due)
+        expired = await self._io(
+            self._repo.expired_leases, wheel=self._wheel, shard=self.index, now=now, limit=10_000
+        )
+        if expired:
+            log.warning("shard %d: %d leases expired", self.index, len(expired))
+            await self.record_results([lost_result(spec, now=now) for spec in expired])
+        incarnation = await self._dispatcher.hello()
+        if incarnation != self._dispatcher_seen:
+            if self._dispatcher_seen is not None or self.epoch > 1:
+                queued = await self._io(
+                    self._repo.queued_specs, wheel=self._wheel, shard=self.index, limit=50_000
+                )
+                if queued:
+                    log.info("shard %d: handing %d queued tasks to a new dispatcher", self.index, len(queued))
+                    self._room = await self._dispatcher.submit(queued)
+            self._dispatcher_seen = incarnation
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """The timer loop and the periodic sweep, until ``stop`` is set."""
+        last_sweep = self._clock.now()
+        while not stop.is_set():
+            try:
+                while await self.fire_due():
+                    pass
+                if (self._clock.now() - last_sweep).total_seconds() >= self._settings.sweep_interval_s:
+                    last_sweep = self._clock.now()
+                    await self.sweep()
+            except Exception:
+                log.exception("shard %d: loop iteration failed", self.index)
+                await asyncio.sleep(0.5)
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=self.next_wake_s())
+            except asyncio.TimeoutError:
+                pass
+
+
+# -- Ray shell ---------------------------------------------------------------
+
+
+class _RayDispatcher:
+    def __init__(self, namespace: str) -> None:
+        from actors.handles import dispatcher_handle
+
+        self._handle = dispatcher_handle(namespace)
+
+    async def hello(self) -> str:
+        return await self._handle.hello.remote()
+
+    async def room(self) -> int:
+        return await self._handle.room.remote()
+
+    async def submit(self, specs: list[TaskSpec]) -> int:
+        return await self._handle.submit.remote(specs)
+
+
+class _RayPeers:
+    def __init__(self, namespace: str) -> None:
+        self._namespace = namespace
+
+    async def track(self, shard: int, entries: list[tuple[int, datetime]]) -> None:
+        from actors.handles import shard_handle
+
+        await shard_handle(shard, self._namespace).track.remote(entries)
+
+
+class ShardShell:
+    """The actor: builds its Shard from settings, rebuilds state from the
+    database on every (re)start, and runs the timer loop."""
+
+    def __init__(self, index: int, settings: Settings) -> None:
+        from storage.engines import make_engine
+        from storage.sql import SqlTaskRepository
+
+        self._shard = Shard(
+            index=index,
+            repo=SqlTaskRepository(make_engine(settings.database_url)),
+            dispatcher=_RayDispatcher(settings.namespace),
+            peers=_RayPeers(settings.namespace),
+            settings=settings,
+        )
+        self._stop = asyncio.Event()
+        # Ray runs __init__ inside the actor's event loop: start at once, so a
+        # restarted shard fires its tasks without waiting to be called.
+        self._started = asyncio.ensure_future(self._start())
+
+    async def _ready(self) -> Shard:
+        await asyncio.shield(self._started)
+        return self._shard
+
+    async def _start(self) -> None:
+        while True:
+            try:
+                await self._shard.start()
+                break
+            except Exception:
+                log.exception("shard %d could not start; retrying", self._shard.index)
+                await asyncio.sleep(1.0)
+        asyncio.ensure_future(self._shard.run(self._stop))
+
+    async def ready(self) -> int:
+        return (await self._ready()).epoch
+
+    async def submit(self, new_tasks: list[NewTask]):
+        return await (await self._ready()).submit(new_tasks)
+
+    async def track(self, entries: list[tuple[int, datetime]]) -> None:
+        await (await self._ready()).track(entries)
+
+    async def mark_running(self, specs: list[TaskSpec]) -> int:
+        return await (await self._ready()).mark_running(specs)
+
+    async def record_results(self, results: list[RunResult]) -> int:
+        return await (await self._ready()).record_results(results)
+
+    async def stop(self) -> None:
+        self._stop.set()
+
+
+ShardActor = ray.remote(max_restarts=-1, max_task_retries=-1)(ShardShell)

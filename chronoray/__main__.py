@@ -1,0 +1,3 @@
+from chronoray.cli import main
+
+main()

@@ -1,0 +1,172 @@
+"""The ``chronoray`` command. ``up`` runs the scheduler; the other commands
+talk to its HTTP API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import signal
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import List, Optional
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="chronoray: a distributed task scheduler on Ray.", no_args_is_help=True)
+tasks_app = typer.Typer(help="Inspect tasks.", no_args_is_help=True)
+scripts_app = typer.Typer(help="Register scripts.", no_args_is_help=True)
+app.add_typer(tasks_app, name="tasks")
+app.add_typer(scripts_app, name="scripts")
+console = Console()
+err = Console(stderr=True)
+
+URL_OPTION = typer.Option("http://127.0.0.1:8000", "--url", envvar="CHRONORAY_URL", help="API base URL")
+RELATIVE = re.compile(r"^\+(\d+(?:\.\d+)?)([smhd])$")
+
+
+@app.command()
+def up(
+    port: int = typer.Option(None, help="HTTP port (default 8000, or CHRONORAY_HTTP_PORT)"),
+    address: Optional[str] = typer.Option(None, help="join this Ray cluster instead of starting one"),
+    data_dir: Optional[Path] = typer.Option(None, help="where the embedded SQLite database lives"),
+) -> None:
+    """Start chronoray (and a local Ray unless --address is given); stays in
+    the foreground, Ctrl-C stops it."""
+    import ray
+
+    from chronoray.deploy import deploy, start_local_ray, teardown
+    from chronoray.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env(data_dir=data_dir)
+    if port:
+        settings = settings.with_(http_port=port)
+    err.print(f"database: {settings.database_url}")
+    if address:
+        ray.init(address=address, namespace=settings.namespace, log_to_driver=False)
+    else:
+        err.print("starting a local Ray …")
+        start_local_ray(settings)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        with console.status("deploying shards, dispatcher, executors and HTTP …"):
+            url = deploy(settings)
+        console.print(f"chronoray is up at [bold]{url}[/bold]  (Ctrl-C stops it)")
+        stop.wait()
+    finally:
+        err.print("stopping …")
+        try:
+            teardown(settings)
+        finally:
+            ray.shutdown()
+
+
+def parse_when(value: str) -> str | float:
+    """``+5s`` / ``+2m`` relative to now, epoch seconds, or ISO 8601."""
+    match = RELATIVE.match(value)
+    if match:
+        amount, unit = float(match.group(1)), match.group(2)
+        seconds = amount * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+        return (datetime.now(timezone.utc) + timedelta(seconds=seconds)).isoformat()
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def _call(method: str, url: str, **kwargs) -> dict:
+    try:
+        response = httpx.request(method, url, timeout=30, **kwargs)
+    except httpx.HTTPError as exc:
+        err.print(f"[red]cannot reach chronoray at {url}: {exc}[/red]")
+        raise typer.Exit(2)
+    body = response.json()
+    if response.is_error:
+        field = f" ({body.get('field')})" if body.get("field") else ""
+        err.print(f"[red]{response.status_code} {body.get('error')}{field}: {body.get('detail')}[/red]")
+        raise typer.Exit(1)
+    return body
+
+
+@scripts_app.command("add")
+def scripts_add(
+    name: str,
+    file: Path = typer.Argument(..., exists=True, dir_okay=False),
+    interpreter: str = typer.Option("bash", help="python, bash or sh"),
+    url: str = URL_OPTION,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Register (or version) a script from a file."""
+    body = _call("POST", f"{url}/v1/scripts", json={"name": name, "interpreter": interpreter, "body": file.read_text()})
+    if as_json:
+        console.print_json(json.dumps(body))
+    else:
+        console.print(f"script {body['name']} v{body['version']} ({body['sha256'][:12]})")
+
+
+@app.command()
+def submit(
+    script: str,
+    at: str = typer.Option("+0s", "--at", help="ISO 8601 with offset, epoch seconds, or +5s/+2m/+1h"),
+    var: List[str] = typer.Option([], "--var", help="NAME=value, repeatable"),
+    priority: int = typer.Option(0),
+    max_attempts: int = typer.Option(3),
+    timeout_s: Optional[float] = typer.Option(None),
+    idempotency_key: Optional[str] = typer.Option(None),
+    url: str = URL_OPTION,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Schedule a registered script to run once."""
+    variables = {}
+    for item in var:
+        name, sep, value = item.partition("=")
+        if not sep:
+            err.print(f"[red]--var {item!r}: expected NAME=value[/red]")
+            raise typer.Exit(2)
+        variables[name] = value
+    request = {"script": script, "execute_at": parse_when(at), "variables": variables,
+               "priority": priority, "max_attempts": max_attempts}
+    if timeout_s is not None:
+        request["timeout_s"] = timeout_s
+    if idempotency_key:
+        request["idempotency_key"] = idempotency_key
+    body = _call("POST", f"{url}/v1/tasks", json=request)
+    if as_json:
+        console.print_json(json.dumps(body))
+    else:
+        console.print(f"task {body['task_id']} {body['status']} at {body['execute_at']}")
+
+
+@tasks_app.command("show")
+def tasks_show(task_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
+    """A task with its runs."""
+    body = _call("GET", f"{url}/v1/tasks/{task_id}")
+    if as_json:
+        console.print_json(json.dumps(body))
+        return
+    console.print(
+        f"task {body['task_id']}  [bold]{body['status']}[/bold]  script {body['script']}  "
+        f"due {body['execute_at']}  priority {body['priority']}  attempt {body['attempt']}/{body['max_attempts']}"
+    )
+    table = Table("attempt", "status", "tier", "executor", "exit", "fire lag ms", "output")
+    for run in body.get("runs", []):
+        table.add_row(
+            str(run["attempt"]), run["status"], run["tier"], run["executor_id"], str(run["exit_code"]),
+            str(run["fire_lag_ms"]), (run["output"] or "").strip()[-60:],
+        )
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""chronoray.Client: a Python driver's handle on a running deployment.
+
+It talks to the actors directly (no HTTP), so it works inside
+``ray job submit`` drivers; input is validated by the same rules as HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable, Mapping, Sequence
+
+import ray
+
+from scheduling.models import Interpreter, Run, Script, Task
+
+from chronoray.errors import ChronorayError, TooLarge
+
+
+@dataclass(frozen=True)
+class TaskView:
+    task: Task
+    runs: list[Run]
+
+
+class Client:
+    def __init__(self, address: str = "auto", *, namespace: str = "chronoray") -> None:
+        from actors.handles import dispatcher_handle
+        from serve_app.deployment import LOCAL_USER, ShardSubmitter
+        from storage.engines import make_engine
+        from storage.sql import SqlTaskRepository
+
+        if not ray.is_initialized():
+            ray.init(address=address, namespace=namespace, log_to_driver=False)
+        self.settings = ray.get(dispatcher_handle(namespace).settings.remote())
+        self._repo = SqlTaskRepository(make_engine(self.settings.database_url, pool_size=2))
+        self._submitter = ShardSubmitter(self.settings)
+        self.owner_id = self._repo.ensure_user(
+            first_name=LOCAL_USER[0], last_name=LOCAL_USER[1], now=datetime.now(timezone.utc)
+        )
+
+    def register_script(self, name: str, body: str, *, interpreter: str = "bash") -> Script:
+        from scheduling.validation import validate_script_name
+
+        validate_script_name(name, "name")
+        payload = body.encode()
+        if len(payload) > self.settings.max_script_bytes:
+            raise TooLarge(f"script over {self.settings.max_script_bytes} bytes", "body")
+        script, _ = self._repo.add_script(
+            owner_id=self.owner_id,
+            name=name,
+            interpreter=Interpreter(interpreter),
+            body=payload,
+            now=datetime.now(timezone.utc),
+        )
+        return script
+
+    def submit(self, script: str, execute_at: datetime | float | str, **fields: Any) -> Task:
+        [task] = self.submit_many([{"script": script, "execute_at": execute_at, **fields}])
+        return task
+
+    def submit_many(self, requests: Sequence[Mapping[str, Any]]) -> list[Task]:
+        """Each request has the fields of ``POST /v1/tasks``. Raises the
+        first error; tasks before it in the list are stored."""
+        from serve_app.app import new_task
+        from serve_app.schemas import TaskIn
+
+        news = []
+        for request in requests:
+            request = dict(request)
+            if isinstance(request.get("execute_at"), datetime):
+                request["execute_at"] = request["execute_at"].isoformat()
+            news.append(new_task(TaskIn(**request), owner_id=self.owner_id, settings=self.settings))
+        results = self._submitter.submit_blocking(news)
+        tasks = []
+        for result in results:
+            if isinstance(result, ChronorayError):
+                raise result
+            tasks.append(result.task)
+        return tasks
+
+    def get(self, task_id: int) -> TaskView:
+        task = self._repo.get_task(task_id, owner_id=self.owner_id)
+        return TaskView(task=task, runs=self._repo.list_runs(task_id))
+
+    def cancel(self, task_id: int) -> Task:
+        return self._repo.cancel_task(task_id, owner_id=self.owner_id, now=datetime.now(timezone.utc))
+
+    def wait(self, task_ids: Iterable[int], *, timeout_s: float = 120.0, poll_s: float = 0.2) -> list[TaskView]:
+        """Until every task is final (succeeded, dead, cancelled)."""
+        ids = list(task_ids)
+        pending = list(ids)
+        done: dict[int, TaskView] = {}
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            for task_id in list(pending):
+                view = self.get(task_id)
+                if view.task.status.is_final:
+                    done[task_id] = view
+                    pending.remove(task_id)
+            if pending:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{len(pending)} tasks not final after {timeout_s} s")
+                time.sleep(poll_s)
+        return [done[t] for t in ids]

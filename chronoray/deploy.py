@@ -1,0 +1,127 @@
+"""Start chronoray's actors and HTTP API on a Ray cluster, and take them down."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import datetime, timezone
+
+import ray
+
+from chronoray.settings import Settings
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "chronoray"
+
+
+def start_local_ray(settings: Settings, *, num_cpus: int | None = None, **init_kwargs) -> None:
+    """A new single-node Ray that offers every tier's slot resource."""
+    from scheduling.tiers import local_node_resources
+
+    ray.init(
+        address="local",
+        num_cpus=num_cpus or os.cpu_count(),
+        resources=local_node_resources(settings.tiers),
+        namespace=settings.namespace,
+        include_dashboard=init_kwargs.pop("include_dashboard", False),
+        log_to_driver=init_kwargs.pop("log_to_driver", False),
+        **init_kwargs,
+    )
+
+
+def prepare_database(settings: Settings) -> int:
+    """Migrate to the newest schema; returns the local user's id."""
+    from storage.engines import make_engine
+    from storage.migrate import upgrade
+    from storage.sql import SqlTaskRepository
+    from serve_app.deployment import LOCAL_USER
+
+    engine = make_engine(settings.database_url)
+    try:
+        upgrade(engine)
+        return SqlTaskRepository(engine).ensure_user(
+            first_name=LOCAL_USER[0], last_name=LOCAL_USER[1], now=datetime.now(timezone.utc)
+        )
+    finally:
+        engine.dispose()
+
+
+def control_plane_options(name: str, settings: Settings) -> dict:
+    return {
+        "name": name,
+        "namespace": settings.namespace,
+        "lifetime": "detached",
+        "get_if_exists": True,
+        "num_cpus": 0,
+    }
+
+
+def deploy_actors(settings: Settings) -> None:
+    from actors.dispatcher import DispatcherActor
+    from actors.executor_pool import ExecutorPoolActor
+    from actors.handles import DISPATCHER_NAME, POOL_NAME, shard_name
+    from actors.shard_actor import ShardActor
+
+    pool = ExecutorPoolActor.options(**control_plane_options(POOL_NAME, settings)).remote(
+        tiers=settings.tiers, database_url=settings.database_url, namespace=settings.namespace
+    )
+    executors = ray.get(pool.executors.remote())
+    ray.get([info.handle.ping.remote() for info in executors])
+    dispatcher = DispatcherActor.options(**control_plane_options(DISPATCHER_NAME, settings)).remote(settings)
+    ray.get(dispatcher.hello.remote())
+    shards = [
+        ShardActor.options(**control_plane_options(shard_name(i), settings)).remote(i, settings)
+        for i in range(settings.num_shards)
+    ]
+    ray.get([shard.ready.remote() for shard in shards])
+
+
+def deploy_http(settings: Settings) -> str:
+    from ray import serve
+
+    from serve_app.deployment import build_application
+
+    serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
+    serve.run(build_application(settings), name=APP_NAME, route_prefix="/", blocking=False)
+    return f"http://{settings.http_host}:{settings.http_port}"
+
+
+def deploy(settings: Settings, *, http: bool = True) -> str | None:
+    started = time.monotonic()
+    prepare_database(settings)
+    deploy_actors(settings)
+    url = deploy_http(settings) if http else None
+    log.info("chronoray deployed in %.1f s", time.monotonic() - started)
+    return url
+
+
+def teardown(settings: Settings) -> None:
+    """Remove chronoray's actors and Serve app (not the Ray cluster)."""
+    from actors.handles import DISPATCHER_NAME, POOL_NAME, shard_name
+
+    try:
+        from ray import serve
+
+        serve.delete(APP_NAME)
+    except Exception:
+        log.debug("no Serve app to delete", exc_info=True)
+    names = [shard_name(i) for i in range(settings.num_shards)] + [DISPATCHER_NAME]
+    pool = _actor(POOL_NAME, settings)
+    executors = ray.get(pool.executors.remote()) if pool else []
+    for name in names:
+        handle = _actor(name, settings)
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
+    for info in executors:
+        ray.kill(info.handle, no_restart=True)
+    if pool is not None:
+        ray.kill(pool, no_restart=True)
+
+
+def _actor(name: str, settings: Settings):
+    try:
+        return ray.get_actor(name, namespace=settings.namespace)
+    except ValueError:
+        return None

@@ -1,0 +1,60 @@
+"""Domain errors. One root; each leaf also inherits the matching built-in.
+
+Errors cross Ray process boundaries, so every constructor takes exactly what
+ends up in ``args`` and instances survive pickling unchanged. The HTTP layer
+maps them to status codes in one table (serve_app/errors.py).
+"""
+
+from __future__ import annotations
+
+
+class ChronorayError(Exception):
+    """Root of every error chronoray raises on purpose."""
+
+    code = "chronoray_error"
+
+    def __init__(self, detail: str, field: str | None = None) -> None:
+        super().__init__(detail, field)
+        self.detail = detail
+        self.field = field
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.detail}" if self.field else self.detail
+
+
+class InvalidInput(ChronorayError, ValueError):
+    code = "invalid_input"
+
+
+class NotFound(ChronorayError, LookupError):
+    code = "not_found"
+
+
+class TaskNotFound(NotFound):
+    code = "task_not_found"
+
+
+class ScriptNotFound(NotFound):
+    code = "script_not_found"
+
+
+class Conflict(ChronorayError):
+    code = "conflict"
+
+
+class TaskNotCancellable(Conflict):
+    code = "task_not_cancellable"
+
+
+class IdempotencyConflict(Conflict):
+    code = "idempotency_conflict"
+
+
+class TooLarge(ChronorayError, ValueError):
+    code = "too_large"
+
+
+class Unavailable(ChronorayError, RuntimeError):
+    """A dependency (database, actors) cannot serve right now; retry later."""
+
+    code = "unavailable"

@@ -1,0 +1,92 @@
+"""Settings: one frozen object built at the edge (CLI, tests) and passed in.
+Nothing reads the environment at import time."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+from scheduling.lifecycle import RetryPolicy
+from scheduling.tiers import TierTable, local_tiers
+from scheduling.timeline import Wheel
+
+ENV_PREFIX = "CHRONORAY_"
+
+
+def default_data_dir() -> Path:
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("chronoray"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    database_url: str
+    namespace: str = "chronoray"
+    # time-range sharding
+    num_shards: int = 2
+    range_s: int = 60
+    lookahead_s: float = 60.0
+    sweep_interval_s: float = 5.0
+    prefire_ms: float = 250.0  # hand tasks to executors this early; they start on the instant
+    queue_lease_s: float = 600.0  # how long a handed-over task may wait for a slot
+    lease_grace_s: float = 30.0  # beyond a running task's timeout
+    claim_batch: int = 2000
+    # dispatching
+    dispatcher_max_queued: int = 20000
+    tiers: TierTable = field(default_factory=local_tiers)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # API
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    max_script_bytes: int = 5 * 1024 * 1024
+    max_request_bytes: int = 6 * 1024 * 1024
+    default_timeout_s: float = 300.0
+    max_timeout_s: float = 24 * 3600.0
+    max_attempts_limit: int = 20
+    max_priority: int = 9
+    serve_replicas: int = 1
+
+    @property
+    def wheel(self) -> Wheel:
+        return Wheel(num_shards=self.num_shards, range_s=self.range_s)
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, *, data_dir: Path | None = None) -> "Settings":
+        """Read ``CHRONORAY_*`` variables; the database defaults to SQLite in
+        the user's data directory (the embedded default)."""
+        env = os.environ if env is None else env
+        data_dir = data_dir or Path(env.get(f"{ENV_PREFIX}DATA_DIR") or default_data_dir())
+        url = env.get(f"{ENV_PREFIX}DATABASE_URL") or f"sqlite:///{data_dir / 'chronoray.db'}"
+        if url.startswith("sqlite:///"):
+            Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        numbers = {
+            "num_shards": int,
+            "range_s": int,
+            "lookahead_s": float,
+            "sweep_interval_s": float,
+            "prefire_ms": float,
+            "queue_lease_s": float,
+            "lease_grace_s": float,
+            "dispatcher_max_queued": int,
+            "http_port": int,
+            "max_script_bytes": int,
+            "serve_replicas": int,
+        }
+        values: dict = {"database_url": url}
+        for name, kind in numbers.items():
+            raw = env.get(f"{ENV_PREFIX}{name.upper()}")
+            if raw:
+                values[name] = kind(raw)
+        if env.get(f"{ENV_PREFIX}HTTP_HOST"):
+            values["http_host"] = env[f"{ENV_PREFIX}HTTP_HOST"]
+        if env.get(f"{ENV_PREFIX}NAMESPACE"):
+            values["namespace"] = env[f"{ENV_PREFIX}NAMESPACE"]
+        if env.get(f"{ENV_PREFIX}RETRY_BACKOFF_S"):
+            values["retry"] = RetryPolicy(backoff_base_s=float(env[f"{ENV_PREFIX}RETRY_BACKOFF_S"]))
+        return cls(**values)

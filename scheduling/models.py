@@ -1,0 +1,164 @@
+"""Frozen, keyword-only records passed between storage, actors and the API."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Mapping
+
+from scheduling.clock import require_aware
+
+
+class TaskStatus(str, enum.Enum):
+    SCHEDULED = "scheduled"
+    QUEUED = "queued"  # leased by a shard, handed to the dispatcher
+    RUNNING = "running"  # placed on an executor
+    SUCCEEDED = "succeeded"
+    DEAD = "dead"  # failed max_attempts times
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.DEAD, TaskStatus.CANCELLED})
+IN_FLIGHT_STATUSES = frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING})
+
+
+class FailureClass(str, enum.Enum):
+    EXIT_CODE = "exit_code"  # the script exited non-zero
+    TIMEOUT = "timeout"  # killed after timeout_s
+    EXECUTOR_LOST = "executor_lost"  # the lease expired without a result
+    LAUNCH_ERROR = "launch_error"  # the script could not be started
+
+
+class Interpreter(str, enum.Enum):
+    PYTHON = "python"
+    BASH = "bash"
+    SH = "sh"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Script:
+    script_id: int
+    owner_id: int
+    name: str
+    version: int
+    sha256: str
+    interpreter: Interpreter
+    size_bytes: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewTask:
+    """A validated submission, before it is stored."""
+
+    owner_id: int
+    script_name: str
+    execute_at: datetime
+    variables: Mapping[str, str] = field(default_factory=dict)
+    priority: int = 0
+    max_attempts: int = 3
+    timeout_s: float = 300.0
+    idempotency_key: str | None = None
+    request_hash: str | None = None  # tells a replay from a different body
+
+    def __post_init__(self) -> None:
+        require_aware(self.execute_at, "execute_at")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Task:
+    task_id: int
+    owner_id: int
+    script_id: int
+    script_name: str
+    execute_at: datetime
+    status: TaskStatus
+    priority: int
+    attempt: int  # the attempt running or next to run, from 1
+    max_attempts: int
+    variables: Mapping[str, str]
+    timeout_s: float
+    idempotency_key: str | None
+    created_at: datetime
+    updated_at: datetime
+    lease_expires_at: datetime | None = None
+    epoch: int = 0
+    schedule_id: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubmitResult:
+    task: Task
+    created: bool  # False: an idempotent replay returned the first task
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskSpec:
+    """What an executor needs to run one attempt; carries its due instant so
+    an executor can hold a task handed over early and start it on time."""
+
+    task_id: int
+    attempt: int
+    epoch: int
+    shard: int
+    priority: int
+    due_at: datetime
+    script_id: int
+    script_sha256: str
+    interpreter: Interpreter
+    variables: Mapping[str, str]
+    timeout_s: float
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.task_id, self.attempt)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunResult:
+    task_id: int
+    attempt: int
+    epoch: int
+    shard: int
+    priority: int
+    due_at: datetime
+    executor_id: str
+    tier: str
+    node_id: str
+    started_at: datetime | None
+    finished_at: datetime
+    exit_code: int | None
+    output_tail: str
+    failure: FailureClass | None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.failure is None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Run:
+    run_id: int
+    task_id: int
+    attempt: int
+    priority: int
+    executor_id: str
+    tier: str
+    node_id: str
+    due_at: datetime
+    started_at: datetime | None
+    finished_at: datetime
+    exit_code: int | None
+    output_tail: str
+    failure: FailureClass | None
+
+    @property
+    def fire_lag_ms(self) -> float | None:
+        if self.started_at is None:
+            return None
+        return (self.started_at - self.due_at).total_seconds() * 1000.0

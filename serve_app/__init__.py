@@ -1,0 +1,1 @@
+"""The HTTP face: a FastAPI app, served by Ray Serve."""

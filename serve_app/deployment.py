@@ -1,0 +1,91 @@
+"""Ray Serve deployment of the API: replicas at num_cpus=0 that call the
+shard actors directly."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timezone
+from typing import Sequence
+
+from ray import serve
+
+from scheduling.models import NewTask, SubmitResult
+
+from chronoray.errors import ChronorayError
+from chronoray.settings import Settings
+
+LOCAL_USER = ("local", "user")
+
+
+class ShardSubmitter:
+    """Sends each submission to the shard that owns its time range, all
+    shards at once; each shard group-commits what it receives."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def _send(self, new_tasks: Sequence[NewTask]) -> tuple[list[list[int]], list]:
+        from actors.handles import shard_handle
+
+        wheel = self._settings.wheel
+        groups: dict[int, list[int]] = {}
+        for position, new in enumerate(new_tasks):
+            groups.setdefault(wheel.shard_of(new.execute_at), []).append(position)
+        refs = [
+            shard_handle(shard, self._settings.namespace).submit.remote([new_tasks[i] for i in positions])
+            for shard, positions in groups.items()
+        ]
+        return list(groups.values()), refs
+
+    @staticmethod
+    def _merge(size: int, groups: list[list[int]], answers: list) -> list:
+        results: list = [None] * size
+        for positions, answer in zip(groups, answers):
+            for position, result in zip(positions, answer):
+                results[position] = result
+        return results
+
+    async def submit(self, new_tasks: Sequence[NewTask]) -> list[SubmitResult | ChronorayError]:
+        groups, refs = self._send(new_tasks)
+        return self._merge(len(new_tasks), groups, await asyncio.gather(*refs))
+
+    def submit_blocking(self, new_tasks: Sequence[NewTask]) -> list[SubmitResult | ChronorayError]:
+        """For drivers outside an event loop (chronoray.Client)."""
+        import ray
+
+        groups, refs = self._send(new_tasks)
+        return self._merge(len(new_tasks), groups, ray.get(refs))
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=1000,
+    logging_config={"enable_access_log": False},
+)
+@serve.ingress()
+class ChronorayIngress:
+    def __init__(self, settings: Settings) -> None:
+        from storage.engines import make_engine
+        from storage.sql import SqlTaskRepository
+
+        self._settings = settings
+        self._repo = SqlTaskRepository(make_engine(settings.database_url))
+        self._owner_id = self._repo.ensure_user(
+            first_name=LOCAL_USER[0], last_name=LOCAL_USER[1], now=datetime.now(timezone.utc)
+        )
+
+    def __serve_build_asgi_app__(self):
+        from serve_app.app import Backend, create_api
+
+        return create_api(
+            Backend(
+                repo=self._repo,
+                submitter=ShardSubmitter(self._settings),
+                settings=self._settings,
+                owner_id=self._owner_id,
+            )
+        )
+
+
+def build_application(settings: Settings):
+    return ChronorayIngress.options(num_replicas=settings.serve_replicas).bind(settings)

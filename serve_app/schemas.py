@@ -1,0 +1,141 @@
+"""Request and response bodies. Unknown fields are refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from datetime import datetime, timezone
+from typing import Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
+
+from scheduling.models import Interpreter, Run, Script, Task
+from scheduling.validation import validate_script_name, validate_variables
+
+from chronoray.errors import InvalidInput
+
+MAX_EPOCH_S = 253402300799  # 9999-12-31T23:59:59Z
+
+
+def parse_instant(value: Any, field: str = "execute_at") -> datetime:
+    """ISO 8601 with an offset, or epoch seconds; naive times are refused
+    because the server's zone is no business of the caller's."""
+    if isinstance(value, bool):
+        raise InvalidInput("must be an ISO 8601 time with offset or epoch seconds", field)
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or not 0 <= value <= MAX_EPOCH_S:
+            raise InvalidInput("epoch seconds out of range", field)
+        return datetime.fromtimestamp(value, tz=timezone.utc)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise InvalidInput(f"not an ISO 8601 time: {value[:64]!r}", field) from None
+        if parsed.tzinfo is None or parsed.utcoffset() is None:
+            raise InvalidInput("time has no UTC offset (add Z or +HH:MM)", field)
+        return parsed.astimezone(timezone.utc)
+    raise InvalidInput("must be an ISO 8601 time with offset or epoch seconds", field)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScriptIn(Strict):
+    name: StrictStr
+    interpreter: Interpreter = Interpreter.BASH
+    body: StrictStr
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return validate_script_name(value, "name")
+
+
+class TaskIn(Strict):
+    script: StrictStr
+    execute_at: Union[StrictStr, StrictInt, StrictFloat]
+    variables: dict[StrictStr, StrictStr] = Field(default_factory=dict)
+    priority: StrictInt = Field(default=0, ge=0)
+    max_attempts: StrictInt = Field(default=3, ge=1)
+    timeout_s: Union[StrictInt, StrictFloat, None] = Field(default=None, gt=0)
+    idempotency_key: Union[StrictStr, None] = Field(default=None, min_length=1, max_length=200)
+
+    @field_validator("script")
+    @classmethod
+    def _script(cls, value: str) -> str:
+        return validate_script_name(value, "script")
+
+    @field_validator("execute_at")
+    @classmethod
+    def _execute_at(cls, value):
+        parse_instant(value)  # raised InvalidInput becomes a 422 naming the field
+        return value
+
+    @field_validator("variables")
+    @classmethod
+    def _variables(cls, value: dict[str, str]) -> dict[str, str]:
+        return validate_variables(value)
+
+    def request_hash(self) -> str:
+        """Tells a replay (same body) from a reuse of the key (other body)."""
+        fields = self.model_dump(mode="json", exclude={"idempotency_key"})
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def script_out(script: Script) -> dict:
+    return {
+        "script_id": script.script_id,
+        "name": script.name,
+        "version": script.version,
+        "sha256": script.sha256,
+        "interpreter": script.interpreter.value,
+        "size_bytes": script.size_bytes,
+        "created_at": _iso(script.created_at),
+    }
+
+
+def run_out(run: Run) -> dict:
+    return {
+        "attempt": run.attempt,
+        "priority": run.priority,
+        "status": "succeeded" if run.failure is None else "failed",
+        "failure": run.failure.value if run.failure else None,
+        "exit_code": run.exit_code,
+        "executor_id": run.executor_id,
+        "tier": run.tier,
+        "node_id": run.node_id,
+        "due_at": _iso(run.due_at),
+        "started_at": _iso(run.started_at),
+        "finished_at": _iso(run.finished_at),
+        "fire_lag_ms": None if run.fire_lag_ms is None else round(run.fire_lag_ms, 3),
+        "output": run.output_tail,
+    }
+
+
+def task_out(task: Task, runs: list[Run] | None = None) -> dict:
+    body = {
+        "task_id": task.task_id,
+        "status": task.status.value,
+        "script": task.script_name,
+        "execute_at": _iso(task.execute_at),
+        "priority": task.priority,
+        "attempt": task.attempt,
+        "max_attempts": task.max_attempts,
+        "timeout_s": task.timeout_s,
+        "variables": dict(task.variables),
+        "idempotency_key": task.idempotency_key,
+        "created_at": _iso(task.created_at),
+        "updated_at": _iso(task.updated_at),
+    }
+    if runs is not None:
+        body["runs"] = [run_out(r) for r in runs]
+        last = runs[-1] if runs else None
+        body["output"] = last.output_tail if last else None
+        body["fire_lag_ms"] = run_out(last)["fire_lag_ms"] if last else None
+    return body

@@ -1,0 +1,1 @@
+"""Durable state: SQLAlchemy 2 Core schema, repositories, engines, migrations."""

@@ -1,0 +1,289 @@
+"""InMemoryTaskRepository: the same contract as SqlTaskRepository, in a
+process, for unit tests of the actors' plain classes. tests/contract runs
+one suite over both so the fake cannot drift from the real thing."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+from datetime import datetime
+from typing import Sequence
+
+from scheduling.lifecycle import RetryPolicy, after_attempt
+from scheduling.models import (
+    IN_FLIGHT_STATUSES,
+    Interpreter,
+    NewTask,
+    Run,
+    RunResult,
+    Script,
+    SubmitResult,
+    Task,
+    TaskSpec,
+    TaskStatus,
+)
+from scheduling.timeline import Wheel, bucket_of
+from storage.repository import running_lease, sha256_hex, tail
+
+from chronoray.errors import (
+    ChronorayError,
+    IdempotencyConflict,
+    ScriptNotFound,
+    TaskNotCancellable,
+    TaskNotFound,
+)
+
+
+class InMemoryTaskRepository:
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self.users: dict[int, tuple[str, str]] = {}
+        self.scripts: dict[int, tuple[Script, bytes]] = {}
+        self.tasks: dict[int, Task] = {}
+        self.request_hashes: dict[int, str | None] = {}
+        self.runs: dict[tuple[int, int], Run] = {}
+        self.shard_epochs: dict[int, int] = {}
+
+    def ensure_user(self, *, first_name: str, last_name: str, now: datetime) -> int:
+        for user_id, names in self.users.items():
+            if names == (first_name, last_name):
+                return user_id
+        user_id = next(self._ids)
+        self.users[user_id] = (first_name, last_name)
+        return user_id
+
+    def _latest(self, owner_id: int, name: str) -> Script | None:
+        versions = [s for s, _ in self.scripts.values() if (s.owner_id, s.name) == (owner_id, name)]
+        return max(versions, key=lambda s: s.version, default=None)
+
+    def add_script(
+        self, *, owner_id: int, name: str, interpreter: Interpreter, body: bytes, now: datetime
+    ) -> tuple[Script, bool]:
+        digest = sha256_hex(body)
+        latest = self._latest(owner_id, name)
+        if latest is not None and latest.sha256 == digest and latest.interpreter is interpreter:
+            return latest, False
+        script = Script(
+            script_id=next(self._ids),
+            owner_id=owner_id,
+            name=name,
+            version=1 if latest is None else latest.version + 1,
+            sha256=digest,
+            interpreter=interpreter,
+            size_bytes=len(body),
+            created_at=now,
+        )
+        self.scripts[script.script_id] = (script, body)
+        return script, True
+
+    def get_script(self, *, owner_id: int, name: str) -> Script:
+        script = self._latest(owner_id, name)
+        if script is None:
+            raise ScriptNotFound(f"no script named {name!r}", "script")
+        return script
+
+    def get_script_body(self, script_id: int) -> bytes:
+        if script_id not in self.scripts:
+            raise ScriptNotFound(f"no script with id {script_id}", "script_id")
+        return self.scripts[script_id][1]
+
+    def add_tasks(
+        self, new_tasks: Sequence[NewTask], *, now: datetime
+    ) -> list[SubmitResult | ChronorayError]:
+        results: list[SubmitResult | ChronorayError] = []
+        for new in new_tasks:
+            script = self._latest(new.owner_id, new.script_name)
+            if script is None:
+                results.append(ScriptNotFound(f"no script named {new.script_name!r}", "script"))
+                continue
+            if new.idempotency_key is not None:
+                first = next(
+                    (
+                        t
+                        for t in self.tasks.values()
+                        if (t.owner_id, t.idempotency_key) == (new.owner_id, new.idempotency_key)
+                    ),
+                    None,
+                )
+                if first is not None:
+                    if self.request_hashes[first.task_id] != new.request_hash:
+                        results.append(
+                            IdempotencyConflict(
+                                "idempotency key already used with a different request",
+                                "idempotency_key",
+                            )
+                        )
+                    else:
+                        results.append(SubmitResult(task=first, created=False))
+                    continue
+            task = Task(
+                task_id=next(self._ids),
+                owner_id=new.owner_id,
+                script_id=script.script_id,
+                script_name=script.name,
+                execute_at=new.execute_at,
+                status=TaskStatus.SCHEDULED,
+                priority=new.priority,
+                attempt=1,
+                max_attempts=new.max_attempts,
+                variables=dict(new.variables),
+                timeout_s=new.timeout_s,
+                idempotency_key=new.idempotency_key,
+                created_at=now,
+                updated_at=now,
+            )
+            self.tasks[task.task_id] = task
+            self.request_hashes[task.task_id] = new.request_hash
+            results.append(SubmitResult(task=task, created=True))
+        return results
+
+    def get_task(self, task_id: int, *, owner_id: int | None = None) -> Task:
+        task = self.tasks.get(task_id)
+        if task is None or (owner_id is not None and task.owner_id != owner_id):
+            raise TaskNotFound(f"no task {task_id}", "task_id")
+        return task
+
+    get_task_primary = get_task
+
+    def list_runs(self, task_id: int) -> list[Run]:
+        return sorted((r for r in self.runs.values() if r.task_id == task_id), key=lambda r: r.attempt)
+
+    def cancel_task(self, task_id: int, *, owner_id: int | None, now: datetime) -> Task:
+        task = self.get_task(task_id, owner_id=owner_id)
+        if task.status is TaskStatus.CANCELLED:
+            return task
+        if task.status is not TaskStatus.SCHEDULED:
+            raise TaskNotCancellable(
+                f"task {task_id} is {task.status.value}; only scheduled tasks can be cancelled",
+                "task_id",
+            )
+        task = self.tasks[task_id] = replace(task, status=TaskStatus.CANCELLED, updated_at=now)
+        return task
+
+    def start_shard(self, shard: int, *, now: datetime) -> int:
+        self.shard_epochs[shard] = self.shard_epochs.get(shard, 0) + 1
+        return self.shard_epochs[shard]
+
+    def _owned(self, wheel: Wheel, shard: int) -> list[Task]:
+        return [t for t in self.tasks.values() if wheel.shard_of_bucket(bucket_of(t.execute_at)) == shard]
+
+    def due_tasks(
+        self, *, wheel: Wheel, shard: int, before: datetime, limit: int
+    ) -> list[tuple[int, datetime]]:
+        due = sorted(
+            (t for t in self._owned(wheel, shard) if t.status is TaskStatus.SCHEDULED and t.execute_at <= before),
+            key=lambda t: t.execute_at,
+        )
+        return [(t.task_id, t.execute_at) for t in due[:limit]]
+
+    def _spec(self, task: Task, shard: int) -> TaskSpec:
+        script = self.scripts[task.script_id][0]
+        return TaskSpec(
+            task_id=task.task_id,
+            attempt=task.attempt,
+            epoch=task.epoch,
+            shard=shard,
+            priority=task.priority,
+            due_at=task.execute_at,
+            script_id=task.script_id,
+            script_sha256=script.sha256,
+            interpreter=script.interpreter,
+            variables=dict(task.variables),
+            timeout_s=task.timeout_s,
+        )
+
+    def claim(
+        self, task_ids: Sequence[int], *, shard: int, epoch: int, lease_until: datetime, now: datetime
+    ) -> list[TaskSpec]:
+        if self.shard_epochs.get(shard) != epoch:
+            return []
+        claimed = []
+        for task_id in task_ids:
+            task = self.tasks.get(task_id)
+            if task is None or task.status is not TaskStatus.SCHEDULED:
+                continue
+            task = self.tasks[task_id] = replace(
+                task, status=TaskStatus.QUEUED, epoch=epoch, lease_expires_at=lease_until, updated_at=now
+            )
+            claimed.append(self._spec(task, shard))
+        return sorted(claimed, key=lambda s: s.due_at)
+
+    def _matches(self, task: Task | None, spec_or_result) -> bool:
+        return (
+            task is not None
+            and task.attempt == spec_or_result.attempt
+            and task.epoch == spec_or_result.epoch
+        )
+
+    def mark_running(self, specs: Sequence[TaskSpec], *, lease_grace_s: float, now: datetime) -> int:
+        changed = 0
+        for spec in specs:
+            task = self.tasks.get(spec.task_id)
+            if self._matches(task, spec) and task.status is TaskStatus.QUEUED:
+                self.tasks[spec.task_id] = replace(
+                    task,
+                    status=TaskStatus.RUNNING,
+                    lease_expires_at=running_lease(spec, lease_grace_s=lease_grace_s, now=now),
+                    updated_at=now,
+                )
+                changed += 1
+        return changed
+
+    def record_results(
+        self, results: Sequence[RunResult], *, policy: RetryPolicy, now: datetime
+    ) -> list[Task]:
+        retried = []
+        for result in results:
+            task = self.tasks.get(result.task_id)
+            if not self._matches(task, result) or task.status not in IN_FLIGHT_STATUSES:
+                continue
+            outcome = after_attempt(
+                attempt=result.attempt,
+                max_attempts=task.max_attempts,
+                priority=result.priority,
+                failure=result.failure,
+                policy=policy,
+                now=now,
+            )
+            task = self.tasks[task.task_id] = replace(
+                task,
+                status=outcome.status,
+                attempt=outcome.attempt,
+                priority=outcome.priority,
+                execute_at=outcome.execute_at or task.execute_at,
+                lease_expires_at=None,
+                updated_at=now,
+            )
+            self.runs[(result.task_id, result.attempt)] = Run(
+                run_id=next(self._ids),
+                task_id=result.task_id,
+                attempt=result.attempt,
+                priority=result.priority,
+                executor_id=result.executor_id,
+                tier=result.tier,
+                node_id=result.node_id,
+                due_at=result.due_at,
+                started_at=result.started_at,
+                finished_at=result.finished_at,
+                exit_code=result.exit_code,
+                output_tail=tail(result.output_tail),
+                failure=result.failure,
+            )
+            if outcome.status is TaskStatus.SCHEDULED:
+                retried.append(task)
+        return retried
+
+    def expired_leases(self, *, wheel: Wheel, shard: int, now: datetime, limit: int) -> list[TaskSpec]:
+        expired = [
+            t
+            for t in self._owned(wheel, shard)
+            if t.status in IN_FLIGHT_STATUSES and t.lease_expires_at and t.lease_expires_at < now
+        ]
+        return [self._spec(t, shard) for t in expired[:limit]]
+
+    def queued_specs(self, *, wheel: Wheel, shard: int, limit: int) -> list[TaskSpec]:
+        queued = sorted(
+            (t for t in self._owned(wheel, shard) if t.status is TaskStatus.QUEUED),
+            key=lambda t: t.execute_at,
+        )
+        return [self._spec(t, shard) for t in queued[:limit]]

@@ -1,0 +1,103 @@
+"""The one storage interface the actors and the API use.
+
+Every status change is conditional on what the writer believes (status,
+attempt, shard epoch), so a stale writer changes nothing and a replayed call
+is harmless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timedelta
+from typing import Protocol, Sequence
+
+from scheduling.lifecycle import RetryPolicy
+from scheduling.models import (
+    FailureClass,
+    Interpreter,
+    NewTask,
+    Run,
+    RunResult,
+    Script,
+    SubmitResult,
+    Task,
+    TaskSpec,
+)
+from scheduling.timeline import Wheel
+
+from chronoray.errors import ChronorayError
+
+MAX_OUTPUT_TAIL_CHARS = 4096
+
+
+class TaskRepository(Protocol):
+    # users and scripts
+    def ensure_user(self, *, first_name: str, last_name: str, now: datetime) -> int: ...
+    def add_script(
+        self, *, owner_id: int, name: str, interpreter: Interpreter, body: bytes, now: datetime
+    ) -> tuple[Script, bool]: ...
+    def get_script(self, *, owner_id: int, name: str) -> Script: ...
+    def get_script_body(self, script_id: int) -> bytes: ...
+
+    # submissions and queries
+    def add_tasks(
+        self, new_tasks: Sequence[NewTask], *, now: datetime
+    ) -> list[SubmitResult | ChronorayError]: ...
+    def get_task(self, task_id: int, *, owner_id: int | None = None) -> Task: ...
+    def list_runs(self, task_id: int) -> list[Run]: ...
+    def cancel_task(self, task_id: int, *, owner_id: int | None, now: datetime) -> Task: ...
+
+    # the shard's work
+    def start_shard(self, shard: int, *, now: datetime) -> int: ...
+    def due_tasks(
+        self, *, wheel: Wheel, shard: int, before: datetime, limit: int
+    ) -> list[tuple[int, datetime]]: ...
+    def claim(
+        self, task_ids: Sequence[int], *, shard: int, epoch: int, lease_until: datetime, now: datetime
+    ) -> list[TaskSpec]: ...
+    def mark_running(
+        self, specs: Sequence[TaskSpec], *, lease_grace_s: float, now: datetime
+    ) -> int: ...
+    def record_results(
+        self, results: Sequence[RunResult], *, policy: RetryPolicy, now: datetime
+    ) -> list[Task]: ...
+    def expired_leases(
+        self, *, wheel: Wheel, shard: int, now: datetime, limit: int
+    ) -> list[TaskSpec]: ...
+    def queued_specs(self, *, wheel: Wheel, shard: int, limit: int) -> list[TaskSpec]: ...
+
+
+def sha256_hex(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def tail(text: str, limit: int = MAX_OUTPUT_TAIL_CHARS) -> str:
+    return text[-limit:]
+
+
+def lost_result(spec: TaskSpec, *, now: datetime) -> RunResult:
+    """The result recorded for an attempt whose lease ran out with no word
+    from its executor."""
+    return RunResult(
+        task_id=spec.task_id,
+        attempt=spec.attempt,
+        epoch=spec.epoch,
+        shard=spec.shard,
+        priority=spec.priority,
+        due_at=spec.due_at,
+        executor_id="",
+        tier="",
+        node_id="",
+        started_at=None,
+        finished_at=now,
+        exit_code=None,
+        output_tail="lease expired without a result",
+        failure=FailureClass.EXECUTOR_LOST,
+    )
+
+
+def running_lease(spec: TaskSpec, *, lease_grace_s: float, now: datetime) -> datetime:
+    """A running attempt's lease: its start plus timeout plus a grace period
+    (the executor kills the script at the timeout, so a result comes before)."""
+    start = max(now, spec.due_at)
+    return start + timedelta(seconds=spec.timeout_s + lease_grace_s)

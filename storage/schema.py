@@ -1,0 +1,136 @@
+"""The tables (DESIGN.md, data model). Alembic migrations create them; this
+metadata is what queries are written against and must match the head
+revision (tests/contract checks that)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.types import TypeDecorator
+
+# BIGINT on PostgreSQL, INTEGER (the rowid alias) on SQLite.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UtcDateTime(TypeDecorator):
+    """Aware datetimes in, aware UTC datetimes out, on every backend.
+
+    PostgreSQL stores timestamptz; SQLite stores text, so values are turned
+    into UTC first, which also keeps its string comparisons in time order.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r} cannot be stored")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+metadata = MetaData()
+
+users = Table(
+    "users",
+    metadata,
+    Column("user_id", Id, primary_key=True, autoincrement=True),
+    Column("first_name", String(100), nullable=False),
+    Column("last_name", String(100), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+scripts = Table(
+    "scripts",
+    metadata,
+    Column("script_id", Id, primary_key=True, autoincrement=True),
+    Column("owner_id", Id, ForeignKey("users.user_id"), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("interpreter", String(16), nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    UniqueConstraint("owner_id", "name", "version", name="uq_scripts_owner_name_version"),
+)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("task_id", Id, primary_key=True, autoincrement=True),
+    Column("owner_id", Id, ForeignKey("users.user_id"), nullable=False),
+    Column("script_id", Id, ForeignKey("scripts.script_id"), nullable=False),
+    Column("schedule_id", Id, nullable=True),
+    Column("execute_at", UtcDateTime, nullable=False),
+    Column("bucket", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("max_attempts", Integer, nullable=False),
+    Column("variables", JSON, nullable=False),
+    Column("timeout_s", Float, nullable=False),
+    Column("idempotency_key", String(200), nullable=True),
+    Column("request_hash", String(64), nullable=True),
+    Column("lease_expires_at", UtcDateTime, nullable=True),
+    Column("epoch", Integer, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    UniqueConstraint("schedule_id", "execute_at", name="uq_tasks_schedule_occurrence"),
+    UniqueConstraint("owner_id", "idempotency_key", name="uq_tasks_owner_idempotency_key"),
+    Index("ix_tasks_status_bucket", "status", "bucket"),
+    Index("ix_tasks_status_lease", "status", "lease_expires_at"),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("run_id", Id, primary_key=True, autoincrement=True),
+    Column("task_id", Id, ForeignKey("tasks.task_id"), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("executor_id", String(100), nullable=False),
+    Column("tier", String(32), nullable=False),
+    Column("node_id", String(100), nullable=False),
+    Column("due_at", UtcDateTime, nullable=False),
+    Column("started_at", UtcDateTime, nullable=True),
+    Column("finished_at", UtcDateTime, nullable=False),
+    Column("exit_code", Integer, nullable=True),
+    Column("output_tail", Text, nullable=False),
+    Column("failure", String(32), nullable=True),
+    UniqueConstraint("task_id", "attempt", name="uq_runs_task_attempt"),
+)
+
+# A shard's epoch rises every time it (re)starts; a claim names the epoch it
+# holds, so a superseded incarnation's claims change nothing.
+shards = Table(
+    "shards",
+    metadata,
+    Column("shard", Integer, primary_key=True, autoincrement=False),
+    Column("epoch", Integer, nullable=False),
+    Column("started_at", UtcDateTime, nullable=False),
+)

@@ -1,0 +1,581 @@
+"""SqlTaskRepository: SQLAlchemy Core over PostgreSQL (psycopg 3) and SQLite."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Sequence
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from sqlalchemy import Connection, Engine, and_, exists, func, insert, select, update
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+
+from scheduling.lifecycle import RetryPolicy, after_attempt
+from scheduling.models import (
+    FailureClass,
+    IN_FLIGHT_STATUSES,
+    Interpreter,
+    NewTask,
+    Run,
+    RunResult,
+    Script,
+    SubmitResult,
+    Task,
+    TaskSpec,
+    TaskStatus,
+)
+from scheduling.timeline import Wheel, bucket_of
+from storage.repository import running_lease, sha256_hex, tail
+from storage.schema import runs, scripts, shards, tasks, users
+
+from chronoray.errors import (
+    ChronorayError,
+    IdempotencyConflict,
+    ScriptNotFound,
+    TaskNotCancellable,
+    TaskNotFound,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT = [s.value for s in IN_FLIGHT_STATUSES]
+TASK_COLUMNS = [*tasks.c, scripts.c.name.label("script_name")]
+
+
+def _task(row) -> Task:
+    return Task(
+        task_id=row.task_id,
+        owner_id=row.owner_id,
+        script_id=row.script_id,
+        script_name=row.script_name,
+        execute_at=row.execute_at,
+        status=TaskStatus(row.status),
+        priority=row.priority,
+        attempt=row.attempt,
+        max_attempts=row.max_attempts,
+        variables=dict(row.variables),
+        timeout_s=row.timeout_s,
+        idempotency_key=row.idempotency_key,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        lease_expires_at=row.lease_expires_at,
+        epoch=row.epoch,
+        schedule_id=row.schedule_id,
+    )
+
+
+def _script(row) -> Script:
+    return Script(
+        script_id=row.script_id,
+        owner_id=row.owner_id,
+        name=row.name,
+        version=row.version,
+        sha256=row.sha256,
+        interpreter=Interpreter(row.interpreter),
+        size_bytes=row.size_bytes,
+        created_at=row.created_at,
+    )
+
+
+def _spec(row, *, shard: int) -> TaskSpec:
+    return TaskSpec(
+        task_id=row.task_id,
+        attempt=row.attempt,
+        epoch=row.epoch,
+        shard=shard,
+        priority=row.priority,
+        due_at=row.execute_at,
+        script_id=row.script_id,
+        script_sha256=row.sha256,
+        interpreter=Interpreter(row.interpreter),
+        variables=dict(row.variables),
+        timeout_s=row.timeout_s,
+    )
+
+
+def _run(row) -> Run:
+    return Run(
+        run_id=row.run_id,
+        task_id=row.task_id,
+        attempt=row.attempt,
+        priority=row.priority,
+        executor_id=row.executor_id,
+        tier=row.tier,
+        node_id=row.node_id,
+        due_at=row.due_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        exit_code=row.exit_code,
+        output_tail=row.output_tail,
+        failure=FailureClass(row.failure) if row.failure else None,
+    )
+
+
+SCRIPT_COLUMNS = [
+    scripts.c.script_id,
+    scripts.c.owner_id,
+    scripts.c.name,
+    scripts.c.version,
+    scripts.c.sha256,
+    scripts.c.interpreter,
+    func.length(scripts.c.body).label("size_bytes"),
+    scripts.c.created_at,
+]
+SPEC_COLUMNS = [*tasks.c, scripts.c.sha256, scripts.c.interpreter]
+
+
+class SqlTaskRepository:
+    """Writes go to ``engine``; reads that may lag go to ``read_engine``."""
+
+    def __init__(self, engine: Engine, *, read_engine: Engine | None = None) -> None:
+        self.engine = engine
+        self.read_engine = read_engine or engine
+
+    @contextmanager
+    def _begin(self, engine: Engine | None = None) -> Iterator[Connection]:
+        """A transaction; driver errors that mean "the database is not
+        there" become Unavailable here, once, for every caller."""
+        try:
+            with (engine or self.engine).begin() as conn:
+                yield conn
+        except (OperationalError, InterfaceError) as exc:
+            raise Unavailable(f"database unavailable: {exc.orig}") from exc
+
+    # -- users and scripts ------------------------------------------------
+    def ensure_user(self, *, first_name: str, last_name: str, now: datetime) -> int:
+        with self._begin() as conn:
+            found = conn.execute(
+                select(users.c.user_id)
+                .where(users.c.first_name == first_name, users.c.last_name == last_name)
+                .order_by(users.c.user_id)
+                .limit(1)
+            ).scalar()
+            if found is not None:
+                return found
+            return conn.execute(
+                insert(users)
+                .values(first_name=first_name, last_name=last_name, created_at=now)
+                .returning(users.c.user_id)
+            ).scalar_one()
+
+    def add_script(
+        self, *, owner_id: int, name: str, interpreter: Interpreter, body: bytes, now: datetime
+    ) -> tuple[Script, bool]:
+        digest = sha256_hex(body)
+        for _ in range(3):  # two uploads racing for the next version number
+            try:
+                with self._begin() as conn:
+                    latest = conn.execute(
+                        select(*SCRIPT_COLUMNS)
+                        .where(scripts.c.owner_id == owner_id, scripts.c.name == name)
+                        .order_by(scripts.c.version.desc())
+                        .limit(1)
+                    ).first()
+                    if (
+                        latest is not None
+                        and latest.sha256 == digest
+                        and latest.interpreter == interpreter.value
+                    ):
+                        return _script(latest), False
+                    version = 1 if latest is None else latest.version + 1
+                    script_id = conn.execute(
+                        insert(scripts)
+                        .values(
+                            owner_id=owner_id,
+                            name=name,
+                            version=version,
+                            sha256=digest,
+                            interpreter=interpreter.value,
+                            body=body,
+                            created_at=now,
+                        )
+                        .returning(scripts.c.script_id)
+                    ).scalar_one()
+                    row = conn.execute(
+                        select(*SCRIPT_COLUMNS).where(scripts.c.script_id == script_id)
+                    ).one()
+                    return _script(row), True
+            except IntegrityError:
+                continue
+        raise Unavailable("could not store the script under contention; retry")
+
+    def _latest_scripts(self, conn, owner_names: set[tuple[int, str]]) -> dict:
+        found = {}
+        for owner_id, name in owner_names:
+            row = conn.execute(
+                select(*SCRIPT_COLUMNS)
+                .where(scripts.c.owner_id == owner_id, scripts.c.name == name)
+                .order_by(scripts.c.version.desc())
+                .limit(1)
+            ).first()
+            if row is not None:
+                found[(owner_id, name)] = _script(row)
+        return found
+
+    def get_script(self, *, owner_id: int, name: str) -> Script:
+        with self._begin(self.read_engine) as conn:
+            script = self._latest_scripts(conn, {(owner_id, name)}).get((owner_id, name))
+        if script is None:
+            raise ScriptNotFound(f"no script named {name!r}", "script")
+        return script
+
+    def get_script_body(self, script_id: int) -> bytes:
+        with self._begin(self.read_engine) as conn:
+            body = conn.execute(
+                select(scripts.c.body).where(scripts.c.script_id == script_id)
+            ).scalar()
+        if body is None:
+            raise ScriptNotFound(f"no script with id {script_id}", "script_id")
+        return bytes(body)
+
+    # -- submissions and queries -------------------------------------------
+    def add_tasks(
+        self, new_tasks: Sequence[NewTask], *, now: datetime
+    ) -> list[SubmitResult | ChronorayError]:
+        """Group commit: every valid submission in one transaction. An item
+        that fails on its own (unknown script, idempotency conflict) gets its
+        error back; the others are stored."""
+        for _ in range(3):
+            try:
+                return self._add_tasks_once(new_tasks, now=now)
+            except IntegrityError:  # a concurrent submission took an idempotency key
+                log.info("idempotency race in a batch of %d; retrying", len(new_tasks))
+        raise Unavailable("could not store the tasks under contention; retry")
+
+    def _add_tasks_once(self, new_tasks, *, now):
+        results: list[SubmitResult | ChronorayError | None] = [None] * len(new_tasks)
+        with self._begin() as conn:
+            known = self._latest_scripts(conn, {(t.owner_id, t.script_name) for t in new_tasks})
+            rows, row_positions = [], []
+            claimed_keys: dict[tuple[int, str], int] = {}
+            for i, new in enumerate(new_tasks):
+                script = known.get((new.owner_id, new.script_name))
+                if script is None:
+                    results[i] = ScriptNotFound(f"no script named {new.script_name!r}", "script")
+                    continue
+                if new.idempotency_key is not None:
+                    replay = self._idempotent_replay(conn, new)
+                    if replay is not None:
+                        results[i] = replay
+                        continue
+                    key = (new.owner_id, new.idempotency_key)
+                    if key in claimed_keys:  # the same key twice in one batch
+                        results[i] = IdempotencyConflict(
+                            "idempotency key repeated in one batch", "idempotency_key"
+                        )
+                        continue
+                    claimed_keys[key] = i
+                rows.append(
+                    {
+                        "owner_id": new.owner_id,
+                        "script_id": script.script_id,
+                        "schedule_id": None,
+                        "execute_at": new.execute_at,
+                        "bucket": bucket_of(new.execute_at),
+                        "status": TaskStatus.SCHEDULED.value,
+                        "priority": new.priority,
+                        "attempt": 1,
+                        "max_attempts": new.max_attempts,
+                        "variables": dict(new.variables),
+                        "timeout_s": new.timeout_s,
+                        "idempotency_key": new.idempotency_key,
+                        "request_hash": new.request_hash,
+                        "lease_expires_at": None,
+                        "epoch": 0,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                )
+                row_positions.append(i)
+            if rows:
+                ids = conn.execute(
+                    insert(tasks).returning(tasks.c.task_id, sort_by_parameter_order=True), rows
+                ).scalars().all()
+                stored = {
+                    row.task_id: _task(row)
+                    for row in conn.execute(
+                        select(*TASK_COLUMNS)
+                        .join(scripts, scripts.c.script_id == tasks.c.script_id)
+                        .where(tasks.c.task_id.in_(ids))
+                    )
+                }
+                for position, task_id in zip(row_positions, ids):
+                    results[position] = SubmitResult(task=stored[task_id], created=True)
+        return results  # type: ignore[return-value]
+
+    def _idempotent_replay(self, conn, new: NewTask) -> SubmitResult | ChronorayError | None:
+        row = conn.execute(
+            select(*TASK_COLUMNS)
+            .join(scripts, scripts.c.script_id == tasks.c.script_id)
+            .where(tasks.c.owner_id == new.owner_id, tasks.c.idempotency_key == new.idempotency_key)
+        ).first()
+        if row is None:
+            return None
+        if row.request_hash != new.request_hash:
+            return IdempotencyConflict(
+                "idempotency key already used with a different request", "idempotency_key"
+            )
+        return SubmitResult(task=_task(row), created=False)
+
+    def get_task(self, task_id: int, *, owner_id: int | None = None) -> Task:
+        return self._get_task(self.read_engine, task_id, owner_id=owner_id)
+
+    def get_task_primary(self, task_id: int, *, owner_id: int | None = None) -> Task:
+        """A read that must see this caller's own write."""
+        return self._get_task(self.engine, task_id, owner_id=owner_id)
+
+    def _get_task(self, engine: Engine, task_id: int, *, owner_id: int | None) -> Task:
+        query = (
+            select(*TASK_COLUMNS)
+            .join(scripts, scripts.c.script_id == tasks.c.script_id)
+            .where(tasks.c.task_id == task_id)
+        )
+        if owner_id is not None:
+            query = query.where(tasks.c.owner_id == owner_id)
+        with self._begin(engine) as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            raise TaskNotFound(f"no task {task_id}", "task_id")
+        return _task(row)
+
+    def list_runs(self, task_id: int) -> list[Run]:
+        with self._begin(self.read_engine) as conn:
+            rows = conn.execute(
+                select(runs).where(runs.c.task_id == task_id).order_by(runs.c.attempt)
+            ).all()
+        return [_run(row) for row in rows]
+
+    def cancel_task(self, task_id: int, *, owner_id: int | None, now: datetime) -> Task:
+        condition = and_(tasks.c.task_id == task_id, tasks.c.status == TaskStatus.SCHEDULED.value)
+        if owner_id is not None:
+            condition = and_(condition, tasks.c.owner_id == owner_id)
+        with self._begin() as conn:
+            changed = conn.execute(
+                update(tasks)
+                .where(condition)
+                .values(status=TaskStatus.CANCELLED.value, updated_at=now)
+            ).rowcount
+        task = self.get_task_primary(task_id, owner_id=owner_id)
+        if not changed and task.status is not TaskStatus.CANCELLED:
+            raise TaskNotCancellable(
+                f"task {task_id} is {task.status.value}; only scheduled tasks can be cancelled",
+                "task_id",
+            )
+        return task
+
+    # -- the shard's work --------------------------------------------------
+    def start_shard(self, shard: int, *, now: datetime) -> int:
+        for _ in range(3):
+            try:
+                with self._begin() as conn:
+                    epoch = conn.execute(
+                        update(shards)
+                        .where(shards.c.shard == shard)
+                        .values(epoch=shards.c.epoch + 1, started_at=now)
+                        .returning(shards.c.epoch)
+                    ).scalar()
+                    if epoch is None:
+                        conn.execute(insert(shards).values(shard=shard, epoch=1, started_at=now))
+                        epoch = 1
+                    return epoch
+            except IntegrityError:  # two incarnations inserting the first row
+                continue
+        raise Unavailable(f"could not start shard {shard}")
+
+    @staticmethod
+    def _owned_by(wheel: Wheel, shard: int):
+        return (tasks.c.bucket // wheel.range_s) % wheel.num_shards == shard
+
+    def due_tasks(
+        self, *, wheel: Wheel, shard: int, before: datetime, limit: int
+    ) -> list[tuple[int, datetime]]:
+        with self._begin() as conn:
+            rows = conn.execute(
+                select(tasks.c.task_id, tasks.c.execute_at)
+                .where(
+                    tasks.c.status == TaskStatus.SCHEDULED.value,
+                    tasks.c.bucket <= bucket_of(before),
+                    tasks.c.execute_at <= before,
+                    self._owned_by(wheel, shard),
+                )
+                .order_by(tasks.c.execute_at)
+                .limit(limit)
+            ).all()
+        return [(row.task_id, row.execute_at) for row in rows]
+
+    def claim(
+        self,
+        task_ids: Sequence[int],
+        *,
+        shard: int,
+        epoch: int,
+        lease_until: datetime,
+        now: datetime,
+    ) -> list[TaskSpec]:
+        """scheduled → queued, in one conditional update, fenced by the
+        shard's epoch: a superseded incarnation claims nothing."""
+        if not task_ids:
+            return []
+        current_epoch = exists().where(shards.c.shard == shard, shards.c.epoch == epoch)
+        with self._begin() as conn:
+            claimed = conn.execute(
+                update(tasks)
+                .where(
+                    tasks.c.task_id.in_(list(task_ids)),
+                    tasks.c.status == TaskStatus.SCHEDULED.value,
+                    current_epoch,
+                )
+                .values(
+                    status=TaskStatus.QUEUED.value,
+                    epoch=epoch,
+                    lease_expires_at=lease_until,
+                    updated_at=now,
+                )
+                .returning(tasks.c.task_id)
+            ).scalars().all()
+            if not claimed:
+                return []
+            rows = conn.execute(
+                select(*SPEC_COLUMNS)
+                .join(scripts, scripts.c.script_id == tasks.c.script_id)
+                .where(tasks.c.task_id.in_(claimed))
+                .order_by(tasks.c.execute_at)
+            ).all()
+        return [_spec(row, shard=shard) for row in rows]
+
+    def mark_running(self, specs: Sequence[TaskSpec], *, lease_grace_s: float, now: datetime) -> int:
+        if not specs:
+            return 0
+        changed = 0
+        with self._begin() as conn:
+            for spec in specs:
+                changed += conn.execute(
+                    update(tasks)
+                    .where(
+                        tasks.c.task_id == spec.task_id,
+                        tasks.c.attempt == spec.attempt,
+                        tasks.c.epoch == spec.epoch,
+                        tasks.c.status == TaskStatus.QUEUED.value,
+                    )
+                    .values(
+                        status=TaskStatus.RUNNING.value,
+                        lease_expires_at=running_lease(spec, lease_grace_s=lease_grace_s, now=now),
+                        updated_at=now,
+                    )
+                ).rowcount
+        return changed
+
+    def record_results(
+        self, results: Sequence[RunResult], *, policy: RetryPolicy, now: datetime
+    ) -> list[Task]:
+        """Apply each attempt's outcome where the row still matches it
+        (attempt, epoch, in flight) and log the run; returns the tasks put
+        back to ``scheduled`` for a retry."""
+        if not results:
+            return []
+        retried_ids = []
+        with self._begin() as conn:
+            current = {
+                row.task_id: row
+                for row in conn.execute(
+                    select(tasks.c.task_id, tasks.c.max_attempts).where(
+                        tasks.c.task_id.in_({r.task_id for r in results})
+                    )
+                )
+            }
+            for result in results:
+                row = current.get(result.task_id)
+                if row is None:
+                    continue
+                outcome = after_attempt(
+                    attempt=result.attempt,
+                    max_attempts=row.max_attempts,
+                    priority=result.priority,
+                    failure=result.failure,
+                    policy=policy,
+                    now=now,
+                )
+                values = {
+                    "status": outcome.status.value,
+                    "attempt": outcome.attempt,
+                    "priority": outcome.priority,
+                    "lease_expires_at": None,
+                    "updated_at": now,
+                }
+                if outcome.execute_at is not None:
+                    values["execute_at"] = outcome.execute_at
+                    values["bucket"] = bucket_of(outcome.execute_at)
+                changed = conn.execute(
+                    update(tasks)
+                    .where(
+                        tasks.c.task_id == result.task_id,
+                        tasks.c.attempt == result.attempt,
+                        tasks.c.epoch == result.epoch,
+                        tasks.c.status.in_(IN_FLIGHT),
+                    )
+                    .values(**values)
+                ).rowcount
+                if not changed:
+                    log.info(
+                        "stale result ignored", extra={"task_id": result.task_id, "attempt": result.attempt}
+                    )
+                    continue
+                conn.execute(insert(runs).values(**_run_values(result)))
+                if outcome.status is TaskStatus.SCHEDULED:
+                    retried_ids.append(result.task_id)
+            retried = [
+                _task(r)
+                for r in conn.execute(
+                    select(*TASK_COLUMNS)
+                    .join(scripts, scripts.c.script_id == tasks.c.script_id)
+                    .where(tasks.c.task_id.in_(retried_ids))
+                )
+            ] if retried_ids else []
+        return retried
+
+    def expired_leases(
+        self, *, wheel: Wheel, shard: int, now: datetime, limit: int
+    ) -> list[TaskSpec]:
+        with self._begin() as conn:
+            rows = conn.execute(
+                select(*SPEC_COLUMNS)
+                .join(scripts, scripts.c.script_id == tasks.c.script_id)
+                .where(
+                    tasks.c.status.in_(IN_FLIGHT),
+                    tasks.c.lease_expires_at < now,
+                    self._owned_by(wheel, shard),
+                )
+                .limit(limit)
+            ).all()
+        return [_spec(row, shard=shard) for row in rows]
+
+    def queued_specs(self, *, wheel: Wheel, shard: int, limit: int) -> list[TaskSpec]:
+        with self._begin() as conn:
+            rows = conn.execute(
+                select(*SPEC_COLUMNS)
+                .join(scripts, scripts.c.script_id == tasks.c.script_id)
+                .where(tasks.c.status == TaskStatus.QUEUED.value, self._owned_by(wheel, shard))
+                .order_by(tasks.c.execute_at)
+                .limit(limit)
+            ).all()
+        return [_spec(row, shard=shard) for row in rows]
+
+
+def _run_values(result: RunResult) -> dict:
+    return {
+        "task_id": result.task_id,
+        "attempt": result.attempt,
+        "priority": result.priority,
+        "executor_id": result.executor_id,
+        "tier": result.tier,
+        "node_id": result.node_id,
+        "due_at": result.due_at,
+        "started_at": result.started_at,
+        "finished_at": result.finished_at,
+        "exit_code": result.exit_code,
+        "output_tail": tail(result.output_tail),
+        "failure": result.failure.value if result.failure else None,
+    }
