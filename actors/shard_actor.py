@@ -167,8 +167,12 @@ class Shard:
         if expired:
             log.warning("shard %d: %d leases expired", self.index, len(expired))
             await self.record_results([lost_result(spec, now=now) for spec in expired])
+        self._room = await self._dispatcher.room()
         incarnation = await self._dispatcher.hello()
         if incarnation != self._dispatcher_seen:
+            # A new dispatcher lost its heap; a restarted shard may have died
+            # between a claim and its hand-over. Either way the dispatcher
+            # ignores attempts it already holds or has finished.
             if self._dispatcher_seen is not None or self.epoch > 1:
                 queued = await self._io(
                     self._repo.queued_specs, wheel=self._wheel, shard=self.index, limit=50_000

@@ -6,7 +6,7 @@ import hashlib
 import json
 import math
 from datetime import datetime, timezone
-from typing import Any, Union
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
 
@@ -55,19 +55,19 @@ class ScriptIn(Strict):
 
 class TaskIn(Strict):
     script: StrictStr
-    execute_at: Union[StrictStr, StrictInt, StrictFloat]
+    execute_at: Any  # ISO 8601 text or epoch seconds; checked by parse_instant
     variables: dict[StrictStr, StrictStr] = Field(default_factory=dict)
     priority: StrictInt = Field(default=0, ge=0)
     max_attempts: StrictInt = Field(default=3, ge=1)
-    timeout_s: Union[StrictInt, StrictFloat, None] = Field(default=None, gt=0)
-    idempotency_key: Union[StrictStr, None] = Field(default=None, min_length=1, max_length=200)
+    timeout_s: Optional[StrictFloat] = Field(default=None, gt=0, allow_inf_nan=False)
+    idempotency_key: Optional[StrictStr] = Field(default=None, min_length=1, max_length=200)
 
     @field_validator("script")
     @classmethod
     def _script(cls, value: str) -> str:
         return validate_script_name(value, "script")
 
-    @field_validator("execute_at")
+    @field_validator("execute_at", mode="before")
     @classmethod
     def _execute_at(cls, value):
         parse_instant(value)  # raised InvalidInput becomes a 422 naming the field

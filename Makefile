@@ -1,0 +1,52 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run   start chronoray with embedded defaults (local Ray, SQLite) on :8000
+#   make test  install what the tests need, start throwaway PostgreSQL and
+#              ZooKeeper, run the whole suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SERVICES_DIR ?= $(CURDIR)/.run/services
+PYTEST_ARGS ?=
+
+.PHONY: run test install system-deps services-start services-stop lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# ZooKeeper and Java from Debian; PostgreSQL 15 binaries for throwaway clusters.
+system-deps:
+	@need=""; \
+	[ -f /usr/share/java/zookeeper.jar ] || need="$$need zookeeper"; \
+	command -v java >/dev/null || need="$$need default-jre-headless"; \
+	[ -x /usr/lib/postgresql/15/bin/initdb ] || need="$$need postgresql-15"; \
+	if [ -n "$$need" ]; then \
+	  echo "installing:$$need"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$need >/dev/null; \
+	fi
+
+run: install
+	$(BIN)/chronoray up
+
+test: install system-deps
+	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
+	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
+	scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
+	source $(SERVICES_DIR)/env && \
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	@echo "see bench/README.md"
+
+clean:
+	rm -rf $(VENV) .run

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Throwaway PostgreSQL and ZooKeeper for the test suite, on free ports, in a
+# private folder. `start DIR` prints shell exports; `stop DIR` ends both.
+set -euo pipefail
+
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+ZK_JAR=${ZK_JAR:-/usr/share/java/zookeeper.jar}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+as_postgres() {
+  # initdb and postgres refuse to run as root
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+start() {
+  local dir=$1
+  mkdir -p "$dir"
+  local pg_port zk_port
+  pg_port=$(free_port)
+  zk_port=$(free_port)
+
+  # PostgreSQL: a fresh cluster with trust auth, fsync off (throwaway data)
+  mkdir -p "$dir/pg"
+  [ "$(id -u)" = 0 ] && chown postgres "$dir/pg" && chmod 700 "$dir/pg" && chmod o+x "$dir"
+  as_postgres "$PG_BIN/initdb" -D "$dir/pg/data" -U postgres -A trust --no-sync >"$dir/pg-initdb.log" 2>&1
+  as_postgres "$PG_BIN/pg_ctl" -D "$dir/pg/data" -l "$dir/pg/server.log" -w -t 60 start \
+    -o "-p $pg_port -k $dir/pg -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
+    >"$dir/pg-start.log" 2>&1 || { cat "$dir/pg/server.log" >&2; exit 1; }
+
+  # ZooKeeper: standalone, its own data folder
+  mkdir -p "$dir/zk/data"
+  cat >"$dir/zk/zoo.cfg" <<CFG
+tickTime=500
+dataDir=$dir/zk/data
+clientPort=$zk_port
+clientPortAddress=127.0.0.1
+maxSessionTimeout=20000
+minSessionTimeout=1000
+admin.enableServer=false
+4lw.commands.whitelist=ruok,stat
+CFG
+  nohup java -Dzookeeper.log.dir="$dir/zk" -cp "$ZK_JAR:/etc/zookeeper/conf" \
+    org.apache.zookeeper.server.quorum.QuorumPeerMain "$dir/zk/zoo.cfg" >"$dir/zk/server.log" 2>&1 &
+  echo $! >"$dir/zk/pid"
+  for _ in $(seq 1 100); do
+    if python3 -c "import socket,sys; s=socket.create_connection(('127.0.0.1',$zk_port),1); s.sendall(b'ruok'); sys.exit(0 if s.recv(4)==b'imok' else 1)" 2>/dev/null; then
+      break
+    fi
+    sleep 0.2
+  done
+
+  cat >"$dir/env" <<ENV
+export CHRONORAY_TEST_POSTGRES_URL=postgresql+psycopg://postgres@127.0.0.1:$pg_port/postgres
+export CHRONORAY_TEST_PG_PORT=$pg_port
+export CHRONORAY_TEST_PG_BIN=$PG_BIN
+export CHRONORAY_TEST_ZOOKEEPER_HOSTS=127.0.0.1:$zk_port
+ENV
+  cat "$dir/env"
+}
+
+stop() {
+  local dir=$1
+  if [ -f "$dir/zk/pid" ]; then kill "$(cat "$dir/zk/pid")" 2>/dev/null || true; fi
+  if [ -d "$dir/pg/data" ]; then as_postgres "$PG_BIN/pg_ctl" -D "$dir/pg/data" -m immediate stop >/dev/null 2>&1 || true; fi
+}
+
+"$@"

@@ -1,0 +1,30 @@
+"""Fixtures shared by every layer: real PostgreSQL from `make test`."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import create_engine, text
+
+T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def postgres_admin_url() -> str:
+    url = os.environ.get("CHRONORAY_TEST_POSTGRES_URL")
+    if not url:
+        pytest.fail("CHRONORAY_TEST_POSTGRES_URL is not set: run the suite with `make test`")
+    return url
+
+
+def create_postgres_database(prefix: str = "t") -> str:
+    """A new, empty database on the throwaway server; returns its URL."""
+    admin = postgres_admin_url()
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return admin.rsplit("/", 1)[0] + f"/{name}"

@@ -1,0 +1,79 @@
+"""In-memory stand-ins for our own interfaces (never for libraries)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Sequence
+
+from scheduling.models import NewTask, RunResult, SubmitResult, TaskSpec
+from storage.memory import InMemoryTaskRepository
+
+from chronoray.errors import ChronorayError
+
+
+class FakeDispatcher:
+    def __init__(self, room: int = 1000) -> None:
+        self.received: list[TaskSpec] = []
+        self.incarnation = "first"
+        self.capacity = room
+
+    async def hello(self) -> str:
+        return self.incarnation
+
+    async def room(self) -> int:
+        return max(0, self.capacity - len(self.received))
+
+    async def submit(self, specs: list[TaskSpec]) -> int:
+        known = {s.key for s in self.received}
+        self.received.extend(s for s in specs if s.key not in known)
+        return await self.room()
+
+
+class FakePeers:
+    def __init__(self) -> None:
+        self.tracked: dict[int, list[tuple[int, datetime]]] = {}
+
+    async def track(self, shard: int, entries: list[tuple[int, datetime]]) -> None:
+        self.tracked.setdefault(shard, []).extend(entries)
+
+
+class RepoSubmitter:
+    """Stores straight into a repository (the shard hop, without Ray)."""
+
+    def __init__(self, repo: InMemoryTaskRepository, now) -> None:
+        self.repo = repo
+        self.now = now
+
+    async def submit(self, new_tasks: Sequence[NewTask]) -> list[SubmitResult | ChronorayError]:
+        return self.repo.add_tasks(list(new_tasks), now=self.now())
+
+
+class FakeExecutor:
+    def __init__(self) -> None:
+        self.batches: list[list[TaskSpec]] = []
+        self.fail = False
+
+    async def run_batch(self, specs: list[TaskSpec]) -> int:
+        if self.fail:
+            raise ConnectionError("executor is gone")
+        self.batches.append(list(specs))
+        return len(specs)
+
+    async def running_keys(self) -> list[tuple[int, int]]:
+        return []
+
+    @property
+    def received(self) -> list[int]:
+        return [s.task_id for batch in self.batches for s in batch]
+
+
+class FakeShardLink:
+    def __init__(self) -> None:
+        self.results: dict[int, list[RunResult]] = {}
+        self.running: dict[int, list[TaskSpec]] = {}
+
+    async def record_results(self, shard: int, results: list[RunResult]) -> None:
+        self.results.setdefault(shard, []).extend(results)
+
+    async def mark_running(self, shard: int, specs: list[TaskSpec]) -> None:
+        self.running.setdefault(shard, []).extend(specs)

@@ -1,0 +1,161 @@
+"""The HTTP API over the in-memory repository: status codes, error bodies
+naming the field, and nothing stored on bad input."""
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serve_app.app import Backend, create_api
+from storage.memory import InMemoryTaskRepository
+
+from chronoray.settings import Settings
+from tests.unit.fakes import RepoSubmitter
+
+SETTINGS = Settings(database_url="sqlite://", max_script_bytes=1024, max_request_bytes=4096)
+
+
+@pytest.fixture
+def repo():
+    return InMemoryTaskRepository()
+
+
+@pytest.fixture
+def client(repo):
+    owner = repo.ensure_user(first_name="local", last_name="user", now=datetime.now(timezone.utc))
+    backend = Backend(
+        repo=repo,
+        submitter=RepoSubmitter(repo, lambda: datetime.now(timezone.utc)),
+        settings=SETTINGS,
+        owner_id=owner,
+    )
+    api = TestClient(create_api(backend), raise_server_exceptions=True)
+    assert api.post("/v1/scripts", json={"name": "hello.sh", "body": "echo hello $NAME"}).status_code == 201
+    return api
+
+
+def soon() -> str:
+    return (datetime.now(timezone.utc) + timedelta(seconds=5)).isoformat()
+
+
+def test_register_script_is_versioned_by_content(client):
+    same = client.post("/v1/scripts", json={"name": "hello.sh", "body": "echo hello $NAME"})
+    assert same.status_code == 200 and same.json()["version"] == 1
+    changed = client.post("/v1/scripts", json={"name": "hello.sh", "body": "echo hi"})
+    assert changed.status_code == 201 and changed.json()["version"] == 2
+    assert client.get("/v1/scripts/hello.sh").json()["version"] == 2
+    assert client.get("/v1/scripts/nope").status_code == 404
+
+
+@pytest.mark.parametrize("path", ["/v1/tasks", "/sendTask"])
+def test_submit_then_get(client, path):
+    created = client.post(path, json={"script": "hello.sh", "execute_at": soon(), "variables": {"NAME": "world"}})
+    assert created.status_code == 201, created.text
+    task = created.json()
+    assert task["status"] == "scheduled" and task["variables"] == {"NAME": "world"}
+    shown = client.get(f"/v1/tasks/{task['task_id']}").json()
+    assert shown["runs"] == [] and shown["output"] is None
+
+
+def test_epoch_seconds_and_offsets_are_the_same_instant(client):
+    at = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=30)
+    by_epoch = client.post("/v1/tasks", json={"script": "hello.sh", "execute_at": at.timestamp()}).json()
+    by_offset = client.post(
+        "/v1/tasks", json={"script": "hello.sh", "execute_at": at.astimezone(timezone(timedelta(hours=-5))).isoformat()}
+    ).json()
+    assert by_epoch["execute_at"] == by_offset["execute_at"] == at.isoformat()
+
+
+def test_idempotency_key_replays_or_conflicts(client, repo):
+    body = {"script": "hello.sh", "execute_at": soon(), "idempotency_key": "abc"}
+    first = client.post("/v1/tasks", json=body)
+    again = client.post("/v1/tasks", json=body)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json()["task_id"] == again.json()["task_id"]
+    other = client.post("/v1/tasks", json={**body, "priority": 3})
+    assert other.status_code == 409 and other.json()["error"] == "idempotency_conflict"
+    assert len(repo.tasks) == 1
+
+
+def test_cancel_scheduled_task_once_then_conflict_when_started(client, repo):
+    task_id = client.post("/v1/tasks", json={"script": "hello.sh", "execute_at": soon()}).json()["task_id"]
+    assert client.delete(f"/v1/tasks/{task_id}").json()["status"] == "cancelled"
+    assert client.delete(f"/v1/tasks/{task_id}").status_code == 200  # idempotent
+    other = client.post("/v1/tasks", json={"script": "hello.sh", "execute_at": soon()}).json()["task_id"]
+    repo.start_shard(0, now=datetime.now(timezone.utc))
+    repo.claim([other], shard=0, epoch=1, lease_until=datetime.now(timezone.utc), now=datetime.now(timezone.utc))
+    refused = client.delete(f"/v1/tasks/{other}")
+    assert refused.status_code == 409 and refused.json()["error"] == "task_not_cancellable"
+    assert client.delete("/v1/tasks/999999").status_code == 404
+
+
+BAD_TASKS = [
+    ({"script": "nope.sh", "execute_at": "2030-01-01T00:00:00Z"}, 404, "script"),
+    ({"script": "hello.sh", "execute_at": "2030-01-01T00:00:00"}, 422, "execute_at"),
+    ({"script": "hello.sh", "execute_at": "tomorrow"}, 422, "execute_at"),
+    ({"script": "hello.sh", "execute_at": True}, 422, "execute_at"),
+    ({"script": "hello.sh", "execute_at": -5}, 422, "execute_at"),
+    ({"script": "hello.sh", "execute_at": 1e30}, 422, "execute_at"),
+    ({"script": "hello.sh", "execute_at": [1]}, 422, "execute_at"),
+    ({"script": "hello.sh"}, 422, "execute_at"),
+    ({"script": "hello.sh", "execute_at": 1900000000, "priority": -1}, 422, "priority"),
+    ({"script": "hello.sh", "execute_at": 1900000000, "priority": 10}, 422, "priority"),
+    ({"script": "hello.sh", "execute_at": 1900000000, "priority": "1"}, 422, "priority"),
+    ({"script": "hello.sh", "execute_at": 1900000000, "max_attempts": 0}, 422, "max_attempts"),
+    ({"script": "hello.sh", "execute_at": 1900000000, "timeout_s": 0}, 422, "timeout_s"),
+    ({"script": "hello.sh", "execute_at": 1900000000, "owner_id": 2}, 422, "owner_id"),
+    ({"script": "hello.sh", "execute_at": 1900000000, "status": "succeeded"}, 422, "status"),
+    ({"script": "hello.sh", "execute_at": 1900000000, "variables": {"PATH": "/x"}}, 422, "variables.PATH"),
+    ({"script": "hello.sh", "execute_at": 1900000000, "variables": {"LD_PRELOAD": "x"}}, 422, "variables.LD_PRELOAD"),
+    ({"script": "hello.sh", "execute_at": 1900000000, "variables": {"lower": "x"}}, 422, "variables.lower"),
+    ({"script": "hello.sh", "execute_at": 1900000000, "variables": {"A": "x\ny"}}, 422, "variables.A"),
+    ({"script": "hello.sh", "execute_at": 1900000000, "variables": {"A": 1}}, 422, "variables.A"),
+    ({"script": "../etc/passwd", "execute_at": 1900000000}, 422, "script"),
+]
+
+
+@pytest.mark.parametrize("body, status, field", BAD_TASKS)
+def test_bad_task_input_names_the_field_and_stores_nothing(client, repo, body, status, field):
+    response = client.post("/v1/tasks", json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["field"] == field
+    assert response.json()["detail"]
+    assert repo.tasks == {}
+
+
+def test_malformed_json_is_400(client, repo):
+    response = client.post("/v1/tasks", content=b'{"script": "hello.sh",', headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json() == {"error": "malformed_json", "detail": "request body is not valid JSON", "field": "body"}
+    assert repo.tasks == {}
+
+
+def test_script_over_the_size_limit_is_413_and_not_stored(client, repo):
+    before = len(repo.scripts)
+    response = client.post("/v1/scripts", json={"name": "big.sh", "body": "x" * 2000})
+    assert response.status_code == 413 and response.json()["field"] == "body"
+    huge = client.post("/v1/scripts", json={"name": "huge.sh", "body": "x" * 10_000})
+    assert huge.status_code == 413
+    assert len(repo.scripts) == before
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"name": "a b", "body": "x"}, "name"),
+        ({"name": "ok.sh", "body": "x", "interpreter": "perl"}, "interpreter"),
+        ({"name": "ok.sh"}, "body"),
+        ({"name": "ok.sh", "body": "x", "extra": 1}, "extra"),
+    ],
+)
+def test_bad_script_input(client, repo, body, field):
+    before = len(repo.scripts)
+    response = client.post("/v1/scripts", json=body)
+    assert response.status_code == 422 and response.json()["field"] == field
+    assert len(repo.scripts) == before
+
+
+def test_unknown_task_is_404_and_healthz_is_up(client):
+    assert client.get("/v1/tasks/424242").json()["error"] == "task_not_found"
+    assert client.get("/v1/tasks/abc").status_code == 422
+    assert client.get("/healthz").json() == {"status": "ok"}

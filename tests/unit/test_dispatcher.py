@@ -1,0 +1,93 @@
+"""The plain Dispatcher with fake executors and shards."""
+
+import asyncio
+from datetime import timedelta
+
+from actors.dispatcher import Dispatcher, ExecutorSlots
+from scheduling.models import FailureClass, RunResult
+from scheduling.tiers import production_tiers
+
+from tests.conftest import T0
+from tests.unit.fakes import FakeExecutor, FakeShardLink
+from tests.unit.test_pure_scheduling import spec
+
+
+def build(slots=None):
+    slots = slots or {"small": 2, "medium": 1, "large": 1}
+    tiers = production_tiers()
+    executors = {
+        name: ExecutorSlots(
+            executor_id=f"{name}-0",
+            tier=name,
+            tier_rank=tiers.index_for(tiers.by_name(name).min_priority),
+            slots=count,
+            client=FakeExecutor(),
+        )
+        for name, count in slots.items()
+    }
+    shards = FakeShardLink()
+    dispatcher = Dispatcher(tiers=tiers, executors=list(executors.values()), shards=shards, max_queued=100)
+    return dispatcher, executors, shards
+
+
+def result(s, failure=None):
+    return RunResult(
+        task_id=s.task_id, attempt=s.attempt, epoch=s.epoch, shard=s.shard, priority=s.priority,
+        due_at=s.due_at, executor_id="x", tier="small", node_id="n", started_at=T0, finished_at=T0,
+        exit_code=0, output_tail="", failure=failure,
+    )
+
+
+def test_tasks_go_to_their_own_tier_first_and_never_to_a_weaker_one():
+    async def scenario():
+        dispatcher, ex, _ = build()
+        await dispatcher.submit([spec(1, priority=0), spec(2, priority=4), spec(3, priority=7), spec(4, priority=7)])
+        assert ex["small"].client.received == [1]
+        assert ex["medium"].client.received == [2]
+        assert ex["large"].client.received == [3]  # 4 waits: no weaker tier may take it
+        assert (await dispatcher.room()) == 99
+
+    asyncio.run(scenario())
+
+
+def test_a_full_tier_overflows_to_a_stronger_one_and_the_rest_wait():
+    async def scenario():
+        dispatcher, ex, _ = build({"small": 1, "medium": 1})
+        await dispatcher.submit([spec(i) for i in range(1, 5)])
+        assert ex["small"].client.received == [1]
+        assert ex["medium"].client.received == [2]
+        assert dispatcher.stats()["queued"] == 2
+
+    asyncio.run(scenario())
+
+
+def test_results_free_slots_reach_the_owner_shard_and_never_requeue():
+    async def scenario():
+        dispatcher, ex, shards = build({"small": 1})
+        first, second = spec(1, shard=3), spec(2, shard=0, due=T0 + timedelta(seconds=1))
+        await dispatcher.submit([first, second])
+        assert ex["small"].client.received == [1]
+        await dispatcher.report_results([result(first, FailureClass.EXIT_CODE)])
+        assert ex["small"].client.received == [1, 2]
+        await asyncio.sleep(0)  # let the outboxes send
+        assert [r.task_id for r in shards.results[3]] == [1]
+        assert [s.task_id for s in shards.running[3]] == [1]
+        await dispatcher.submit([first])  # a restarted shard hands it over again
+        await dispatcher.submit([second])  # still running: ignored too
+        assert ex["small"].client.received == [1, 2]
+        assert dispatcher.stats()["queued"] == 0
+
+    asyncio.run(scenario())
+
+
+def test_an_executor_that_refuses_gets_its_tasks_requeued():
+    async def scenario():
+        dispatcher, ex, _ = build({"small": 1})
+        ex["small"].client.fail = True
+        await dispatcher.submit([spec(1)])
+        assert dispatcher.stats()["queued"] == 1
+        ex["small"].client.fail = False
+        await dispatcher.reconcile()
+        assert ex["small"].client.received == [1]
+
+    asyncio.run(scenario())

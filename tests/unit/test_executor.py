@@ -1,0 +1,57 @@
+"""The plain Executor: holds an early hand-over until the due instant,
+caches scripts by hash, reports results in batches."""
+
+import asyncio
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+
+from actors.executor_pool import Executor, ScriptCache
+from scheduling.models import FailureClass, Interpreter
+
+from tests.unit.test_pure_scheduling import spec
+
+
+class Scripts:
+    def __init__(self):
+        self.fetched = []
+
+    def get_script_body(self, script_id):
+        self.fetched.append(script_id)
+        return {1: b"echo hello $NAME", 2: b"exit 4"}[script_id]
+
+
+class Sink:
+    def __init__(self):
+        self.results = []
+
+    async def report_results(self, results):
+        self.results.extend(results)
+
+
+def test_runs_at_the_due_instant_and_reports(tmp_path):
+    scripts, sink = Scripts(), Sink()
+
+    async def scenario():
+        executor = Executor(executor_id="small-0", tier="small", slots=2,
+                            scripts=ScriptCache(scripts, tmp_path), sink=sink, node_id="node")
+        due = datetime.now(timezone.utc) + timedelta(seconds=0.3)
+        ok = replace(spec(1, due=due), variables={"NAME": "world"}, script_sha256="a" * 64)
+        bad = replace(spec(2, due=due), script_id=2, script_sha256="b" * 64)
+        again = replace(spec(3, due=due), variables={"NAME": "again"}, script_sha256="a" * 64)
+        assert await executor.run_batch([ok, bad, again]) == 3
+        assert await executor.run_batch([ok]) == 0  # replayed call
+        for _ in range(100):
+            if len(sink.results) == 3:
+                break
+            await asyncio.sleep(0.05)
+        by_id = {r.task_id: r for r in sink.results}
+        assert by_id[1].output_tail == "hello world\n" and by_id[1].failure is None
+        assert by_id[3].output_tail == "hello again\n"
+        assert by_id[2].failure is FailureClass.EXIT_CODE and by_id[2].exit_code == 4
+        for r in sink.results:
+            assert r.started_at >= due  # held until the instant
+            assert (r.executor_id, r.tier, r.node_id) == ("small-0", "small", "node")
+        assert sorted(scripts.fetched) == [1, 2]  # cached by content hash
+        assert await executor.running_keys() == []
+
+    asyncio.run(scenario())

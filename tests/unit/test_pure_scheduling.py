@@ -1,0 +1,197 @@
+"""Table tests for the pure scheduling package."""
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from scheduling.clock import ManualClock
+from scheduling.fire_timer import FireTimer
+from scheduling.lifecycle import RetryPolicy, after_attempt
+from scheduling.models import FailureClass, Interpreter, TaskSpec, TaskStatus
+from scheduling.ready_queue import ReadyQueue
+from scheduling.tiers import local_node_resources, local_tiers, production_tiers
+from scheduling.timeline import Wheel, bucket_of
+
+from tests.conftest import T0
+
+UTC = timezone.utc
+
+
+@pytest.mark.parametrize(
+    "at, bucket",
+    [
+        (datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC), 1772366400),
+        (datetime(2026, 3, 1, 12, 0, 9, 999999, tzinfo=UTC), 1772366400),
+        (datetime(2026, 3, 1, 12, 0, 10, tzinfo=UTC), 1772366410),
+        (datetime(2026, 3, 1, 13, 0, 5, tzinfo=timezone(timedelta(hours=1))), 1772366400),
+    ],
+)
+def test_bucket_is_ten_seconds_in_utc(at, bucket):
+    assert bucket_of(at) == bucket
+
+
+def test_bucket_refuses_naive_time():
+    with pytest.raises(ValueError):
+        bucket_of(datetime(2026, 3, 1, 12, 0, 0))
+
+
+@pytest.mark.parametrize(
+    "offset_s, shard",
+    [(0, 0), (59, 0), (60, 1), (119, 1), (120, 2), (180, 0), (240, 1)],
+)
+def test_wheel_gives_consecutive_ranges_to_consecutive_shards(offset_s, shard):
+    wheel = Wheel(num_shards=3, range_s=60)
+    base = datetime.fromtimestamp(1772366400 - 1772366400 % 180, tz=UTC)  # range divisible by 3
+    at = base + timedelta(seconds=offset_s)
+    assert wheel.shard_of(at) == shard
+    assert wheel.shard_of_bucket(bucket_of(at)) == shard
+
+
+@pytest.mark.parametrize("bad", [dict(num_shards=0), dict(num_shards=2, range_s=15), dict(num_shards=2, range_s=5)])
+def test_wheel_rejects_bad_shapes(bad):
+    with pytest.raises(ValueError):
+        Wheel(**bad)
+
+
+@pytest.mark.parametrize(
+    "priority, tier, eligible",
+    [
+        (0, "small", ["small", "medium", "large"]),
+        (2, "small", ["small", "medium", "large"]),
+        (3, "medium", ["medium", "large"]),
+        (5, "medium", ["medium", "large"]),
+        (6, "large", ["large"]),
+        (99, "large", ["large"]),
+    ],
+)
+def test_priority_maps_to_tier_or_stronger(priority, tier, eligible):
+    table = production_tiers()
+    assert table.tier_for(priority).name == tier
+    assert [t.name for t in table.eligible(priority)] == eligible
+
+
+def test_tier_actor_options_carry_resources():
+    large = production_tiers().by_name("large")
+    assert large.actor_options() == {
+        "num_cpus": 2,
+        "resources": {"chronoray_large": 1},
+        "memory": 4096 * 1024 * 1024,
+    }
+
+
+def test_local_tiers_need_no_cpu_and_the_node_offers_their_slots():
+    table = local_tiers(executors=2)
+    assert all(t.num_cpus == 0 for t in table)
+    assert local_node_resources(table) == {
+        "chronoray_small": 2,
+        "chronoray_medium": 2,
+        "chronoray_large": 2,
+    }
+
+
+@pytest.mark.parametrize(
+    "attempt, max_attempts, priority, failure, status, next_attempt, next_priority, delay_s",
+    [
+        (1, 3, 0, None, TaskStatus.SUCCEEDED, 1, 0, None),
+        (1, 3, 0, FailureClass.EXIT_CODE, TaskStatus.SCHEDULED, 2, 1, 1.0),
+        (2, 3, 1, FailureClass.TIMEOUT, TaskStatus.SCHEDULED, 3, 2, 2.0),
+        (3, 3, 2, FailureClass.EXIT_CODE, TaskStatus.DEAD, 3, 2, None),
+        (1, 5, 9, FailureClass.EXECUTOR_LOST, TaskStatus.SCHEDULED, 2, 9, 1.0),  # capped
+        (4, 10, 3, FailureClass.EXIT_CODE, TaskStatus.SCHEDULED, 5, 4, 8.0),
+    ],
+)
+def test_after_attempt(attempt, max_attempts, priority, failure, status, next_attempt, next_priority, delay_s):
+    outcome = after_attempt(
+        attempt=attempt,
+        max_attempts=max_attempts,
+        priority=priority,
+        failure=failure,
+        policy=RetryPolicy(backoff_base_s=1.0, priority_cap=9),
+        now=T0,
+    )
+    assert (outcome.status, outcome.attempt, outcome.priority) == (status, next_attempt, next_priority)
+    expected = None if delay_s is None else T0 + timedelta(seconds=delay_s)
+    assert outcome.execute_at == expected
+
+
+def test_backoff_is_capped_and_jitter_stays_below_the_ceiling():
+    policy = RetryPolicy(backoff_base_s=1.0, backoff_max_s=10.0)
+    assert [policy.backoff_s(n) for n in (1, 2, 3, 4, 5, 6)] == [1, 2, 4, 8, 10, 10]
+    jittered = RetryPolicy(backoff_base_s=1.0, backoff_max_s=10.0, jitter=True)
+    assert all(0 <= jittered.backoff_s(4) <= 8 for _ in range(100))
+
+
+def spec(task_id, *, priority=0, due=T0, attempt=1, shard=0):
+    return TaskSpec(
+        task_id=task_id,
+        attempt=attempt,
+        epoch=1,
+        shard=shard,
+        priority=priority,
+        due_at=due,
+        script_id=1,
+        script_sha256="x",
+        interpreter=Interpreter.BASH,
+        variables={},
+        timeout_s=10,
+    )
+
+
+def test_ready_queue_orders_by_priority_then_due_then_arrival():
+    queue = ReadyQueue()
+    queue.push_many(
+        [
+            spec(1, priority=0, due=T0),
+            spec(2, priority=5, due=T0 + timedelta(seconds=5)),
+            spec(3, priority=5, due=T0),
+            spec(4, priority=0, due=T0),
+        ]
+    )
+    order = [s.task_id for s, _ in queue.take(lambda s: "slot")]
+    assert order == [3, 2, 1, 4]
+    assert len(queue) == 0
+
+
+def test_ready_queue_ignores_a_repeated_attempt_but_takes_a_new_one():
+    queue = ReadyQueue()
+    assert queue.push(spec(1))
+    assert not queue.push(spec(1))
+    assert queue.push(spec(1, attempt=2))
+    assert len(queue) == 2
+
+
+def test_ready_queue_skips_what_cannot_be_placed_without_blocking_the_rest():
+    queue = ReadyQueue()
+    queue.push_many([spec(1, priority=7), spec(2, priority=0), spec(3, priority=0)])
+    placed = queue.take(lambda s: "small" if s.priority < 6 else None)
+    assert [s.task_id for s, _ in placed] == [2, 3]
+    assert (1, 1) in queue and len(queue) == 1
+
+
+def test_fire_timer_pops_due_with_lead_and_sleeps_at_most_the_cap():
+    clock = ManualClock(T0)
+    timer = FireTimer()
+    timer.add(1, T0 + timedelta(seconds=5))
+    timer.add(2, T0 + timedelta(seconds=0.2))
+    timer.add(3, T0 + timedelta(seconds=0.1))
+    assert timer.seconds_until_next(now=clock.now(), lead_s=0.0, cap_s=1.0) == pytest.approx(0.1)
+    assert timer.pop_due(now=clock.now(), lead_s=0.15) == [3]
+    assert timer.pop_due(now=clock.now(), lead_s=0.25) == [2]
+    assert timer.seconds_until_next(now=clock.now(), cap_s=1.0) == 1.0  # 5 s away: capped
+    clock.advance(5)
+    assert timer.pop_due(now=clock.now()) == [1]
+    assert timer.seconds_until_next(now=clock.now(), cap_s=1.0) == 1.0  # empty
+
+
+def test_fire_timer_moves_a_rescheduled_task_and_respects_limit():
+    timer = FireTimer()
+    timer.add(1, T0)
+    timer.add(1, T0 + timedelta(seconds=30))  # a retry moved it
+    timer.add(2, T0)
+    timer.add(3, T0)
+    assert timer.pop_due(now=T0, limit=1) == [2]
+    assert timer.pop_due(now=T0) == [3]
+    assert timer.pop_due(now=T0 + timedelta(seconds=30)) == [1]
+    timer.add(4, T0)
+    timer.discard(4)
+    assert timer.pop_due(now=T0) == [] and len(timer) == 0

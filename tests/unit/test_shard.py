@@ -1,0 +1,222 @@
+"""The plain Shard class with an in-memory repository, fake dispatcher and
+a manual clock: no Ray, no sleeping."""
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+
+from actors.shard_actor import Shard
+from scheduling.clock import ManualClock
+from scheduling.lifecycle import RetryPolicy
+from scheduling.models import FailureClass, Interpreter, NewTask, RunResult, TaskStatus
+from storage.memory import InMemoryTaskRepository
+
+from chronoray.settings import Settings
+from tests.conftest import T0
+from tests.unit.fakes import FakeDispatcher, FakePeers
+
+SETTINGS = Settings(
+    database_url="sqlite://",
+    num_shards=1,
+    prefire_ms=200,
+    lookahead_s=60,
+    retry=RetryPolicy(backoff_base_s=2.0),
+)
+
+
+class World:
+    def __init__(self, settings=SETTINGS, room=1000):
+        self.clock = ManualClock(T0)
+        self.repo = InMemoryTaskRepository()
+        self.owner = self.repo.ensure_user(first_name="a", last_name="b", now=T0)
+        self.repo.add_script(owner_id=self.owner, name="s", interpreter=Interpreter.BASH, body=b"true", now=T0)
+        self.dispatcher = FakeDispatcher(room=room)
+        self.peers = FakePeers()
+        self.settings = settings
+
+    def shard(self, index=0):
+        return Shard(
+            index=index,
+            repo=self.repo,
+            dispatcher=self.dispatcher,
+            peers=self.peers,
+            settings=self.settings,
+            clock=self.clock,
+        )
+
+    def new(self, seconds, **kw):
+        return NewTask(owner_id=self.owner, script_name="s", execute_at=T0 + timedelta(seconds=seconds), **kw)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_submitted_task_fires_within_the_prefire_lead_not_before():
+    world = World()
+
+    async def scenario():
+        shard = world.shard()
+        await shard.start()
+        [result] = await shard.submit([world.new(5)])
+        assert result.created and result.task.status is TaskStatus.SCHEDULED
+        assert shard.next_wake_s() == 1.0  # capped, though due in 4.8 s
+        world.clock.advance(4.7)
+        assert await shard.fire_due() == 0
+        assert shard.next_wake_s() == pytest.approx(0.1)
+        world.clock.advance(0.1)  # 0.2 s before due: the lead
+        assert await shard.fire_due() == 1
+        [spec] = world.dispatcher.received
+        assert spec.due_at == T0 + timedelta(seconds=5)  # the executor waits for the instant
+        assert world.repo.get_task(result.task.task_id).status is TaskStatus.QUEUED
+        assert await shard.fire_due() == 0  # fired once
+
+    run(scenario())
+
+
+def test_a_full_dispatcher_gets_nothing_more():
+    world = World(room=2)
+
+    async def scenario():
+        shard = world.shard()
+        await shard.start()
+        await shard.submit([world.new(0) for _ in range(5)])
+        assert await shard.fire_due() == 2
+        assert await shard.fire_due() == 0
+        world.dispatcher.capacity = 10
+        assert await shard.fire_due() == 3
+
+    run(scenario())
+
+
+def test_tasks_beyond_the_lookahead_are_loaded_by_the_sweep_when_they_come_near():
+    world = World()
+
+    async def scenario():
+        shard = world.shard()
+        await shard.start()
+        await shard.submit([world.new(3600)])
+        world.clock.advance(3600 - 30)
+        assert await shard.fire_due() == 0
+        await shard.sweep()
+        world.clock.advance(30)
+        assert await shard.fire_due() == 1
+
+    run(scenario())
+
+
+def test_a_restarted_shard_rebuilds_from_the_database_and_fences_the_old_one():
+    world = World()
+
+    async def scenario():
+        old = world.shard()
+        await old.start()
+        await old.submit([world.new(1), world.new(2)])
+        new = world.shard()  # the restart: same index, fresh memory
+        assert await new.start() == 2
+        world.clock.advance(2)
+        assert await old.fire_due() == 0  # stale epoch claims nothing
+        assert await new.fire_due() == 2
+
+    run(scenario())
+
+
+def test_a_restarted_shard_hands_over_queued_tasks_again():
+    """The old incarnation died between its claim and the hand-over."""
+    world = World()
+
+    async def scenario():
+        old = world.shard()
+        await old.start()
+        [submitted] = await old.submit([world.new(0)])
+        world.repo.claim([submitted.task.task_id], shard=0, epoch=old.epoch, lease_until=T0 + timedelta(seconds=600), now=T0)
+        assert world.dispatcher.received == []
+        new = world.shard()
+        await new.start()
+        assert [s.task_id for s in world.dispatcher.received] == [submitted.task.task_id]
+
+    run(scenario())
+
+
+def result_for(spec, *, failure, now):
+    return RunResult(
+        task_id=spec.task_id,
+        attempt=spec.attempt,
+        epoch=spec.epoch,
+        shard=spec.shard,
+        priority=spec.priority,
+        due_at=spec.due_at,
+        executor_id="e",
+        tier="small",
+        node_id="n",
+        started_at=now,
+        finished_at=now,
+        exit_code=1 if failure else 0,
+        output_tail="boom" if failure else "ok",
+        failure=failure,
+    )
+
+
+def test_failure_retries_with_higher_priority_after_backoff_then_dead():
+    world = World()
+
+    async def scenario():
+        shard = world.shard()
+        await shard.start()
+        [submitted] = await shard.submit([world.new(0, max_attempts=2)])
+        task_id = submitted.task.task_id
+        await shard.fire_due()
+        [first] = world.dispatcher.received
+        assert await shard.record_results([result_for(first, failure=FailureClass.EXIT_CODE, now=world.clock.now())]) == 1
+        task = world.repo.get_task(task_id)
+        assert (task.status, task.attempt, task.priority) == (TaskStatus.SCHEDULED, 2, 1)
+        assert task.execute_at == T0 + timedelta(seconds=2)
+        world.clock.advance(1.7)
+        assert await shard.fire_due() == 0
+        world.clock.advance(0.2)
+        assert await shard.fire_due() == 1
+        second = world.dispatcher.received[-1]
+        assert (second.attempt, second.priority) == (2, 1)
+        # a replayed first result changes nothing now
+        assert await shard.record_results([result_for(first, failure=None, now=world.clock.now())]) == 0
+        await shard.record_results([result_for(second, failure=FailureClass.EXIT_CODE, now=world.clock.now())])
+        assert world.repo.get_task(task_id).status is TaskStatus.DEAD
+        assert [r.priority for r in world.repo.list_runs(task_id)] == [0, 1]
+
+    run(scenario())
+
+
+def test_a_retry_that_moves_to_another_range_is_handed_to_its_owner():
+    world = World(settings=SETTINGS.with_(num_shards=2, retry=RetryPolicy(backoff_base_s=60.0)))
+
+    async def scenario():
+        base = T0 - timedelta(seconds=T0.timestamp() % 120)  # a range owned by shard 0
+        world.clock._now = base
+        shard = world.shard(0)
+        await shard.start()
+        [submitted] = await shard.submit([world.new((base - T0).total_seconds())])
+        await shard.fire_due()
+        [spec] = world.dispatcher.received
+        await shard.record_results([result_for(spec, failure=FailureClass.TIMEOUT, now=base)])
+        assert world.peers.tracked == {1: [(submitted.task.task_id, base + timedelta(seconds=60))]}
+
+    run(scenario())
+
+
+def test_expired_lease_counts_as_executor_lost_and_retries():
+    world = World(settings=SETTINGS.with_(queue_lease_s=10))
+
+    async def scenario():
+        shard = world.shard()
+        await shard.start()
+        [submitted] = await shard.submit([world.new(0)])
+        await shard.fire_due()
+        world.clock.advance(11)
+        await shard.sweep()
+        task = world.repo.get_task(submitted.task.task_id)
+        assert (task.status, task.attempt) == (TaskStatus.SCHEDULED, 2)
+        [run_] = world.repo.list_runs(task.task_id)
+        assert run_.failure is FailureClass.EXECUTOR_LOST
+
+    run(scenario())
