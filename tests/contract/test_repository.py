@@ -1,0 +1,181 @@
+"""The TaskRepository contract, the same on every backend."""
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import inspect
+
+from scheduling.lifecycle import RetryPolicy
+from scheduling.models import FailureClass, Interpreter, NewTask, RunResult, SubmitResult, TaskStatus
+from scheduling.timeline import Wheel
+
+from chronoray.errors import IdempotencyConflict, ScriptNotFound, TaskNotCancellable, TaskNotFound
+from tests.conftest import T0
+
+WHEEL = Wheel(num_shards=1, range_s=60)
+POLICY = RetryPolicy(backoff_base_s=5.0)
+
+
+@pytest.fixture
+def owner(repo):
+    owner = repo.ensure_user(first_name="ada", last_name="lovelace", now=T0)
+    repo.add_script(owner_id=owner, name="job.sh", interpreter=Interpreter.BASH, body=b"echo hi", now=T0)
+    return owner
+
+
+def new(owner, seconds=0, **kw):
+    return NewTask(owner_id=owner, script_name="job.sh", execute_at=T0 + timedelta(seconds=seconds), **kw)
+
+
+def submit(repo, *tasks):
+    results = repo.add_tasks(list(tasks), now=T0)
+    return [r.task for r in results if isinstance(r, SubmitResult)]
+
+
+def result(spec, *, failure=None, epoch=None):
+    return RunResult(
+        task_id=spec.task_id, attempt=spec.attempt, epoch=spec.epoch if epoch is None else epoch,
+        shard=spec.shard, priority=spec.priority, due_at=spec.due_at, executor_id="small-0",
+        tier="small", node_id="node", started_at=spec.due_at + timedelta(milliseconds=3),
+        finished_at=spec.due_at + timedelta(seconds=1), exit_code=1 if failure else 0,
+        output_tail="x" * 10_000, failure=failure,
+    )
+
+
+def test_users_are_found_again_and_scripts_versioned_by_content(repo, owner):
+    assert repo.ensure_user(first_name="ada", last_name="lovelace", now=T0) == owner
+    script, created = repo.add_script(owner_id=owner, name="job.sh", interpreter=Interpreter.BASH, body=b"echo hi", now=T0)
+    assert (created, script.version, script.size_bytes) == (False, 1, 7)
+    script2, created2 = repo.add_script(owner_id=owner, name="job.sh", interpreter=Interpreter.BASH, body=b"echo 2", now=T0)
+    assert (created2, script2.version) == (True, 2)
+    assert repo.get_script(owner_id=owner, name="job.sh").script_id == script2.script_id
+    assert repo.get_script_body(script.script_id) == b"echo hi"
+    with pytest.raises(ScriptNotFound):
+        repo.get_script(owner_id=owner, name="other")
+
+
+def test_add_tasks_stores_valid_items_and_returns_errors_for_the_rest(repo, owner):
+    results = repo.add_tasks(
+        [new(owner, 1, variables={"A": "1"}), NewTask(owner_id=owner, script_name="nope", execute_at=T0), new(owner, 2)],
+        now=T0,
+    )
+    assert isinstance(results[1], ScriptNotFound)
+    first = results[0].task
+    assert (first.status, first.attempt, first.priority, first.variables) == (TaskStatus.SCHEDULED, 1, 0, {"A": "1"})
+    assert first.execute_at == T0 + timedelta(seconds=1) and first.execute_at.tzinfo is not None
+    assert repo.get_task(results[2].task.task_id).script_name == "job.sh"
+    with pytest.raises(TaskNotFound):
+        repo.get_task(first.task_id, owner_id=owner + 1000)
+
+
+def test_idempotency_key_replay_and_conflict(repo, owner):
+    [a] = repo.add_tasks([new(owner, idempotency_key="k", request_hash="h1")], now=T0)
+    [b] = repo.add_tasks([new(owner, idempotency_key="k", request_hash="h1")], now=T0)
+    [c] = repo.add_tasks([new(owner, idempotency_key="k", request_hash="h2")], now=T0)
+    assert a.created and not b.created and a.task.task_id == b.task.task_id
+    assert isinstance(c, IdempotencyConflict)
+
+
+def test_claim_is_conditional_and_fenced_by_epoch(repo, owner):
+    tasks = submit(repo, new(owner, 0), new(owner, 1), new(owner, 500))
+    epoch = repo.start_shard(0, now=T0)
+    due = repo.due_tasks(wheel=WHEEL, shard=0, before=T0 + timedelta(seconds=10), limit=100)
+    assert [task_id for task_id, _ in due] == [tasks[0].task_id, tasks[1].task_id]
+    assert repo.start_shard(0, now=T0) == epoch + 1
+    stale = repo.claim([t for t, _ in due], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=60), now=T0)
+    assert stale == []
+    specs = repo.claim([t for t, _ in due], shard=0, epoch=epoch + 1, lease_until=T0 + timedelta(seconds=60), now=T0)
+    assert [s.task_id for s in specs] == [tasks[0].task_id, tasks[1].task_id]
+    assert specs[0].script_sha256 and specs[0].interpreter is Interpreter.BASH and specs[0].epoch == epoch + 1
+    assert repo.claim([tasks[0].task_id], shard=0, epoch=epoch + 1, lease_until=T0, now=T0) == []  # once
+    assert repo.get_task(tasks[0].task_id).status is TaskStatus.QUEUED
+
+
+def test_wheel_assigns_each_task_to_one_shard(repo, owner):
+    wheel = Wheel(num_shards=2, range_s=60)
+    base = T0 - timedelta(seconds=T0.timestamp() % 120)
+    submit(repo, *(new(owner, (base - T0).total_seconds() + s) for s in (0, 30, 60, 90)))
+    later = base + timedelta(seconds=200)
+    shard0 = repo.due_tasks(wheel=wheel, shard=0, before=later, limit=10)
+    shard1 = repo.due_tasks(wheel=wheel, shard=1, before=later, limit=10)
+    assert len(shard0) == len(shard1) == 2
+    assert {t for t, _ in shard0}.isdisjoint({t for t, _ in shard1})
+
+
+def claimed(repo, owner, **kw):
+    [task] = submit(repo, new(owner, **kw))
+    epoch = repo.start_shard(0, now=T0)
+    [spec] = repo.claim([task.task_id], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=30), now=T0)
+    return spec
+
+
+def test_success_is_recorded_once_with_its_run(repo, owner):
+    spec = claimed(repo, owner)
+    assert repo.mark_running([spec], lease_grace_s=5, now=T0) == 1
+    assert repo.get_task(spec.task_id).status is TaskStatus.RUNNING
+    assert repo.record_results([result(spec)], policy=POLICY, now=T0) == []
+    assert repo.record_results([result(spec)], policy=POLICY, now=T0) == []  # replay: no second run
+    assert repo.get_task(spec.task_id).status is TaskStatus.SUCCEEDED
+    [run] = repo.list_runs(spec.task_id)
+    assert run.fire_lag_ms == pytest.approx(3.0) and len(run.output_tail) == 4096
+    assert (run.executor_id, run.tier, run.failure) == ("small-0", "small", None)
+
+
+def test_failures_retry_with_rising_priority_then_die(repo, owner):
+    spec = claimed(repo, owner, max_attempts=2)
+    [retried] = repo.record_results([result(spec, failure=FailureClass.EXIT_CODE)], policy=POLICY, now=T0)
+    assert (retried.status, retried.attempt, retried.priority) == (TaskStatus.SCHEDULED, 2, 1)
+    assert retried.execute_at == T0 + timedelta(seconds=5)
+    epoch = repo.start_shard(0, now=T0)
+    [second] = repo.claim([spec.task_id], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=30), now=T0)
+    assert repo.record_results([result(spec)], policy=POLICY, now=T0) == []  # stale attempt ignored
+    assert repo.get_task(spec.task_id).status is TaskStatus.QUEUED
+    repo.record_results([result(second, failure=FailureClass.TIMEOUT)], policy=POLICY, now=T0)
+    task = repo.get_task(spec.task_id)
+    assert (task.status, task.attempt) == (TaskStatus.DEAD, 2)
+    assert [(r.attempt, r.priority, r.failure) for r in repo.list_runs(spec.task_id)] == [
+        (1, 0, FailureClass.EXIT_CODE),
+        (2, 1, FailureClass.TIMEOUT),
+    ]
+
+
+def test_a_result_from_another_epoch_changes_nothing(repo, owner):
+    spec = claimed(repo, owner)
+    assert repo.record_results([result(spec, epoch=spec.epoch + 7)], policy=POLICY, now=T0) == []
+    assert repo.get_task(spec.task_id).status is TaskStatus.QUEUED
+    assert repo.list_runs(spec.task_id) == []
+
+
+def test_expired_leases_and_queued_specs(repo, owner):
+    spec = claimed(repo, owner)
+    assert repo.expired_leases(wheel=WHEEL, shard=0, now=T0 + timedelta(seconds=29), limit=10) == []
+    assert [s.task_id for s in repo.queued_specs(wheel=WHEEL, shard=0, limit=10)] == [spec.task_id]
+    [expired] = repo.expired_leases(wheel=WHEEL, shard=0, now=T0 + timedelta(seconds=31), limit=10)
+    assert expired.key == spec.key
+    repo.mark_running([spec], lease_grace_s=5, now=T0)
+    assert repo.queued_specs(wheel=WHEEL, shard=0, limit=10) == []
+
+
+def test_cancel_only_before_start(repo, owner):
+    [task] = submit(repo, new(owner, 100))
+    assert repo.cancel_task(task.task_id, owner_id=owner, now=T0).status is TaskStatus.CANCELLED
+    assert repo.cancel_task(task.task_id, owner_id=owner, now=T0).status is TaskStatus.CANCELLED
+    epoch = repo.start_shard(0, now=T0)
+    assert repo.claim([task.task_id], shard=0, epoch=epoch, lease_until=T0, now=T0) == []
+    spec = claimed(repo, owner)
+    with pytest.raises(TaskNotCancellable):
+        repo.cancel_task(spec.task_id, owner_id=owner, now=T0)
+    with pytest.raises(TaskNotFound):
+        repo.cancel_task(spec.task_id, owner_id=owner + 99, now=T0)
+
+
+def test_sql_schema_matches_the_migrations(repo):
+    """The metadata queries are written against is what Alembic creates."""
+    if not hasattr(repo, "engine"):
+        pytest.skip("the in-memory repository has no schema")
+    from storage.schema import metadata
+
+    inspector = inspect(repo.engine)
+    assert set(inspector.get_table_names()) >= set(metadata.tables)
+    for name, table in metadata.tables.items():
+        assert {c["name"] for c in inspector.get_columns(name)} == {c.name for c in table.columns}

@@ -1,0 +1,131 @@
+"""One real Ray head for the whole test session (with the dashboard, so
+`ray job submit` works), chronoray deployed on it against a fresh
+PostgreSQL database, and helpers the integration and fault tests share."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from scheduling.lifecycle import RetryPolicy
+from scheduling.tiers import local_node_resources, local_tiers
+from storage.engines import make_engine
+from storage.sql import SqlTaskRepository
+
+from chronoray.settings import Settings
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, *, timeout_s: float, interval_s: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@dataclass
+class RayHead:
+    address: str
+    dashboard_url: str
+    temp_dir: Path
+    process: subprocess.Popen
+
+    @classmethod
+    def start(cls, resources: dict[str, float], num_cpus: int = 2) -> "RayHead":
+        port, dashboard = free_port(), free_port()
+        temp_dir = Path(tempfile.mkdtemp(prefix="crt-", dir="/tmp"))
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
+        process = subprocess.Popen(
+            [
+                str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+                f"--port={port}", f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}",
+                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}",
+            ],
+            env=env,
+            stdout=open(temp_dir / "head.log", "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        head = cls(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", temp_dir, process)
+        wait_for(head._dashboard_up, timeout_s=90, interval_s=0.5, what="the Ray head")
+        return head
+
+    def _dashboard_up(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"ray start exited: {(self.temp_dir / 'head.log').read_text()[-3000:]}")
+        try:
+            import httpx
+
+            return httpx.get(f"{self.dashboard_url}/api/version", timeout=2).status_code == 200
+        except Exception:
+            return False
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        # Whatever ray start left behind in its session, by its temp dir.
+        subprocess.run(["pkill", "-9", "-f", str(self.temp_dir)], check=False)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def test_settings(database_url: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        namespace=f"chronoray-test-{uuid.uuid4().hex[:8]}",
+        num_shards=2,
+        range_s=60,
+        sweep_interval_s=1.0,
+        lease_grace_s=10.0,
+        tiers=local_tiers(executors=2, slots=8),
+        retry=RetryPolicy(backoff_base_s=0.3, backoff_max_s=2.0),
+        http_port=free_port(),
+    )
+
+
+@dataclass
+class Deployment:
+    settings: Settings
+    url: str
+    head: RayHead
+    repo: SqlTaskRepository
+
+
+def deploy_for_tests(database_url: str) -> Deployment:
+    from chronoray.deploy import deploy
+
+    settings = test_settings(database_url)
+    head = RayHead.start(local_node_resources(settings.tiers))
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(address=head.address, namespace=settings.namespace, log_to_driver=False, logging_level="error")
+    url = deploy(settings)
+    return Deployment(settings=settings, url=url, head=head, repo=SqlTaskRepository(make_engine(settings.database_url)))
