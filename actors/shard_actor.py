@@ -283,5 +283,11 @@ class ShardShell:
     async def stop(self) -> None:
         self._stop.set()
 
+    async def pid(self) -> int:
+        """For operators and fault tests."""
+        import os
+
+        return os.getpid()
+
 
 ShardActor = ray.remote(max_restarts=-1, max_task_retries=-1)(ShardShell)
