@@ -71,7 +71,7 @@ class Client:
             request = dict(request)
             if isinstance(request.get("execute_at"), datetime):
                 request["execute_at"] = request["execute_at"].isoformat()
-            news.append(new_task(TaskIn(**request), owner_id=self.owner_id, settings=self.settings))
+            news.append(new_task(TaskIn.parse(request), owner_id=self.owner_id, settings=self.settings))
         results = self._submitter.submit_blocking(news)
         tasks = []
         for result in results:

@@ -26,6 +26,14 @@ class InvalidInput(ChronorayError, ValueError):
     code = "invalid_input"
 
 
+class UnknownField(InvalidInput):
+    code = "unknown_field"
+
+
+class MalformedJson(InvalidInput):
+    code = "malformed_json"
+
+
 class NotFound(ChronorayError, LookupError):
     code = "not_found"
 

@@ -12,14 +12,17 @@ from chronoray.errors import (
     ChronorayError,
     Conflict,
     InvalidInput,
+    MalformedJson,
     NotFound,
     TooLarge,
     Unavailable,
+    UnknownField,
 )
 
 log = logging.getLogger(__name__)
 
 STATUS_BY_ERROR: list[tuple[type[ChronorayError], int]] = [
+    (MalformedJson, 400),
     (TooLarge, 413),
     (InvalidInput, 422),
     (NotFound, 404),
@@ -49,20 +52,20 @@ def error_response(error: ChronorayError) -> JSONResponse:
     return JSONResponse(error_body(error.code, error.detail, error.field), status, headers=headers)
 
 
-def _validation_response(exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
+def error_from_validation(errors: list[dict]) -> ChronorayError:
+    """The first pydantic error as a domain error naming its field."""
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": ""}
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     field = ".".join(location) or "body"
-    if first.get("type") == "json_invalid":
-        return JSONResponse(error_body("malformed_json", "request body is not valid JSON", "body"), 400)
-    if first.get("type") == "extra_forbidden":
-        return JSONResponse(error_body("unknown_field", f"unknown field {field!r}", field), 422)
-    detail = str(first.get("msg", "invalid value"))
+    kind = first.get("type")
+    if kind == "json_invalid":
+        return MalformedJson("request body is not valid JSON", "body")
+    if kind == "extra_forbidden":
+        return UnknownField(f"unknown field {field!r}", field)
     ctx_error = (first.get("ctx") or {}).get("error")
     if isinstance(ctx_error, ChronorayError):  # raised by our own validators
-        return error_response(type(ctx_error)(ctx_error.detail, ctx_error.field or field))
-    return JSONResponse(error_body("invalid_input", detail, field), 422)
+        return type(ctx_error)(ctx_error.detail, ctx_error.field or field)
+    return InvalidInput(str(first.get("msg", "invalid value")), field)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -72,4 +75,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_response(exc)
+        return error_response(error_from_validation(exc.errors()))

@@ -78,6 +78,19 @@ class TaskIn(Strict):
     def _variables(cls, value: dict[str, str]) -> dict[str, str]:
         return validate_variables(value)
 
+    @classmethod
+    def parse(cls, fields: dict) -> "TaskIn":
+        """For callers without FastAPI (chronoray.Client): the same rules,
+        the same domain errors."""
+        from pydantic import ValidationError
+
+        from serve_app.errors import error_from_validation
+
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            raise error_from_validation(exc.errors()) from None
+
     def request_hash(self) -> str:
         """Tells a replay (same body) from a reuse of the key (other body)."""
         fields = self.model_dump(mode="json", exclude={"idempotency_key"})

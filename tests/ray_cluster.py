@@ -64,6 +64,8 @@ class RayHead:
                 f"--port={port}", f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}",
                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                 f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}",
+                # fixed defaults would collide with any other Ray on the host
+                f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
             ],
             env=env,
             stdout=open(temp_dir / "head.log", "w"),
@@ -71,7 +73,11 @@ class RayHead:
             start_new_session=True,
         )
         head = cls(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", temp_dir, process)
-        wait_for(head._dashboard_up, timeout_s=90, interval_s=0.5, what="the Ray head")
+        try:
+            wait_for(head._dashboard_up, timeout_s=90, interval_s=0.5, what="the Ray head")
+        except BaseException:
+            head.stop()
+            raise
         return head
 
     def _dashboard_up(self) -> bool:
@@ -125,7 +131,12 @@ def deploy_for_tests(database_url: str) -> Deployment:
 
     settings = test_settings(database_url)
     head = RayHead.start(local_node_resources(settings.tiers))
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address=head.address, namespace=settings.namespace, log_to_driver=False, logging_level="error")
-    url = deploy(settings)
+    try:
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        ray.init(address=head.address, namespace=settings.namespace, log_to_driver=False, logging_level="error")
+        url = deploy(settings)
+    except BaseException:
+        ray.shutdown()
+        head.stop()
+        raise
     return Deployment(settings=settings, url=url, head=head, repo=SqlTaskRepository(make_engine(settings.database_url)))

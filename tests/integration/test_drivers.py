@@ -1,0 +1,57 @@
+"""Python drivers: chronoray.Client directly and through `ray job submit`."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from chronoray.errors import InvalidInput, ScriptNotFound
+
+pytestmark = [pytest.mark.ray, pytest.mark.postgres]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_client_registers_submits_waits_and_validates(client):
+    client.register_script("client.py", "import os\nprint('py', os.environ['X'])\n", interpreter="python")
+    task = client.submit("client.py", time.time() + 1, variables={"X": "1"})
+    [view] = client.wait([task.task_id], timeout_s=60)
+    assert view.task.status.value == "succeeded" and view.runs[0].output_tail == "py 1\n"
+    with pytest.raises(ScriptNotFound):
+        client.submit("missing.py", time.time())
+    with pytest.raises(InvalidInput) as bad:
+        client.submit("client.py", "2030-01-01T00:00:00")
+    assert bad.value.field == "execute_at"
+
+
+@pytest.mark.slow
+def test_example_driver_through_ray_job_submit(deployment):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    for _ in range(20):  # the head's job agent may still be starting
+        completed = submit_job(deployment, env)
+        if "No available agent" not in completed.stderr:
+            break
+        time.sleep(3)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    summary = json.loads([line for line in completed.stdout.splitlines() if line.startswith("{")][-1])
+    assert summary["scheduled"] == summary["succeeded"] == 5
+    assert len(summary["outputs"]) == 5
+    assert all(o.startswith("hello from task ") for o in summary["outputs"])
+
+
+def submit_job(deployment, env):
+    return subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ray"), "job", "submit",
+            "--address", deployment.head.dashboard_url, "--working-dir", str(ROOT / "examples"),
+            "--", sys.executable, "schedule_batch.py", "--count", "5",
+            "--namespace", deployment.settings.namespace,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
