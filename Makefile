@@ -45,8 +45,12 @@ test: install system-deps
 lint: install
 	$(BIN)/ruff check .
 
-bench: install
-	@echo "see bench/README.md"
+bench: install system-deps
+	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
+	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
+	scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
+	source $(SERVICES_DIR)/env && \
+	$(BIN)/python -m bench.fire_lag --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .run

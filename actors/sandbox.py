@@ -10,6 +10,7 @@ import os
 import resource
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -39,24 +40,92 @@ def interpreter_command(interpreter: Interpreter) -> list[str]:
     return [shutil.which(interpreter.value) or f"/bin/{interpreter.value}"]
 
 
-def _limits(timeout_s: float):
+def _limits(timeout_s: float) -> dict[int, tuple[int, int]]:
     cpu_s = math.ceil(timeout_s) + 1
-
-    def apply() -> None:  # runs in the child, between fork and exec
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT_BYTES, FILE_SIZE_LIMIT_BYTES))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    return apply
+    return {
+        resource.RLIMIT_CPU: (cpu_s, cpu_s + 1),
+        resource.RLIMIT_FSIZE: (FILE_SIZE_LIMIT_BYTES, FILE_SIZE_LIMIT_BYTES),
+        resource.RLIMIT_CORE: (0, 0),
+    }
 
 
-async def _read_tail(stream: asyncio.StreamReader, limit: int) -> bytes:
-    kept = bytearray()
-    while chunk := await stream.read(65536):
-        kept += chunk
-        if len(kept) > 2 * limit:
-            del kept[:-limit]
-    return bytes(kept[-limit:])
+PRLIMIT_FLAGS = {resource.RLIMIT_CPU: "--cpu", resource.RLIMIT_FSIZE: "--fsize", resource.RLIMIT_CORE: "--core"}
+
+
+def limited_command(command: list[str], timeout_s: float) -> list[str]:
+    """Wrap in util-linux ``prlimit`` so the limits hold from the first
+    instruction. Not a ``preexec_fn``: that forces a full fork of the large
+    executor process, five times slower to spawn (154/s against 767/s
+    measured here; 606/s with the wrapper)."""
+    if PRLIMIT is None:
+        return command
+    flags = [f"{PRLIMIT_FLAGS[k]}={soft}:{hard}" for k, (soft, hard) in _limits(timeout_s).items()]
+    return [PRLIMIT, *flags, "--", *command]
+
+
+def _limit_after_start(pid: int, timeout_s: float) -> None:
+    """Without prlimit(1): set the limits just after the start (a window of
+    microseconds before they hold)."""
+    try:
+        for kind, limits in _limits(timeout_s).items():
+            resource.prlimit(pid, kind, limits)
+    except ProcessLookupError:
+        pass
+
+
+PRLIMIT = shutil.which("prlimit")
+
+
+class _Child:
+    """A child started with ``subprocess.Popen`` (vfork + exec: cheap even
+    from a large process; the event loop's own spawn forks the whole
+    executor, which measured as its main cost) and watched from the event
+    loop through a pidfd and its non-blocking output pipe."""
+
+    def __init__(self, proc: subprocess.Popen, output_limit: int) -> None:
+        self.proc = proc
+        self._limit = output_limit
+        self._kept = bytearray()
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self.output_done = loop.create_future()
+        self.exited = loop.create_future()
+        self._out = proc.stdout.fileno()
+        os.set_blocking(self._out, False)
+        loop.add_reader(self._out, self._on_output)
+        self._pidfd = os.pidfd_open(proc.pid)
+        loop.add_reader(self._pidfd, self._on_exit)
+
+    def _on_output(self) -> None:
+        try:
+            chunk = os.read(self._out, 65536)
+        except BlockingIOError:
+            return
+        if chunk:
+            self._kept += chunk
+            if len(self._kept) > 2 * self._limit:
+                del self._kept[: -self._limit]
+            return
+        self._loop.remove_reader(self._out)
+        self.proc.stdout.close()
+        if not self.output_done.done():
+            self.output_done.set_result(None)
+
+    def _on_exit(self) -> None:
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self.proc.wait()  # reaps at once: the pidfd said it exited
+        if not self.exited.done():
+            self.exited.set_result(self.proc.returncode)
+
+    def output(self) -> bytes:
+        return bytes(self._kept[-self._limit :])
+
+    def abandon_output(self) -> None:
+        if not self.output_done.done():
+            self._loop.remove_reader(self._out)
+            self.proc.stdout.close()
+            self.output_done.set_result(None)
 
 
 def _kill_group(pid: int) -> None:
@@ -77,18 +146,19 @@ async def run_script(
     scratch = tempfile.mkdtemp(prefix="chronoray-run-")
     env = {"PATH": SAFE_PATH, "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8", **variables}
     started_at = datetime.now(timezone.utc)
+    command = interpreter_command(interpreter)
     try:
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *interpreter_command(interpreter),
-                str(script_path),
+            if not os.access(command[0], os.X_OK):
+                raise FileNotFoundError(f"interpreter {command[0]} not found")
+            proc = subprocess.Popen(
+                limited_command([*command, str(script_path)], timeout_s),
                 cwd=scratch,
                 env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_limits(timeout_s),
             )
         except OSError as exc:
             return ScriptOutcome(
@@ -98,26 +168,26 @@ async def run_script(
                 output_tail="",
                 launch_error=f"{type(exc).__name__}: {exc}",
             )
-        reader = asyncio.ensure_future(_read_tail(proc.stdout, output_limit))
+        if PRLIMIT is None:
+            _limit_after_start(proc.pid, timeout_s)
+        child = _Child(proc, output_limit)
         timed_out = False
         try:
-            await asyncio.wait_for(proc.wait(), timeout=timeout_s)
+            await asyncio.wait_for(asyncio.shield(child.exited), timeout=timeout_s)
         except asyncio.TimeoutError:
             timed_out = True
         # Grandchildren may still hold the pipe open: end the whole group.
         _kill_group(proc.pid)
-        if timed_out:
-            await proc.wait()
+        await child.exited
         try:
-            output = await asyncio.wait_for(reader, timeout=1.0)
+            await asyncio.wait_for(asyncio.shield(child.output_done), timeout=1.0)
         except asyncio.TimeoutError:
-            reader.cancel()
-            output = b""
+            child.abandon_output()
         return ScriptOutcome(
             started_at=started_at,
             finished_at=datetime.now(timezone.utc),
             exit_code=proc.returncode,
-            output_tail=output.decode("utf-8", errors="replace"),
+            output_tail=child.output().decode("utf-8", errors="replace"),
             timed_out=timed_out,
         )
     finally:

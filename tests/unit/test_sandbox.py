@@ -70,3 +70,10 @@ def test_a_missing_interpreter_is_a_launch_error(tmp_path, monkeypatch):
     monkeypatch.setattr(sandbox, "interpreter_command", lambda _: ["/nonexistent/interpreter"])
     outcome = run(write(tmp_path, "echo"))
     assert outcome.launch_error and outcome.started_at is None
+
+
+def test_rlimits_apply_to_the_script(tmp_path):
+    outcome = run(write(tmp_path, "ulimit -t; ulimit -c; ulimit -f"), timeout_s=5.0)
+    cpu, core, fsize = outcome.output_tail.split()
+    assert (cpu, core) == ("6", "0")
+    assert int(fsize) * 1024 == 1 << 30  # bash reports 1 KiB blocks
