@@ -191,4 +191,7 @@ async def run_script(
             timed_out=timed_out,
         )
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            os.rmdir(scratch)  # the common case: the script left nothing
+        except OSError:
+            shutil.rmtree(scratch, ignore_errors=True)

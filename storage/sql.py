@@ -9,7 +9,7 @@ from typing import Sequence
 from contextlib import contextmanager
 from typing import Iterator
 
-from sqlalchemy import Connection, Engine, and_, exists, func, insert, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from scheduling.lifecycle import RetryPolicy, after_attempt
@@ -449,24 +449,27 @@ class SqlTaskRepository:
     def mark_running(self, specs: Sequence[TaskSpec], *, lease_grace_s: float, now: datetime) -> int:
         if not specs:
             return 0
-        changed = 0
-        with self._begin() as conn:
-            for spec in specs:
-                changed += conn.execute(
-                    update(tasks)
-                    .where(
-                        tasks.c.task_id == spec.task_id,
-                        tasks.c.attempt == spec.attempt,
-                        tasks.c.epoch == spec.epoch,
-                        tasks.c.status == TaskStatus.QUEUED.value,
-                    )
-                    .values(
-                        status=TaskStatus.RUNNING.value,
-                        lease_expires_at=running_lease(spec, lease_grace_s=lease_grace_s, now=now),
-                        updated_at=now,
-                    )
-                ).rowcount
-        return changed
+        statement = (
+            update(tasks)
+            .where(
+                tasks.c.task_id == bindparam("b_task_id"),
+                tasks.c.attempt == bindparam("b_attempt"),
+                tasks.c.epoch == bindparam("b_epoch"),
+                tasks.c.status == TaskStatus.QUEUED.value,
+            )
+            .values(status=TaskStatus.RUNNING.value, lease_expires_at=bindparam("b_lease"), updated_at=now)
+        )
+        rows = [
+            {
+                "b_task_id": spec.task_id,
+                "b_attempt": spec.attempt,
+                "b_epoch": spec.epoch,
+                "b_lease": running_lease(spec, lease_grace_s=lease_grace_s, now=now),
+            }
+            for spec in specs
+        ]
+        with self._begin() as conn:  # one executemany: the driver pipelines it
+            return conn.execute(statement, rows).rowcount
 
     def record_results(
         self, results: Sequence[RunResult], *, policy: RetryPolicy, now: datetime
@@ -476,7 +479,7 @@ class SqlTaskRepository:
         back to ``scheduled`` for a retry."""
         if not results:
             return []
-        retried_ids = []
+        retried_ids, run_rows = [], []
         with self._begin() as conn:
             current = {
                 row.task_id: row
@@ -523,9 +526,11 @@ class SqlTaskRepository:
                         "stale result ignored", extra={"task_id": result.task_id, "attempt": result.attempt}
                     )
                     continue
-                conn.execute(insert(runs).values(**_run_values(result)))
+                run_rows.append(_run_values(result))
                 if outcome.status is TaskStatus.SCHEDULED:
                     retried_ids.append(result.task_id)
+            if run_rows:
+                conn.execute(insert(runs), run_rows)
             retried = [
                 _task(r)
                 for r in conn.execute(
