@@ -64,11 +64,27 @@ class TierTable:
 
 
 def production_tiers() -> TierTable:
-    """The table of DESIGN.md, for real clusters (cluster.yaml matches it)."""
+    """The table of DESIGN.md, for real clusters. Each tier's custom resource
+    is offered only by that tier's node type in cluster.yaml, so Ray places an
+    executor on its own kind of machine."""
     return TierTable(
         [
-            Tier(name="small", min_priority=0, num_cpus=0.25, memory_mb=256, executors=2),
-            Tier(name="medium", min_priority=3, num_cpus=1, memory_mb=1024, executors=1),
+            Tier(
+                name="small",
+                min_priority=0,
+                num_cpus=0.25,
+                memory_mb=256,
+                resources={"chronoray_small": 1},
+                executors=2,
+            ),
+            Tier(
+                name="medium",
+                min_priority=3,
+                num_cpus=1,
+                memory_mb=1024,
+                resources={"chronoray_medium": 1},
+                executors=1,
+            ),
             Tier(
                 name="large",
                 min_priority=6,

@@ -30,12 +30,10 @@ def postgres_template():
     engine.dispose()
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def repo(request, tmp_path):
-    if request.param == "memory":
-        yield InMemoryTaskRepository()
-        return
-    if request.param == "sqlite":
+def _repository(kind, request, tmp_path):
+    if kind == "memory":
+        return InMemoryTaskRepository(), None
+    if kind == "sqlite":
         engine = make_engine(f"sqlite:///{tmp_path / 'contract.db'}")
         upgrade(engine)
     else:
@@ -45,5 +43,22 @@ def repo(request, tmp_path):
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
             conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"'))
         engine = make_engine(postgres_admin_url().rsplit("/", 1)[0] + f"/{name}")
-    yield SqlTaskRepository(engine)
+    return SqlTaskRepository(engine), engine
+
+
+POSTGRES = pytest.param("postgres", marks=pytest.mark.postgres)
+
+
+@pytest.fixture(params=["memory", "sqlite", POSTGRES])
+def repo(request, tmp_path):
+    repository, engine = _repository(request.param, request, tmp_path)
+    yield repository
+    if engine is not None:
+        engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", POSTGRES])
+def sql_repo(request, tmp_path):
+    repository, engine = _repository(request.param, request, tmp_path)
+    yield repository
     engine.dispose()

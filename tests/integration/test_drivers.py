@@ -55,3 +55,31 @@ def submit_job(deployment, env):
         timeout=240,
         env=env,
     )
+
+
+def test_cli_registers_submits_and_shows(deployment, tmp_path):
+    chronoray = str(Path(sys.executable).parent / "chronoray")
+    script = tmp_path / "cli.sh"
+    script.write_text('echo "cli says $GREETING"')
+
+    def cli(*args):
+        done = subprocess.run([chronoray, *args, "--url", deployment.url], capture_output=True, text=True, timeout=60)
+        return done.returncode, done.stdout, done.stderr
+
+    code, out, _ = cli("scripts", "add", "cli.sh", str(script), "--json")
+    assert code == 0 and json.loads(out)["name"] == "cli.sh"
+    code, out, _ = cli("submit", "cli.sh", "--at", "+1s", "--var", "GREETING=hi", "--json")
+    assert code == 0
+    task_id = json.loads(out)["task_id"]
+    deadline = time.monotonic() + 60
+    while True:
+        code, out, _ = cli("tasks", "show", str(task_id), "--json")
+        shown = json.loads(out)
+        if shown["status"] == "succeeded" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert shown["status"] == "succeeded" and shown["output"] == "cli says hi\n"
+    code, _, err = cli("submit", "cli.sh", "--at", "2030-01-01T00:00:00")
+    assert code == 1 and "422" in err and "execute_at" in err
+    code, _, err = cli("tasks", "show", "99999999")
+    assert code == 1 and "404" in err

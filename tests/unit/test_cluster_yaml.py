@@ -1,0 +1,32 @@
+"""cluster.yaml is a valid launcher config and offers every tier a home."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scheduling.tiers import production_tiers
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def config():
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_passes_ray_validation(config):
+    from ray.autoscaler._private.util import fillout_defaults, validate_config
+
+    validate_config(fillout_defaults(config))
+
+
+@pytest.mark.parametrize("tier", list(production_tiers()), ids=lambda t: t.name)
+def test_each_tier_has_a_node_type_that_fits_its_executors(config, tier):
+    fitting = [
+        name
+        for name, node in config["available_node_types"].items()
+        if node["resources"].get("CPU", 0) >= tier.num_cpus
+        and all(node["resources"].get(r, 0) >= amount for r, amount in tier.resources.items())
+    ]
+    assert fitting == [tier.name]
