@@ -35,7 +35,7 @@ system-deps:
 run: install
 	$(BIN)/chronoray up
 
-test: install system-deps
+test: install system-deps lint
 	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
 	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
 	scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
@@ -44,6 +44,7 @@ test: install system-deps
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: install system-deps
 	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable, Generic, Sequence, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +18,9 @@ class GroupCommitter(Generic[In, Out]):
     """Callers submit items and wait for their own results; items that
     arrive while a write is in progress go together in the next write."""
 
-    def __init__(self, write: Callable[[list[In]], Awaitable[Sequence[Out]]], *, max_batch: int = 2000):
+    def __init__(
+        self, write: Callable[[list[In]], Awaitable[Sequence[Out]]], *, max_batch: int = 2000
+    ):
         self._write = write
         self._max_batch = max_batch
         self._pending: list[tuple[In, asyncio.Future]] = []
@@ -38,15 +41,19 @@ class GroupCommitter(Generic[In, Out]):
     async def _flush(self) -> None:
         try:
             while self._pending:
-                batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
+                batch, self._pending = (
+                    self._pending[: self._max_batch],
+                    self._pending[self._max_batch :],
+                )
                 try:
                     results = await self._write([item for item, _ in batch])
+                    answered = list(zip(batch, results, strict=True))
                 except Exception as exc:  # every waiter of this batch sees the failure
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
                     continue
-                for (_, future), result in zip(batch, results):
+                for (_, future), result in answered:
                     if not future.done():
                         future.set_result(result)
         finally:
@@ -91,7 +98,12 @@ class Outbox(Generic[In]):
                 try:
                     await self._send(batch)
                 except Exception:
-                    log.warning("%s: send of %d items failed; retrying", self._name, len(batch), exc_info=True)
+                    log.warning(
+                        "%s: send of %d items failed; retrying",
+                        self._name,
+                        len(batch),
+                        exc_info=True,
+                    )
                     await asyncio.sleep(self._retry_s)
                     continue
                 del self._items[: len(batch)]

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import ray
 
@@ -155,7 +156,9 @@ class Dispatcher:
         try:
             await ex.client.run_batch(specs)
         except Exception:
-            log.warning("executor %s refused %d tasks; requeued", ex.executor_id, len(specs), exc_info=True)
+            log.warning(
+                "executor %s refused %d tasks; requeued", ex.executor_id, len(specs), exc_info=True
+            )
             for spec in specs:
                 ex.in_flight.discard(spec.key)
             self._queue.push_many(specs)

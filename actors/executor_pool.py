@@ -9,9 +9,10 @@ import os
 import socket
 import tempfile
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import ray
 
@@ -74,7 +75,9 @@ class Executor:
         self._node_id = node_id or socket.gethostname()
         self._slots = asyncio.Semaphore(slots)
         self._running: dict[tuple[int, int], asyncio.Task] = {}
-        self._outbox: Outbox[RunResult] = Outbox(sink.report_results, name=f"executor {executor_id}")
+        self._outbox: Outbox[RunResult] = Outbox(
+            sink.report_results, name=f"executor {executor_id}"
+        )
 
     async def run_batch(self, specs: Sequence[TaskSpec]) -> int:
         """Start each attempt in the background; a replayed call is a no-op
@@ -103,8 +106,14 @@ class Executor:
             path = await self._scripts.path_for(spec)
         except Exception as exc:
             log.exception("could not load script %s", spec.script_id)
-            return self._result(spec, None, self._clock.now(), None, f"script unavailable: {exc}",
-                                FailureClass.LAUNCH_ERROR)
+            return self._result(
+                spec,
+                None,
+                self._clock.now(),
+                None,
+                f"script unavailable: {exc}",
+                FailureClass.LAUNCH_ERROR,
+            )
         # Handed over early (prefire): hold the task until its instant.
         delay = to_epoch(spec.due_at) - to_epoch(self._clock.now())
         if delay > 0:
@@ -128,16 +137,13 @@ class Executor:
             failure, text = FailureClass.EXIT_CODE, outcome.output_tail
         else:
             failure, text = None, outcome.output_tail
-        return self._result(spec, outcome.started_at, outcome.finished_at, outcome.exit_code, text, failure)
+        return self._result(
+            spec, outcome.started_at, outcome.finished_at, outcome.exit_code, text, failure
+        )
 
     def _result(self, spec, started_at, finished_at, exit_code, text, failure) -> RunResult:
-        return RunResult(
-            task_id=spec.task_id,
-            attempt=spec.attempt,
-            epoch=spec.epoch,
-            shard=spec.shard,
-            priority=spec.priority,
-            due_at=spec.due_at,
+        return RunResult.of(
+            spec,
             executor_id=self.executor_id,
             tier=self.tier,
             node_id=self._node_id,
@@ -180,7 +186,9 @@ class _RepositoryScripts:
 
 
 class ExecutorShell(Executor):
-    def __init__(self, *, executor_id: str, tier: str, slots: int, database_url: str, namespace: str):
+    def __init__(
+        self, *, executor_id: str, tier: str, slots: int, database_url: str, namespace: str
+    ):
         cache_dir = Path(tempfile.gettempdir()) / "chronoray-scripts" / executor_id
         super().__init__(
             executor_id=executor_id,
@@ -235,7 +243,9 @@ class ExecutorPool:
             database_url=self._database_url,
             namespace=self._namespace,
         )
-        return ExecutorInfo(executor_id=executor_id, tier=tier.name, tier_rank=rank, slots=tier.slots, handle=handle)
+        return ExecutorInfo(
+            executor_id=executor_id, tier=tier.name, tier_rank=rank, slots=tier.slots, handle=handle
+        )
 
     def executors(self) -> list[ExecutorInfo]:
         return list(self._executors)

@@ -13,10 +13,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping
 
 from scheduling.models import Interpreter
 
@@ -49,7 +49,11 @@ def _limits(timeout_s: float) -> dict[int, tuple[int, int]]:
     }
 
 
-PRLIMIT_FLAGS = {resource.RLIMIT_CPU: "--cpu", resource.RLIMIT_FSIZE: "--fsize", resource.RLIMIT_CORE: "--core"}
+PRLIMIT_FLAGS = {
+    resource.RLIMIT_CPU: "--cpu",
+    resource.RLIMIT_FSIZE: "--fsize",
+    resource.RLIMIT_CORE: "--core",
+}
 
 
 def limited_command(command: list[str], timeout_s: float) -> list[str]:

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import ray
 
 from actors.batching import GroupCommitter
+from chronoray.errors import ChronorayError
+from chronoray.settings import Settings
 from scheduling.clock import Clock, SystemClock
 from scheduling.fire_timer import FireTimer
 from scheduling.models import NewTask, RunResult, SubmitResult, TaskSpec
 from storage.repository import TaskRepository, lost_result
-
-from chronoray.errors import ChronorayError
-from chronoray.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,12 @@ class Shard:
             return 0
         lease_until = now + timedelta(seconds=self._settings.queue_lease_s)
         specs = await self._io(
-            self._repo.claim, due, shard=self.index, epoch=self.epoch, lease_until=lease_until, now=now
+            self._repo.claim,
+            due,
+            shard=self.index,
+            epoch=self.epoch,
+            lease_until=lease_until,
+            now=now,
         )
         if specs:
             self._room = await self._dispatcher.submit(specs)
@@ -143,7 +148,10 @@ class Shard:
 
     async def record_results(self, results: Sequence[RunResult]) -> int:
         retried = await self._io(
-            self._repo.record_results, list(results), policy=self._settings.retry, now=self._clock.now()
+            self._repo.record_results,
+            list(results),
+            policy=self._settings.retry,
+            now=self._clock.now(),
         )
         await self._route([(t.task_id, t.execute_at) for t in retried])
         return len(retried)
@@ -178,7 +186,11 @@ class Shard:
                     self._repo.queued_specs, wheel=self._wheel, shard=self.index, limit=50_000
                 )
                 if queued:
-                    log.info("shard %d: handing %d queued tasks to a new dispatcher", self.index, len(queued))
+                    log.info(
+                        "shard %d: handing %d queued tasks to a new dispatcher",
+                        self.index,
+                        len(queued),
+                    )
                     self._room = await self._dispatcher.submit(queued)
             self._dispatcher_seen = incarnation
 
@@ -189,7 +201,9 @@ class Shard:
             try:
                 while await self.fire_due():
                     pass
-                if (self._clock.now() - last_sweep).total_seconds() >= self._settings.sweep_interval_s:
+                if (
+                    self._clock.now() - last_sweep
+                ).total_seconds() >= self._settings.sweep_interval_s:
                     last_sweep = self._clock.now()
                     await self.sweep()
             except Exception:

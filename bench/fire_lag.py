@@ -27,7 +27,7 @@ from chronoray.settings import Settings
 from scheduling.tiers import local_tiers
 from storage.schema import runs
 
-STAMP_SCRIPT = 'date +%s.%N'  # the script's first line is its own clock
+STAMP_SCRIPT = "date +%s.%N"  # the script's first line is its own clock
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -49,11 +49,16 @@ def wait_all(client, ids: list[int], timeout_s: float) -> None:
         from storage.schema import tasks
 
         while pending and time.monotonic() < deadline:
-            rows = conn.execute(
-                select(tasks.c.task_id).where(
-                    tasks.c.task_id.in_(pending), tasks.c.status.in_(["succeeded", "dead", "cancelled"])
+            rows = (
+                conn.execute(
+                    select(tasks.c.task_id).where(
+                        tasks.c.task_id.in_(pending),
+                        tasks.c.status.in_(["succeeded", "dead", "cancelled"]),
+                    )
                 )
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
             pending -= set(rows)
             conn.commit()
             if pending:
@@ -65,8 +70,14 @@ def wait_all(client, ids: list[int], timeout_s: float) -> None:
 def run_rows(client, ids: list[int]):
     with client._repo.engine.connect() as conn:
         return conn.execute(
-            select(runs.c.task_id, runs.c.due_at, runs.c.started_at, runs.c.finished_at, runs.c.output_tail, runs.c.failure)
-            .where(runs.c.task_id.in_(ids))
+            select(
+                runs.c.task_id,
+                runs.c.due_at,
+                runs.c.started_at,
+                runs.c.finished_at,
+                runs.c.output_tail,
+                runs.c.failure,
+            ).where(runs.c.task_id.in_(ids))
         ).all()
 
 
@@ -87,12 +98,16 @@ def spread(client, count: int, spread_s: float, lead_s: float) -> None:
     ]
     began = time.monotonic()
     ids = submit(client, requests)
-    print(f"spread: submitted {count} tasks in {time.monotonic() - began:.1f} s; first due in {lead_s:.0f} s")
+    print(
+        f"spread: submitted {count} tasks in {time.monotonic() - began:.1f} s; first due in {lead_s:.0f} s"
+    )
     wait_all(client, ids, timeout_s=lead_s + spread_s + 300)
     rows = run_rows(client, ids)
     failures = [r for r in rows if r.failure]
     script_lag = [
-        (float(r.output_tail.split()[0]) - r.due_at.timestamp()) * 1000 for r in rows if not r.failure
+        (float(r.output_tail.split()[0]) - r.due_at.timestamp()) * 1000
+        for r in rows
+        if not r.failure
     ]
     start_lag = [(r.started_at - r.due_at).total_seconds() * 1000 for r in rows if r.started_at]
     print(f"spread: {len(rows)} runs for {count} tasks, {len(failures)} failed")
@@ -106,9 +121,13 @@ def burst(client, count: int, lead_s: float) -> None:
     began = time.monotonic()
     ids = submit(client, requests)
     submitted_s = time.monotonic() - began
-    print(f"burst: submitted {count} tasks in {submitted_s:.1f} s ({count / submitted_s:.0f}/s); due in {lead_s:.0f} s")
+    print(
+        f"burst: submitted {count} tasks in {submitted_s:.1f} s ({count / submitted_s:.0f}/s); due in {lead_s:.0f} s"
+    )
     if datetime.now(timezone.utc) > due:
-        print("burst: WARNING submission took longer than the lead; the drain includes submission time")
+        print(
+            "burst: WARNING submission took longer than the lead; the drain includes submission time"
+        )
     wait_all(client, ids, timeout_s=lead_s + 900)
     rows = run_rows(client, ids)
     ok = [r for r in rows if not r.failure]
@@ -116,9 +135,14 @@ def burst(client, count: int, lead_s: float) -> None:
     last_finish = max(r.finished_at for r in rows)
     drain_s = last_first_line - due.timestamp()
     print(f"burst: {len(rows)} runs, {len(rows) - len(ok)} failed")
-    print(f"burst drain: {count} tasks started within {drain_s:.2f} s of the instant = {count / drain_s:.0f} tasks/s")
+    print(
+        f"burst drain: {count} tasks started within {drain_s:.2f} s of the instant = {count / drain_s:.0f} tasks/s"
+    )
     print(f"burst: last finished {(last_finish - due).total_seconds():.2f} s after the instant")
-    report("burst fire lag (due -> script's first line)", [(float(r.output_tail.split()[0]) - due.timestamp()) * 1000 for r in ok])
+    report(
+        "burst fire lag (due -> script's first line)",
+        [(float(r.output_tail.split()[0]) - due.timestamp()) * 1000 for r in ok],
+    )
 
 
 def main() -> None:
@@ -133,7 +157,9 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=2)
     args = parser.parse_args()
     if not args.database_url:
-        parser.error("--database-url (or CHRONORAY_BENCH_DATABASE_URL) is required: a PostgreSQL URL")
+        parser.error(
+            "--database-url (or CHRONORAY_BENCH_DATABASE_URL) is required: a PostgreSQL URL"
+        )
 
     settings = Settings(
         database_url=args.database_url,
@@ -142,8 +168,10 @@ def main() -> None:
         tiers=local_tiers(executors=args.executors, slots=args.slots),
         http_port=0,
     )
-    print(f"settings: shards={args.shards} executors/tier={args.executors} slots/executor={args.slots} "
-          f"prefire_ms={settings.prefire_ms} cpus={os.cpu_count()}")
+    print(
+        f"settings: shards={args.shards} executors/tier={args.executors} slots/executor={args.slots} "
+        f"prefire_ms={settings.prefire_ms} cpus={os.cpu_count()}"
+    )
     start_local_ray(settings, logging_level="error")
     try:
         deploy(settings, http=False)

@@ -10,7 +10,6 @@ import signal
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import List, Optional
 
 import httpx
 import typer
@@ -25,15 +24,17 @@ app.add_typer(scripts_app, name="scripts")
 console = Console()
 err = Console(stderr=True)
 
-URL_OPTION = typer.Option("http://127.0.0.1:8000", "--url", envvar="CHRONORAY_URL", help="API base URL")
+URL_OPTION = typer.Option(
+    "http://127.0.0.1:8000", "--url", envvar="CHRONORAY_URL", help="API base URL"
+)
 RELATIVE = re.compile(r"^\+(\d+(?:\.\d+)?)([smhd])$")
 
 
 @app.command()
 def up(
     port: int = typer.Option(None, help="HTTP port (default 8000, or CHRONORAY_HTTP_PORT)"),
-    address: Optional[str] = typer.Option(None, help="join this Ray cluster instead of starting one"),
-    data_dir: Optional[Path] = typer.Option(None, help="where the embedded SQLite database lives"),
+    address: str | None = typer.Option(None, help="join this Ray cluster instead of starting one"),
+    data_dir: Path | None = typer.Option(None, help="where the embedded SQLite database lives"),
 ) -> None:
     """Start chronoray (and a local Ray unless --address is given); stays in
     the foreground, Ctrl-C stops it."""
@@ -42,7 +43,9 @@ def up(
     from chronoray.deploy import deploy, start_local_ray, teardown
     from chronoray.settings import Settings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     settings = Settings.from_env(data_dir=data_dir)
     if port:
         settings = settings.with_(http_port=port)
@@ -86,11 +89,13 @@ def _call(method: str, url: str, **kwargs) -> dict:
         response = httpx.request(method, url, timeout=30, **kwargs)
     except httpx.HTTPError as exc:
         err.print(f"[red]cannot reach chronoray at {url}: {exc}[/red]")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     body = response.json()
     if response.is_error:
         field = f" ({body.get('field')})" if body.get("field") else ""
-        err.print(f"[red]{response.status_code} {body.get('error')}{field}: {body.get('detail')}[/red]")
+        err.print(
+            f"[red]{response.status_code} {body.get('error')}{field}: {body.get('detail')}[/red]"
+        )
         raise typer.Exit(1)
     return body
 
@@ -104,7 +109,11 @@ def scripts_add(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Register (or version) a script from a file."""
-    body = _call("POST", f"{url}/v1/scripts", json={"name": name, "interpreter": interpreter, "body": file.read_text()})
+    body = _call(
+        "POST",
+        f"{url}/v1/scripts",
+        json={"name": name, "interpreter": interpreter, "body": file.read_text()},
+    )
     if as_json:
         console.print_json(json.dumps(body))
     else:
@@ -114,12 +123,14 @@ def scripts_add(
 @app.command()
 def submit(
     script: str,
-    at: str = typer.Option("+0s", "--at", help="ISO 8601 with offset, epoch seconds, or +5s/+2m/+1h"),
-    var: List[str] = typer.Option([], "--var", help="NAME=value, repeatable"),
+    at: str = typer.Option(
+        "+0s", "--at", help="ISO 8601 with offset, epoch seconds, or +5s/+2m/+1h"
+    ),
+    var: list[str] = typer.Option([], "--var", help="NAME=value, repeatable"),
     priority: int = typer.Option(0),
     max_attempts: int = typer.Option(3),
-    timeout_s: Optional[float] = typer.Option(None),
-    idempotency_key: Optional[str] = typer.Option(None),
+    timeout_s: float | None = typer.Option(None),
+    idempotency_key: str | None = typer.Option(None),
     url: str = URL_OPTION,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -131,8 +142,13 @@ def submit(
             err.print(f"[red]--var {item!r}: expected NAME=value[/red]")
             raise typer.Exit(2)
         variables[name] = value
-    request = {"script": script, "execute_at": parse_when(at), "variables": variables,
-               "priority": priority, "max_attempts": max_attempts}
+    request = {
+        "script": script,
+        "execute_at": parse_when(at),
+        "variables": variables,
+        "priority": priority,
+        "max_attempts": max_attempts,
+    }
     if timeout_s is not None:
         request["timeout_s"] = timeout_s
     if idempotency_key:
@@ -145,7 +161,9 @@ def submit(
 
 
 @tasks_app.command("show")
-def tasks_show(task_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
+def tasks_show(
+    task_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
+) -> None:
     """A task with its runs."""
     body = _call("GET", f"{url}/v1/tasks/{task_id}")
     if as_json:
@@ -158,8 +176,13 @@ def tasks_show(task_id: int, url: str = URL_OPTION, as_json: bool = typer.Option
     table = Table("attempt", "status", "tier", "executor", "exit", "fire lag ms", "output")
     for run in body.get("runs", []):
         table.add_row(
-            str(run["attempt"]), run["status"], run["tier"], run["executor_id"], str(run["exit_code"]),
-            str(run["fire_lag_ms"]), (run["output"] or "").strip()[-60:],
+            str(run["attempt"]),
+            run["status"],
+            run["tier"],
+            run["executor_id"],
+            str(run["exit_code"]),
+            str(run["fire_lag_ms"]),
+            (run["output"] or "").strip()[-60:],
         )
     console.print(table)
 

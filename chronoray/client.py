@@ -7,15 +7,15 @@ It talks to the actors directly (no HTTP), so it works inside
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import ray
 
-from scheduling.models import Interpreter, Run, Script, Task
-
 from chronoray.errors import ChronorayError, TooLarge
+from scheduling.models import Interpreter, Run, Script, Task
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,9 @@ class Client:
             request = dict(request)
             if isinstance(request.get("execute_at"), datetime):
                 request["execute_at"] = request["execute_at"].isoformat()
-            news.append(new_task(TaskIn.parse(request), owner_id=self.owner_id, settings=self.settings))
+            news.append(
+                new_task(TaskIn.parse(request), owner_id=self.owner_id, settings=self.settings)
+            )
         results = self._submitter.submit_blocking(news)
         tasks = []
         for result in results:
@@ -85,9 +87,13 @@ class Client:
         return TaskView(task=task, runs=self._repo.list_runs(task_id))
 
     def cancel(self, task_id: int) -> Task:
-        return self._repo.cancel_task(task_id, owner_id=self.owner_id, now=datetime.now(timezone.utc))
+        return self._repo.cancel_task(
+            task_id, owner_id=self.owner_id, now=datetime.now(timezone.utc)
+        )
 
-    def wait(self, task_ids: Iterable[int], *, timeout_s: float = 120.0, poll_s: float = 0.2) -> list[TaskView]:
+    def wait(
+        self, task_ids: Iterable[int], *, timeout_s: float = 120.0, poll_s: float = 0.2
+    ) -> list[TaskView]:
         """Until every task is final (succeeded, dead, cancelled)."""
         ids = list(task_ids)
         pending = list(ids)

@@ -33,10 +33,10 @@ def start_local_ray(settings: Settings, *, num_cpus: int | None = None, **init_k
 
 def prepare_database(settings: Settings) -> int:
     """Migrate to the newest schema; returns the local user's id."""
+    from serve_app.deployment import LOCAL_USER
     from storage.engines import make_engine
     from storage.migrate import upgrade
     from storage.sql import SqlTaskRepository
-    from serve_app.deployment import LOCAL_USER
 
     engine = make_engine(settings.database_url)
     try:
@@ -69,7 +69,9 @@ def deploy_actors(settings: Settings) -> None:
     )
     executors = ray.get(pool.executors.remote())
     ray.get([info.handle.ping.remote() for info in executors])
-    dispatcher = DispatcherActor.options(**control_plane_options(DISPATCHER_NAME, settings)).remote(settings)
+    dispatcher = DispatcherActor.options(**control_plane_options(DISPATCHER_NAME, settings)).remote(
+        settings
+    )
     ray.get(dispatcher.hello.remote())
     shards = [
         ShardActor.options(**control_plane_options(shard_name(i), settings)).remote(i, settings)

@@ -4,9 +4,9 @@ Nothing reads the environment at import time."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
 
 from scheduling.lifecycle import RetryPolicy
 from scheduling.tiers import TierTable, local_tiers
@@ -57,7 +57,9 @@ class Settings:
         return replace(self, **changes)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, *, data_dir: Path | None = None) -> "Settings":
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, data_dir: Path | None = None
+    ) -> "Settings":
         """Read ``CHRONORAY_*`` variables; the database defaults to SQLite in
         the user's data directory (the embedded default)."""
         env = os.environ if env is None else env

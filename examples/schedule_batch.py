@@ -29,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     start = datetime.now(timezone.utc) + timedelta(seconds=args.delay_s)
     tasks = client.submit_many(
         [
-            {"script": "batch-hello.sh", "execute_at": start + timedelta(milliseconds=100 * i), "variables": {"WHO": f"n{i}"}}
+            {
+                "script": "batch-hello.sh",
+                "execute_at": start + timedelta(milliseconds=100 * i),
+                "variables": {"WHO": f"n{i}"},
+            }
             for i in range(args.count)
         ]
     )

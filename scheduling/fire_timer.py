@@ -45,7 +45,9 @@ class FireTimer:
                 due.append(task_id)
         return due
 
-    def seconds_until_next(self, *, now: datetime, lead_s: float = 0.0, cap_s: float = 1.0) -> float:
+    def seconds_until_next(
+        self, *, now: datetime, lead_s: float = 0.0, cap_s: float = 1.0
+    ) -> float:
         """How long to sleep: until the next task is due, never more than
         ``cap_s`` (a long epoll wait can wake late by tens of ms)."""
         while self._heap and self._due.get(self._heap[0][1]) != self._heap[0][0]:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Mapping
 
 from scheduling.clock import require_aware
 
@@ -139,6 +139,21 @@ class RunResult:
     @property
     def succeeded(self) -> bool:
         return self.failure is None
+
+    @classmethod
+    def of(cls, spec: TaskSpec, **outcome) -> "RunResult":
+        """The result of ``spec``'s attempt: identity copied from the spec,
+        ``outcome`` gives executor, tier, node, times, exit code, output and
+        failure."""
+        return cls(
+            task_id=spec.task_id,
+            attempt=spec.attempt,
+            epoch=spec.epoch,
+            shard=spec.shard,
+            priority=spec.priority,
+            due_at=spec.due_at,
+            **outcome,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from typing import Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from scheduling.clock import to_epoch
 from scheduling.models import TaskSpec

@@ -4,21 +4,21 @@ production (serve_app/deployment.py), a TestClient in unit tests."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from chronoray.errors import ChronorayError, InvalidInput, TooLarge
+from chronoray.settings import Settings
 from scheduling.models import NewTask, SubmitResult
 from serve_app.errors import install_error_handlers
 from serve_app.limits import BodySizeLimit
 from serve_app.schemas import ScriptIn, TaskIn, parse_instant, script_out, task_out
 from storage.repository import TaskRepository
-
-from chronoray.errors import ChronorayError, InvalidInput, TooLarge
-from chronoray.settings import Settings
 
 
 class Submitter(Protocol):
@@ -107,7 +107,9 @@ def create_api(backend: Backend) -> FastAPI:
 
     @api.delete("/v1/tasks/{task_id}")
     async def cancel_task(task_id: int) -> dict:
-        task = await asyncio.to_thread(repo.cancel_task, task_id, owner_id=backend.owner_id, now=now())
+        task = await asyncio.to_thread(
+            repo.cancel_task, task_id, owner_id=backend.owner_id, now=now()
+        )
         return task_out(task)
 
     return api

@@ -4,15 +4,14 @@ shard actors directly."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import datetime, timezone
-from typing import Sequence
 
 from ray import serve
 
-from scheduling.models import NewTask, SubmitResult
-
 from chronoray.errors import ChronorayError
 from chronoray.settings import Settings
+from scheduling.models import NewTask, SubmitResult
 
 LOCAL_USER = ("local", "user")
 
@@ -32,7 +31,9 @@ class ShardSubmitter:
         for position, new in enumerate(new_tasks):
             groups.setdefault(wheel.shard_of(new.execute_at), []).append(position)
         refs = [
-            shard_handle(shard, self._settings.namespace).submit.remote([new_tasks[i] for i in positions])
+            shard_handle(shard, self._settings.namespace).submit.remote(
+                [new_tasks[i] for i in positions]
+            )
             for shard, positions in groups.items()
         ]
         return list(groups.values()), refs
@@ -40,8 +41,8 @@ class ShardSubmitter:
     @staticmethod
     def _merge(size: int, groups: list[list[int]], answers: list) -> list:
         results: list = [None] * size
-        for positions, answer in zip(groups, answers):
-            for position, result in zip(positions, answer):
+        for positions, answer in zip(groups, answers, strict=True):
+            for position, result in zip(positions, answer, strict=True):
                 results[position] = result
         return results
 

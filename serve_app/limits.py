@@ -37,13 +37,20 @@ class BodySizeLimit:
 
     async def _refuse(self, send) -> None:
         body = json.dumps(
-            {"error": "too_large", "detail": f"request body over {self.max_bytes} bytes", "field": "body"}
+            {
+                "error": "too_large",
+                "detail": f"request body over {self.max_bytes} bytes",
+                "field": "body",
+            }
         ).encode()
         await send(
             {
                 "type": "http.response.start",
                 "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": body})

@@ -6,14 +6,21 @@ import hashlib
 import json
 import math
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
-
-from scheduling.models import Interpreter, Run, Script, Task
-from scheduling.validation import validate_script_name, validate_variables
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
 
 from chronoray.errors import InvalidInput
+from scheduling.models import Interpreter, Run, Script, Task
+from scheduling.validation import validate_script_name, validate_variables
 
 MAX_EPOCH_S = 253402300799  # 9999-12-31T23:59:59Z
 
@@ -59,8 +66,8 @@ class TaskIn(Strict):
     variables: dict[StrictStr, StrictStr] = Field(default_factory=dict)
     priority: StrictInt = Field(default=0, ge=0)
     max_attempts: StrictInt = Field(default=3, ge=1)
-    timeout_s: Optional[StrictFloat] = Field(default=None, gt=0, allow_inf_nan=False)
-    idempotency_key: Optional[StrictStr] = Field(default=None, min_length=1, max_length=200)
+    timeout_s: StrictFloat | None = Field(default=None, gt=0, allow_inf_nan=False)
+    idempotency_key: StrictStr | None = Field(default=None, min_length=1, max_length=200)
 
     @field_validator("script")
     @classmethod

@@ -5,10 +5,17 @@ one suite over both so the fake cannot drift from the real thing."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import Sequence
 
+from chronoray.errors import (
+    ChronorayError,
+    IdempotencyConflict,
+    ScriptNotFound,
+    TaskNotCancellable,
+    TaskNotFound,
+)
 from scheduling.lifecycle import RetryPolicy, after_attempt
 from scheduling.models import (
     IN_FLIGHT_STATUSES,
@@ -24,14 +31,6 @@ from scheduling.models import (
 )
 from scheduling.timeline import Wheel, bucket_of
 from storage.repository import running_lease, sha256_hex, tail
-
-from chronoray.errors import (
-    ChronorayError,
-    IdempotencyConflict,
-    ScriptNotFound,
-    TaskNotCancellable,
-    TaskNotFound,
-)
 
 
 class InMemoryTaskRepository:
@@ -146,7 +145,9 @@ class InMemoryTaskRepository:
     get_task_primary = get_task
 
     def list_runs(self, task_id: int) -> list[Run]:
-        return sorted((r for r in self.runs.values() if r.task_id == task_id), key=lambda r: r.attempt)
+        return sorted(
+            (r for r in self.runs.values() if r.task_id == task_id), key=lambda r: r.attempt
+        )
 
     def cancel_task(self, task_id: int, *, owner_id: int | None, now: datetime) -> Task:
         task = self.get_task(task_id, owner_id=owner_id)
@@ -165,13 +166,21 @@ class InMemoryTaskRepository:
         return self.shard_epochs[shard]
 
     def _owned(self, wheel: Wheel, shard: int) -> list[Task]:
-        return [t for t in self.tasks.values() if wheel.shard_of_bucket(bucket_of(t.execute_at)) == shard]
+        return [
+            t
+            for t in self.tasks.values()
+            if wheel.shard_of_bucket(bucket_of(t.execute_at)) == shard
+        ]
 
     def due_tasks(
         self, *, wheel: Wheel, shard: int, before: datetime, limit: int
     ) -> list[tuple[int, datetime]]:
         due = sorted(
-            (t for t in self._owned(wheel, shard) if t.status is TaskStatus.SCHEDULED and t.execute_at <= before),
+            (
+                t
+                for t in self._owned(wheel, shard)
+                if t.status is TaskStatus.SCHEDULED and t.execute_at <= before
+            ),
             key=lambda t: t.execute_at,
         )
         return [(t.task_id, t.execute_at) for t in due[:limit]]
@@ -193,7 +202,13 @@ class InMemoryTaskRepository:
         )
 
     def claim(
-        self, task_ids: Sequence[int], *, shard: int, epoch: int, lease_until: datetime, now: datetime
+        self,
+        task_ids: Sequence[int],
+        *,
+        shard: int,
+        epoch: int,
+        lease_until: datetime,
+        now: datetime,
     ) -> list[TaskSpec]:
         if self.shard_epochs.get(shard) != epoch:
             return []
@@ -203,7 +218,11 @@ class InMemoryTaskRepository:
             if task is None or task.status is not TaskStatus.SCHEDULED:
                 continue
             task = self.tasks[task_id] = replace(
-                task, status=TaskStatus.QUEUED, epoch=epoch, lease_expires_at=lease_until, updated_at=now
+                task,
+                status=TaskStatus.QUEUED,
+                epoch=epoch,
+                lease_expires_at=lease_until,
+                updated_at=now,
             )
             claimed.append(self._spec(task, shard))
         return sorted(claimed, key=lambda s: s.due_at)
@@ -215,7 +234,9 @@ class InMemoryTaskRepository:
             and task.epoch == spec_or_result.epoch
         )
 
-    def mark_running(self, specs: Sequence[TaskSpec], *, lease_grace_s: float, now: datetime) -> int:
+    def mark_running(
+        self, specs: Sequence[TaskSpec], *, lease_grace_s: float, now: datetime
+    ) -> int:
         changed = 0
         for spec in specs:
             task = self.tasks.get(spec.task_id)
@@ -273,7 +294,9 @@ class InMemoryTaskRepository:
                 retried.append(task)
         return retried
 
-    def expired_leases(self, *, wheel: Wheel, shard: int, now: datetime, limit: int) -> list[TaskSpec]:
+    def expired_leases(
+        self, *, wheel: Wheel, shard: int, now: datetime, limit: int
+    ) -> list[TaskSpec]:
         expired = [
             t
             for t in self._owned(wheel, shard)

@@ -8,9 +8,11 @@ is harmless.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Protocol, Sequence
+from typing import Protocol
 
+from chronoray.errors import ChronorayError
 from scheduling.lifecycle import RetryPolicy
 from scheduling.models import (
     FailureClass,
@@ -24,8 +26,6 @@ from scheduling.models import (
     TaskSpec,
 )
 from scheduling.timeline import Wheel
-
-from chronoray.errors import ChronorayError
 
 MAX_OUTPUT_TAIL_CHARS = 4096
 
@@ -53,7 +53,13 @@ class TaskRepository(Protocol):
         self, *, wheel: Wheel, shard: int, before: datetime, limit: int
     ) -> list[tuple[int, datetime]]: ...
     def claim(
-        self, task_ids: Sequence[int], *, shard: int, epoch: int, lease_until: datetime, now: datetime
+        self,
+        task_ids: Sequence[int],
+        *,
+        shard: int,
+        epoch: int,
+        lease_until: datetime,
+        now: datetime,
     ) -> list[TaskSpec]: ...
     def mark_running(
         self, specs: Sequence[TaskSpec], *, lease_grace_s: float, now: datetime
@@ -78,13 +84,8 @@ def tail(text: str, limit: int = MAX_OUTPUT_TAIL_CHARS) -> str:
 def lost_result(spec: TaskSpec, *, now: datetime) -> RunResult:
     """The result recorded for an attempt whose lease ran out with no word
     from its executor."""
-    return RunResult(
-        task_id=spec.task_id,
-        attempt=spec.attempt,
-        epoch=spec.epoch,
-        shard=spec.shard,
-        priority=spec.priority,
-        due_at=spec.due_at,
+    return RunResult.of(
+        spec,
         executor_id="",
         tier="",
         node_id="",

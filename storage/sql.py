@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime
-from typing import Sequence
-
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator
+from datetime import datetime
 
 from sqlalchemy import Connection, Engine, and_, bindparam, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
+from chronoray.errors import (
+    ChronorayError,
+    IdempotencyConflict,
+    ScriptNotFound,
+    TaskNotCancellable,
+    TaskNotFound,
+    Unavailable,
+)
 from scheduling.lifecycle import RetryPolicy, after_attempt
 from scheduling.models import (
-    FailureClass,
     IN_FLIGHT_STATUSES,
+    FailureClass,
     Interpreter,
     NewTask,
     Run,
@@ -29,15 +35,6 @@ from scheduling.models import (
 from scheduling.timeline import Wheel, bucket_of
 from storage.repository import running_lease, sha256_hex, tail
 from storage.schema import runs, scripts, shards, tasks, users
-
-from chronoray.errors import (
-    ChronorayError,
-    IdempotencyConflict,
-    ScriptNotFound,
-    TaskNotCancellable,
-    TaskNotFound,
-    Unavailable,
-)
 
 log = logging.getLogger(__name__)
 
@@ -291,9 +288,13 @@ class SqlTaskRepository:
                 )
                 row_positions.append(i)
             if rows:
-                ids = conn.execute(
-                    insert(tasks).returning(tasks.c.task_id, sort_by_parameter_order=True), rows
-                ).scalars().all()
+                ids = (
+                    conn.execute(
+                        insert(tasks).returning(tasks.c.task_id, sort_by_parameter_order=True), rows
+                    )
+                    .scalars()
+                    .all()
+                )
                 stored = {
                     row.task_id: _task(row)
                     for row in conn.execute(
@@ -302,7 +303,7 @@ class SqlTaskRepository:
                         .where(tasks.c.task_id.in_(ids))
                     )
                 }
-                for position, task_id in zip(row_positions, ids):
+                for position, task_id in zip(row_positions, ids, strict=True):
                     results[position] = SubmitResult(task=stored[task_id], created=True)
         return results  # type: ignore[return-value]
 
@@ -421,21 +422,25 @@ class SqlTaskRepository:
             return []
         current_epoch = exists().where(shards.c.shard == shard, shards.c.epoch == epoch)
         with self._begin() as conn:
-            claimed = conn.execute(
-                update(tasks)
-                .where(
-                    tasks.c.task_id.in_(list(task_ids)),
-                    tasks.c.status == TaskStatus.SCHEDULED.value,
-                    current_epoch,
+            claimed = (
+                conn.execute(
+                    update(tasks)
+                    .where(
+                        tasks.c.task_id.in_(list(task_ids)),
+                        tasks.c.status == TaskStatus.SCHEDULED.value,
+                        current_epoch,
+                    )
+                    .values(
+                        status=TaskStatus.QUEUED.value,
+                        epoch=epoch,
+                        lease_expires_at=lease_until,
+                        updated_at=now,
+                    )
+                    .returning(tasks.c.task_id)
                 )
-                .values(
-                    status=TaskStatus.QUEUED.value,
-                    epoch=epoch,
-                    lease_expires_at=lease_until,
-                    updated_at=now,
-                )
-                .returning(tasks.c.task_id)
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
             if not claimed:
                 return []
             rows = conn.execute(
@@ -446,7 +451,9 @@ class SqlTaskRepository:
             ).all()
         return [_spec(row, shard=shard) for row in rows]
 
-    def mark_running(self, specs: Sequence[TaskSpec], *, lease_grace_s: float, now: datetime) -> int:
+    def mark_running(
+        self, specs: Sequence[TaskSpec], *, lease_grace_s: float, now: datetime
+    ) -> int:
         if not specs:
             return 0
         statement = (
@@ -457,7 +464,11 @@ class SqlTaskRepository:
                 tasks.c.epoch == bindparam("b_epoch"),
                 tasks.c.status == TaskStatus.QUEUED.value,
             )
-            .values(status=TaskStatus.RUNNING.value, lease_expires_at=bindparam("b_lease"), updated_at=now)
+            .values(
+                status=TaskStatus.RUNNING.value,
+                lease_expires_at=bindparam("b_lease"),
+                updated_at=now,
+            )
         )
         rows = [
             {
@@ -523,7 +534,8 @@ class SqlTaskRepository:
                 ).rowcount
                 if not changed:
                     log.info(
-                        "stale result ignored", extra={"task_id": result.task_id, "attempt": result.attempt}
+                        "stale result ignored",
+                        extra={"task_id": result.task_id, "attempt": result.attempt},
                     )
                     continue
                 run_rows.append(_run_values(result))
@@ -531,14 +543,18 @@ class SqlTaskRepository:
                     retried_ids.append(result.task_id)
             if run_rows:
                 conn.execute(insert(runs), run_rows)
-            retried = [
-                _task(r)
-                for r in conn.execute(
-                    select(*TASK_COLUMNS)
-                    .join(scripts, scripts.c.script_id == tasks.c.script_id)
-                    .where(tasks.c.task_id.in_(retried_ids))
-                )
-            ] if retried_ids else []
+            retried = (
+                [
+                    _task(r)
+                    for r in conn.execute(
+                        select(*TASK_COLUMNS)
+                        .join(scripts, scripts.c.script_id == tasks.c.script_id)
+                        .where(tasks.c.task_id.in_(retried_ids))
+                    )
+                ]
+                if retried_ids
+                else []
+            )
         return retried
 
     def expired_leases(

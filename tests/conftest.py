@@ -32,6 +32,7 @@ def create_postgres_database(prefix: str = "t") -> str:
 
 # -- the session deployment on real Ray and PostgreSQL (integration, faults) --
 
+
 @pytest.fixture(scope="session")
 def deployment():
     import ray

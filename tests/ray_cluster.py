@@ -19,12 +19,11 @@ from pathlib import Path
 
 import ray
 
+from chronoray.settings import Settings
 from scheduling.lifecycle import RetryPolicy
 from scheduling.tiers import local_node_resources, local_tiers
 from storage.engines import make_engine
 from storage.sql import SqlTaskRepository
-
-from chronoray.settings import Settings
 
 BIN = Path(sys.executable).parent
 
@@ -60,12 +59,22 @@ class RayHead:
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
         process = subprocess.Popen(
             [
-                str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-                f"--port={port}", f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}",
-                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}",
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                "--block",
+                "--disable-usage-stats",
+                f"--port={port}",
+                f"--num-cpus={num_cpus}",
+                f"--resources={json.dumps(resources)}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}",
+                f"--ray-client-server-port={free_port()}",
+                f"--temp-dir={temp_dir}",
                 # fixed defaults would collide with any other Ray on the host
-                f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--metrics-export-port={free_port()}",
             ],
             env=env,
             stdout=open(temp_dir / "head.log", "w"),
@@ -82,7 +91,9 @@ class RayHead:
 
     def _dashboard_up(self) -> bool:
         if self.process.poll() is not None:
-            raise RuntimeError(f"ray start exited: {(self.temp_dir / 'head.log').read_text()[-3000:]}")
+            raise RuntimeError(
+                f"ray start exited: {(self.temp_dir / 'head.log').read_text()[-3000:]}"
+            )
         try:
             import httpx
 
@@ -133,10 +144,36 @@ def deploy_for_tests(database_url: str) -> Deployment:
     head = RayHead.start(local_node_resources(settings.tiers))
     try:
         os.environ["RAY_AUTH_MODE"] = "disabled"
-        ray.init(address=head.address, namespace=settings.namespace, log_to_driver=False, logging_level="error")
+        ray.init(
+            address=head.address,
+            namespace=settings.namespace,
+            log_to_driver=False,
+            logging_level="error",
+        )
         url = deploy(settings)
     except BaseException:
         ray.shutdown()
         head.stop()
         raise
-    return Deployment(settings=settings, url=url, head=head, repo=SqlTaskRepository(make_engine(settings.database_url)))
+    return Deployment(
+        settings=settings,
+        url=url,
+        head=head,
+        repo=SqlTaskRepository(make_engine(settings.database_url)),
+    )
+
+
+def runs_per_task(deployment: Deployment, task_ids) -> dict[int, int]:
+    """How many runs the runs table holds for each of these tasks."""
+    from sqlalchemy import func, select
+
+    from storage.schema import runs
+
+    with deployment.repo.engine.connect() as conn:
+        return dict(
+            conn.execute(
+                select(runs.c.task_id, func.count())
+                .where(runs.c.task_id.in_(list(task_ids)))
+                .group_by(runs.c.task_id)
+            ).all()
+        )

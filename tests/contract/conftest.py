@@ -8,8 +8,7 @@ from storage.engines import make_engine
 from storage.memory import InMemoryTaskRepository
 from storage.migrate import upgrade
 from storage.sql import SqlTaskRepository
-
-from tests.conftest import create_postgres_database, postgres_admin_url
+from tests.conftest import postgres_admin_url
 
 TEMPLATE = "chronoray_contract_template"
 

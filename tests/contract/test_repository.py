@@ -1,15 +1,22 @@
 """The TaskRepository contract, the same on every backend."""
 
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import inspect
 
-from scheduling.lifecycle import RetryPolicy
-from scheduling.models import FailureClass, Interpreter, NewTask, RunResult, SubmitResult, TaskStatus
-from scheduling.timeline import Wheel
-
 from chronoray.errors import IdempotencyConflict, ScriptNotFound, TaskNotCancellable, TaskNotFound
+from scheduling.lifecycle import RetryPolicy
+from scheduling.models import (
+    FailureClass,
+    Interpreter,
+    NewTask,
+    RunResult,
+    SubmitResult,
+    TaskStatus,
+)
+from scheduling.timeline import Wheel
 from tests.conftest import T0
 
 WHEEL = Wheel(num_shards=1, range_s=60)
@@ -19,12 +26,16 @@ POLICY = RetryPolicy(backoff_base_s=5.0)
 @pytest.fixture
 def owner(repo):
     owner = repo.ensure_user(first_name="ada", last_name="lovelace", now=T0)
-    repo.add_script(owner_id=owner, name="job.sh", interpreter=Interpreter.BASH, body=b"echo hi", now=T0)
+    repo.add_script(
+        owner_id=owner, name="job.sh", interpreter=Interpreter.BASH, body=b"echo hi", now=T0
+    )
     return owner
 
 
 def new(owner, seconds=0, **kw):
-    return NewTask(owner_id=owner, script_name="job.sh", execute_at=T0 + timedelta(seconds=seconds), **kw)
+    return NewTask(
+        owner_id=owner, script_name="job.sh", execute_at=T0 + timedelta(seconds=seconds), **kw
+    )
 
 
 def submit(repo, *tasks):
@@ -33,20 +44,30 @@ def submit(repo, *tasks):
 
 
 def result(spec, *, failure=None, epoch=None):
-    return RunResult(
-        task_id=spec.task_id, attempt=spec.attempt, epoch=spec.epoch if epoch is None else epoch,
-        shard=spec.shard, priority=spec.priority, due_at=spec.due_at, executor_id="small-0",
-        tier="small", node_id="node", started_at=spec.due_at + timedelta(milliseconds=3),
-        finished_at=spec.due_at + timedelta(seconds=1), exit_code=1 if failure else 0,
-        output_tail="x" * 10_000, failure=failure,
+    if epoch is not None:
+        spec = replace(spec, epoch=epoch)
+    return RunResult.of(
+        spec,
+        executor_id="small-0",
+        tier="small",
+        node_id="node",
+        started_at=spec.due_at + timedelta(milliseconds=3),
+        finished_at=spec.due_at + timedelta(seconds=1),
+        exit_code=1 if failure else 0,
+        output_tail="x" * 10_000,
+        failure=failure,
     )
 
 
 def test_users_are_found_again_and_scripts_versioned_by_content(repo, owner):
     assert repo.ensure_user(first_name="ada", last_name="lovelace", now=T0) == owner
-    script, created = repo.add_script(owner_id=owner, name="job.sh", interpreter=Interpreter.BASH, body=b"echo hi", now=T0)
+    script, created = repo.add_script(
+        owner_id=owner, name="job.sh", interpreter=Interpreter.BASH, body=b"echo hi", now=T0
+    )
     assert (created, script.version, script.size_bytes) == (False, 1, 7)
-    script2, created2 = repo.add_script(owner_id=owner, name="job.sh", interpreter=Interpreter.BASH, body=b"echo 2", now=T0)
+    script2, created2 = repo.add_script(
+        owner_id=owner, name="job.sh", interpreter=Interpreter.BASH, body=b"echo 2", now=T0
+    )
     assert (created2, script2.version) == (True, 2)
     assert repo.get_script(owner_id=owner, name="job.sh").script_id == script2.script_id
     assert repo.get_script_body(script.script_id) == b"echo hi"
@@ -56,12 +77,21 @@ def test_users_are_found_again_and_scripts_versioned_by_content(repo, owner):
 
 def test_add_tasks_stores_valid_items_and_returns_errors_for_the_rest(repo, owner):
     results = repo.add_tasks(
-        [new(owner, 1, variables={"A": "1"}), NewTask(owner_id=owner, script_name="nope", execute_at=T0), new(owner, 2)],
+        [
+            new(owner, 1, variables={"A": "1"}),
+            NewTask(owner_id=owner, script_name="nope", execute_at=T0),
+            new(owner, 2),
+        ],
         now=T0,
     )
     assert isinstance(results[1], ScriptNotFound)
     first = results[0].task
-    assert (first.status, first.attempt, first.priority, first.variables) == (TaskStatus.SCHEDULED, 1, 0, {"A": "1"})
+    assert (first.status, first.attempt, first.priority, first.variables) == (
+        TaskStatus.SCHEDULED,
+        1,
+        0,
+        {"A": "1"},
+    )
     assert first.execute_at == T0 + timedelta(seconds=1) and first.execute_at.tzinfo is not None
     assert repo.get_task(results[2].task.task_id).script_name == "job.sh"
     with pytest.raises(TaskNotFound):
@@ -82,12 +112,26 @@ def test_claim_is_conditional_and_fenced_by_epoch(repo, owner):
     due = repo.due_tasks(wheel=WHEEL, shard=0, before=T0 + timedelta(seconds=10), limit=100)
     assert [task_id for task_id, _ in due] == [tasks[0].task_id, tasks[1].task_id]
     assert repo.start_shard(0, now=T0) == epoch + 1
-    stale = repo.claim([t for t, _ in due], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=60), now=T0)
+    stale = repo.claim(
+        [t for t, _ in due], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=60), now=T0
+    )
     assert stale == []
-    specs = repo.claim([t for t, _ in due], shard=0, epoch=epoch + 1, lease_until=T0 + timedelta(seconds=60), now=T0)
+    specs = repo.claim(
+        [t for t, _ in due],
+        shard=0,
+        epoch=epoch + 1,
+        lease_until=T0 + timedelta(seconds=60),
+        now=T0,
+    )
     assert [s.task_id for s in specs] == [tasks[0].task_id, tasks[1].task_id]
-    assert specs[0].script_sha256 and specs[0].interpreter is Interpreter.BASH and specs[0].epoch == epoch + 1
-    assert repo.claim([tasks[0].task_id], shard=0, epoch=epoch + 1, lease_until=T0, now=T0) == []  # once
+    assert (
+        specs[0].script_sha256
+        and specs[0].interpreter is Interpreter.BASH
+        and specs[0].epoch == epoch + 1
+    )
+    assert (
+        repo.claim([tasks[0].task_id], shard=0, epoch=epoch + 1, lease_until=T0, now=T0) == []
+    )  # once
     assert repo.get_task(tasks[0].task_id).status is TaskStatus.QUEUED
 
 
@@ -105,7 +149,9 @@ def test_wheel_assigns_each_task_to_one_shard(repo, owner):
 def claimed(repo, owner, **kw):
     [task] = submit(repo, new(owner, **kw))
     epoch = repo.start_shard(0, now=T0)
-    [spec] = repo.claim([task.task_id], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=30), now=T0)
+    [spec] = repo.claim(
+        [task.task_id], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=30), now=T0
+    )
     return spec
 
 
@@ -123,11 +169,15 @@ def test_success_is_recorded_once_with_its_run(repo, owner):
 
 def test_failures_retry_with_rising_priority_then_die(repo, owner):
     spec = claimed(repo, owner, max_attempts=2)
-    [retried] = repo.record_results([result(spec, failure=FailureClass.EXIT_CODE)], policy=POLICY, now=T0)
+    [retried] = repo.record_results(
+        [result(spec, failure=FailureClass.EXIT_CODE)], policy=POLICY, now=T0
+    )
     assert (retried.status, retried.attempt, retried.priority) == (TaskStatus.SCHEDULED, 2, 1)
     assert retried.execute_at == T0 + timedelta(seconds=5)
     epoch = repo.start_shard(0, now=T0)
-    [second] = repo.claim([spec.task_id], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=30), now=T0)
+    [second] = repo.claim(
+        [spec.task_id], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=30), now=T0
+    )
     assert repo.record_results([result(spec)], policy=POLICY, now=T0) == []  # stale attempt ignored
     assert repo.get_task(spec.task_id).status is TaskStatus.QUEUED
     repo.record_results([result(second, failure=FailureClass.TIMEOUT)], policy=POLICY, now=T0)

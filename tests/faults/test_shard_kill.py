@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import ray
-from sqlalchemy import func, select
 
 from actors.handles import shard_handle
-from storage.schema import runs
+from tests.ray_cluster import runs_per_task
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.slow]
 
@@ -26,8 +25,13 @@ def test_killed_shard_restarts_and_every_task_runs_once(deployment, client, tmp_
     first = now + timedelta(seconds=2)
     victim = settings.wheel.shard_of(first)
     times = [first + timedelta(milliseconds=80 * i) for i in range(100)]
-    times = [t if settings.wheel.shard_of(t) == victim else t + timedelta(seconds=settings.range_s) for t in times]
-    tasks = client.submit_many([{"script": "ledger-kill.sh", "execute_at": t, "max_attempts": 1} for t in times])
+    times = [
+        t if settings.wheel.shard_of(t) == victim else t + timedelta(seconds=settings.range_s)
+        for t in times
+    ]
+    tasks = client.submit_many(
+        [{"script": "ledger-kill.sh", "execute_at": t, "max_attempts": 1} for t in times]
+    )
     ids = {t.task_id for t in tasks}
     assert len(ids) == 100
 
@@ -39,12 +43,7 @@ def test_killed_shard_restarts_and_every_task_runs_once(deployment, client, tmp_
 
     views = client.wait(sorted(ids), timeout_s=180, poll_s=1.0)
     assert {v.task.status.value for v in views} == {"succeeded"}
-    with deployment.repo.engine.connect() as conn:
-        per_task = dict(
-            conn.execute(
-                select(runs.c.task_id, func.count()).where(runs.c.task_id.in_(ids)).group_by(runs.c.task_id)
-            ).all()
-        )
+    per_task = runs_per_task(deployment, ids)
     assert set(per_task.values()) == {1}
     executed = [int(line) for line in Path(ledger).read_text().split()]
     assert sorted(executed) == sorted(ids)

@@ -21,22 +21,41 @@ def counts(deployment):
 
 @pytest.fixture(scope="module", autouse=True)
 def hello(http):
-    http.post("/v1/scripts", json={"name": "hello.sh", "interpreter": "bash", "body": "echo hello $NAME"})
+    http.post(
+        "/v1/scripts", json={"name": "hello.sh", "interpreter": "bash", "body": "echo hello $NAME"}
+    )
 
 
 @pytest.mark.parametrize(
     "path, body, status, field",
     [
         ("/v1/tasks", {"script": "unknown.sh", "execute_at": 1900000000}, 404, "script"),
-        ("/v1/tasks", {"script": "hello.sh", "execute_at": "2030-01-01T10:00:00"}, 422, "execute_at"),
+        (
+            "/v1/tasks",
+            {"script": "hello.sh", "execute_at": "2030-01-01T10:00:00"},
+            422,
+            "execute_at",
+        ),
         ("/sendTask", {"script": "hello.sh", "execute_at": "half past ten"}, 422, "execute_at"),
-        ("/v1/tasks", {"script": "hello.sh", "execute_at": 1900000000, "priority": -1}, 422, "priority"),
-        ("/v1/tasks", {"script": "hello.sh", "execute_at": 1900000000, "colour": "red"}, 422, "colour"),
+        (
+            "/v1/tasks",
+            {"script": "hello.sh", "execute_at": 1900000000, "priority": -1},
+            422,
+            "priority",
+        ),
+        (
+            "/v1/tasks",
+            {"script": "hello.sh", "execute_at": 1900000000, "colour": "red"},
+            422,
+            "colour",
+        ),
         ("/v1/scripts", {"name": "big.sh", "body": "x" * (5 * 1024 * 1024 + 1)}, 413, "body"),
         ("/v1/scripts", {"name": "huge.sh", "body": "x" * (7 * 1024 * 1024)}, 413, "body"),
     ],
 )
-def test_bad_input_is_refused_with_the_field_and_nothing_is_stored(deployment, http, path, body, status, field):
+def test_bad_input_is_refused_with_the_field_and_nothing_is_stored(
+    deployment, http, path, body, status, field
+):
     before = counts(deployment)
     response = http.post(path, json=body)
     assert response.status_code == status, response.text
@@ -46,13 +65,19 @@ def test_bad_input_is_refused_with_the_field_and_nothing_is_stored(deployment, h
 
 def test_malformed_json_is_400_and_nothing_is_stored(deployment, http):
     before = counts(deployment)
-    response = http.post("/v1/tasks", content=b'{"script": ', headers={"content-type": "application/json"})
+    response = http.post(
+        "/v1/tasks", content=b'{"script": ', headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400 and response.json()["error"] == "malformed_json"
     assert counts(deployment) == before
 
 
 def test_idempotent_submission_over_http(http):
-    body = {"script": "hello.sh", "execute_at": time.time() + 3600, "idempotency_key": f"key-{time.time()}"}
+    body = {
+        "script": "hello.sh",
+        "execute_at": time.time() + 3600,
+        "idempotency_key": f"key-{time.time()}",
+    }
     first, again = http.post("/v1/tasks", json=body), http.post("/v1/tasks", json=body)
     assert (first.status_code, again.status_code) == (201, 200)
     assert first.json()["task_id"] == again.json()["task_id"]

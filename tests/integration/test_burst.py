@@ -1,15 +1,11 @@
 """1,000 tasks due within the same 2 s all run exactly once."""
 
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
 
-from storage.schema import runs
-
-from tests.ray_cluster import wait_for
+from tests.ray_cluster import runs_per_task
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.slow]
 
@@ -21,7 +17,11 @@ def test_a_thousand_tasks_due_within_two_seconds_run_exactly_once(deployment, cl
     client.register_script("ledger.sh", f'echo "$CHRONORAY_TASK_ID $CHRONORAY_ATTEMPT" >> {ledger}')
     start = datetime.now(timezone.utc) + timedelta(seconds=8)
     requests = [
-        {"script": "ledger.sh", "execute_at": start + timedelta(milliseconds=2 * i), "max_attempts": 1}
+        {
+            "script": "ledger.sh",
+            "execute_at": start + timedelta(milliseconds=2 * i),
+            "max_attempts": 1,
+        }
         for i in range(1000)
     ]
     tasks = client.submit_many(requests)
@@ -29,12 +29,7 @@ def test_a_thousand_tasks_due_within_two_seconds_run_exactly_once(deployment, cl
     assert len(ids) == 1000
     views = client.wait(sorted(ids), timeout_s=180, poll_s=1.0)
     assert {v.task.status.value for v in views} == {"succeeded"}
-    with deployment.repo.engine.connect() as conn:
-        per_task = dict(
-            conn.execute(
-                select(runs.c.task_id, func.count()).where(runs.c.task_id.in_(ids)).group_by(runs.c.task_id)
-            ).all()
-        )
+    per_task = runs_per_task(deployment, ids)
     assert set(per_task) == ids and set(per_task.values()) == {1}
     lines = Path(ledger).read_text().split()
     executed = [int(task_id) for task_id in lines[::2]]

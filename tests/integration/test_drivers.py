@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_client_registers_submits_waits_and_validates(client):
-    client.register_script("client.py", "import os\nprint('py', os.environ['X'])\n", interpreter="python")
+    client.register_script(
+        "client.py", "import os\nprint('py', os.environ['X'])\n", interpreter="python"
+    )
     task = client.submit("client.py", time.time() + 1, variables={"X": "1"})
     [view] = client.wait([task.task_id], timeout_s=60)
     assert view.task.status.value == "succeeded" and view.runs[0].output_tail == "py 1\n"
@@ -36,7 +38,9 @@ def test_example_driver_through_ray_job_submit(deployment):
             break
         time.sleep(3)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    summary = json.loads([line for line in completed.stdout.splitlines() if line.startswith("{")][-1])
+    summary = json.loads(
+        [line for line in completed.stdout.splitlines() if line.startswith("{")][-1]
+    )
     assert summary["scheduled"] == summary["succeeded"] == 5
     assert len(summary["outputs"]) == 5
     assert all(o.startswith("hello from task ") for o in summary["outputs"])
@@ -45,10 +49,20 @@ def test_example_driver_through_ray_job_submit(deployment):
 def submit_job(deployment, env):
     return subprocess.run(
         [
-            str(Path(sys.executable).parent / "ray"), "job", "submit",
-            "--address", deployment.head.dashboard_url, "--working-dir", str(ROOT / "examples"),
-            "--", sys.executable, "schedule_batch.py", "--count", "5",
-            "--namespace", deployment.settings.namespace,
+            str(Path(sys.executable).parent / "ray"),
+            "job",
+            "submit",
+            "--address",
+            deployment.head.dashboard_url,
+            "--working-dir",
+            str(ROOT / "examples"),
+            "--",
+            sys.executable,
+            "schedule_batch.py",
+            "--count",
+            "5",
+            "--namespace",
+            deployment.settings.namespace,
         ],
         capture_output=True,
         text=True,
@@ -63,7 +77,9 @@ def test_cli_registers_submits_and_shows(deployment, tmp_path):
     script.write_text('echo "cli says $GREETING"')
 
     def cli(*args):
-        done = subprocess.run([chronoray, *args, "--url", deployment.url], capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [chronoray, *args, "--url", deployment.url], capture_output=True, text=True, timeout=60
+        )
         return done.returncode, done.stdout, done.stderr
 
     code, out, _ = cli("scripts", "add", "cli.sh", str(script), "--json")

@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def quickstart(port: int) -> str:
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- quickstart -->\n```bash\n(.*?)```\n<!-- /quickstart -->", readme, re.S).group(1)
+    block = re.search(
+        r"<!-- quickstart -->\n```bash\n(.*?)```\n<!-- /quickstart -->", readme, re.S
+    ).group(1)
     return block.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
 
 
@@ -39,12 +41,23 @@ def test_up_on_sqlite_serves_the_readme_quick_start(tmp_path):
     port = free_port()
     ray_tmp = tempfile.mkdtemp(prefix="cre-", dir="/tmp")  # Ray's socket paths must stay short
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHRONORAY_", "RAY_"))}
-    env.update({"CHRONORAY_DATA_DIR": str(tmp_path / "data"), "CHRONORAY_HTTP_PORT": str(port),
-                "CHRONORAY_NAMESPACE": "chronoray-embedded", "RAY_TMPDIR": ray_tmp})
+    env.update(
+        {
+            "CHRONORAY_DATA_DIR": str(tmp_path / "data"),
+            "CHRONORAY_HTTP_PORT": str(port),
+            "CHRONORAY_NAMESPACE": "chronoray-embedded",
+            "RAY_TMPDIR": ray_tmp,
+        }
+    )
     log = open(tmp_path / "up.log", "w+")
     started = time.monotonic()
-    up = subprocess.Popen([str(Path(sys.executable).parent / "chronoray"), "up"], env=env,
-                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    up = subprocess.Popen(
+        [str(Path(sys.executable).parent / "chronoray"), "up"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         while "chronoray is up at" not in (tmp_path / "up.log").read_text():
             assert up.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
@@ -54,8 +67,12 @@ def test_up_on_sqlite_serves_the_readme_quick_start(tmp_path):
         print(f"chronoray up after {up_after_s:.1f} s")
         assert (tmp_path / "data" / "chronoray.db").exists()
 
-        shown = subprocess.run(["bash", "-euo", "pipefail", "-c", quickstart(port)], capture_output=True,
-                               text=True, timeout=60)
+        shown = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", quickstart(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert shown.returncode == 0, shown.stderr
         task = json_objects(shown.stdout)[-1]
         assert task["status"] == "succeeded", task

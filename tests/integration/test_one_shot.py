@@ -12,16 +12,25 @@ pytestmark = [pytest.mark.ray, pytest.mark.postgres]
 
 def final(http, task_id, timeout_s=30):
     return wait_for(
-        lambda: (body := http.get(f"/v1/tasks/{task_id}").json())["status"] in ("succeeded", "dead", "cancelled") and body,
+        lambda: (
+            (body := http.get(f"/v1/tasks/{task_id}").json())["status"]
+            in ("succeeded", "dead", "cancelled")
+            and body
+        ),
         timeout_s=timeout_s,
         what=f"task {task_id} to finish",
     )
 
 
 def test_hello_world_over_http_runs_on_time(http):
-    assert http.post("/v1/scripts", json={"name": "hello.sh", "interpreter": "bash", "body": "echo hello $NAME"}).status_code in (200, 201)
+    assert http.post(
+        "/v1/scripts", json={"name": "hello.sh", "interpreter": "bash", "body": "echo hello $NAME"}
+    ).status_code in (200, 201)
     at = datetime.now(timezone.utc) + timedelta(seconds=3)
-    created = http.post("/v1/tasks", json={"script": "hello.sh", "execute_at": at.isoformat(), "variables": {"NAME": "world"}})
+    created = http.post(
+        "/v1/tasks",
+        json={"script": "hello.sh", "execute_at": at.isoformat(), "variables": {"NAME": "world"}},
+    )
     assert created.status_code == 201, created.text
     body = final(http, created.json()["task_id"])
     assert body["status"] == "succeeded"
@@ -32,15 +41,22 @@ def test_hello_world_over_http_runs_on_time(http):
 
 
 def test_send_task_epoch_seconds(http):
-    http.post("/v1/scripts", json={"name": "hello.sh", "interpreter": "bash", "body": "echo hello $NAME"})
-    created = http.post("/sendTask", json={"script": "hello.sh", "execute_at": time.time() + 1, "variables": {"NAME": "epoch"}})
+    http.post(
+        "/v1/scripts", json={"name": "hello.sh", "interpreter": "bash", "body": "echo hello $NAME"}
+    )
+    created = http.post(
+        "/sendTask",
+        json={"script": "hello.sh", "execute_at": time.time() + 1, "variables": {"NAME": "epoch"}},
+    )
     assert created.status_code == 201
     assert final(http, created.json()["task_id"])["output"] == "hello epoch\n"
 
 
 def test_failing_script_climbs_priority_and_ends_dead(http):
     http.post("/v1/scripts", json={"name": "fail.sh", "body": "echo failing; exit 1"})
-    created = http.post("/v1/tasks", json={"script": "fail.sh", "execute_at": time.time(), "max_attempts": 3})
+    created = http.post(
+        "/v1/tasks", json={"script": "fail.sh", "execute_at": time.time(), "max_attempts": 3}
+    )
     body = final(http, created.json()["task_id"])
     assert body["status"] == "dead" and body["attempt"] == 3
     assert [(r["attempt"], r["priority"], r["failure"], r["exit_code"]) for r in body["runs"]] == [
@@ -54,7 +70,9 @@ def test_timeout_is_a_failure_and_retry_can_succeed(http, tmp_path):
     flag = tmp_path / "second-time"
     script = f"if [ -e {flag} ]; then echo recovered; else touch {flag}; sleep 30; fi"
     http.post("/v1/scripts", json={"name": "flaky.sh", "body": script})
-    created = http.post("/v1/tasks", json={"script": "flaky.sh", "execute_at": time.time(), "timeout_s": 1})
+    created = http.post(
+        "/v1/tasks", json={"script": "flaky.sh", "execute_at": time.time(), "timeout_s": 1}
+    )
     body = final(http, created.json()["task_id"])
     assert body["status"] == "succeeded"
     assert [r["failure"] for r in body["runs"]] == ["timeout", None]
@@ -62,8 +80,12 @@ def test_timeout_is_a_failure_and_retry_can_succeed(http, tmp_path):
 
 
 def test_cancel_before_it_fires(http):
-    http.post("/v1/scripts", json={"name": "hello.sh", "interpreter": "bash", "body": "echo hello $NAME"})
-    created = http.post("/v1/tasks", json={"script": "hello.sh", "execute_at": time.time() + 2}).json()
+    http.post(
+        "/v1/scripts", json={"name": "hello.sh", "interpreter": "bash", "body": "echo hello $NAME"}
+    )
+    created = http.post(
+        "/v1/tasks", json={"script": "hello.sh", "execute_at": time.time() + 2}
+    ).json()
     assert http.delete(f"/v1/tasks/{created['task_id']}").json()["status"] == "cancelled"
     time.sleep(3)  # past its due time: it must not have run
     body = http.get(f"/v1/tasks/{created['task_id']}").json()

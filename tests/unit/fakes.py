@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Sequence
-
-from scheduling.models import NewTask, RunResult, SubmitResult, TaskSpec
-from storage.memory import InMemoryTaskRepository
 
 from chronoray.errors import ChronorayError
+from scheduling.models import NewTask, RunResult, SubmitResult, TaskSpec
+from storage.memory import InMemoryTaskRepository
 
 
 class FakeDispatcher:

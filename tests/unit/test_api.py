@@ -6,10 +6,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from fastapi.testclient import TestClient
 
+from chronoray.settings import Settings
 from serve_app.app import Backend, create_api
 from storage.memory import InMemoryTaskRepository
-
-from chronoray.settings import Settings
 from tests.unit.fakes import RepoSubmitter
 
 SETTINGS = Settings(database_url="sqlite://", max_script_bytes=1024, max_request_bytes=4096)
@@ -30,7 +29,10 @@ def client(repo):
         owner_id=owner,
     )
     api = TestClient(create_api(backend), raise_server_exceptions=True)
-    assert api.post("/v1/scripts", json={"name": "hello.sh", "body": "echo hello $NAME"}).status_code == 201
+    assert (
+        api.post("/v1/scripts", json={"name": "hello.sh", "body": "echo hello $NAME"}).status_code
+        == 201
+    )
     return api
 
 
@@ -49,7 +51,9 @@ def test_register_script_is_versioned_by_content(client):
 
 @pytest.mark.parametrize("path", ["/v1/tasks", "/sendTask"])
 def test_submit_then_get(client, path):
-    created = client.post(path, json={"script": "hello.sh", "execute_at": soon(), "variables": {"NAME": "world"}})
+    created = client.post(
+        path, json={"script": "hello.sh", "execute_at": soon(), "variables": {"NAME": "world"}}
+    )
     assert created.status_code == 201, created.text
     task = created.json()
     assert task["status"] == "scheduled" and task["variables"] == {"NAME": "world"}
@@ -59,9 +63,15 @@ def test_submit_then_get(client, path):
 
 def test_epoch_seconds_and_offsets_are_the_same_instant(client):
     at = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=30)
-    by_epoch = client.post("/v1/tasks", json={"script": "hello.sh", "execute_at": at.timestamp()}).json()
+    by_epoch = client.post(
+        "/v1/tasks", json={"script": "hello.sh", "execute_at": at.timestamp()}
+    ).json()
     by_offset = client.post(
-        "/v1/tasks", json={"script": "hello.sh", "execute_at": at.astimezone(timezone(timedelta(hours=-5))).isoformat()}
+        "/v1/tasks",
+        json={
+            "script": "hello.sh",
+            "execute_at": at.astimezone(timezone(timedelta(hours=-5))).isoformat(),
+        },
     ).json()
     assert by_epoch["execute_at"] == by_offset["execute_at"] == at.isoformat()
 
@@ -78,12 +88,22 @@ def test_idempotency_key_replays_or_conflicts(client, repo):
 
 
 def test_cancel_scheduled_task_once_then_conflict_when_started(client, repo):
-    task_id = client.post("/v1/tasks", json={"script": "hello.sh", "execute_at": soon()}).json()["task_id"]
+    task_id = client.post("/v1/tasks", json={"script": "hello.sh", "execute_at": soon()}).json()[
+        "task_id"
+    ]
     assert client.delete(f"/v1/tasks/{task_id}").json()["status"] == "cancelled"
     assert client.delete(f"/v1/tasks/{task_id}").status_code == 200  # idempotent
-    other = client.post("/v1/tasks", json={"script": "hello.sh", "execute_at": soon()}).json()["task_id"]
+    other = client.post("/v1/tasks", json={"script": "hello.sh", "execute_at": soon()}).json()[
+        "task_id"
+    ]
     repo.start_shard(0, now=datetime.now(timezone.utc))
-    repo.claim([other], shard=0, epoch=1, lease_until=datetime.now(timezone.utc), now=datetime.now(timezone.utc))
+    repo.claim(
+        [other],
+        shard=0,
+        epoch=1,
+        lease_until=datetime.now(timezone.utc),
+        now=datetime.now(timezone.utc),
+    )
     refused = client.delete(f"/v1/tasks/{other}")
     assert refused.status_code == 409 and refused.json()["error"] == "task_not_cancellable"
     assert client.delete("/v1/tasks/999999").status_code == 404
@@ -105,10 +125,26 @@ BAD_TASKS = [
     ({"script": "hello.sh", "execute_at": 1900000000, "timeout_s": 0}, 422, "timeout_s"),
     ({"script": "hello.sh", "execute_at": 1900000000, "owner_id": 2}, 422, "owner_id"),
     ({"script": "hello.sh", "execute_at": 1900000000, "status": "succeeded"}, 422, "status"),
-    ({"script": "hello.sh", "execute_at": 1900000000, "variables": {"PATH": "/x"}}, 422, "variables.PATH"),
-    ({"script": "hello.sh", "execute_at": 1900000000, "variables": {"LD_PRELOAD": "x"}}, 422, "variables.LD_PRELOAD"),
-    ({"script": "hello.sh", "execute_at": 1900000000, "variables": {"lower": "x"}}, 422, "variables.lower"),
-    ({"script": "hello.sh", "execute_at": 1900000000, "variables": {"A": "x\ny"}}, 422, "variables.A"),
+    (
+        {"script": "hello.sh", "execute_at": 1900000000, "variables": {"PATH": "/x"}},
+        422,
+        "variables.PATH",
+    ),
+    (
+        {"script": "hello.sh", "execute_at": 1900000000, "variables": {"LD_PRELOAD": "x"}},
+        422,
+        "variables.LD_PRELOAD",
+    ),
+    (
+        {"script": "hello.sh", "execute_at": 1900000000, "variables": {"lower": "x"}},
+        422,
+        "variables.lower",
+    ),
+    (
+        {"script": "hello.sh", "execute_at": 1900000000, "variables": {"A": "x\ny"}},
+        422,
+        "variables.A",
+    ),
     ({"script": "hello.sh", "execute_at": 1900000000, "variables": {"A": 1}}, 422, "variables.A"),
     ({"script": "../etc/passwd", "execute_at": 1900000000}, 422, "script"),
 ]
@@ -124,9 +160,15 @@ def test_bad_task_input_names_the_field_and_stores_nothing(client, repo, body, s
 
 
 def test_malformed_json_is_400(client, repo):
-    response = client.post("/v1/tasks", content=b'{"script": "hello.sh",', headers={"content-type": "application/json"})
+    response = client.post(
+        "/v1/tasks", content=b'{"script": "hello.sh",', headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400
-    assert response.json() == {"error": "malformed_json", "detail": "request body is not valid JSON", "field": "body"}
+    assert response.json() == {
+        "error": "malformed_json",
+        "detail": "request body is not valid JSON",
+        "field": "body",
+    }
     assert repo.tasks == {}
 
 

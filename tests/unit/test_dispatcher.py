@@ -6,7 +6,6 @@ from datetime import timedelta
 from actors.dispatcher import Dispatcher, ExecutorSlots
 from scheduling.models import FailureClass, RunResult
 from scheduling.tiers import production_tiers
-
 from tests.conftest import T0
 from tests.unit.fakes import FakeExecutor, FakeShardLink
 from tests.unit.test_pure_scheduling import spec
@@ -26,22 +25,32 @@ def build(slots=None):
         for name, count in slots.items()
     }
     shards = FakeShardLink()
-    dispatcher = Dispatcher(tiers=tiers, executors=list(executors.values()), shards=shards, max_queued=100)
+    dispatcher = Dispatcher(
+        tiers=tiers, executors=list(executors.values()), shards=shards, max_queued=100
+    )
     return dispatcher, executors, shards
 
 
 def result(s, failure=None):
-    return RunResult(
-        task_id=s.task_id, attempt=s.attempt, epoch=s.epoch, shard=s.shard, priority=s.priority,
-        due_at=s.due_at, executor_id="x", tier="small", node_id="n", started_at=T0, finished_at=T0,
-        exit_code=0, output_tail="", failure=failure,
+    return RunResult.of(
+        s,
+        executor_id="x",
+        tier="small",
+        node_id="n",
+        started_at=T0,
+        finished_at=T0,
+        exit_code=0,
+        output_tail="",
+        failure=failure,
     )
 
 
 def test_tasks_go_to_their_own_tier_first_and_never_to_a_weaker_one():
     async def scenario():
         dispatcher, ex, _ = build()
-        await dispatcher.submit([spec(1, priority=0), spec(2, priority=4), spec(3, priority=7), spec(4, priority=7)])
+        await dispatcher.submit(
+            [spec(1, priority=0), spec(2, priority=4), spec(3, priority=7), spec(4, priority=7)]
+        )
         assert ex["small"].client.received == [1]
         assert ex["medium"].client.received == [2]
         assert ex["large"].client.received == [3]  # 4 waits: no weaker tier may take it

@@ -6,8 +6,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 from actors.executor_pool import Executor, ScriptCache
-from scheduling.models import FailureClass, Interpreter
-
+from scheduling.models import FailureClass
 from tests.unit.test_pure_scheduling import spec
 
 
@@ -32,8 +31,14 @@ def test_runs_at_the_due_instant_and_reports(tmp_path):
     scripts, sink = Scripts(), Sink()
 
     async def scenario():
-        executor = Executor(executor_id="small-0", tier="small", slots=2,
-                            scripts=ScriptCache(scripts, tmp_path), sink=sink, node_id="node")
+        executor = Executor(
+            executor_id="small-0",
+            tier="small",
+            slots=2,
+            scripts=ScriptCache(scripts, tmp_path),
+            sink=sink,
+            node_id="node",
+        )
         due = datetime.now(timezone.utc) + timedelta(seconds=0.3)
         ok = replace(spec(1, due=due), variables={"NAME": "world"}, script_sha256="a" * 64)
         bad = replace(spec(2, due=due), script_id=2, script_sha256="b" * 64)

@@ -11,7 +11,6 @@ from scheduling.models import FailureClass, Interpreter, TaskSpec, TaskStatus
 from scheduling.ready_queue import ReadyQueue
 from scheduling.tiers import local_node_resources, local_tiers, production_tiers
 from scheduling.timeline import Wheel, bucket_of
-
 from tests.conftest import T0
 
 UTC = timezone.utc
@@ -47,7 +46,9 @@ def test_wheel_gives_consecutive_ranges_to_consecutive_shards(offset_s, shard):
     assert wheel.shard_of_bucket(bucket_of(at)) == shard
 
 
-@pytest.mark.parametrize("bad", [dict(num_shards=0), dict(num_shards=2, range_s=15), dict(num_shards=2, range_s=5)])
+@pytest.mark.parametrize(
+    "bad", [dict(num_shards=0), dict(num_shards=2, range_s=15), dict(num_shards=2, range_s=5)]
+)
 def test_wheel_rejects_bad_shapes(bad):
     with pytest.raises(ValueError):
         Wheel(**bad)
@@ -100,7 +101,9 @@ def test_local_tiers_need_no_cpu_and_the_node_offers_their_slots():
         (4, 10, 3, FailureClass.EXIT_CODE, TaskStatus.SCHEDULED, 5, 4, 8.0),
     ],
 )
-def test_after_attempt(attempt, max_attempts, priority, failure, status, next_attempt, next_priority, delay_s):
+def test_after_attempt(
+    attempt, max_attempts, priority, failure, status, next_attempt, next_priority, delay_s
+):
     outcome = after_attempt(
         attempt=attempt,
         max_attempts=max_attempts,
@@ -109,7 +112,11 @@ def test_after_attempt(attempt, max_attempts, priority, failure, status, next_at
         policy=RetryPolicy(backoff_base_s=1.0, priority_cap=9),
         now=T0,
     )
-    assert (outcome.status, outcome.attempt, outcome.priority) == (status, next_attempt, next_priority)
+    assert (outcome.status, outcome.attempt, outcome.priority) == (
+        status,
+        next_attempt,
+        next_priority,
+    )
     expected = None if delay_s is None else T0 + timedelta(seconds=delay_s)
     assert outcome.execute_at == expected
 

@@ -20,15 +20,21 @@ def write(tmp_path: Path, body: str, name="script") -> Path:
 def run(path, interpreter=Interpreter.BASH, variables=None, timeout_s=10.0, output_limit=4096):
     return asyncio.run(
         run_script(
-            script_path=path, interpreter=interpreter, variables=variables or {},
-            timeout_s=timeout_s, output_limit=output_limit,
+            script_path=path,
+            interpreter=interpreter,
+            variables=variables or {},
+            timeout_s=timeout_s,
+            output_limit=output_limit,
         )
     )
 
 
 def test_variables_arrive_as_environment_and_nothing_else_leaks(tmp_path, monkeypatch):
     monkeypatch.setenv("SECRET_OF_THE_EXECUTOR", "leak")
-    outcome = run(write(tmp_path, 'echo "hello $NAME"; echo "[$SECRET_OF_THE_EXECUTOR]"; pwd'), variables={"NAME": "$(id) world"})
+    outcome = run(
+        write(tmp_path, 'echo "hello $NAME"; echo "[$SECRET_OF_THE_EXECUTOR]"; pwd'),
+        variables={"NAME": "$(id) world"},
+    )
     assert outcome.exit_code == 0
     lines = outcome.output_tail.splitlines()
     assert lines[0] == "hello $(id) world"  # never through a shell
@@ -42,7 +48,9 @@ def test_python_scripts_and_exit_codes(tmp_path):
 
 
 def test_output_keeps_only_the_tail(tmp_path):
-    outcome = run(write(tmp_path, "for i in $(seq 1 20000); do echo line$i; done"), output_limit=100)
+    outcome = run(
+        write(tmp_path, "for i in $(seq 1 20000); do echo line$i; done"), output_limit=100
+    )
     assert len(outcome.output_tail) <= 100
     assert outcome.output_tail.endswith("line20000\n")
 

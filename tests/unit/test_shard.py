@@ -7,12 +7,11 @@ from datetime import timedelta
 import pytest
 
 from actors.shard_actor import Shard
+from chronoray.settings import Settings
 from scheduling.clock import ManualClock
 from scheduling.lifecycle import RetryPolicy
 from scheduling.models import FailureClass, Interpreter, NewTask, RunResult, TaskStatus
 from storage.memory import InMemoryTaskRepository
-
-from chronoray.settings import Settings
 from tests.conftest import T0
 from tests.unit.fakes import FakeDispatcher, FakePeers
 
@@ -30,7 +29,9 @@ class World:
         self.clock = ManualClock(T0)
         self.repo = InMemoryTaskRepository()
         self.owner = self.repo.ensure_user(first_name="a", last_name="b", now=T0)
-        self.repo.add_script(owner_id=self.owner, name="s", interpreter=Interpreter.BASH, body=b"true", now=T0)
+        self.repo.add_script(
+            owner_id=self.owner, name="s", interpreter=Interpreter.BASH, body=b"true", now=T0
+        )
         self.dispatcher = FakeDispatcher(room=room)
         self.peers = FakePeers()
         self.settings = settings
@@ -46,7 +47,9 @@ class World:
         )
 
     def new(self, seconds, **kw):
-        return NewTask(owner_id=self.owner, script_name="s", execute_at=T0 + timedelta(seconds=seconds), **kw)
+        return NewTask(
+            owner_id=self.owner, script_name="s", execute_at=T0 + timedelta(seconds=seconds), **kw
+        )
 
 
 def run(coro):
@@ -130,7 +133,13 @@ def test_a_restarted_shard_hands_over_queued_tasks_again():
         old = world.shard()
         await old.start()
         [submitted] = await old.submit([world.new(0)])
-        world.repo.claim([submitted.task.task_id], shard=0, epoch=old.epoch, lease_until=T0 + timedelta(seconds=600), now=T0)
+        world.repo.claim(
+            [submitted.task.task_id],
+            shard=0,
+            epoch=old.epoch,
+            lease_until=T0 + timedelta(seconds=600),
+            now=T0,
+        )
         assert world.dispatcher.received == []
         new = world.shard()
         await new.start()
@@ -140,13 +149,8 @@ def test_a_restarted_shard_hands_over_queued_tasks_again():
 
 
 def result_for(spec, *, failure, now):
-    return RunResult(
-        task_id=spec.task_id,
-        attempt=spec.attempt,
-        epoch=spec.epoch,
-        shard=spec.shard,
-        priority=spec.priority,
-        due_at=spec.due_at,
+    return RunResult.of(
+        spec,
         executor_id="e",
         tier="small",
         node_id="n",
@@ -168,7 +172,12 @@ def test_failure_retries_with_higher_priority_after_backoff_then_dead():
         task_id = submitted.task.task_id
         await shard.fire_due()
         [first] = world.dispatcher.received
-        assert await shard.record_results([result_for(first, failure=FailureClass.EXIT_CODE, now=world.clock.now())]) == 1
+        assert (
+            await shard.record_results(
+                [result_for(first, failure=FailureClass.EXIT_CODE, now=world.clock.now())]
+            )
+            == 1
+        )
         task = world.repo.get_task(task_id)
         assert (task.status, task.attempt, task.priority) == (TaskStatus.SCHEDULED, 2, 1)
         assert task.execute_at == T0 + timedelta(seconds=2)
@@ -179,8 +188,13 @@ def test_failure_retries_with_higher_priority_after_backoff_then_dead():
         second = world.dispatcher.received[-1]
         assert (second.attempt, second.priority) == (2, 1)
         # a replayed first result changes nothing now
-        assert await shard.record_results([result_for(first, failure=None, now=world.clock.now())]) == 0
-        await shard.record_results([result_for(second, failure=FailureClass.EXIT_CODE, now=world.clock.now())])
+        assert (
+            await shard.record_results([result_for(first, failure=None, now=world.clock.now())])
+            == 0
+        )
+        await shard.record_results(
+            [result_for(second, failure=FailureClass.EXIT_CODE, now=world.clock.now())]
+        )
         assert world.repo.get_task(task_id).status is TaskStatus.DEAD
         assert [r.priority for r in world.repo.list_runs(task_id)] == [0, 1]
 
