@@ -25,6 +25,7 @@ FINISHED_MEMORY = 200_000
 class ExecutorClient(Protocol):
     async def run_batch(self, specs: list[TaskSpec]) -> int: ...
     async def running_keys(self) -> list[tuple[int, int]]: ...
+    async def cancel(self, keys: list[tuple[int, int]]) -> int: ...
 
 
 class ShardLink(Protocol):
@@ -98,6 +99,22 @@ class Dispatcher:
             del self._finished[next(iter(self._finished))]
         for shard, batch in by_shard.items():
             self._outbox(self._results, shard, self._shards.record_results).put(batch)
+        await self._place()
+
+    async def cancel(self, keys: Sequence[tuple[int, int]]) -> None:
+        """Stop these attempts: drop them from the heap, kill them where they
+        run (their rows are already final, so late results change nothing)."""
+        wanted = {tuple(k) for k in keys}
+        self._queue.remove(wanted)
+        for ex in self._executors:
+            mine = [k for k in wanted if k in ex.in_flight]
+            if mine:
+                try:
+                    await ex.client.cancel(mine)
+                except Exception:
+                    log.warning("executor %s did not take a cancel", ex.executor_id, exc_info=True)
+                ex.in_flight.difference_update(mine)
+        self._finished.update(dict.fromkeys(wanted))
         await self._place()
 
     def stats(self) -> dict[str, Any]:
@@ -177,6 +194,9 @@ class _RayExecutor:
     async def running_keys(self) -> list[tuple[int, int]]:
         return await asyncio.wait_for(self._handle.running_keys.remote(), timeout=5)
 
+    async def cancel(self, keys: list[tuple[int, int]]) -> int:
+        return await self._handle.cancel.remote(keys)
+
 
 class _RayShards:
     def __init__(self, namespace: str) -> None:
@@ -253,6 +273,9 @@ class DispatcherShell:
 
     async def report_results(self, results: list[RunResult]) -> None:
         await (await self._ready()).report_results(results)
+
+    async def cancel(self, keys: list[tuple[int, int]]) -> None:
+        await (await self._ready()).cancel(keys)
 
     async def stats(self) -> dict:
         return (await self._ready()).stats()

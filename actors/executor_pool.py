@@ -93,11 +93,23 @@ class Executor:
     async def running_keys(self) -> list[tuple[int, int]]:
         return list(self._running)
 
+    async def cancel(self, keys: Sequence[tuple[int, int]]) -> int:
+        """Kill these attempts' scripts; no result is reported for them."""
+        cancelled = 0
+        for key in keys:
+            task = self._running.get(tuple(key))
+            if task is not None:
+                task.cancel()
+                cancelled += 1
+        return cancelled
+
     async def _run(self, spec: TaskSpec) -> None:
         try:
             async with self._slots:
                 result = await self._attempt(spec)
             self._outbox.put([result])
+        except asyncio.CancelledError:
+            log.info("attempt %s cancelled", spec.key)
         finally:
             self._running.pop(spec.key, None)
 

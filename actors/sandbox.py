@@ -180,6 +180,10 @@ async def run_script(
             await asyncio.wait_for(asyncio.shield(child.exited), timeout=timeout_s)
         except asyncio.TimeoutError:
             timed_out = True
+        except asyncio.CancelledError:  # the attempt was cancelled: stop the script
+            _kill_group(proc.pid)
+            child.abandon_output()
+            raise
         # Grandchildren may still hold the pipe open: end the whole group.
         _kill_group(proc.pid)
         await child.exited

@@ -26,6 +26,7 @@ class DispatcherLink(Protocol):
     async def hello(self) -> str: ...
     async def room(self) -> int: ...
     async def submit(self, specs: list[TaskSpec]) -> int: ...
+    async def cancel(self, keys: list[tuple[int, int]]) -> None: ...
 
 
 class ShardPeers(Protocol):
@@ -125,7 +126,7 @@ class Shard:
         if not due:
             return 0
         lease_until = now + timedelta(seconds=self._settings.queue_lease_s)
-        specs = await self._io(
+        claimed = await self._io(
             self._repo.claim,
             due,
             shard=self.index,
@@ -133,9 +134,12 @@ class Shard:
             lease_until=lease_until,
             now=now,
         )
-        if specs:
-            self._room = await self._dispatcher.submit(specs)
-        return len(specs)
+        if claimed.cancelled:  # a cancel_previous schedule stopped these attempts
+            await self._dispatcher.cancel(claimed.cancelled)
+        if claimed.specs:
+            self._room = await self._dispatcher.submit(claimed.specs)
+        await self._route(claimed.follow_ups)
+        return len(claimed.specs)
 
     # -- outcomes ------------------------------------------------------------
     async def mark_running(self, specs: Sequence[TaskSpec]) -> int:
@@ -147,14 +151,14 @@ class Shard:
         )
 
     async def record_results(self, results: Sequence[RunResult]) -> int:
-        retried = await self._io(
+        watch = await self._io(
             self._repo.record_results,
             list(results),
             policy=self._settings.retry,
             now=self._clock.now(),
         )
-        await self._route([(t.task_id, t.execute_at) for t in retried])
-        return len(retried)
+        await self._route(watch)
+        return len(watch)
 
     # -- the safety net --------------------------------------------------------
     async def sweep(self) -> None:
@@ -234,6 +238,9 @@ class _RayDispatcher:
     async def submit(self, specs: list[TaskSpec]) -> int:
         return await self._handle.submit.remote(specs)
 
+    async def cancel(self, keys: list[tuple[int, int]]) -> None:
+        await self._handle.cancel.remote(keys)
+
 
 class _RayPeers:
     def __init__(self, namespace: str) -> None:
@@ -255,7 +262,9 @@ class ShardShell:
 
         self._shard = Shard(
             index=index,
-            repo=SqlTaskRepository(make_engine(settings.database_url)),
+            repo=SqlTaskRepository(
+                make_engine(settings.database_url), misfire_rules=settings.misfire
+            ),
             dispatcher=_RayDispatcher(settings.namespace),
             peers=_RayPeers(settings.namespace),
             settings=settings,

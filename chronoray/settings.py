@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from scheduling.lifecycle import RetryPolicy
+from scheduling.schedules import MisfireRules
 from scheduling.tiers import TierTable, local_tiers
 from scheduling.timeline import Wheel
 
@@ -38,6 +39,9 @@ class Settings:
     dispatcher_max_queued: int = 20000
     tiers: TierTable = field(default_factory=local_tiers)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # schedules
+    misfire: MisfireRules = field(default_factory=MisfireRules)
+    min_schedule_interval_s: float = 1.0
     # API
     http_host: str = "127.0.0.1"
     http_port: int = 8000

@@ -17,13 +17,16 @@ class TaskStatus(str, enum.Enum):
     SUCCEEDED = "succeeded"
     DEAD = "dead"  # failed max_attempts times
     CANCELLED = "cancelled"
+    SKIPPED = "skipped"  # a schedule occurrence its misfire or overlap policy did not run
 
     @property
     def is_final(self) -> bool:
         return self in FINAL_STATUSES
 
 
-FINAL_STATUSES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.DEAD, TaskStatus.CANCELLED})
+FINAL_STATUSES = frozenset(
+    {TaskStatus.SUCCEEDED, TaskStatus.DEAD, TaskStatus.CANCELLED, TaskStatus.SKIPPED}
+)
 IN_FLIGHT_STATUSES = frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING})
 
 
@@ -89,6 +92,7 @@ class Task:
     lease_expires_at: datetime | None = None
     epoch: int = 0
     schedule_id: int | None = None
+    nominal_at: datetime | None = None  # a schedule occurrence's own time
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -38,6 +38,15 @@ class ReadyQueue:
     def push_many(self, specs: Iterable[TaskSpec]) -> int:
         return sum(self.push(spec) for spec in specs)
 
+    def remove(self, keys: set[tuple[int, int]]) -> int:
+        """Drop these attempts if they are waiting here."""
+        present = keys & self._keys
+        if present:
+            self._heap = [entry for entry in self._heap if entry[3].key not in present]
+            heapq.heapify(self._heap)
+            self._keys -= present
+        return len(present)
+
     def take(
         self, place: Callable[[TaskSpec], Slot | None], *, scan_limit: int = 1000
     ) -> list[tuple[TaskSpec, Slot]]:

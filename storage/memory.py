@@ -30,7 +30,7 @@ from scheduling.models import (
     TaskStatus,
 )
 from scheduling.timeline import Wheel, bucket_of
-from storage.repository import running_lease, sha256_hex, tail
+from storage.repository import Claimed, running_lease, sha256_hex, tail
 
 
 class InMemoryTaskRepository:
@@ -128,6 +128,7 @@ class InMemoryTaskRepository:
                 variables=dict(new.variables),
                 timeout_s=new.timeout_s,
                 idempotency_key=new.idempotency_key,
+                nominal_at=new.execute_at,
                 created_at=now,
                 updated_at=now,
             )
@@ -209,9 +210,11 @@ class InMemoryTaskRepository:
         epoch: int,
         lease_until: datetime,
         now: datetime,
-    ) -> list[TaskSpec]:
+    ) -> Claimed:
+        """One-shot tasks only: schedules live in SQL (tests/contract covers
+        them on SQLite and PostgreSQL)."""
         if self.shard_epochs.get(shard) != epoch:
-            return []
+            return Claimed([])
         claimed = []
         for task_id in task_ids:
             task = self.tasks.get(task_id)
@@ -225,7 +228,7 @@ class InMemoryTaskRepository:
                 updated_at=now,
             )
             claimed.append(self._spec(task, shard))
-        return sorted(claimed, key=lambda s: s.due_at)
+        return Claimed(sorted(claimed, key=lambda s: s.due_at))
 
     def _matches(self, task: Task | None, spec_or_result) -> bool:
         return (
@@ -252,7 +255,7 @@ class InMemoryTaskRepository:
 
     def record_results(
         self, results: Sequence[RunResult], *, policy: RetryPolicy, now: datetime
-    ) -> list[Task]:
+    ) -> list[tuple[int, datetime]]:
         retried = []
         for result in results:
             task = self.tasks.get(result.task_id)
@@ -291,7 +294,7 @@ class InMemoryTaskRepository:
                 failure=result.failure,
             )
             if outcome.status is TaskStatus.SCHEDULED:
-                retried.append(task)
+                retried.append((task.task_id, task.execute_at))
         return retried
 
     def expired_leases(

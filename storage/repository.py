@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -28,6 +29,16 @@ from scheduling.models import (
 from scheduling.timeline import Wheel
 
 MAX_OUTPUT_TAIL_CHARS = 4096
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """What a claim fired: attempts to hand over, schedule occurrences it
+    created (to watch), and attempts a cancel_previous policy stopped."""
+
+    specs: list[TaskSpec]
+    follow_ups: list[tuple[int, datetime]] = field(default_factory=list)
+    cancelled: list[tuple[int, int]] = field(default_factory=list)
 
 
 class TaskRepository(Protocol):
@@ -60,13 +71,13 @@ class TaskRepository(Protocol):
         epoch: int,
         lease_until: datetime,
         now: datetime,
-    ) -> list[TaskSpec]: ...
+    ) -> Claimed: ...
     def mark_running(
         self, specs: Sequence[TaskSpec], *, lease_grace_s: float, now: datetime
     ) -> int: ...
     def record_results(
         self, results: Sequence[RunResult], *, policy: RetryPolicy, now: datetime
-    ) -> list[Task]: ...
+    ) -> list[tuple[int, datetime]]: ...
     def expired_leases(
         self, *, wheel: Wheel, shard: int, now: datetime, limit: int
     ) -> list[TaskSpec]: ...

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Float,
@@ -79,13 +80,41 @@ scripts = Table(
     UniqueConstraint("owner_id", "name", "version", name="uq_scripts_owner_name_version"),
 )
 
+schedules = Table(
+    "schedules",
+    metadata,
+    Column("schedule_id", Id, primary_key=True, autoincrement=True),
+    Column("owner_id", Id, ForeignKey("users.user_id"), nullable=False),
+    Column("script_name", String(128), nullable=False),
+    Column("cron", String(200), nullable=False),
+    Column("timezone", String(64), nullable=False),
+    Column("variables", JSON, nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("max_attempts", Integer, nullable=False),
+    Column("timeout_s", Float, nullable=False),
+    Column("misfire_policy", String(16), nullable=False),
+    Column("overlap_policy", String(16), nullable=False),
+    Column("start_at", UtcDateTime, nullable=True),
+    Column("end_at", UtcDateTime, nullable=True),
+    Column("paused", Boolean, nullable=False),
+    Column("deleted", Boolean, nullable=False),
+    Column("next_fire_at", UtcDateTime, nullable=True),
+    Column("missed_fires", Integer, nullable=False),
+    Column("skipped_fires", Integer, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
 tasks = Table(
     "tasks",
     metadata,
     Column("task_id", Id, primary_key=True, autoincrement=True),
     Column("owner_id", Id, ForeignKey("users.user_id"), nullable=False),
     Column("script_id", Id, ForeignKey("scripts.script_id"), nullable=False),
-    Column("schedule_id", Id, nullable=True),
+    Column("schedule_id", Id, ForeignKey("schedules.schedule_id"), nullable=True),
+    # the occurrence's own time: execute_at moves with retries, this does not
+    Column("nominal_at", UtcDateTime, nullable=False),
+    Column("buffered", Boolean, nullable=False, default=False),  # waits behind a run (buffer_one)
     Column("execute_at", UtcDateTime, nullable=False),
     Column("bucket", BigInteger, nullable=False),
     Column("status", String(16), nullable=False),
@@ -100,7 +129,7 @@ tasks = Table(
     Column("epoch", Integer, nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
-    UniqueConstraint("schedule_id", "execute_at", name="uq_tasks_schedule_occurrence"),
+    UniqueConstraint("schedule_id", "nominal_at", name="uq_tasks_schedule_occurrence"),
     UniqueConstraint("owner_id", "idempotency_key", name="uq_tasks_owner_idempotency_key"),
     Index("ix_tasks_status_bucket", "status", "bucket"),
     Index("ix_tasks_status_lease", "status", "lease_expires_at"),

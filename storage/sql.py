@@ -32,8 +32,10 @@ from scheduling.models import (
     TaskSpec,
     TaskStatus,
 )
+from scheduling.schedules import MisfireRules, NewSchedule, Schedule
 from scheduling.timeline import Wheel, bucket_of
-from storage.repository import running_lease, sha256_hex, tail
+from storage import occurrences
+from storage.repository import Claimed, running_lease, sha256_hex, tail
 from storage.schema import runs, scripts, shards, tasks, users
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ def _task(row) -> Task:
         lease_expires_at=row.lease_expires_at,
         epoch=row.epoch,
         schedule_id=row.schedule_id,
+        nominal_at=row.nominal_at,
     )
 
 
@@ -127,9 +130,16 @@ SPEC_COLUMNS = [*tasks.c, scripts.c.sha256, scripts.c.interpreter]
 class SqlTaskRepository:
     """Writes go to ``engine``; reads that may lag go to ``read_engine``."""
 
-    def __init__(self, engine: Engine, *, read_engine: Engine | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        read_engine: Engine | None = None,
+        misfire_rules: MisfireRules | None = None,
+    ) -> None:
         self.engine = engine
         self.read_engine = read_engine or engine
+        self.misfire_rules = misfire_rules or MisfireRules()
 
     @contextmanager
     def _begin(self, engine: Engine | None = None) -> Iterator[Connection]:
@@ -270,6 +280,8 @@ class SqlTaskRepository:
                         "owner_id": new.owner_id,
                         "script_id": script.script_id,
                         "schedule_id": None,
+                        "nominal_at": new.execute_at,
+                        "buffered": False,
                         "execute_at": new.execute_at,
                         "bucket": bucket_of(new.execute_at),
                         "status": TaskStatus.SCHEDULED.value,
@@ -416,40 +428,65 @@ class SqlTaskRepository:
         lease_until: datetime,
         now: datetime,
     ) -> list[TaskSpec]:
-        """scheduled → queued, in one conditional update, fenced by the
-        shard's epoch: a superseded incarnation claims nothing."""
+        """scheduled → queued, fenced by the shard's epoch: a superseded
+        incarnation claims nothing. One-shot tasks in one conditional update;
+        schedule occurrences one by one under their policies."""
         if not task_ids:
-            return []
+            return Claimed([])
         current_epoch = exists().where(shards.c.shard == shard, shards.c.epoch == epoch)
         with self._begin() as conn:
-            claimed = (
+            occurrence_ids = set(
                 conn.execute(
-                    update(tasks)
-                    .where(
-                        tasks.c.task_id.in_(list(task_ids)),
-                        tasks.c.status == TaskStatus.SCHEDULED.value,
-                        current_epoch,
+                    select(tasks.c.task_id).where(
+                        tasks.c.task_id.in_(list(task_ids)), tasks.c.schedule_id.is_not(None)
                     )
-                    .values(
-                        status=TaskStatus.QUEUED.value,
-                        epoch=epoch,
-                        lease_expires_at=lease_until,
-                        updated_at=now,
-                    )
-                    .returning(tasks.c.task_id)
-                )
-                .scalars()
-                .all()
+                ).scalars()
             )
-            if not claimed:
-                return []
-            rows = conn.execute(
-                select(*SPEC_COLUMNS)
-                .join(scripts, scripts.c.script_id == tasks.c.script_id)
-                .where(tasks.c.task_id.in_(claimed))
-                .order_by(tasks.c.execute_at)
-            ).all()
-        return [_spec(row, shard=shard) for row in rows]
+            plain = [t for t in task_ids if t not in occurrence_ids]
+            claimed = []
+            if plain:
+                claimed = (
+                    conn.execute(
+                        update(tasks)
+                        .where(
+                            tasks.c.task_id.in_(plain),
+                            tasks.c.status == TaskStatus.SCHEDULED.value,
+                            current_epoch,
+                        )
+                        .values(
+                            status=TaskStatus.QUEUED.value,
+                            epoch=epoch,
+                            lease_expires_at=lease_until,
+                            updated_at=now,
+                        )
+                        .returning(tasks.c.task_id)
+                    )
+                    .scalars()
+                    .all()
+                )
+            fired = occurrences.FireOutcome()
+            if occurrence_ids:
+                fired = occurrences.fire_occurrences(
+                    conn,
+                    sorted(occurrence_ids),
+                    shard=shard,
+                    epoch=epoch,
+                    lease_until=lease_until,
+                    now=now,
+                    rules=self.misfire_rules,
+                )
+            ids = [*claimed, *fired.fired]
+            rows = (
+                conn.execute(
+                    select(*SPEC_COLUMNS)
+                    .join(scripts, scripts.c.script_id == tasks.c.script_id)
+                    .where(tasks.c.task_id.in_(ids))
+                    .order_by(tasks.c.execute_at)
+                ).all()
+                if ids
+                else []
+            )
+        return Claimed([_spec(row, shard=shard) for row in rows], fired.follow_ups, fired.cancelled)
 
     def mark_running(
         self, specs: Sequence[TaskSpec], *, lease_grace_s: float, now: datetime
@@ -484,18 +521,20 @@ class SqlTaskRepository:
 
     def record_results(
         self, results: Sequence[RunResult], *, policy: RetryPolicy, now: datetime
-    ) -> list[Task]:
+    ) -> list[tuple[int, datetime]]:
         """Apply each attempt's outcome where the row still matches it
-        (attempt, epoch, in flight) and log the run; returns the tasks put
-        back to ``scheduled`` for a retry."""
+        (attempt, epoch, in flight) and log the run. Returns what to watch
+        next: tasks put back for a retry, and schedule occurrences that were
+        waiting for a run that has now ended."""
         if not results:
             return []
-        retried_ids, run_rows = [], []
+        watch: list[tuple[int, datetime]] = []
+        run_rows, ended_schedules = [], set()
         with self._begin() as conn:
             current = {
                 row.task_id: row
                 for row in conn.execute(
-                    select(tasks.c.task_id, tasks.c.max_attempts).where(
+                    select(tasks.c.task_id, tasks.c.max_attempts, tasks.c.schedule_id).where(
                         tasks.c.task_id.in_({r.task_id for r in results})
                     )
                 )
@@ -540,22 +579,76 @@ class SqlTaskRepository:
                     continue
                 run_rows.append(_run_values(result))
                 if outcome.status is TaskStatus.SCHEDULED:
-                    retried_ids.append(result.task_id)
+                    watch.append((result.task_id, outcome.execute_at))
+                elif row.schedule_id is not None:
+                    ended_schedules.add(row.schedule_id)
             if run_rows:
                 conn.execute(insert(runs), run_rows)
-            retried = (
-                [
-                    _task(r)
-                    for r in conn.execute(
-                        select(*TASK_COLUMNS)
-                        .join(scripts, scripts.c.script_id == tasks.c.script_id)
-                        .where(tasks.c.task_id.in_(retried_ids))
-                    )
-                ]
-                if retried_ids
-                else []
+            watch += occurrences.waiting_occurrences(conn, ended_schedules, now=now)
+        return watch
+
+    # -- schedules -----------------------------------------------------------
+    def add_schedule(
+        self, new: NewSchedule, *, now: datetime
+    ) -> tuple[Schedule, tuple[int, datetime] | None]:
+        """The schedule and its first occurrence, in one transaction."""
+        with self._begin() as conn:
+            return occurrences.add_schedule(conn, new, now=now)
+
+    def get_schedule(self, schedule_id: int, *, owner_id: int | None) -> Schedule:
+        with self._begin(self.engine) as conn:
+            return occurrences.get_schedule(conn, schedule_id, owner_id=owner_id)
+
+    def list_schedules(self, *, owner_id: int) -> list[Schedule]:
+        with self._begin(self.read_engine) as conn:
+            return occurrences.list_schedules(conn, owner_id)
+
+    def change_schedule(
+        self, schedule_id: int, *, owner_id: int, changes: dict, now: datetime
+    ) -> tuple[Schedule, tuple[int, datetime] | None]:
+        with self._begin() as conn:
+            return occurrences.change_schedule(
+                conn, schedule_id, owner_id=owner_id, changes=changes, now=now
             )
-        return retried
+
+    def delete_schedule(self, schedule_id: int, *, owner_id: int, now: datetime) -> None:
+        with self._begin() as conn:
+            occurrences.delete_schedule(conn, schedule_id, owner_id=owner_id, now=now)
+
+    def trigger_schedule(
+        self, schedule_id: int, *, owner_id: int, now: datetime
+    ) -> tuple[int, datetime]:
+        with self._begin() as conn:
+            return occurrences.trigger(conn, schedule_id, owner_id=owner_id, now=now)
+
+    def schedule_history(self, schedule_id: int, *, owner_id: int, limit: int = 100) -> list[dict]:
+        """Occurrences newest first, each with its runs: nominal time,
+        status, and per attempt start, lag and outcome."""
+        with self._begin(self.read_engine) as conn:
+            occurrences.get_schedule(conn, schedule_id, owner_id=owner_id)
+            rows = conn.execute(
+                select(tasks.c.task_id, tasks.c.nominal_at, tasks.c.status, tasks.c.attempt)
+                .where(tasks.c.schedule_id == schedule_id)
+                .order_by(tasks.c.nominal_at.desc())
+                .limit(limit)
+            ).all()
+            ids = [r.task_id for r in rows]
+            by_task: dict[int, list[Run]] = {}
+            if ids:
+                for run_row in conn.execute(
+                    select(runs).where(runs.c.task_id.in_(ids)).order_by(runs.c.attempt)
+                ):
+                    by_task.setdefault(run_row.task_id, []).append(_run(run_row))
+        return [
+            {
+                "task_id": r.task_id,
+                "nominal_at": r.nominal_at,
+                "status": TaskStatus(r.status),
+                "attempt": r.attempt,
+                "runs": by_task.get(r.task_id, []),
+            }
+            for r in rows
+        ]
 
     def expired_leases(
         self, *, wheel: Wheel, shard: int, now: datetime, limit: int

@@ -115,14 +115,14 @@ def test_claim_is_conditional_and_fenced_by_epoch(repo, owner):
     stale = repo.claim(
         [t for t, _ in due], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=60), now=T0
     )
-    assert stale == []
+    assert stale.specs == []
     specs = repo.claim(
         [t for t, _ in due],
         shard=0,
         epoch=epoch + 1,
         lease_until=T0 + timedelta(seconds=60),
         now=T0,
-    )
+    ).specs
     assert [s.task_id for s in specs] == [tasks[0].task_id, tasks[1].task_id]
     assert (
         specs[0].script_sha256
@@ -130,7 +130,7 @@ def test_claim_is_conditional_and_fenced_by_epoch(repo, owner):
         and specs[0].epoch == epoch + 1
     )
     assert (
-        repo.claim([tasks[0].task_id], shard=0, epoch=epoch + 1, lease_until=T0, now=T0) == []
+        repo.claim([tasks[0].task_id], shard=0, epoch=epoch + 1, lease_until=T0, now=T0).specs == []
     )  # once
     assert repo.get_task(tasks[0].task_id).status is TaskStatus.QUEUED
 
@@ -151,7 +151,7 @@ def claimed(repo, owner, **kw):
     epoch = repo.start_shard(0, now=T0)
     [spec] = repo.claim(
         [task.task_id], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=30), now=T0
-    )
+    ).specs
     return spec
 
 
@@ -169,15 +169,17 @@ def test_success_is_recorded_once_with_its_run(repo, owner):
 
 def test_failures_retry_with_rising_priority_then_die(repo, owner):
     spec = claimed(repo, owner, max_attempts=2)
-    [retried] = repo.record_results(
+    [(retried_id, retried_at)] = repo.record_results(
         [result(spec, failure=FailureClass.EXIT_CODE)], policy=POLICY, now=T0
     )
+    retried = repo.get_task(retried_id)
+    assert retried_at == retried.execute_at
     assert (retried.status, retried.attempt, retried.priority) == (TaskStatus.SCHEDULED, 2, 1)
     assert retried.execute_at == T0 + timedelta(seconds=5)
     epoch = repo.start_shard(0, now=T0)
     [second] = repo.claim(
         [spec.task_id], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=30), now=T0
-    )
+    ).specs
     assert repo.record_results([result(spec)], policy=POLICY, now=T0) == []  # stale attempt ignored
     assert repo.get_task(spec.task_id).status is TaskStatus.QUEUED
     repo.record_results([result(second, failure=FailureClass.TIMEOUT)], policy=POLICY, now=T0)
@@ -211,7 +213,7 @@ def test_cancel_only_before_start(repo, owner):
     assert repo.cancel_task(task.task_id, owner_id=owner, now=T0).status is TaskStatus.CANCELLED
     assert repo.cancel_task(task.task_id, owner_id=owner, now=T0).status is TaskStatus.CANCELLED
     epoch = repo.start_shard(0, now=T0)
-    assert repo.claim([task.task_id], shard=0, epoch=epoch, lease_until=T0, now=T0) == []
+    assert repo.claim([task.task_id], shard=0, epoch=epoch, lease_until=T0, now=T0).specs == []
     spec = claimed(repo, owner)
     with pytest.raises(TaskNotCancellable):
         repo.cancel_task(spec.task_id, owner_id=owner, now=T0)

@@ -15,6 +15,7 @@ class FakeDispatcher:
         self.received: list[TaskSpec] = []
         self.incarnation = "first"
         self.capacity = room
+        self.cancelled: list[tuple[int, int]] = []
 
     async def hello(self) -> str:
         return self.incarnation
@@ -26,6 +27,9 @@ class FakeDispatcher:
         known = {s.key for s in self.received}
         self.received.extend(s for s in specs if s.key not in known)
         return await self.room()
+
+    async def cancel(self, keys: list[tuple[int, int]]) -> None:
+        self.cancelled.extend(keys)
 
 
 class FakePeers:
@@ -50,6 +54,7 @@ class RepoSubmitter:
 class FakeExecutor:
     def __init__(self) -> None:
         self.batches: list[list[TaskSpec]] = []
+        self.cancelled: list[tuple[int, int]] = []
         self.fail = False
 
     async def run_batch(self, specs: list[TaskSpec]) -> int:
@@ -60,6 +65,10 @@ class FakeExecutor:
 
     async def running_keys(self) -> list[tuple[int, int]]:
         return []
+
+    async def cancel(self, keys: list[tuple[int, int]]) -> int:
+        self.cancelled.extend(keys)
+        return len(keys)
 
     @property
     def received(self) -> list[int]:

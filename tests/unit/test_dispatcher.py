@@ -100,3 +100,17 @@ def test_an_executor_that_refuses_gets_its_tasks_requeued():
         assert ex["small"].client.received == [1]
 
     asyncio.run(scenario())
+
+
+def test_cancel_drops_waiting_attempts_and_kills_running_ones():
+    async def scenario():
+        dispatcher, ex, _ = build({"small": 1})
+        await dispatcher.submit([spec(1), spec(2), spec(3)])
+        assert ex["small"].client.received == [1]
+        await dispatcher.cancel([(1, 1), (2, 1)])
+        assert ex["small"].client.cancelled == [(1, 1)]
+        assert ex["small"].client.received == [1, 3]  # 2 was dropped, 3 took the slot
+        await dispatcher.submit([spec(2)])  # a late hand-over of a cancelled attempt
+        assert dispatcher.stats()["queued"] == 0
+
+    asyncio.run(scenario())

@@ -2,6 +2,7 @@
 caches scripts by hash, reports results in batches."""
 
 import asyncio
+import os
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
@@ -58,5 +59,42 @@ def test_runs_at_the_due_instant_and_reports(tmp_path):
             assert (r.executor_id, r.tier, r.node_id) == ("small-0", "small", "node")
         assert sorted(scripts.fetched) == [1, 2]  # cached by content hash
         assert await executor.running_keys() == []
+
+    asyncio.run(scenario())
+
+
+def test_cancel_kills_the_running_script_and_reports_nothing(tmp_path):
+    class Slow(Scripts):
+        def get_script_body(self, script_id):
+            return f"echo $$ > {tmp_path}/pid; sleep 60".encode()
+
+    sink = Sink()
+
+    async def scenario():
+        executor = Executor(
+            executor_id="e",
+            tier="small",
+            slots=1,
+            scripts=ScriptCache(Slow(), tmp_path / "cache"),
+            sink=sink,
+        )
+        job = replace(spec(7), script_sha256="c" * 64)
+        await executor.run_batch([job])
+        for _ in range(100):
+            if (tmp_path / "pid").exists() and (tmp_path / "pid").read_text().strip():
+                break
+            await asyncio.sleep(0.05)
+        pid = int((tmp_path / "pid").read_text())
+        assert await executor.cancel([(7, 1)]) == 1
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the cancelled script still runs")
+        await asyncio.sleep(0.1)
+        assert sink.results == [] and await executor.running_keys() == []
 
     asyncio.run(scenario())

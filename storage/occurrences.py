@@ -1,0 +1,382 @@
+"""Schedules in SQL: create and change them, and fire their occurrences.
+
+Firing runs inside the shard's claim transaction: the schedule row is locked
+(FOR UPDATE on PostgreSQL; SQLite serialises writers), the policy decision
+sees the other occurrences as this transaction does, and the next occurrence
+is inserted under UNIQUE(schedule_id, nominal_at), so no race can fire or
+create an occurrence twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import Connection, and_, exists, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from chronoray.errors import NotFound, ScriptNotFound
+from scheduling.models import IN_FLIGHT_STATUSES, TaskStatus
+from scheduling.schedules import (
+    Action,
+    MisfirePolicy,
+    MisfireRules,
+    NewSchedule,
+    OverlapPolicy,
+    Schedule,
+    first_fire,
+    plan_occurrence,
+)
+from scheduling.timeline import bucket_of
+from storage.schema import schedules, scripts, shards, tasks
+
+IN_FLIGHT = [s.value for s in IN_FLIGHT_STATUSES]
+
+
+class ScheduleNotFound(NotFound):
+    code = "schedule_not_found"
+
+
+@dataclass
+class FireOutcome:
+    fired: list[int] = field(default_factory=list)  # task ids now queued
+    follow_ups: list[tuple[int, datetime]] = field(default_factory=list)  # occurrences to track
+    cancelled: list[tuple[int, int]] = field(default_factory=list)  # (task, attempt) to stop
+
+
+def schedule_from_row(row) -> Schedule:
+    return Schedule(
+        schedule_id=row.schedule_id,
+        owner_id=row.owner_id,
+        script_name=row.script_name,
+        cron=row.cron,
+        timezone=row.timezone,
+        variables=dict(row.variables),
+        priority=row.priority,
+        max_attempts=row.max_attempts,
+        timeout_s=row.timeout_s,
+        misfire_policy=MisfirePolicy(row.misfire_policy),
+        overlap_policy=OverlapPolicy(row.overlap_policy),
+        start_at=row.start_at,
+        end_at=row.end_at,
+        paused=row.paused,
+        deleted=row.deleted,
+        next_fire_at=row.next_fire_at,
+        missed_fires=row.missed_fires,
+        skipped_fires=row.skipped_fires,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _latest_script_id(conn: Connection, owner_id: int, name: str) -> int:
+    script_id = conn.execute(
+        select(scripts.c.script_id)
+        .where(scripts.c.owner_id == owner_id, scripts.c.name == name)
+        .order_by(scripts.c.version.desc())
+        .limit(1)
+    ).scalar()
+    if script_id is None:
+        raise ScriptNotFound(f"no script named {name!r}", "script")
+    return script_id
+
+
+def insert_occurrence(
+    conn: Connection,
+    schedule: Schedule,
+    nominal: datetime,
+    *,
+    now: datetime,
+    status: TaskStatus = TaskStatus.SCHEDULED,
+    **extra,
+) -> int | None:
+    """One occurrence row; None when it exists already (the unique key)."""
+    values = {
+        "owner_id": schedule.owner_id,
+        "script_id": _latest_script_id(conn, schedule.owner_id, schedule.script_name),
+        "schedule_id": schedule.schedule_id,
+        "nominal_at": nominal,
+        "execute_at": extra.pop("execute_at", nominal),
+        "status": status.value,
+        "priority": schedule.priority,
+        "attempt": 1,
+        "max_attempts": schedule.max_attempts,
+        "variables": dict(schedule.variables),
+        "timeout_s": schedule.timeout_s,
+        "idempotency_key": None,
+        "request_hash": None,
+        "buffered": False,
+        "lease_expires_at": None,
+        "epoch": 0,
+        "created_at": now,
+        "updated_at": now,
+        **extra,
+    }
+    values["bucket"] = bucket_of(values["execute_at"])
+    try:
+        with conn.begin_nested():
+            return conn.execute(
+                insert(tasks).values(**values).returning(tasks.c.task_id)
+            ).scalar_one()
+    except IntegrityError:
+        return None
+
+
+def add_schedule(
+    conn: Connection, new: NewSchedule, *, now: datetime
+) -> tuple[Schedule, tuple[int, datetime] | None]:
+    _latest_script_id(conn, new.owner_id, new.script_name)
+    nxt = first_fire(new, now=now)
+    schedule_id = conn.execute(
+        insert(schedules)
+        .values(
+            owner_id=new.owner_id,
+            script_name=new.script_name,
+            cron=new.cron,
+            timezone=new.timezone,
+            variables=dict(new.variables),
+            priority=new.priority,
+            max_attempts=new.max_attempts,
+            timeout_s=new.timeout_s,
+            misfire_policy=new.misfire_policy.value,
+            overlap_policy=new.overlap_policy.value,
+            start_at=new.start_at,
+            end_at=new.end_at,
+            paused=new.paused,
+            deleted=False,
+            next_fire_at=None if new.paused else nxt,
+            missed_fires=0,
+            skipped_fires=0,
+            created_at=now,
+            updated_at=now,
+        )
+        .returning(schedules.c.schedule_id)
+    ).scalar_one()
+    schedule = get_schedule(conn, schedule_id, owner_id=None)
+    if new.paused or nxt is None:
+        return schedule, None
+    task_id = insert_occurrence(conn, schedule, nxt, now=now)
+    return schedule, (task_id, nxt)
+
+
+def get_schedule(
+    conn: Connection, schedule_id: int, *, owner_id: int | None, lock: bool = False
+) -> Schedule:
+    query = select(schedules).where(
+        schedules.c.schedule_id == schedule_id, schedules.c.deleted.is_(False)
+    )
+    if owner_id is not None:
+        query = query.where(schedules.c.owner_id == owner_id)
+    if lock:
+        query = query.with_for_update()
+    row = conn.execute(query).first()
+    if row is None:
+        raise ScheduleNotFound(f"no schedule {schedule_id}", "schedule_id")
+    return schedule_from_row(row)
+
+
+def list_schedules(conn: Connection, owner_id: int) -> list[Schedule]:
+    rows = conn.execute(
+        select(schedules)
+        .where(schedules.c.owner_id == owner_id, schedules.c.deleted.is_(False))
+        .order_by(schedules.c.schedule_id)
+    ).all()
+    return [schedule_from_row(r) for r in rows]
+
+
+def _cancel_pending(conn: Connection, schedule_id: int, now: datetime) -> None:
+    conn.execute(
+        update(tasks)
+        .where(tasks.c.schedule_id == schedule_id, tasks.c.status == TaskStatus.SCHEDULED.value)
+        .values(status=TaskStatus.CANCELLED.value, updated_at=now)
+    )
+
+
+def change_schedule(
+    conn: Connection, schedule_id: int, *, owner_id: int, changes: dict, now: datetime
+) -> tuple[Schedule, tuple[int, datetime] | None]:
+    """Apply changes (paused, cron, timezone, …); the pending occurrence is
+    replaced by one that follows the new definition."""
+    current = get_schedule(conn, schedule_id, owner_id=owner_id, lock=True)
+    values = {k: (v.value if hasattr(v, "value") else v) for k, v in changes.items()}
+    conn.execute(
+        update(schedules)
+        .where(schedules.c.schedule_id == schedule_id)
+        .values(**values, updated_at=now)
+    )
+    schedule = get_schedule(conn, schedule_id, owner_id=owner_id)
+    _cancel_pending(conn, schedule_id, now)
+    nxt = None if schedule.paused else first_fire(schedule, now=now)
+    conn.execute(
+        update(schedules).where(schedules.c.schedule_id == schedule_id).values(next_fire_at=nxt)
+    )
+    del current
+    if nxt is None:
+        return get_schedule(conn, schedule_id, owner_id=owner_id), None
+    task_id = insert_occurrence(conn, schedule, nxt, now=now)
+    return get_schedule(conn, schedule_id, owner_id=owner_id), (task_id, nxt) if task_id else None
+
+
+def delete_schedule(conn: Connection, schedule_id: int, *, owner_id: int, now: datetime) -> None:
+    get_schedule(conn, schedule_id, owner_id=owner_id, lock=True)
+    conn.execute(
+        update(schedules)
+        .where(schedules.c.schedule_id == schedule_id)
+        .values(deleted=True, next_fire_at=None, updated_at=now)
+    )
+    _cancel_pending(conn, schedule_id, now)
+
+
+def trigger(
+    conn: Connection, schedule_id: int, *, owner_id: int, now: datetime
+) -> tuple[int, datetime]:
+    """Run now, as an extra occurrence that obeys the overlap policy."""
+    schedule = get_schedule(conn, schedule_id, owner_id=owner_id)
+    task_id = insert_occurrence(conn, schedule, now, now=now)
+    if task_id is None:  # a trigger at this very instant exists
+        task_id = conn.execute(
+            select(tasks.c.task_id).where(
+                tasks.c.schedule_id == schedule_id, tasks.c.nominal_at == now
+            )
+        ).scalar_one()
+    return task_id, now
+
+
+def fire_occurrences(
+    conn: Connection,
+    task_ids: Sequence[int],
+    *,
+    shard: int,
+    epoch: int,
+    lease_until: datetime,
+    now: datetime,
+    rules: MisfireRules,
+) -> FireOutcome:
+    outcome = FireOutcome()
+    current_epoch = exists().where(shards.c.shard == shard, shards.c.epoch == epoch)
+    for task_id in task_ids:
+        row = conn.execute(
+            select(tasks.c.schedule_id, tasks.c.nominal_at, tasks.c.status, tasks.c.buffered).where(
+                tasks.c.task_id == task_id
+            )
+        ).first()
+        if row is None or row.status != TaskStatus.SCHEDULED.value:
+            continue
+        try:
+            schedule = get_schedule(conn, row.schedule_id, owner_id=None, lock=True)
+        except ScheduleNotFound:
+            continue  # deleted: its pending occurrences were cancelled
+        others = and_(tasks.c.schedule_id == schedule.schedule_id, tasks.c.task_id != task_id)
+        in_flight = conn.execute(
+            select(func.count()).where(others, tasks.c.status.in_(IN_FLIGHT))
+        ).scalar_one()
+        waiting_before = conn.execute(
+            select(func.count()).where(
+                others,
+                tasks.c.status == TaskStatus.SCHEDULED.value,
+                tasks.c.nominal_at < row.nominal_at,
+                tasks.c.execute_at <= now,
+            )
+        ).scalar_one()
+        plan = plan_occurrence(
+            schedule,
+            nominal=row.nominal_at,
+            now=now,
+            in_flight=in_flight,
+            waiting_before=waiting_before,
+            rules=rules,
+            buffered=row.buffered,
+        )
+        this = and_(
+            tasks.c.task_id == task_id, tasks.c.status == TaskStatus.SCHEDULED.value, current_epoch
+        )
+        if plan.action is Action.SKIP:
+            if not conn.execute(
+                update(tasks).where(this).values(status=TaskStatus.SKIPPED.value, updated_at=now)
+            ).rowcount:
+                continue
+        elif plan.action is Action.FIRE:
+            if plan.cancel_previous:
+                previous = conn.execute(
+                    update(tasks)
+                    .where(others, tasks.c.status.in_(IN_FLIGHT))
+                    .values(
+                        status=TaskStatus.CANCELLED.value, lease_expires_at=None, updated_at=now
+                    )
+                    .returning(tasks.c.task_id, tasks.c.attempt)
+                ).all()
+                outcome.cancelled += [(r.task_id, r.attempt) for r in previous]
+            first, *more = plan.fire_at
+            claim = {
+                "status": TaskStatus.QUEUED.value,
+                "epoch": epoch,
+                "lease_expires_at": lease_until,
+                "updated_at": now,
+            }
+            if first != row.nominal_at:  # fire_once after a misfire runs the latest time
+                claim.update(
+                    nominal_at=first, execute_at=max(first, now), bucket=bucket_of(row.nominal_at)
+                )
+            try:
+                with conn.begin_nested():
+                    changed = conn.execute(update(tasks).where(this).values(**claim)).rowcount
+            except IntegrityError:  # that time has an occurrence already: run under our own
+                for moved in ("nominal_at", "execute_at", "bucket"):
+                    claim.pop(moved, None)
+                changed = conn.execute(update(tasks).where(this).values(**claim)).rowcount
+            if not changed:
+                continue
+            outcome.fired.append(task_id)
+            for nominal in more:  # fire_all: the other missed times, claimed at once
+                extra_id = insert_occurrence(
+                    conn,
+                    schedule,
+                    nominal,
+                    now=now,
+                    status=TaskStatus.QUEUED,
+                    execute_at=max(nominal, now),
+                    epoch=epoch,
+                    lease_expires_at=lease_until,
+                )
+                if extra_id is not None:
+                    # keep the row in this shard's ranges: it reports here
+                    conn.execute(
+                        update(tasks)
+                        .where(tasks.c.task_id == extra_id)
+                        .values(bucket=bucket_of(row.nominal_at))
+                    )
+                    outcome.fired.append(extra_id)
+        else:  # Action.WAIT: stays scheduled, fires when the run in flight ends
+            conn.execute(update(tasks).where(this).values(buffered=True, updated_at=now))
+        conn.execute(
+            update(schedules)
+            .where(schedules.c.schedule_id == schedule.schedule_id)
+            .values(
+                next_fire_at=plan.next_fire_at,
+                missed_fires=schedules.c.missed_fires + plan.missed,
+                skipped_fires=schedules.c.skipped_fires + plan.skipped,
+                updated_at=now,
+            )
+        )
+        if plan.next_fire_at is not None:
+            next_id = insert_occurrence(conn, schedule, plan.next_fire_at, now=now)
+            if next_id is not None:
+                outcome.follow_ups.append((next_id, plan.next_fire_at))
+    return outcome
+
+
+def waiting_occurrences(
+    conn: Connection, schedule_ids: set[int], *, now: datetime
+) -> list[tuple[int, datetime]]:
+    """Occurrences buffered behind a run that has just ended."""
+    if not schedule_ids:
+        return []
+    rows = conn.execute(
+        select(tasks.c.task_id, tasks.c.execute_at).where(
+            tasks.c.schedule_id.in_(schedule_ids),
+            tasks.c.status == TaskStatus.SCHEDULED.value,
+            tasks.c.execute_at <= now,
+        )
+    ).all()
+    return [(r.task_id, r.execute_at) for r in rows]

@@ -1,0 +1,220 @@
+"""Schedules and their occurrences in SQL (SQLite and PostgreSQL): firing
+under each misfire and overlap policy, materialising the next occurrence
+exactly once, pause/resume/delete/trigger."""
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import func, select
+
+from chronoray.errors import ScriptNotFound
+from scheduling.lifecycle import RetryPolicy
+from scheduling.models import Interpreter, RunResult, TaskStatus
+from scheduling.schedules import MisfirePolicy, MisfireRules, NewSchedule, OverlapPolicy
+from storage.occurrences import ScheduleNotFound
+from storage.schema import tasks
+
+UTC = timezone.utc
+T = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)  # a whole minute
+LEASE = T + timedelta(minutes=10)
+
+
+@pytest.fixture
+def repo(sql_repo):
+    sql_repo.misfire_rules = MisfireRules(grace_s=30, catch_up_window_s=150, max_catch_up=10)
+    return sql_repo
+
+
+@pytest.fixture
+def owner(repo):
+    owner = repo.ensure_user(first_name="grace", last_name="hopper", now=T)
+    repo.add_script(
+        owner_id=owner, name="tick.sh", interpreter=Interpreter.BASH, body=b"date", now=T
+    )
+    return owner
+
+
+def create(repo, owner, **kw):
+    new = NewSchedule(owner_id=owner, script_name="tick.sh", cron=kw.pop("cron", "* * * * *"), **kw)
+    return repo.add_schedule(new, now=kw.pop("now", T - timedelta(seconds=30)))
+
+
+def occurrences(repo, schedule_id):
+    with repo.engine.connect() as conn:
+        return conn.execute(
+            select(tasks.c.task_id, tasks.c.nominal_at, tasks.c.status)
+            .where(tasks.c.schedule_id == schedule_id)
+            .order_by(tasks.c.nominal_at, tasks.c.task_id)
+        ).all()
+
+
+def fire(repo, task_ids, now, epoch=None):
+    epoch = epoch or repo.start_shard(0, now=now)
+    return repo.claim(task_ids, shard=0, epoch=epoch, lease_until=LEASE, now=now)
+
+
+def finish(repo, spec, now):
+    result = RunResult.of(
+        spec,
+        executor_id="e",
+        tier="small",
+        node_id="n",
+        started_at=now,
+        finished_at=now,
+        exit_code=0,
+        output_tail="",
+        failure=None,
+    )
+    return repo.record_results([result], policy=RetryPolicy(), now=now)
+
+
+def test_first_occurrence_is_stored_with_the_schedule(repo, owner):
+    schedule, (task_id, at) = create(repo, owner)
+    assert at == T and schedule.next_fire_at == T
+    assert [
+        (o.task_id, o.nominal_at, o.status) for o in occurrences(repo, schedule.schedule_id)
+    ] == [(task_id, T, "scheduled")]
+    with pytest.raises(ScriptNotFound):
+        repo.add_schedule(NewSchedule(owner_id=owner, script_name="nope", cron="* * * * *"), now=T)
+
+
+def test_firing_materialises_the_next_occurrence_once(repo, owner):
+    schedule, (task_id, _) = create(repo, owner)
+    epoch = repo.start_shard(0, now=T)
+    claimed = fire(repo, [task_id], T, epoch)
+    assert [s.task_id for s in claimed.specs] == [task_id]
+    [(next_id, next_at)] = claimed.follow_ups
+    assert next_at == T + timedelta(minutes=1)
+    again = fire(repo, [task_id], T, epoch)  # a replayed or racing claim
+    assert again.specs == [] and again.follow_ups == []
+    nominal = [o.nominal_at for o in occurrences(repo, schedule.schedule_id)]
+    assert nominal == [T, T + timedelta(minutes=1)]
+
+
+@pytest.mark.parametrize(
+    "policy, fired, missed, statuses",
+    [
+        # down from 11:59:30 to 12:03:30: 12:00 .. 12:03 missed
+        (MisfirePolicy.SKIP, [], 4, ["skipped", "scheduled"]),
+        (MisfirePolicy.FIRE_ONCE, [3], 3, ["queued", "scheduled"]),
+        # window 150 s from 12:03:30 reaches 12:01:00: 12:01, 12:02, 12:03
+        (MisfirePolicy.FIRE_ALL, [1, 2, 3], 1, ["queued", "queued", "queued", "scheduled"]),
+    ],
+)
+def test_misfire_policies_after_downtime(repo, owner, policy, fired, missed, statuses):
+    schedule, (task_id, _) = create(repo, owner, misfire_policy=policy)
+    now = T + timedelta(minutes=3, seconds=30)
+    claimed = fire(repo, [task_id], now)
+    with repo.engine.connect() as conn:
+        nominal = {
+            r.task_id: r.nominal_at
+            for r in conn.execute(
+                select(tasks.c.task_id, tasks.c.nominal_at).where(
+                    tasks.c.schedule_id == schedule.schedule_id
+                )
+            )
+        }
+    assert sorted(nominal[s.task_id] for s in claimed.specs) == [
+        T + timedelta(minutes=m) for m in fired
+    ]
+    assert [o.status for o in occurrences(repo, schedule.schedule_id)] == statuses
+    assert claimed.follow_ups[0][1] == T + timedelta(minutes=4)
+    assert repo.get_schedule(schedule.schedule_id, owner_id=owner).missed_fires == missed
+
+
+def overlapping(repo, owner, policy):
+    """Occurrence 12:00 is running when 12:01 comes due."""
+    schedule, (first_id, _) = create(repo, owner, overlap_policy=policy)
+    epoch = repo.start_shard(0, now=T)
+    [running] = fire(repo, [first_id], T, epoch).specs
+    repo.mark_running([running], lease_grace_s=30, now=T)
+    second_id = occurrences(repo, schedule.schedule_id)[1].task_id
+    claimed = fire(repo, [second_id], T + timedelta(minutes=1), epoch)
+    return schedule, running, second_id, claimed, epoch
+
+
+def test_overlap_skip(repo, owner):
+    schedule, _, second_id, claimed, _ = overlapping(repo, owner, OverlapPolicy.SKIP)
+    assert claimed.specs == [] and claimed.cancelled == []
+    assert repo.get_task(second_id).status is TaskStatus.SKIPPED
+    assert repo.get_schedule(schedule.schedule_id, owner_id=owner).skipped_fires == 1
+
+
+def test_overlap_allow(repo, owner):
+    _, _, second_id, claimed, _ = overlapping(repo, owner, OverlapPolicy.ALLOW)
+    assert [s.task_id for s in claimed.specs] == [second_id]
+
+
+def test_overlap_cancel_previous(repo, owner):
+    _, running, second_id, claimed, _ = overlapping(repo, owner, OverlapPolicy.CANCEL_PREVIOUS)
+    assert [s.task_id for s in claimed.specs] == [second_id]
+    assert claimed.cancelled == [(running.task_id, running.attempt)]
+    assert repo.get_task(running.task_id).status is TaskStatus.CANCELLED
+    assert finish(repo, running, T + timedelta(minutes=1)) == []  # its late result changes nothing
+    assert repo.get_task(running.task_id).status is TaskStatus.CANCELLED
+
+
+def test_overlap_buffer_one_waits_then_fires_when_the_run_ends(repo, owner):
+    schedule, running, second_id, claimed, epoch = overlapping(
+        repo, owner, OverlapPolicy.BUFFER_ONE
+    )
+    assert claimed.specs == []
+    assert repo.get_task(second_id).status is TaskStatus.SCHEDULED  # buffered
+    third_id = occurrences(repo, schedule.schedule_id)[2].task_id
+    third = fire(repo, [third_id], T + timedelta(minutes=2), epoch)
+    assert (
+        third.specs == [] and repo.get_task(third_id).status is TaskStatus.SKIPPED
+    )  # one waits at most
+    watch = finish(repo, running, T + timedelta(minutes=2, seconds=5))
+    assert [task_id for task_id, _ in watch] == [second_id]
+    later = fire(repo, [second_id], T + timedelta(minutes=2, seconds=5), epoch)
+    assert [s.task_id for s in later.specs] == [second_id]
+
+
+def test_pause_resume_change_delete_and_trigger(repo, owner):
+    schedule, (first_id, _) = create(repo, owner)
+    paused, follow = repo.change_schedule(
+        schedule.schedule_id, owner_id=owner, changes={"paused": True}, now=T
+    )
+    assert paused.paused and paused.next_fire_at is None and follow is None
+    assert repo.get_task(first_id).status is TaskStatus.CANCELLED
+    resumed, (new_id, at) = repo.change_schedule(
+        schedule.schedule_id,
+        owner_id=owner,
+        changes={"paused": False, "cron": "*/5 * * * *"},
+        now=T + timedelta(seconds=1),
+    )
+    assert at == T + timedelta(minutes=5) and resumed.cron == "*/5 * * * *"
+    trigger_id, trigger_at = repo.trigger_schedule(
+        schedule.schedule_id, owner_id=owner, now=T + timedelta(seconds=2)
+    )
+    assert repo.get_task(trigger_id).nominal_at == trigger_at
+    repo.delete_schedule(schedule.schedule_id, owner_id=owner, now=T + timedelta(seconds=3))
+    assert repo.get_task(new_id).status is TaskStatus.CANCELLED
+    with pytest.raises(ScheduleNotFound):
+        repo.get_schedule(schedule.schedule_id, owner_id=owner)
+    with pytest.raises(ScheduleNotFound):
+        repo.get_schedule(schedule.schedule_id + 1000, owner_id=owner)
+
+
+def test_history_lists_occurrences_with_their_runs(repo, owner):
+    schedule, (task_id, _) = create(repo, owner)
+    [spec] = fire(repo, [task_id], T).specs
+    finish(repo, spec, T + timedelta(milliseconds=5))
+    history = repo.schedule_history(schedule.schedule_id, owner_id=owner)
+    assert [h["nominal_at"] for h in history] == [T + timedelta(minutes=1), T]
+    assert history[1]["status"] is TaskStatus.SUCCEEDED and len(history[1]["runs"]) == 1
+
+
+def test_unique_occurrence_survives_two_shards_racing(repo, owner):
+    schedule, (task_id, _) = create(repo, owner)
+    e0 = repo.start_shard(0, now=T)
+    e1 = repo.start_shard(1, now=T)
+    a = repo.claim([task_id], shard=0, epoch=e0, lease_until=LEASE, now=T)
+    b = repo.claim([task_id], shard=1, epoch=e1, lease_until=LEASE, now=T)
+    assert len(a.specs) + len(b.specs) == 1
+    with repo.engine.connect() as conn:
+        count = conn.execute(
+            select(func.count()).where(tasks.c.schedule_id == schedule.schedule_id)
+        ).scalar()
+    assert count == 2
