@@ -8,6 +8,7 @@ waiting), so the decision cannot race.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -40,6 +41,7 @@ class NewSchedule:
     timeout_s: float = 300.0
     misfire_policy: MisfirePolicy = MisfirePolicy.FIRE_ONCE
     overlap_policy: OverlapPolicy = OverlapPolicy.SKIP
+    jitter_s: float = 0.0  # each occurrence runs up to this much after its time
     start_at: datetime | None = None
     end_at: datetime | None = None
     paused: bool = False
@@ -80,6 +82,17 @@ def bounded(schedule: NewSchedule, at: datetime | None) -> datetime | None:
     if at is None or (schedule.end_at is not None and at > schedule.end_at):
         return None
     return at
+
+
+def jittered(schedule_id: int, nominal: datetime, jitter_s: float) -> datetime:
+    """The run time of an occurrence: its nominal time plus a delay in
+    [0, jitter_s) that depends only on (schedule, time), so a re-planned
+    occurrence keeps its instant."""
+    if jitter_s <= 0:
+        return nominal
+    digest = hashlib.sha256(f"{schedule_id}:{nominal.isoformat()}".encode()).digest()
+    fraction = int.from_bytes(digest[:8], "big") / 2**64
+    return nominal + timedelta(seconds=fraction * jitter_s)
 
 
 class Action(str, enum.Enum):

@@ -9,15 +9,29 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Protocol
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse
 
 from chronoray.errors import ChronorayError, InvalidInput, TooLarge
 from chronoray.settings import Settings
+from scheduling.cron import validate_schedule
 from scheduling.models import NewTask, SubmitResult
+from scheduling.schedules import MisfirePolicy, NewSchedule, OverlapPolicy, first_fire
 from serve_app.errors import install_error_handlers
 from serve_app.limits import BodySizeLimit
-from serve_app.schemas import ScriptIn, TaskIn, parse_instant, script_out, task_out
+from serve_app.schemas import (
+    ScheduleFields,
+    ScheduleIn,
+    SchedulePatch,
+    ScriptIn,
+    SendTaskIn,
+    TaskIn,
+    history_out,
+    parse_instant,
+    schedule_out,
+    script_out,
+    task_out,
+)
 from storage.repository import TaskRepository
 
 
@@ -25,6 +39,9 @@ class Submitter(Protocol):
     """Hands validated submissions to the shards that own them."""
 
     async def submit(self, new_tasks: Sequence[NewTask]) -> list[SubmitResult | ChronorayError]: ...
+
+    async def track(self, entries: Sequence[tuple[int, datetime]]) -> None:
+        """Tell the owner shards about occurrences stored outside them."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +71,56 @@ def new_task(body: TaskIn, *, owner_id: int, settings: Settings) -> NewTask:
         idempotency_key=body.idempotency_key,
         request_hash=body.request_hash(),
     )
+
+
+SCHEDULE_DEFAULTS = {
+    "variables": {},
+    "priority": 0,
+    "max_attempts": 3,
+    "misfire_policy": MisfirePolicy.FIRE_ONCE,
+    "overlap_policy": OverlapPolicy.SKIP,
+    "jitter_s": 0.0,
+    "paused": False,
+}
+
+
+def schedule_changes(body: ScheduleFields, *, settings: Settings, now: datetime) -> dict:
+    """Validated, explicitly set fields of a create or change request."""
+    changes = body.model_dump(exclude_unset=True, exclude_none=True)
+    if "priority" in changes and changes["priority"] > settings.max_priority:
+        raise InvalidInput(f"must be at most {settings.max_priority}", "priority")
+    if "max_attempts" in changes and changes["max_attempts"] > settings.max_attempts_limit:
+        raise InvalidInput(f"must be at most {settings.max_attempts_limit}", "max_attempts")
+    if "timeout_s" in changes and changes["timeout_s"] > settings.max_timeout_s:
+        raise InvalidInput(f"must be at most {settings.max_timeout_s}", "timeout_s")
+    for bound in ("start_at", "end_at"):
+        if bound in changes:
+            changes[bound] = parse_instant(changes[bound], bound)
+    if (
+        changes.get("start_at")
+        and changes.get("end_at")
+        and changes["end_at"] <= changes["start_at"]
+    ):
+        raise InvalidInput("must be after start_at", "end_at")
+    return changes
+
+
+def new_schedule(
+    body: ScheduleIn, *, owner_id: int, settings: Settings, now: datetime
+) -> NewSchedule:
+    fields = {**SCHEDULE_DEFAULTS, "timeout_s": settings.default_timeout_s}
+    fields.update(schedule_changes(body, settings=settings, now=now))
+    for identity in ("script", "cron", "timezone"):
+        fields.pop(identity, None)
+    validate_schedule(
+        body.cron, body.timezone, now=now, min_interval_s=settings.min_schedule_interval_s
+    )
+    new = NewSchedule(
+        owner_id=owner_id, script_name=body.script, cron=body.cron, timezone=body.timezone, **fields
+    )
+    if first_fire(new, now=now) is None:
+        raise InvalidInput("the schedule never fires between start_at and end_at", "end_at")
+    return new
 
 
 def create_api(backend: Backend) -> FastAPI:
@@ -97,7 +164,98 @@ def create_api(backend: Backend) -> FastAPI:
         return JSONResponse(task_out(result.task), status_code=201 if result.created else 200)
 
     api.post("/v1/tasks", status_code=201)(submit)
-    api.post("/sendTask", status_code=201)(submit)
+
+    @api.post("/sendTask", status_code=201)
+    async def send_task(body: SendTaskIn) -> JSONResponse:
+        """The original API: once at ``execute_at``, or on a ``cron``."""
+        if body.cron is None:
+            if body.timezone is not None:
+                raise InvalidInput("timezone goes with cron", "timezone")
+            return await submit(TaskIn.parse(body.model_dump(exclude={"cron", "timezone"})))
+        if body.execute_at is not None:
+            raise InvalidInput("give execute_at or cron, not both", "cron")
+        fields = body.model_dump(exclude_unset=True, exclude={"execute_at", "idempotency_key"})
+        return await create_schedule(ScheduleIn.parse(fields))
+
+    async def watch(follow_up) -> None:
+        if follow_up is not None:
+            await backend.submitter.track([follow_up])
+
+    @api.post("/v1/schedules", status_code=201)
+    async def create_schedule(body: ScheduleIn) -> JSONResponse:
+        new = new_schedule(body, owner_id=backend.owner_id, settings=settings, now=now())
+        schedule, follow_up = await asyncio.to_thread(repo.add_schedule, new, now=now())
+        await watch(follow_up)
+        return JSONResponse(schedule_out(schedule), status_code=201)
+
+    @api.get("/v1/schedules")
+    async def list_schedules() -> dict:
+        found = await asyncio.to_thread(repo.list_schedules, owner_id=backend.owner_id)
+        return {"schedules": [schedule_out(s) for s in found]}
+
+    @api.get("/v1/schedules/{schedule_id}")
+    async def get_schedule(schedule_id: int) -> dict:
+        schedule = await asyncio.to_thread(
+            repo.get_schedule, schedule_id, owner_id=backend.owner_id
+        )
+        return schedule_out(schedule)
+
+    @api.patch("/v1/schedules/{schedule_id}")
+    async def change_schedule(schedule_id: int, body: SchedulePatch) -> dict:
+        current = await asyncio.to_thread(repo.get_schedule, schedule_id, owner_id=backend.owner_id)
+        changes = schedule_changes(body, settings=settings, now=now())
+        if "cron" in changes or "timezone" in changes:
+            validate_schedule(
+                changes.get("cron", current.cron),
+                changes.get("timezone", current.timezone),
+                now=now(),
+                min_interval_s=settings.min_schedule_interval_s,
+            )
+        schedule, follow_up = await asyncio.to_thread(
+            repo.change_schedule, schedule_id, owner_id=backend.owner_id, changes=changes, now=now()
+        )
+        await watch(follow_up)
+        return schedule_out(schedule)
+
+    @api.delete("/v1/schedules/{schedule_id}")
+    async def delete_schedule(schedule_id: int) -> dict:
+        await asyncio.to_thread(
+            repo.delete_schedule, schedule_id, owner_id=backend.owner_id, now=now()
+        )
+        return {"schedule_id": schedule_id, "deleted": True}
+
+    @api.post("/v1/schedules/{schedule_id}/trigger", status_code=202)
+    async def trigger_schedule(schedule_id: int) -> dict:
+        task_id, at = await asyncio.to_thread(
+            repo.trigger_schedule, schedule_id, owner_id=backend.owner_id, now=now()
+        )
+        await watch((task_id, at))
+        return {"schedule_id": schedule_id, "task_id": task_id, "nominal_at": at.isoformat()}
+
+    @api.get("/v1/schedules/{schedule_id}/preview")
+    async def preview_schedule(schedule_id: int, count: int = Query(10, ge=1, le=100)) -> dict:
+        schedule = await asyncio.to_thread(
+            repo.get_schedule, schedule_id, owner_id=backend.owner_id
+        )
+        cron = schedule.cron_schedule
+        start = schedule.next_fire_at or now()
+        fires = [start, *cron.upcoming(start, count - 1)] if schedule.next_fire_at else []
+        if schedule.end_at:
+            fires = [f for f in fires if f <= schedule.end_at]
+        return {
+            "schedule_id": schedule_id,
+            "timezone": schedule.timezone,
+            "fires": [
+                {"utc": f.isoformat(), "local": f.astimezone(cron.zone).isoformat()} for f in fires
+            ],
+        }
+
+    @api.get("/v1/schedules/{schedule_id}/runs")
+    async def schedule_runs(schedule_id: int, limit: int = Query(100, ge=1, le=1000)) -> dict:
+        history = await asyncio.to_thread(
+            repo.schedule_history, schedule_id, owner_id=backend.owner_id, limit=limit
+        )
+        return {"schedule_id": schedule_id, "occurrences": [history_out(h) for h in history]}
 
     @api.get("/v1/tasks/{task_id}")
     async def get_task(task_id: int) -> dict:

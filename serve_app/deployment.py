@@ -50,6 +50,25 @@ class ShardSubmitter:
         groups, refs = self._send(new_tasks)
         return self._merge(len(new_tasks), groups, await asyncio.gather(*refs))
 
+    async def track(self, entries: Sequence[tuple[int, datetime]]) -> None:
+        await asyncio.gather(*self._track(entries))
+
+    def track_blocking(self, entries: Sequence[tuple[int, datetime]]) -> None:
+        import ray
+
+        ray.get(self._track(entries))
+
+    def _track(self, entries):
+        from actors.handles import shard_handle
+
+        by_shard: dict[int, list] = {}
+        for task_id, at in entries:
+            by_shard.setdefault(self._settings.wheel.shard_of(at), []).append((task_id, at))
+        return [
+            shard_handle(shard, self._settings.namespace).track.remote(owned)
+            for shard, owned in by_shard.items()
+        ]
+
     def submit_blocking(self, new_tasks: Sequence[NewTask]) -> list[SubmitResult | ChronorayError]:
         """For drivers outside an event loop (chronoray.Client)."""
         import ray

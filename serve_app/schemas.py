@@ -12,14 +12,17 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
     field_validator,
 )
+from typing_extensions import Self
 
 from chronoray.errors import InvalidInput
 from scheduling.models import Interpreter, Run, Script, Task
+from scheduling.schedules import MisfirePolicy, OverlapPolicy, Schedule
 from scheduling.validation import validate_script_name, validate_variables
 
 MAX_EPOCH_S = 253402300799  # 9999-12-31T23:59:59Z
@@ -47,6 +50,19 @@ def parse_instant(value: Any, field: str = "execute_at") -> datetime:
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def parse(cls, fields: dict) -> Self:
+        """For callers without FastAPI (chronoray.Client): the same rules,
+        the same domain errors."""
+        from pydantic import ValidationError
+
+        from serve_app.errors import error_from_validation
+
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            raise error_from_validation(exc.errors()) from None
 
 
 class ScriptIn(Strict):
@@ -77,26 +93,14 @@ class TaskIn(Strict):
     @field_validator("execute_at", mode="before")
     @classmethod
     def _execute_at(cls, value):
-        parse_instant(value)  # raised InvalidInput becomes a 422 naming the field
+        if value is not None:  # None: checked where it is used (sendTask takes cron instead)
+            parse_instant(value)  # raised InvalidInput becomes a 422 naming the field
         return value
 
     @field_validator("variables")
     @classmethod
     def _variables(cls, value: dict[str, str]) -> dict[str, str]:
         return validate_variables(value)
-
-    @classmethod
-    def parse(cls, fields: dict) -> "TaskIn":
-        """For callers without FastAPI (chronoray.Client): the same rules,
-        the same domain errors."""
-        from pydantic import ValidationError
-
-        from serve_app.errors import error_from_validation
-
-        try:
-            return cls(**fields)
-        except ValidationError as exc:
-            raise error_from_validation(exc.errors()) from None
 
     def request_hash(self) -> str:
         """Tells a replay (same body) from a reuse of the key (other body)."""
@@ -159,3 +163,106 @@ def task_out(task: Task, runs: list[Run] | None = None) -> dict:
         body["output"] = last.output_tail if last else None
         body["fire_lag_ms"] = run_out(last)["fire_lag_ms"] if last else None
     return body
+
+
+class ScheduleFields(Strict):
+    """Fields a schedule shares between create and change."""
+
+    variables: dict[StrictStr, StrictStr] | None = None
+    priority: StrictInt | None = Field(default=None, ge=0)
+    max_attempts: StrictInt | None = Field(default=None, ge=1)
+    timeout_s: StrictFloat | None = Field(default=None, gt=0, allow_inf_nan=False)
+    misfire_policy: MisfirePolicy | None = None
+    overlap_policy: OverlapPolicy | None = None
+    jitter_s: StrictFloat | None = Field(default=None, ge=0, le=3600, allow_inf_nan=False)
+    start_at: Any = None
+    end_at: Any = None
+    paused: StrictBool | None = None
+
+    @field_validator("variables")
+    @classmethod
+    def _variables(cls, value):
+        return None if value is None else validate_variables(value)
+
+    @field_validator("start_at", "end_at", mode="before")
+    @classmethod
+    def _bounds(cls, value, info):
+        if value is not None:
+            parse_instant(value, info.field_name)
+        return value
+
+
+class ScheduleIn(ScheduleFields):
+    script: StrictStr
+    cron: StrictStr
+    timezone: StrictStr = "UTC"
+
+    @field_validator("script")
+    @classmethod
+    def _script(cls, value: str) -> str:
+        return validate_script_name(value, "script")
+
+
+class SchedulePatch(ScheduleFields):
+    cron: StrictStr | None = None
+    timezone: StrictStr | None = None
+
+
+class SendTaskIn(TaskIn):
+    """The original API: ``execute_at`` for once, or ``cron`` (+ timezone)
+    for a schedule."""
+
+    execute_at: Any = None
+    cron: StrictStr | None = None
+    timezone: StrictStr | None = None
+
+
+def schedule_out(schedule: Schedule) -> dict:
+    zone = schedule.cron_schedule.zone
+    return {
+        "schedule_id": schedule.schedule_id,
+        "script": schedule.script_name,
+        "cron": schedule.cron,
+        "timezone": schedule.timezone,
+        "variables": dict(schedule.variables),
+        "priority": schedule.priority,
+        "max_attempts": schedule.max_attempts,
+        "timeout_s": schedule.timeout_s,
+        "misfire_policy": schedule.misfire_policy.value,
+        "overlap_policy": schedule.overlap_policy.value,
+        "jitter_s": schedule.jitter_s,
+        "start_at": _iso(schedule.start_at),
+        "end_at": _iso(schedule.end_at),
+        "paused": schedule.paused,
+        "next_fire_at": _iso(schedule.next_fire_at),
+        "next_fire_local": _iso(schedule.next_fire_at.astimezone(zone))
+        if schedule.next_fire_at
+        else None,
+        "missed_fires": schedule.missed_fires,
+        "skipped_fires": schedule.skipped_fires,
+        "created_at": _iso(schedule.created_at),
+        "updated_at": _iso(schedule.updated_at),
+    }
+
+
+def history_out(entry: dict) -> dict:
+    return {
+        "task_id": entry["task_id"],
+        "nominal_at": _iso(entry["nominal_at"]),
+        "status": entry["status"].value,
+        "attempt": entry["attempt"],
+        "runs": [
+            {
+                "attempt": run.attempt,
+                "status": "succeeded" if run.failure is None else "failed",
+                "failure": run.failure.value if run.failure else None,
+                "started_at": _iso(run.started_at),
+                "finished_at": _iso(run.finished_at),
+                "lag_ms": None
+                if run.started_at is None
+                else round((run.started_at - entry["nominal_at"]).total_seconds() * 1000, 3),
+                "exit_code": run.exit_code,
+            }
+            for run in entry["runs"]
+        ],
+    }

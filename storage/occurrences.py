@@ -26,6 +26,7 @@ from scheduling.schedules import (
     OverlapPolicy,
     Schedule,
     first_fire,
+    jittered,
     plan_occurrence,
 )
 from scheduling.timeline import bucket_of
@@ -58,6 +59,7 @@ def schedule_from_row(row) -> Schedule:
         timeout_s=row.timeout_s,
         misfire_policy=MisfirePolicy(row.misfire_policy),
         overlap_policy=OverlapPolicy(row.overlap_policy),
+        jitter_s=row.jitter_s,
         start_at=row.start_at,
         end_at=row.end_at,
         paused=row.paused,
@@ -97,7 +99,9 @@ def insert_occurrence(
         "script_id": _latest_script_id(conn, schedule.owner_id, schedule.script_name),
         "schedule_id": schedule.schedule_id,
         "nominal_at": nominal,
-        "execute_at": extra.pop("execute_at", nominal),
+        "execute_at": extra.pop(
+            "execute_at", jittered(schedule.schedule_id, nominal, schedule.jitter_s)
+        ),
         "status": status.value,
         "priority": schedule.priority,
         "attempt": 1,
@@ -141,6 +145,7 @@ def add_schedule(
             timeout_s=new.timeout_s,
             misfire_policy=new.misfire_policy.value,
             overlap_policy=new.overlap_policy.value,
+            jitter_s=new.jitter_s,
             start_at=new.start_at,
             end_at=new.end_at,
             paused=new.paused,

@@ -94,6 +94,7 @@ schedules = Table(
     Column("timeout_s", Float, nullable=False),
     Column("misfire_policy", String(16), nullable=False),
     Column("overlap_policy", String(16), nullable=False),
+    Column("jitter_s", Float, nullable=False),
     Column("start_at", UtcDateTime, nullable=True),
     Column("end_at", UtcDateTime, nullable=True),
     Column("paused", Boolean, nullable=False),

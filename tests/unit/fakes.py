@@ -7,7 +7,6 @@ from datetime import datetime
 
 from chronoray.errors import ChronorayError
 from scheduling.models import NewTask, RunResult, SubmitResult, TaskSpec
-from storage.memory import InMemoryTaskRepository
 
 
 class FakeDispatcher:
@@ -43,12 +42,16 @@ class FakePeers:
 class RepoSubmitter:
     """Stores straight into a repository (the shard hop, without Ray)."""
 
-    def __init__(self, repo: InMemoryTaskRepository, now) -> None:
+    def __init__(self, repo, now) -> None:
         self.repo = repo
         self.now = now
+        self.tracked: list = []
 
     async def submit(self, new_tasks: Sequence[NewTask]) -> list[SubmitResult | ChronorayError]:
         return self.repo.add_tasks(list(new_tasks), now=self.now())
+
+    async def track(self, entries) -> None:
+        self.tracked.extend(entries)
 
 
 class FakeExecutor:

@@ -30,6 +30,7 @@ def upgrade() -> None:
         sa.Column("timeout_s", sa.Float, nullable=False),
         sa.Column("misfire_policy", sa.String(16), nullable=False),
         sa.Column("overlap_policy", sa.String(16), nullable=False),
+        sa.Column("jitter_s", sa.Float, nullable=False),
         sa.Column("start_at", UtcDateTime, nullable=True),
         sa.Column("end_at", UtcDateTime, nullable=True),
         sa.Column("paused", sa.Boolean, nullable=False),
