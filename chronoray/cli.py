@@ -21,6 +21,8 @@ tasks_app = typer.Typer(help="Inspect tasks.", no_args_is_help=True)
 scripts_app = typer.Typer(help="Register scripts.", no_args_is_help=True)
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(scripts_app, name="scripts")
+schedules_app = typer.Typer(help="CRON schedules.", no_args_is_help=True)
+app.add_typer(schedules_app, name="schedules")
 console = Console()
 err = Console(stderr=True)
 
@@ -135,13 +137,7 @@ def submit(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Schedule a registered script to run once."""
-    variables = {}
-    for item in var:
-        name, sep, value = item.partition("=")
-        if not sep:
-            err.print(f"[red]--var {item!r}: expected NAME=value[/red]")
-            raise typer.Exit(2)
-        variables[name] = value
+    variables = _variables(var)
     request = {
         "script": script,
         "execute_at": parse_when(at),
@@ -185,6 +181,140 @@ def tasks_show(
             (run["output"] or "").strip()[-60:],
         )
     console.print(table)
+
+
+def _print(body, as_json: bool, line: str) -> None:
+    if as_json:
+        console.print_json(json.dumps(body))
+    else:
+        console.print(line)
+
+
+@schedules_app.command("create")
+def schedules_create(
+    script: str,
+    cron: str,
+    timezone_name: str = typer.Option("UTC", "--timezone", help="IANA zone, e.g. Europe/Berlin"),
+    var: list[str] = typer.Option([], "--var", help="NAME=value, repeatable"),
+    misfire: str = typer.Option("fire_once", help="skip, fire_once or fire_all"),
+    overlap: str = typer.Option("skip", help="allow, skip, buffer_one or cancel_previous"),
+    priority: int = typer.Option(0),
+    url: str = URL_OPTION,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Run a script on a CRON expression in a time zone."""
+    body = _call(
+        "POST",
+        f"{url}/v1/schedules",
+        json={
+            "script": script,
+            "cron": cron,
+            "timezone": timezone_name,
+            "variables": _variables(var),
+            "misfire_policy": misfire,
+            "overlap_policy": overlap,
+            "priority": priority,
+        },
+    )
+    _print(body, as_json, f"schedule {body['schedule_id']}: next fire {body['next_fire_local']}")
+
+
+@schedules_app.command("list")
+def schedules_list(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
+    body = _call("GET", f"{url}/v1/schedules")
+    if as_json:
+        console.print_json(json.dumps(body))
+        return
+    table = Table("id", "script", "cron", "zone", "next fire", "paused", "missed", "skipped")
+    for s in body["schedules"]:
+        table.add_row(
+            str(s["schedule_id"]),
+            s["script"],
+            s["cron"],
+            s["timezone"],
+            str(s["next_fire_local"]),
+            str(s["paused"]),
+            str(s["missed_fires"]),
+            str(s["skipped_fires"]),
+        )
+    console.print(table)
+
+
+@schedules_app.command("preview")
+def schedules_preview(
+    schedule_id: int,
+    count: int = typer.Option(10),
+    url: str = URL_OPTION,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The next fire times, in UTC and in the schedule's zone."""
+    body = _call("GET", f"{url}/v1/schedules/{schedule_id}/preview", params={"count": count})
+    _print(body, as_json, "\n".join(f"{f['utc']}  {f['local']}" for f in body["fires"]))
+
+
+@schedules_app.command("pause")
+def schedules_pause(
+    schedule_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
+) -> None:
+    body = _call("PATCH", f"{url}/v1/schedules/{schedule_id}", json={"paused": True})
+    _print(body, as_json, f"schedule {schedule_id} paused")
+
+
+@schedules_app.command("resume")
+def schedules_resume(
+    schedule_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
+) -> None:
+    body = _call("PATCH", f"{url}/v1/schedules/{schedule_id}", json={"paused": False})
+    _print(body, as_json, f"schedule {schedule_id} resumed: next fire {body['next_fire_local']}")
+
+
+@schedules_app.command("trigger")
+def schedules_trigger(
+    schedule_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
+) -> None:
+    body = _call("POST", f"{url}/v1/schedules/{schedule_id}/trigger")
+    _print(body, as_json, f"schedule {schedule_id}: task {body['task_id']} runs now")
+
+
+@schedules_app.command("delete")
+def schedules_delete(
+    schedule_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
+) -> None:
+    body = _call("DELETE", f"{url}/v1/schedules/{schedule_id}")
+    _print(body, as_json, f"schedule {schedule_id} deleted")
+
+
+@schedules_app.command("runs")
+def schedules_runs(
+    schedule_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
+) -> None:
+    """Occurrences with nominal time, start, lag and status."""
+    body = _call("GET", f"{url}/v1/schedules/{schedule_id}/runs")
+    if as_json:
+        console.print_json(json.dumps(body))
+        return
+    table = Table("nominal", "status", "attempt", "started", "lag ms")
+    for occurrence in body["occurrences"]:
+        last = occurrence["runs"][-1] if occurrence["runs"] else {}
+        table.add_row(
+            occurrence["nominal_at"],
+            occurrence["status"],
+            str(occurrence["attempt"]),
+            str(last.get("started_at")),
+            str(last.get("lag_ms")),
+        )
+    console.print(table)
+
+
+def _variables(items: list[str]) -> dict[str, str]:
+    variables = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            err.print(f"[red]--var {item!r}: expected NAME=value[/red]")
+            raise typer.Exit(2)
+        variables[name] = value
+    return variables
 
 
 def main() -> None:

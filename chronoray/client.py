@@ -16,6 +16,11 @@ import ray
 
 from chronoray.errors import ChronorayError, TooLarge
 from scheduling.models import Interpreter, Run, Script, Task
+from scheduling.schedules import Schedule
+
+
+def _iso_times(fields: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in fields.items()}
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,66 @@ class Client:
                 raise result
             tasks.append(result.task)
         return tasks
+
+    # -- schedules -----------------------------------------------------------
+    def create_schedule(self, script: str, cron: str, **fields: Any) -> Schedule:
+        """Fields as in ``POST /v1/schedules`` (timezone, variables, priority,
+        misfire_policy, overlap_policy, jitter_s, start_at, end_at, paused)."""
+        from serve_app.app import new_schedule
+        from serve_app.schemas import ScheduleIn
+
+        now = datetime.now(timezone.utc)
+        body = ScheduleIn.parse({"script": script, "cron": cron, **_iso_times(fields)})
+        new = new_schedule(body, owner_id=self.owner_id, settings=self.settings, now=now)
+        schedule, follow_up = self._repo.add_schedule(new, now=now)
+        if follow_up:
+            self._submitter.track_blocking([follow_up])
+        return schedule
+
+    def get_schedule(self, schedule_id: int) -> Schedule:
+        return self._repo.get_schedule(schedule_id, owner_id=self.owner_id)
+
+    def list_schedules(self) -> list[Schedule]:
+        return self._repo.list_schedules(owner_id=self.owner_id)
+
+    def change_schedule(self, schedule_id: int, **changes: Any) -> Schedule:
+        from scheduling.cron import validate_schedule
+        from serve_app.app import schedule_changes
+        from serve_app.schemas import SchedulePatch
+
+        now = datetime.now(timezone.utc)
+        current = self.get_schedule(schedule_id)
+        values = schedule_changes(
+            SchedulePatch.parse(_iso_times(changes)), settings=self.settings, now=now
+        )
+        if "cron" in values or "timezone" in values:
+            validate_schedule(
+                values.get("cron", current.cron),
+                values.get("timezone", current.timezone),
+                now=now,
+                min_interval_s=self.settings.min_schedule_interval_s,
+            )
+        schedule, follow_up = self._repo.change_schedule(
+            schedule_id, owner_id=self.owner_id, changes=values, now=now
+        )
+        if follow_up:
+            self._submitter.track_blocking([follow_up])
+        return schedule
+
+    def delete_schedule(self, schedule_id: int) -> None:
+        self._repo.delete_schedule(
+            schedule_id, owner_id=self.owner_id, now=datetime.now(timezone.utc)
+        )
+
+    def trigger_schedule(self, schedule_id: int) -> int:
+        task_id, at = self._repo.trigger_schedule(
+            schedule_id, owner_id=self.owner_id, now=datetime.now(timezone.utc)
+        )
+        self._submitter.track_blocking([(task_id, at)])
+        return task_id
+
+    def schedule_history(self, schedule_id: int, *, limit: int = 100) -> list[dict]:
+        return self._repo.schedule_history(schedule_id, owner_id=self.owner_id, limit=limit)
 
     def get(self, task_id: int) -> TaskView:
         task = self._repo.get_task(task_id, owner_id=self.owner_id)
