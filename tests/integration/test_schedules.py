@@ -1,0 +1,120 @@
+"""CRON schedules end to end on real Ray and PostgreSQL."""
+
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from tests.ray_cluster import wait_for
+
+pytestmark = [pytest.mark.ray, pytest.mark.postgres]
+UTC = timezone.utc
+
+
+def ledger_lines(path: Path) -> list[list[str]]:
+    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_every_two_seconds_fires_five_times_once_each_on_time(client, http, tmp_path):
+    ledger = tmp_path / "ledger"
+    client.register_script("every2.sh", f'echo "$CHRONORAY_FIRE_TIME $(date +%s.%N)" >> {ledger}')
+    schedule = client.create_schedule("every2.sh", "*/2 * * * * *")
+    first = schedule.next_fire_at
+    wait_for(lambda: len(ledger_lines(ledger)) >= 5, timeout_s=30, what="five fires")
+    client.delete_schedule(schedule.schedule_id)
+    time.sleep(2.5)  # nothing more may come after deletion but what was in flight
+    lines = ledger_lines(ledger)
+    fire_times = [datetime.fromisoformat(fire) for fire, _ in lines]
+    assert len(fire_times) == len(set(fire_times))  # each once
+    expected = [first + timedelta(seconds=2 * i) for i in range(5)]
+    assert fire_times[:5] == expected
+    lags_ms = [
+        (float(at) - datetime.fromisoformat(fire).timestamp()) * 1000 for fire, at in lines[:5]
+    ]
+    assert all(0 <= lag < 100 for lag in lags_ms), lags_ms
+    history = http.get(f"/v1/schedules/{schedule.schedule_id}/runs")
+    assert history.status_code == 404  # deleted schedules are gone from the API
+
+
+def test_preview_matches_what_fires(client, tmp_path):
+    ledger = tmp_path / "ledger"
+    client.register_script("preview.sh", f'echo "$CHRONORAY_FIRE_TIME" >> {ledger}')
+    schedule = client.create_schedule("preview.sh", "*/3 * * * * *", timezone="America/Santiago")
+    from scheduling.cron import CronSchedule
+
+    preview = [
+        schedule.next_fire_at,
+        *CronSchedule("*/3 * * * * *", "America/Santiago").upcoming(schedule.next_fire_at, 2),
+    ]
+    wait_for(lambda: len(ledger_lines(ledger)) >= 3, timeout_s=30, what="three fires")
+    client.delete_schedule(schedule.schedule_id)
+    fired = [datetime.fromisoformat(line[0]) for line in ledger_lines(ledger)[:3]]
+    assert fired == preview
+
+
+OVERLAP_SCRIPT = 'echo "start $CHRONORAY_TASK_ID $(date +%s.%N)" >> {ledger}; sleep 5; echo "end $CHRONORAY_TASK_ID $(date +%s.%N)" >> {ledger}'
+
+
+def intervals(path: Path) -> dict[str, list[float]]:
+    spans: dict[str, list[float]] = {}
+    for kind, task_id, at in ledger_lines(path):
+        spans.setdefault(task_id, [0.0, float("inf")])[0 if kind == "start" else 1] = float(at)
+    return spans
+
+
+def overlaps(spans: dict[str, list[float]], slack_s: float = 0.2) -> int:
+    ordered = sorted(spans.values())
+    return sum(1 for a, b in zip(ordered, ordered[1:], strict=False) if b[0] < a[1] - slack_s)
+
+
+def statuses(deployment, schedule_id) -> dict[str, int]:
+    from sqlalchemy import func, select
+
+    from storage.schema import tasks
+
+    with deployment.repo.engine.connect() as conn:
+        return dict(
+            conn.execute(
+                select(tasks.c.status, func.count())
+                .where(tasks.c.schedule_id == schedule_id)
+                .group_by(tasks.c.status)
+            ).all()
+        )
+
+
+@pytest.mark.slow
+def test_overlap_policies_with_a_five_second_script_on_a_two_second_schedule(
+    deployment, client, tmp_path
+):
+    ledgers, schedules = {}, {}
+    for policy in ("allow", "skip", "buffer_one", "cancel_previous"):
+        ledgers[policy] = tmp_path / policy
+        client.register_script(
+            f"overlap-{policy}.sh", OVERLAP_SCRIPT.format(ledger=ledgers[policy])
+        )
+        schedules[policy] = client.create_schedule(
+            f"overlap-{policy}.sh", "*/2 * * * * *", overlap_policy=policy
+        )
+    time.sleep(12)
+    for schedule in schedules.values():
+        client.delete_schedule(schedule.schedule_id)
+    time.sleep(6)  # let the last runs end
+    spans = {policy: intervals(path) for policy, path in ledgers.items()}
+    status = {policy: statuses(deployment, s.schedule_id) for policy, s in schedules.items()}
+
+    # allow: a run every 2 s, up to three at once, all complete
+    assert len(spans["allow"]) >= 5 and overlaps(spans["allow"]) >= 3
+    assert status["allow"].get("skipped", 0) == 0
+    # skip: never two at once; fires while one runs are recorded as skipped
+    assert 2 <= len(spans["skip"]) <= 3 and overlaps(spans["skip"]) == 0
+    assert status["skip"]["skipped"] >= 3
+    # buffer_one: never two at once; the buffered one starts as the previous ends
+    buffered = sorted(spans["buffer_one"].values())
+    assert len(buffered) >= 2 and overlaps(spans["buffer_one"]) == 0
+    assert 0 <= buffered[1][0] - buffered[0][1] < 1.0
+    assert status["buffer_one"]["skipped"] >= 1
+    # cancel_previous: each fire kills the run before it: none but the last ends
+    assert len(spans["cancel_previous"]) >= 5
+    assert sum(1 for _, end in spans["cancel_previous"].values() if end != float("inf")) <= 1
+    assert status["cancel_previous"]["cancelled"] >= 4
