@@ -137,7 +137,7 @@ class Executor:
                 **spec.variables,
                 "CHRONORAY_TASK_ID": str(spec.task_id),
                 "CHRONORAY_ATTEMPT": str(spec.attempt),
-                "CHRONORAY_FIRE_TIME": spec.due_at.isoformat(),
+                "CHRONORAY_FIRE_TIME": spec.fire_time.isoformat(),
             },
             timeout_s=spec.timeout_s,
         )

@@ -117,6 +117,13 @@ class TaskSpec:
     interpreter: Interpreter
     variables: Mapping[str, str]
     timeout_s: float
+    nominal_at: datetime | None = None  # the occurrence's own time; due_at may be later
+
+    @property
+    def fire_time(self) -> datetime:
+        """What the script sees as CHRONORAY_FIRE_TIME: the same for every
+        attempt and catch-up of one occurrence, so scripts can be idempotent."""
+        return self.nominal_at or self.due_at
 
     @property
     def key(self) -> tuple[int, int]:

@@ -200,6 +200,7 @@ class InMemoryTaskRepository:
             interpreter=script.interpreter,
             variables=dict(task.variables),
             timeout_s=task.timeout_s,
+            nominal_at=task.nominal_at,
         )
 
     def claim(

@@ -93,6 +93,7 @@ def _spec(row, *, shard: int) -> TaskSpec:
         interpreter=Interpreter(row.interpreter),
         variables=dict(row.variables),
         timeout_s=row.timeout_s,
+        nominal_at=row.nominal_at,
     )
 
 

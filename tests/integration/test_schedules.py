@@ -118,3 +118,32 @@ def test_overlap_policies_with_a_five_second_script_on_a_two_second_schedule(
     assert len(spans["cancel_previous"]) >= 5
     assert sum(1 for _, end in spans["cancel_previous"].values() if end != float("inf")) <= 1
     assert status["cancel_previous"]["cancelled"] >= 4
+
+
+@pytest.mark.slow
+def test_three_hundred_minutely_schedules_across_two_minute_boundaries(client, tmp_path):
+    ledger = tmp_path / "ledger"
+    client.register_script("minutely.sh", f'echo "$SCHED $CHRONORAY_FIRE_TIME" >> {ledger}')
+    now = datetime.now(UTC)
+    boundary = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    if (boundary - now).total_seconds() < 20:  # creating 300 must not straddle a boundary
+        time.sleep((boundary - now).total_seconds() + 1)
+    created = [
+        client.create_schedule("minutely.sh", "* * * * *", variables={"SCHED": str(i)})
+        for i in range(300)
+    ]
+    first = created[0].next_fire_at
+    assert {s.next_fire_at for s in created} == {first}
+    second = first + timedelta(minutes=1)
+    wait_for(
+        lambda: sum(1 for line in ledger_lines(ledger) if line[1] == second.isoformat()) >= 300,
+        timeout_s=(second - datetime.now(UTC)).total_seconds() + 60,
+        interval_s=1.0,
+        what="600 fires",
+    )
+    for schedule in created:
+        client.delete_schedule(schedule.schedule_id)
+    lines = [tuple(line) for line in ledger_lines(ledger)]
+    wanted = {(str(i), at.isoformat()) for i in range(300) for at in (first, second)}
+    got = [line for line in lines if line in wanted]
+    assert len(got) == 600 and set(got) == wanted  # none missed, none twice

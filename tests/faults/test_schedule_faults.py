@@ -1,0 +1,109 @@
+"""Schedules under faults: the shard that owns the next occurrence is killed
+just before it is due; the whole scheduler is stopped for three minutes."""
+
+import os
+import signal
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import ray
+from sqlalchemy import select
+
+from actors.handles import shard_handle
+from scheduling.cron import CronSchedule
+from storage.schema import schedules as schedules_table
+from storage.schema import tasks
+
+pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.slow]
+UTC = timezone.utc
+
+
+def fired(path: Path) -> list[datetime]:
+    if not path.exists():
+        return []
+    return [datetime.fromisoformat(line.split()[-1]) for line in path.read_text().splitlines()]
+
+
+def sleep_until(at: datetime) -> None:
+    time.sleep(max(0.0, (at - datetime.now(UTC)).total_seconds()))
+
+
+def test_killing_the_owner_just_before_an_occurrence_still_fires_it_once(
+    deployment, client, tmp_path
+):
+    ledger = tmp_path / "ledger"
+    client.register_script("owner-kill.sh", f'echo "$CHRONORAY_FIRE_TIME" >> {ledger}')
+    schedule = client.create_schedule("owner-kill.sh", "*/5 * * * * *")
+    target = schedule.next_fire_at + timedelta(
+        seconds=5
+    )  # its occurrence exists once the first fires
+    owner = deployment.settings.wheel.shard_of(target)
+    handle = shard_handle(owner, deployment.settings.namespace)
+    pid = ray.get(handle.pid.remote())
+    sleep_until(target - timedelta(seconds=0.8))
+    os.kill(pid, signal.SIGKILL)
+    sleep_until(target + timedelta(seconds=12))
+    client.delete_schedule(schedule.schedule_id)
+    times = fired(ledger)
+    assert times.count(target) == 1, times
+    assert len(times) == len(set(times))
+    assert target + timedelta(seconds=10) in times  # the chain went on after the restart
+
+
+def test_misfire_policies_after_the_scheduler_stopped_for_three_minutes(
+    deployment, client, tmp_path
+):
+    settings = deployment.settings
+    now = datetime.now(UTC)
+    second = (now.second + 20) % 60
+    cron = f"{second} * * * * *"  # once a minute, first in ~20 s
+    ids, ledgers = {}, {}
+    for policy in ("skip", "fire_once", "fire_all"):
+        ledgers[policy] = tmp_path / policy
+        client.register_script(
+            f"misfire-{policy}.sh", f'echo "$CHRONORAY_FIRE_TIME" >> {ledgers[policy]}'
+        )
+        ids[policy] = client.create_schedule(
+            f"misfire-{policy}.sh", cron, misfire_policy=policy
+        ).schedule_id
+
+    pids = [
+        ray.get(shard_handle(i, settings.namespace).pid.remote())
+        for i in range(settings.num_shards)
+    ]
+    stopped_at = datetime.now(UTC)
+    for pid in pids:  # every shard frozen: nothing fires
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(180)
+    finally:
+        resumed_at = datetime.now(UTC)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    missed = CronSchedule(cron).fires_between(stopped_at, resumed_at, limit=100)
+    assert len(missed) == 3
+    time.sleep(8)  # the timers catch up; the runs finish
+    for schedule_id in ids.values():
+        client.delete_schedule(schedule_id)
+
+    assert fired(ledgers["skip"]) == []
+    assert fired(ledgers["fire_once"]) == [missed[-1]]
+    assert sorted(fired(ledgers["fire_all"])) == missed
+    with deployment.repo.engine.connect() as conn:
+        counted = dict(
+            conn.execute(
+                select(schedules_table.c.schedule_id, schedules_table.c.missed_fires).where(
+                    schedules_table.c.schedule_id.in_(list(ids.values()))
+                )
+            ).all()
+        )
+        occurrences = conn.execute(
+            select(tasks.c.schedule_id, tasks.c.nominal_at, tasks.c.status).where(
+                tasks.c.schedule_id.in_(list(ids.values()))
+            )
+        ).all()
+    assert counted == {ids["skip"]: 3, ids["fire_once"]: 2, ids["fire_all"]: 0}
+    nominal = {(o.schedule_id, o.nominal_at) for o in occurrences}
+    assert len(nominal) == len(occurrences)  # no occurrence twice
