@@ -83,6 +83,7 @@ class Settings:
             "http_port": int,
             "max_script_bytes": int,
             "serve_replicas": int,
+            "min_schedule_interval_s": float,
         }
         values: dict = {"database_url": url}
         for name, kind in numbers.items():

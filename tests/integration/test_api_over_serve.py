@@ -83,3 +83,26 @@ def test_idempotent_submission_over_http(http):
     assert first.json()["task_id"] == again.json()["task_id"]
     assert http.post("/v1/tasks", json={**body, "priority": 2}).status_code == 409
     assert http.delete(f"/v1/tasks/{first.json()['task_id']}").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"script": "hello.sh", "cron": "0 0 30 2 *"}, "cron"),
+        ({"script": "hello.sh", "cron": "0 * * * *", "timezone": "Europe/Atlantis"}, "timezone"),
+        ({"script": "hello.sh", "cron": "0 * * * *", "misfire_policy": "maybe"}, "misfire_policy"),
+        (
+            {"script": "hello.sh", "cron": "0 * * * *", "overlap_policy": "pile_up"},
+            "overlap_policy",
+        ),
+    ],
+)
+def test_bad_schedules_over_serve_store_nothing(deployment, http, body, field):
+    from storage.schema import schedules
+
+    with deployment.repo.engine.connect() as conn:
+        before = conn.execute(select(func.count()).select_from(schedules)).scalar()
+    response = http.post("/v1/schedules", json=body)
+    assert response.status_code == 422 and response.json()["field"] == field
+    with deployment.repo.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(schedules)).scalar() == before
