@@ -202,16 +202,15 @@ class _RayShards:
     def __init__(self, namespace: str) -> None:
         self._namespace = namespace
 
-    def _handle(self, shard: int):
-        from actors.handles import shard_handle
-
-        return shard_handle(shard, self._namespace)
-
     async def record_results(self, shard: int, results: list[RunResult]) -> None:
-        await self._handle(shard).record_results.remote(results)
+        from actors.handles import call_shard
+
+        await call_shard(shard, self._namespace, "record_results", results)
 
     async def mark_running(self, shard: int, specs: list[TaskSpec]) -> None:
-        await self._handle(shard).mark_running.remote(specs)
+        from actors.handles import call_shard
+
+        await call_shard(shard, self._namespace, "mark_running", specs)
 
 
 class DispatcherShell:

@@ -247,9 +247,9 @@ class _RayPeers:
         self._namespace = namespace
 
     async def track(self, shard: int, entries: list[tuple[int, datetime]]) -> None:
-        from actors.handles import shard_handle
+        from actors.handles import call_shard
 
-        await shard_handle(shard, self._namespace).track.remote(entries)
+        await call_shard(shard, self._namespace, "track", entries)
 
 
 class ShardShell:

@@ -23,20 +23,24 @@ class ShardSubmitter:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
 
-    def _send(self, new_tasks: Sequence[NewTask]) -> tuple[list[list[int]], list]:
-        from actors.handles import shard_handle
-
-        wheel = self._settings.wheel
+    def _submit_calls(self, new_tasks: Sequence[NewTask]):
         groups: dict[int, list[int]] = {}
         for position, new in enumerate(new_tasks):
-            groups.setdefault(wheel.shard_of(new.execute_at), []).append(position)
-        refs = [
-            shard_handle(shard, self._settings.namespace).submit.remote(
-                [new_tasks[i] for i in positions]
-            )
+            groups.setdefault(self._settings.wheel.shard_of(new.execute_at), []).append(position)
+        calls = [
+            (shard, self._settings.namespace, "submit", ([new_tasks[i] for i in positions],))
             for shard, positions in groups.items()
         ]
-        return list(groups.values()), refs
+        return list(groups.values()), calls
+
+    def _track_calls(self, entries: Sequence[tuple[int, datetime]]):
+        by_shard: dict[int, list] = {}
+        for task_id, at in entries:
+            by_shard.setdefault(self._settings.wheel.shard_of(at), []).append((task_id, at))
+        return [
+            (shard, self._settings.namespace, "track", (owned,))
+            for shard, owned in by_shard.items()
+        ]
 
     @staticmethod
     def _merge(size: int, groups: list[list[int]], answers: list) -> list:
@@ -47,34 +51,30 @@ class ShardSubmitter:
         return results
 
     async def submit(self, new_tasks: Sequence[NewTask]) -> list[SubmitResult | ChronorayError]:
-        groups, refs = self._send(new_tasks)
-        return self._merge(len(new_tasks), groups, await asyncio.gather(*refs))
+        from actors.handles import call_shard
 
-    async def track(self, entries: Sequence[tuple[int, datetime]]) -> None:
-        await asyncio.gather(*self._track(entries))
-
-    def track_blocking(self, entries: Sequence[tuple[int, datetime]]) -> None:
-        import ray
-
-        ray.get(self._track(entries))
-
-    def _track(self, entries):
-        from actors.handles import shard_handle
-
-        by_shard: dict[int, list] = {}
-        for task_id, at in entries:
-            by_shard.setdefault(self._settings.wheel.shard_of(at), []).append((task_id, at))
-        return [
-            shard_handle(shard, self._settings.namespace).track.remote(owned)
-            for shard, owned in by_shard.items()
-        ]
+        groups, calls = self._submit_calls(new_tasks)
+        answers = await asyncio.gather(*(call_shard(i, ns, m, *a) for i, ns, m, a in calls))
+        return self._merge(len(new_tasks), groups, answers)
 
     def submit_blocking(self, new_tasks: Sequence[NewTask]) -> list[SubmitResult | ChronorayError]:
         """For drivers outside an event loop (chronoray.Client)."""
-        import ray
+        from actors.handles import call_shards_blocking
 
-        groups, refs = self._send(new_tasks)
-        return self._merge(len(new_tasks), groups, ray.get(refs))
+        groups, calls = self._submit_calls(new_tasks)
+        return self._merge(len(new_tasks), groups, call_shards_blocking(calls))
+
+    async def track(self, entries: Sequence[tuple[int, datetime]]) -> None:
+        from actors.handles import call_shard
+
+        await asyncio.gather(
+            *(call_shard(i, ns, m, *a) for i, ns, m, a in self._track_calls(entries))
+        )
+
+    def track_blocking(self, entries: Sequence[tuple[int, datetime]]) -> None:
+        from actors.handles import call_shards_blocking
+
+        call_shards_blocking(self._track_calls(entries))
 
 
 @serve.deployment(
