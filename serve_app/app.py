@@ -43,6 +43,9 @@ class Submitter(Protocol):
     async def track(self, entries: Sequence[tuple[int, datetime]]) -> None:
         """Tell the owner shards about occurrences stored outside them."""
 
+    async def probe(self) -> dict[str, str]:
+        """Which actors answer: {"dispatcher": "ok", "shard-0": "ok", …}."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class Backend:
@@ -72,6 +75,8 @@ def new_task(body: TaskIn, *, owner_id: int, settings: Settings) -> NewTask:
         request_hash=body.request_hash(),
     )
 
+
+READY_TIMEOUT_S = 2.0
 
 SCHEDULE_DEFAULTS = {
     "variables": {},
@@ -134,7 +139,24 @@ def create_api(backend: Backend) -> FastAPI:
 
     @api.get("/healthz")
     async def healthz() -> dict:
+        """The API process is up."""
         return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """The database, the dispatcher and every shard answer."""
+        checks: dict[str, str] = {}
+        try:
+            await asyncio.wait_for(asyncio.to_thread(repo.ping), timeout=READY_TIMEOUT_S)
+            checks["database"] = "ok"
+        except Exception as exc:  # any failure means not ready, and says which
+            checks["database"] = f"unavailable: {type(exc).__name__}"
+        checks.update(await backend.submitter.probe())
+        ready = all(v == "ok" for v in checks.values())
+        headers = None if ready else {"Retry-After": "5"}
+        return JSONResponse(
+            {"ready": ready, "checks": checks}, 200 if ready else 503, headers=headers
+        )
 
     @api.post("/v1/scripts", status_code=201)
     async def register_script(body: ScriptIn) -> JSONResponse:

@@ -71,6 +71,24 @@ class ShardSubmitter:
             *(call_shard(i, ns, m, *a) for i, ns, m, a in self._track_calls(entries))
         )
 
+    async def probe(self) -> dict[str, str]:
+        from actors.handles import call_shard, dispatcher_handle
+
+        async def answer(name, call):
+            try:
+                await asyncio.wait_for(call, timeout=2.0)
+                return name, "ok"
+            except Exception as exc:  # not ready: say which and why
+                return name, f"unavailable: {type(exc).__name__}"
+
+        namespace = self._settings.namespace
+        checks = [answer("dispatcher", dispatcher_handle(namespace).hello.remote())]
+        checks += [
+            answer(f"shard-{i}", call_shard(i, namespace, "ready"))
+            for i in range(self._settings.num_shards)
+        ]
+        return dict(await asyncio.gather(*checks))
+
     def track_blocking(self, entries: Sequence[tuple[int, datetime]]) -> None:
         from actors.handles import call_shards_blocking
 

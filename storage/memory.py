@@ -43,6 +43,9 @@ class InMemoryTaskRepository:
         self.runs: dict[tuple[int, int], Run] = {}
         self.shard_epochs: dict[int, int] = {}
 
+    def ping(self) -> None:
+        return None
+
     def ensure_user(self, *, first_name: str, last_name: str, now: datetime) -> int:
         for user_id, names in self.users.items():
             if names == (first_name, last_name):

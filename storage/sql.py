@@ -152,6 +152,11 @@ class SqlTaskRepository:
         except (OperationalError, InterfaceError) as exc:
             raise Unavailable(f"database unavailable: {exc.orig}") from exc
 
+    def ping(self) -> None:
+        """Raises Unavailable when the primary database does not answer."""
+        with self._begin() as conn:
+            conn.execute(select(1))
+
     # -- users and scripts ------------------------------------------------
     def ensure_user(self, *, first_name: str, last_name: str, now: datetime) -> int:
         with self._begin() as conn:

@@ -106,3 +106,11 @@ def test_bad_schedules_over_serve_store_nothing(deployment, http, body, field):
     assert response.status_code == 422 and response.json()["field"] == field
     with deployment.repo.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(schedules)).scalar() == before
+
+
+def test_readyz_sees_database_dispatcher_and_every_shard(deployment, http):
+    body = http.get("/readyz").json()
+    assert body["ready"] is True
+    assert set(body["checks"]) == {"database", "dispatcher"} | {
+        f"shard-{i}" for i in range(deployment.settings.num_shards)
+    }

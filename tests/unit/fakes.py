@@ -46,12 +46,16 @@ class RepoSubmitter:
         self.repo = repo
         self.now = now
         self.tracked: list = []
+        self.probes = {"dispatcher": "ok"}
 
     async def submit(self, new_tasks: Sequence[NewTask]) -> list[SubmitResult | ChronorayError]:
         return self.repo.add_tasks(list(new_tasks), now=self.now())
 
     async def track(self, entries) -> None:
         self.tracked.extend(entries)
+
+    async def probe(self) -> dict[str, str]:
+        return dict(self.probes)
 
 
 class FakeExecutor:

@@ -201,3 +201,11 @@ def test_unknown_task_is_404_and_healthz_is_up(client):
     assert client.get("/v1/tasks/424242").json()["error"] == "task_not_found"
     assert client.get("/v1/tasks/abc").status_code == 422
     assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_readyz_reports_each_dependency(client):
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json() == {
+        "ready": True,
+        "checks": {"database": "ok", "dispatcher": "ok"},
+    }

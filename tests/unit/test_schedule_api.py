@@ -153,3 +153,20 @@ def test_bad_patch_stores_nothing(client, repo):
     assert response.status_code == 422 and response.json()["field"] == "cron"
     assert client.get(f"/v1/schedules/{schedule_id}").json() == before
     assert client.get(f"/v1/schedules/{schedule_id}/preview?count=0").status_code == 422
+
+
+def test_readyz_is_503_with_retry_after_when_a_dependency_is_down(client, submitter, repo):
+    submitter.probes["shard-0"] = "unavailable: GetTimeoutError"
+    response = client.get("/readyz")
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert response.json()["checks"]["shard-0"].startswith("unavailable")
+
+
+def test_readyz_names_an_unreachable_database(submitter):
+    broken = SqlTaskRepository(make_engine("sqlite:////nonexistent/dir/chronoray.db"))
+    api = TestClient(
+        create_api(Backend(repo=broken, submitter=submitter, settings=SETTINGS, owner_id=1))
+    )
+    response = api.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"]["database"] == "unavailable: Unavailable"
