@@ -146,8 +146,6 @@ class InMemoryTaskRepository:
             raise TaskNotFound(f"no task {task_id}", "task_id")
         return task
 
-    get_task_primary = get_task
-
     def list_runs(self, task_id: int) -> list[Run]:
         return sorted(
             (r for r in self.runs.values() if r.task_id == task_id), key=lambda r: r.attempt

@@ -115,7 +115,7 @@ class RayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def test_settings(database_url: str) -> Settings:
+def settings_for_tests(database_url: str) -> Settings:
     return Settings(
         database_url=database_url,
         namespace=f"chronoray-test-{uuid.uuid4().hex[:8]}",
@@ -140,7 +140,7 @@ class Deployment:
 def deploy_for_tests(database_url: str) -> Deployment:
     from chronoray.deploy import deploy
 
-    settings = test_settings(database_url)
+    settings = settings_for_tests(database_url)
     head = RayHead.start(local_node_resources(settings.tiers))
     try:
         os.environ["RAY_AUTH_MODE"] = "disabled"
