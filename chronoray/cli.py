@@ -240,6 +240,48 @@ def schedules_list(url: str = URL_OPTION, as_json: bool = typer.Option(False, "-
     console.print(table)
 
 
+@schedules_app.command("show")
+def schedules_show(
+    schedule_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
+) -> None:
+    """One schedule: expression, zone, policies, next fire, counts."""
+    body = _call("GET", f"{url}/v1/schedules/{schedule_id}")
+    _print(
+        body,
+        as_json,
+        f"schedule {body['schedule_id']}  {body['script']}  '{body['cron']}' {body['timezone']}  "
+        f"misfire {body['misfire_policy']}  overlap {body['overlap_policy']}  paused {body['paused']}\n"
+        f"next fire {body['next_fire_local']}  missed {body['missed_fires']}  skipped {body['skipped_fires']}",
+    )
+
+
+@schedules_app.command("update")
+def schedules_update(
+    schedule_id: int,
+    cron: str | None = typer.Option(None, help="a new expression"),
+    timezone_name: str | None = typer.Option(None, "--timezone"),
+    misfire: str | None = typer.Option(None),
+    overlap: str | None = typer.Option(None),
+    priority: int | None = typer.Option(None),
+    url: str = URL_OPTION,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Change a schedule; its pending occurrence follows the new definition."""
+    changes = {
+        "cron": cron,
+        "timezone": timezone_name,
+        "misfire_policy": misfire,
+        "overlap_policy": overlap,
+        "priority": priority,
+    }
+    body = _call(
+        "PATCH",
+        f"{url}/v1/schedules/{schedule_id}",
+        json={k: v for k, v in changes.items() if v is not None},
+    )
+    _print(body, as_json, f"schedule {schedule_id}: next fire {body['next_fire_local']}")
+
+
 @schedules_app.command("preview")
 def schedules_preview(
     schedule_id: int,

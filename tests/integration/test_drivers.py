@@ -99,3 +99,35 @@ def test_cli_registers_submits_and_shows(deployment, tmp_path):
     assert code == 1 and "422" in err and "execute_at" in err
     code, _, err = cli("tasks", "show", "99999999")
     assert code == 1 and "404" in err
+
+
+def test_cli_manages_a_schedule(deployment, tmp_path):
+    chronoray = str(Path(sys.executable).parent / "chronoray")
+
+    def cli(*args):
+        done = subprocess.run(
+            [chronoray, *args, "--url", deployment.url], capture_output=True, text=True, timeout=60
+        )
+        return done.returncode, done.stdout, done.stderr
+
+    script = tmp_path / "cli-cron.sh"
+    script.write_text("echo tick")
+    assert cli("scripts", "add", "cli-cron.sh", str(script))[0] == 0
+    code, out, _ = cli(
+        "schedules", "create", "cli-cron.sh", "30 2 * * *", "--timezone", "Europe/Berlin", "--json"
+    )
+    assert code == 0
+    schedule_id = str(json.loads(out)["schedule_id"])
+    code, out, _ = cli("schedules", "preview", schedule_id, "--count", "3", "--json")
+    assert code == 0 and len(json.loads(out)["fires"]) == 3
+    code, out, _ = cli("schedules", "update", schedule_id, "--cron", "0 3 * * *", "--json")
+    assert code == 0 and json.loads(out)["cron"] == "0 3 * * *"
+    code, out, _ = cli("schedules", "pause", schedule_id, "--json")
+    assert code == 0 and json.loads(out)["paused"] is True
+    code, out, _ = cli("schedules", "show", schedule_id, "--json")
+    assert code == 0 and json.loads(out)["next_fire_at"] is None
+    code, _, err = cli("schedules", "update", schedule_id, "--cron", "0 0 30 2 *")
+    assert code == 1 and "422" in err and "cron" in err
+    assert cli("schedules", "delete", schedule_id)[0] == 0
+    code, _, err = cli("schedules", "show", schedule_id)
+    assert code == 1 and "404" in err
