@@ -1,0 +1,54 @@
+"""Upgrading a database that already holds data: 0001 → head keeps every
+task, and gives one-shot tasks their nominal time."""
+
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import text
+
+from storage.engines import make_engine
+from storage.migrate import upgrade
+from storage.sql import SqlTaskRepository
+from tests.conftest import create_postgres_database
+
+T = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def engine(request, tmp_path):
+    url = (
+        f"sqlite:///{tmp_path / 'm.db'}"
+        if request.param == "sqlite"
+        else create_postgres_database("migrate")
+    )
+    engine = make_engine(url)
+    yield engine
+    engine.dispose()
+
+
+def test_upgrade_from_the_first_revision_keeps_tasks(engine):
+    upgrade(engine, "0001")
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO users (first_name, last_name, created_at) VALUES ('a', 'b', :t)"),
+            {"t": T},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO scripts (owner_id, name, version, sha256, interpreter, body, created_at) "
+                "VALUES (1, 's', 1, 'x', 'bash', :body, :t)"
+            ),
+            {"body": b"true", "t": T},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO tasks (owner_id, script_id, execute_at, bucket, status, priority, attempt, "
+                "max_attempts, variables, timeout_s, epoch, created_at, updated_at) "
+                "VALUES (1, 1, :t, 0, 'scheduled', 0, 1, 3, '{}', 10, 0, :t, :t)"
+            ),
+            {"t": T.replace(tzinfo=None) if engine.dialect.name == "sqlite" else T},
+        )
+    upgrade(engine)
+    upgrade(engine)  # idempotent
+    task = SqlTaskRepository(engine).get_task(1)
+    assert task.execute_at == T and task.nominal_at == T and task.schedule_id is None
