@@ -10,7 +10,7 @@ create an occurrence twice.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from sqlalchemy import Connection, and_, exists, func, insert, select, update
@@ -30,7 +30,7 @@ from scheduling.schedules import (
     plan_occurrence,
 )
 from scheduling.timeline import bucket_of
-from storage.schema import schedules, scripts, shards, tasks
+from storage.schema import newest_script, schedules, scripts, shards, tasks
 
 IN_FLIGHT = [s.value for s in IN_FLIGHT_STATUSES]
 
@@ -73,12 +73,7 @@ def schedule_from_row(row) -> Schedule:
 
 
 def _latest_script_id(conn: Connection, owner_id: int, name: str) -> int:
-    script_id = conn.execute(
-        select(scripts.c.script_id)
-        .where(scripts.c.owner_id == owner_id, scripts.c.name == name)
-        .order_by(scripts.c.version.desc())
-        .limit(1)
-    ).scalar()
+    script_id = conn.execute(newest_script(owner_id, name, scripts.c.script_id)).scalar()
     if script_id is None:
         raise ScriptNotFound(f"no script named {name!r}", "script")
     return script_id
@@ -117,7 +112,7 @@ def insert_occurrence(
         "updated_at": now,
         **extra,
     }
-    values["bucket"] = bucket_of(values["execute_at"])
+    values.setdefault("bucket", bucket_of(values["execute_at"]))
     try:
         with conn.begin_nested():
             return conn.execute(
@@ -203,24 +198,20 @@ def change_schedule(
 ) -> tuple[Schedule, tuple[int, datetime] | None]:
     """Apply changes (paused, cron, timezone, …); the pending occurrence is
     replaced by one that follows the new definition."""
-    current = get_schedule(conn, schedule_id, owner_id=owner_id, lock=True)
+    schedule = replace(get_schedule(conn, schedule_id, owner_id=owner_id, lock=True), **changes)
+    nxt = None if schedule.paused else first_fire(schedule, now=now)
+    schedule = replace(schedule, next_fire_at=nxt, updated_at=now)
     values = {k: (v.value if hasattr(v, "value") else v) for k, v in changes.items()}
     conn.execute(
         update(schedules)
         .where(schedules.c.schedule_id == schedule_id)
-        .values(**values, updated_at=now)
+        .values(**values, next_fire_at=nxt, updated_at=now)
     )
-    schedule = get_schedule(conn, schedule_id, owner_id=owner_id)
     _cancel_pending(conn, schedule_id, now)
-    nxt = None if schedule.paused else first_fire(schedule, now=now)
-    conn.execute(
-        update(schedules).where(schedules.c.schedule_id == schedule_id).values(next_fire_at=nxt)
-    )
-    del current
     if nxt is None:
-        return get_schedule(conn, schedule_id, owner_id=owner_id), None
+        return schedule, None
     task_id = insert_occurrence(conn, schedule, nxt, now=now)
-    return get_schedule(conn, schedule_id, owner_id=owner_id), (task_id, nxt) if task_id else None
+    return schedule, (task_id, nxt) if task_id else None
 
 
 def delete_schedule(conn: Connection, schedule_id: int, *, owner_id: int, now: datetime) -> None:
@@ -262,9 +253,13 @@ def fire_occurrences(
     current_epoch = exists().where(shards.c.shard == shard, shards.c.epoch == epoch)
     for task_id in task_ids:
         row = conn.execute(
-            select(tasks.c.schedule_id, tasks.c.nominal_at, tasks.c.status, tasks.c.buffered).where(
-                tasks.c.task_id == task_id
-            )
+            select(
+                tasks.c.schedule_id,
+                tasks.c.nominal_at,
+                tasks.c.status,
+                tasks.c.buffered,
+                tasks.c.bucket,
+            ).where(tasks.c.task_id == task_id)
         ).first()
         if row is None or row.status != TaskStatus.SCHEDULED.value:
             continue
@@ -320,14 +315,13 @@ def fire_occurrences(
                 "updated_at": now,
             }
             if first != row.nominal_at:  # fire_once after a misfire runs the latest time
-                claim.update(
-                    nominal_at=first, execute_at=max(first, now), bucket=bucket_of(row.nominal_at)
-                )
+                # the bucket stays: the row remains in this shard's ranges, it reports here
+                claim.update(nominal_at=first, execute_at=max(first, now))
             try:
                 with conn.begin_nested():
                     changed = conn.execute(update(tasks).where(this).values(**claim)).rowcount
             except IntegrityError:  # that time has an occurrence already: run under our own
-                for moved in ("nominal_at", "execute_at", "bucket"):
+                for moved in ("nominal_at", "execute_at"):
                     claim.pop(moved, None)
                 changed = conn.execute(update(tasks).where(this).values(**claim)).rowcount
             if not changed:
@@ -343,14 +337,9 @@ def fire_occurrences(
                     execute_at=max(nominal, now),
                     epoch=epoch,
                     lease_expires_at=lease_until,
+                    bucket=row.bucket,  # in this shard's ranges: it reports here
                 )
                 if extra_id is not None:
-                    # keep the row in this shard's ranges: it reports here
-                    conn.execute(
-                        update(tasks)
-                        .where(tasks.c.task_id == extra_id)
-                        .values(bucket=bucket_of(row.nominal_at))
-                    )
                     outcome.fired.append(extra_id)
         else:  # Action.WAIT: stays scheduled, fires when the run in flight ends
             conn.execute(update(tasks).where(this).values(buffered=True, updated_at=now))

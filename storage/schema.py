@@ -22,6 +22,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    select,
 )
 from sqlalchemy.types import TypeDecorator
 
@@ -164,3 +165,13 @@ shards = Table(
     Column("epoch", Integer, nullable=False),
     Column("started_at", UtcDateTime, nullable=False),
 )
+
+
+def newest_script(owner_id: int, name: str, *columns):
+    """The newest version of an owner's script by name (one row at most)."""
+    return (
+        select(*columns)
+        .where(scripts.c.owner_id == owner_id, scripts.c.name == name)
+        .order_by(scripts.c.version.desc())
+        .limit(1)
+    )

@@ -36,7 +36,7 @@ from scheduling.schedules import MisfireRules, NewSchedule, Schedule
 from scheduling.timeline import Wheel, bucket_of
 from storage import occurrences
 from storage.repository import Claimed, running_lease, sha256_hex, tail
-from storage.schema import runs, scripts, shards, tasks, users
+from storage.schema import newest_script, runs, scripts, shards, tasks, users
 
 log = logging.getLogger(__name__)
 
@@ -181,12 +181,7 @@ class SqlTaskRepository:
         for _ in range(3):  # two uploads racing for the next version number
             try:
                 with self._begin() as conn:
-                    latest = conn.execute(
-                        select(*SCRIPT_COLUMNS)
-                        .where(scripts.c.owner_id == owner_id, scripts.c.name == name)
-                        .order_by(scripts.c.version.desc())
-                        .limit(1)
-                    ).first()
+                    latest = conn.execute(newest_script(owner_id, name, *SCRIPT_COLUMNS)).first()
                     if (
                         latest is not None
                         and latest.sha256 == digest
@@ -218,12 +213,7 @@ class SqlTaskRepository:
     def _latest_scripts(self, conn, owner_names: set[tuple[int, str]]) -> dict:
         found = {}
         for owner_id, name in owner_names:
-            row = conn.execute(
-                select(*SCRIPT_COLUMNS)
-                .where(scripts.c.owner_id == owner_id, scripts.c.name == name)
-                .order_by(scripts.c.version.desc())
-                .limit(1)
-            ).first()
+            row = conn.execute(newest_script(owner_id, name, *SCRIPT_COLUMNS)).first()
             if row is not None:
                 found[(owner_id, name)] = _script(row)
         return found

@@ -119,6 +119,15 @@ def test_misfire_policies_after_downtime(repo, owner, policy, fired, missed, sta
     ]
     assert sorted(s.fire_time for s in claimed.specs) == [T + timedelta(minutes=m) for m in fired]
     assert all(s.due_at >= now for s in claimed.specs)  # caught up now, not back-dated
+    with repo.engine.connect() as conn:  # every catch-up row stays in the claiming shard's range
+        buckets = set(
+            conn.execute(
+                select(tasks.c.bucket).where(
+                    tasks.c.task_id.in_([s.task_id for s in claimed.specs])
+                )
+            ).scalars()
+        )
+    assert len(buckets) <= 1
     assert [o.status for o in occurrences(repo, schedule.schedule_id)] == statuses
     assert claimed.follow_ups[0][1] == T + timedelta(minutes=4)
     assert repo.get_schedule(schedule.schedule_id, owner_id=owner).missed_fires == missed
