@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 
 from chronoray.errors import ChronorayError
 from scheduling.models import NewTask, RunResult, SubmitResult, TaskSpec
@@ -70,7 +71,7 @@ class FakeExecutor:
         self.batches.append(list(specs))
         return len(specs)
 
-    async def running_keys(self) -> list[tuple[int, int]]:
+    async def running(self) -> list[TaskSpec]:
         return []
 
     async def cancel(self, keys: list[tuple[int, int]]) -> int:
@@ -92,3 +93,19 @@ class FakeShardLink:
 
     async def mark_running(self, shard: int, specs: list[TaskSpec]) -> None:
         self.running.setdefault(shard, []).extend(specs)
+
+
+def processes_with(marker: str) -> list[int]:
+    """PIDs (host view) whose environment holds ``marker``: the way to find
+    a script's descendants once they have left its group, session and PID
+    namespace view."""
+    found = []
+    needle = marker.encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
