@@ -156,6 +156,7 @@ class Shard:
             list(results),
             policy=self._settings.retry,
             now=self._clock.now(),
+            tiers=self._settings.tiers,
         )
         await self._route(watch)
         return len(watch)

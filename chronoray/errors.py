@@ -54,6 +54,12 @@ class TaskNotCancellable(Conflict):
     code = "task_not_cancellable"
 
 
+class TaskNotRetryable(Conflict):
+    """Only a dead task can be retried by hand."""
+
+    code = "task_not_retryable"
+
+
 class IdempotencyConflict(Conflict):
     code = "idempotency_conflict"
 

@@ -1,4 +1,6 @@
-"""What happens to a task after an attempt: done, retried, or dead."""
+"""What happens to a task after an attempt: done, retried, or dead.
+
+Each failure class escalates in its own way (see ``after_attempt``)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,32 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from scheduling.models import FailureClass, TaskStatus
+from scheduling.tiers import TierTable
+
+# What scripts print when an allocation fails under the address-space limit.
+MEMORY_SIGNS = (
+    "MemoryError",
+    "Cannot allocate memory",
+    "xmalloc: cannot allocate",
+    "std::bad_alloc",
+)
+
+
+def classify(
+    *, exit_code: int | None, timed_out: bool, output_tail: str, launch_error: str | None
+) -> FailureClass | None:
+    """Why an attempt failed, from what the sandbox saw; ``None``: it succeeded.
+    Memory: an allocation refused by the limit (the script says so) or a
+    SIGKILL the executor did not send (the kernel's OOM killer)."""
+    if launch_error:
+        return FailureClass.LAUNCH_ERROR
+    if timed_out:
+        return FailureClass.TIMEOUT
+    if exit_code == 0:
+        return None
+    if exit_code == -9 or any(sign in output_tail for sign in MEMORY_SIGNS):
+        return FailureClass.MEMORY
+    return FailureClass.EXIT_CODE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -14,7 +42,10 @@ class RetryPolicy:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 300.0
     priority_cap: int = 9
-    jitter: bool = False  # full jitter (uniform in [0, backoff]) when on
+    jitter: bool = True  # full jitter: uniform in [0, backoff]
+    # Executor losses after the first do not use up the user's attempts, up
+    # to this many (a script that kills its node must still end).
+    max_free_losses: int = 5
 
     def backoff_s(self, failed_attempt: int, *, rng: random.Random | None = None) -> float:
         """Exponential: base, 2·base, 4·base … after attempts 1, 2, 3 …"""
@@ -29,7 +60,25 @@ class Outcome:
     status: TaskStatus  # SUCCEEDED, DEAD, or SCHEDULED for a retry
     attempt: int
     priority: int
+    max_attempts: int
+    lost_count: int = 0
     execute_at: datetime | None = None  # the retry's due time
+
+
+def escalated_priority(
+    failure: FailureClass, priority: int, *, tiers: TierTable | None, cap: int
+) -> int:
+    """exit code / launch error: one step up. Timeout: the next stronger
+    tier. Memory: the next tier with more memory for scripts. Executor lost:
+    unchanged (the script did nothing wrong)."""
+    if failure is FailureClass.EXECUTOR_LOST:
+        return priority
+    target = priority + 1
+    if tiers is not None and failure is FailureClass.TIMEOUT:
+        target = max(target, tiers.stronger_than(priority).min_priority)
+    elif tiers is not None and failure is FailureClass.MEMORY:
+        target = max(target, tiers.more_memory_than(priority).min_priority)
+    return min(target, cap)
 
 
 def after_attempt(
@@ -40,14 +89,36 @@ def after_attempt(
     failure: FailureClass | None,
     policy: RetryPolicy,
     now: datetime,
+    lost_count: int = 0,
+    tiers: TierTable | None = None,
+    rng: random.Random | None = None,
 ) -> Outcome:
     if failure is None:
-        return Outcome(status=TaskStatus.SUCCEEDED, attempt=attempt, priority=priority)
+        return Outcome(
+            status=TaskStatus.SUCCEEDED,
+            attempt=attempt,
+            priority=priority,
+            max_attempts=max_attempts,
+            lost_count=lost_count,
+        )
+    if failure is FailureClass.EXECUTOR_LOST:
+        lost_count += 1
+        if 1 < lost_count <= policy.max_free_losses + 1:
+            max_attempts += 1  # only the first loss counts against the user
     if attempt >= max_attempts:
-        return Outcome(status=TaskStatus.DEAD, attempt=attempt, priority=priority)
+        return Outcome(
+            status=TaskStatus.DEAD,
+            attempt=attempt,
+            priority=priority,
+            max_attempts=max_attempts,
+            lost_count=lost_count,
+        )
+    delay = 0.0 if failure is FailureClass.EXECUTOR_LOST else policy.backoff_s(attempt, rng=rng)
     return Outcome(
         status=TaskStatus.SCHEDULED,
         attempt=attempt + 1,
-        priority=min(priority + 1, policy.priority_cap),
-        execute_at=now + timedelta(seconds=policy.backoff_s(attempt)),
+        priority=escalated_priority(failure, priority, tiers=tiers, cap=policy.priority_cap),
+        max_attempts=max_attempts,
+        lost_count=lost_count,
+        execute_at=now + timedelta(seconds=delay),
     )

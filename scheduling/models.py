@@ -33,7 +33,8 @@ IN_FLIGHT_STATUSES = frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING})
 class FailureClass(str, enum.Enum):
     EXIT_CODE = "exit_code"  # the script exited non-zero
     TIMEOUT = "timeout"  # killed after timeout_s
-    EXECUTOR_LOST = "executor_lost"  # the lease expired without a result
+    MEMORY = "memory"  # an allocation beyond the tier's memory limit, or OOM-killed
+    EXECUTOR_LOST = "executor_lost"  # its executor died or stopped answering
     LAUNCH_ERROR = "launch_error"  # the script could not be started
 
 
@@ -93,6 +94,7 @@ class Task:
     epoch: int = 0
     schedule_id: int | None = None
     nominal_at: datetime | None = None  # a schedule occurrence's own time
+    lost_count: int = 0  # attempts whose executor was lost
 
 
 @dataclass(frozen=True, kw_only=True)

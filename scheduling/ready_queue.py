@@ -1,9 +1,15 @@
-"""The dispatcher's heap: highest priority first, then earliest due, then FIFO."""
+"""The dispatcher's heap: highest effective priority first, then FIFO.
+
+A waiting task ages: it gains one priority level per ``aging_s`` seconds past
+its due time, so a stream of escalated retries cannot starve new work. With
+priority worth ``aging_s`` seconds, the effective order is the fixed key
+``due - priority * aging_s``: no re-sorting as time passes."""
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
@@ -14,13 +20,16 @@ Slot = TypeVar("Slot")
 
 
 class ReadyQueue:
-    """A heap keyed by (-priority, due, seq) that ignores a (task, attempt)
-    it already holds, so a replayed hand-over cannot queue a task twice."""
+    """A heap keyed by (due - priority·aging_s, seq) that ignores a (task,
+    attempt) it already holds, so a replayed hand-over cannot queue a task
+    twice."""
 
-    def __init__(self) -> None:
-        self._heap: list[tuple[int, float, int, TaskSpec]] = []
+    def __init__(self, *, aging_s: float = 30.0) -> None:
+        self._heap: list[tuple[float, int, TaskSpec]] = []
         self._keys: set[tuple[int, int]] = set()
         self._seq = itertools.count()
+        self._aging_s = aging_s
+        self._depth: Counter[int] = Counter()
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -32,8 +41,13 @@ class ReadyQueue:
         if spec.key in self._keys:
             return False
         self._keys.add(spec.key)
-        heapq.heappush(self._heap, (-spec.priority, to_epoch(spec.due_at), next(self._seq), spec))
+        self._depth[spec.priority] += 1
+        key = to_epoch(spec.due_at) - spec.priority * self._aging_s
+        heapq.heappush(self._heap, (key, next(self._seq), spec))
         return True
+
+    def depth_by_priority(self) -> dict[int, int]:
+        return {p: n for p, n in self._depth.items() if n}
 
     def push_many(self, specs: Iterable[TaskSpec]) -> int:
         return sum(self.push(spec) for spec in specs)
@@ -42,7 +56,10 @@ class ReadyQueue:
         """Drop these attempts if they are waiting here."""
         present = keys & self._keys
         if present:
-            self._heap = [entry for entry in self._heap if entry[3].key not in present]
+            for entry in self._heap:
+                if entry[2].key in present:
+                    self._depth[entry[2].priority] -= 1
+            self._heap = [entry for entry in self._heap if entry[2].key not in present]
             heapq.heapify(self._heap)
             self._keys -= present
         return len(present)
@@ -54,17 +71,19 @@ class ReadyQueue:
         place (its tiers are full) is kept, and the scan moves on so that a
         full large tier does not block small tasks behind it."""
         placed: list[tuple[TaskSpec, Slot]] = []
-        kept: list[tuple[int, float, int, TaskSpec]] = []
+        kept: list[tuple[float, int, TaskSpec]] = []
         scanned = 0
         while self._heap and scanned < scan_limit:
             entry = heapq.heappop(self._heap)
             scanned += 1
-            slot = place(entry[3])
+            spec = entry[2]
+            slot = place(spec)
             if slot is None:
                 kept.append(entry)
             else:
-                self._keys.discard(entry[3].key)
-                placed.append((entry[3], slot))
+                self._keys.discard(spec.key)
+                self._depth[spec.priority] -= 1
+                placed.append((spec, slot))
         for entry in kept:
             heapq.heappush(self._heap, entry)
         return placed

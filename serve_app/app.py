@@ -20,6 +20,7 @@ from scheduling.schedules import MisfirePolicy, NewSchedule, OverlapPolicy, firs
 from serve_app.errors import install_error_handlers
 from serve_app.limits import BodySizeLimit
 from serve_app.schemas import (
+    RetryIn,
     ScheduleFields,
     ScheduleIn,
     SchedulePatch,
@@ -290,6 +291,24 @@ def create_api(backend: Backend) -> FastAPI:
         task = await asyncio.to_thread(
             repo.cancel_task, task_id, owner_id=backend.owner_id, now=now()
         )
+        return task_out(task)
+
+    @api.get("/v1/dead")
+    async def list_dead(limit: int = Query(100, ge=1, le=1000)) -> dict:
+        """Tasks that used up their attempts; ``POST /v1/tasks/{id}/retry``
+        runs one again."""
+        dead = await asyncio.to_thread(repo.list_dead, owner_id=backend.owner_id, limit=limit)
+        return {"tasks": [task_out(task) for task in dead]}
+
+    @api.post("/v1/tasks/{task_id}/retry")
+    async def retry_task(task_id: int, body: RetryIn | None = None) -> dict:
+        attempts = (body or RetryIn()).attempts
+        if attempts > settings.max_attempts_limit:
+            raise InvalidInput(f"at most {settings.max_attempts_limit} attempts", "attempts")
+        task = await asyncio.to_thread(
+            repo.redrive, task_id, owner_id=backend.owner_id, attempts=attempts, now=now()
+        )
+        await backend.submitter.track([(task.task_id, task.execute_at)])
         return task_out(task)
 
     return api

@@ -165,6 +165,12 @@ def task_out(task: Task, runs: list[Run] | None = None) -> dict:
     return body
 
 
+class RetryIn(Strict):
+    """A redrive of a dead task: how many more attempts it gets."""
+
+    attempts: StrictInt = Field(1, ge=1)
+
+
 class ScheduleFields(Strict):
     """Fields a schedule shares between create and change."""
 

@@ -15,6 +15,7 @@ from chronoray.errors import (
     ScriptNotFound,
     TaskNotCancellable,
     TaskNotFound,
+    TaskNotRetryable,
 )
 from scheduling.lifecycle import RetryPolicy, after_attempt
 from scheduling.models import (
@@ -29,6 +30,7 @@ from scheduling.models import (
     TaskSpec,
     TaskStatus,
 )
+from scheduling.tiers import TierTable
 from scheduling.timeline import Wheel, bucket_of
 from storage.repository import Claimed, running_lease, sha256_hex, tail
 
@@ -163,6 +165,30 @@ class InMemoryTaskRepository:
         task = self.tasks[task_id] = replace(task, status=TaskStatus.CANCELLED, updated_at=now)
         return task
 
+    def list_dead(self, *, owner_id: int, limit: int = 100) -> list[Task]:
+        dead = [
+            t for t in self.tasks.values() if t.owner_id == owner_id and t.status is TaskStatus.DEAD
+        ]
+        return sorted(dead, key=lambda t: (t.updated_at, t.task_id), reverse=True)[:limit]
+
+    def redrive(self, task_id: int, *, owner_id: int | None, attempts: int, now: datetime) -> Task:
+        task = self.get_task(task_id, owner_id=owner_id)
+        if task.status is not TaskStatus.DEAD:
+            raise TaskNotRetryable(
+                f"task {task_id} is {task.status.value}; only dead tasks can be retried",
+                "task_id",
+            )
+        task = self.tasks[task_id] = replace(
+            task,
+            status=TaskStatus.SCHEDULED,
+            attempt=task.attempt + 1,
+            max_attempts=task.attempt + attempts,
+            execute_at=now,
+            lease_expires_at=None,
+            updated_at=now,
+        )
+        return task
+
     def start_shard(self, shard: int, *, now: datetime) -> int:
         self.shard_epochs[shard] = self.shard_epochs.get(shard, 0) + 1
         return self.shard_epochs[shard]
@@ -256,7 +282,12 @@ class InMemoryTaskRepository:
         return changed
 
     def record_results(
-        self, results: Sequence[RunResult], *, policy: RetryPolicy, now: datetime
+        self,
+        results: Sequence[RunResult],
+        *,
+        policy: RetryPolicy,
+        now: datetime,
+        tiers: TierTable | None = None,
     ) -> list[tuple[int, datetime]]:
         retried = []
         for result in results:
@@ -270,12 +301,16 @@ class InMemoryTaskRepository:
                 failure=result.failure,
                 policy=policy,
                 now=now,
+                lost_count=task.lost_count,
+                tiers=tiers,
             )
             task = self.tasks[task.task_id] = replace(
                 task,
                 status=outcome.status,
                 attempt=outcome.attempt,
                 priority=outcome.priority,
+                max_attempts=outcome.max_attempts,
+                lost_count=outcome.lost_count,
                 execute_at=outcome.execute_at or task.execute_at,
                 lease_expires_at=None,
                 updated_at=now,

@@ -26,6 +26,7 @@ from scheduling.models import (
     Task,
     TaskSpec,
 )
+from scheduling.tiers import TierTable
 from scheduling.timeline import Wheel
 
 MAX_OUTPUT_TAIL_CHARS = 4096
@@ -57,6 +58,10 @@ class TaskRepository(Protocol):
     def get_task(self, task_id: int, *, owner_id: int | None = None) -> Task: ...
     def list_runs(self, task_id: int) -> list[Run]: ...
     def cancel_task(self, task_id: int, *, owner_id: int | None, now: datetime) -> Task: ...
+    def list_dead(self, *, owner_id: int, limit: int = 100) -> list[Task]: ...
+    def redrive(
+        self, task_id: int, *, owner_id: int | None, attempts: int, now: datetime
+    ) -> Task: ...
 
     # the shard's work
     def start_shard(self, shard: int, *, now: datetime) -> int: ...
@@ -76,7 +81,12 @@ class TaskRepository(Protocol):
         self, specs: Sequence[TaskSpec], *, lease_grace_s: float, now: datetime
     ) -> int: ...
     def record_results(
-        self, results: Sequence[RunResult], *, policy: RetryPolicy, now: datetime
+        self,
+        results: Sequence[RunResult],
+        *,
+        policy: RetryPolicy,
+        now: datetime,
+        tiers: TierTable | None = None,
     ) -> list[tuple[int, datetime]]: ...
     def expired_leases(
         self, *, wheel: Wheel, shard: int, now: datetime, limit: int
@@ -92,18 +102,25 @@ def tail(text: str, limit: int = MAX_OUTPUT_TAIL_CHARS) -> str:
     return text[-limit:]
 
 
-def lost_result(spec: TaskSpec, *, now: datetime) -> RunResult:
-    """The result recorded for an attempt whose lease ran out with no word
-    from its executor."""
+def lost_result(
+    spec: TaskSpec,
+    *,
+    now: datetime,
+    executor_id: str = "",
+    tier: str = "",
+    reason: str = "lease expired without a result",
+) -> RunResult:
+    """The result recorded for an attempt whose executor was lost: declared
+    dead by the pool, or silent until the lease ran out."""
     return RunResult.of(
         spec,
-        executor_id="",
-        tier="",
+        executor_id=executor_id,
+        tier=tier,
         node_id="",
         started_at=None,
         finished_at=now,
         exit_code=None,
-        output_tail="lease expired without a result",
+        output_tail=reason,
         failure=FailureClass.EXECUTOR_LOST,
     )
 

@@ -131,10 +131,12 @@ tasks = Table(
     Column("epoch", Integer, nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
+    Column("lost_count", Integer, nullable=False, server_default="0"),
     UniqueConstraint("schedule_id", "nominal_at", name="uq_tasks_schedule_occurrence"),
     UniqueConstraint("owner_id", "idempotency_key", name="uq_tasks_owner_idempotency_key"),
     Index("ix_tasks_status_bucket", "status", "bucket"),
     Index("ix_tasks_status_lease", "status", "lease_expires_at"),
+    Index("ix_tasks_owner_status", "owner_id", "status"),
 )
 
 runs = Table(

@@ -16,6 +16,7 @@ from chronoray.errors import (
     ScriptNotFound,
     TaskNotCancellable,
     TaskNotFound,
+    TaskNotRetryable,
     Unavailable,
 )
 from scheduling.lifecycle import RetryPolicy, after_attempt
@@ -33,6 +34,7 @@ from scheduling.models import (
     TaskStatus,
 )
 from scheduling.schedules import MisfireRules, NewSchedule, Schedule
+from scheduling.tiers import TierTable
 from scheduling.timeline import Wheel, bucket_of
 from storage import occurrences
 from storage.repository import Claimed, running_lease, sha256_hex, tail
@@ -64,6 +66,7 @@ def _task(row) -> Task:
         epoch=row.epoch,
         schedule_id=row.schedule_id,
         nominal_at=row.nominal_at,
+        lost_count=row.lost_count,
     )
 
 
@@ -375,6 +378,46 @@ class SqlTaskRepository:
             )
         return task
 
+    def list_dead(self, *, owner_id: int, limit: int = 100) -> list[Task]:
+        """Tasks that used up their attempts, newest first."""
+        with self._begin(self.read_engine) as conn:
+            rows = conn.execute(
+                select(*TASK_COLUMNS)
+                .join(scripts, scripts.c.script_id == tasks.c.script_id)
+                .where(tasks.c.owner_id == owner_id, tasks.c.status == TaskStatus.DEAD.value)
+                .order_by(tasks.c.updated_at.desc(), tasks.c.task_id.desc())
+                .limit(limit)
+            ).all()
+        return [_task(row) for row in rows]
+
+    def redrive(self, task_id: int, *, owner_id: int | None, attempts: int, now: datetime) -> Task:
+        """Give a dead task ``attempts`` more attempts, due now, at the
+        priority it had reached."""
+        condition = and_(tasks.c.task_id == task_id, tasks.c.status == TaskStatus.DEAD.value)
+        if owner_id is not None:
+            condition = and_(condition, tasks.c.owner_id == owner_id)
+        with self._begin() as conn:
+            changed = conn.execute(
+                update(tasks)
+                .where(condition)
+                .values(
+                    status=TaskStatus.SCHEDULED.value,
+                    attempt=tasks.c.attempt + 1,
+                    max_attempts=tasks.c.attempt + attempts,
+                    execute_at=now,
+                    bucket=bucket_of(now),
+                    lease_expires_at=None,
+                    updated_at=now,
+                )
+            ).rowcount
+        task = self.get_task_primary(task_id, owner_id=owner_id)
+        if not changed:
+            raise TaskNotRetryable(
+                f"task {task_id} is {task.status.value}; only dead tasks can be retried",
+                "task_id",
+            )
+        return task
+
     # -- the shard's work --------------------------------------------------
     def start_shard(self, shard: int, *, now: datetime) -> int:
         for _ in range(3):
@@ -516,7 +559,12 @@ class SqlTaskRepository:
             return conn.execute(statement, rows).rowcount
 
     def record_results(
-        self, results: Sequence[RunResult], *, policy: RetryPolicy, now: datetime
+        self,
+        results: Sequence[RunResult],
+        *,
+        policy: RetryPolicy,
+        now: datetime,
+        tiers: TierTable | None = None,
     ) -> list[tuple[int, datetime]]:
         """Apply each attempt's outcome where the row still matches it
         (attempt, epoch, in flight) and log the run. Returns what to watch
@@ -530,9 +578,12 @@ class SqlTaskRepository:
             current = {
                 row.task_id: row
                 for row in conn.execute(
-                    select(tasks.c.task_id, tasks.c.max_attempts, tasks.c.schedule_id).where(
-                        tasks.c.task_id.in_({r.task_id for r in results})
-                    )
+                    select(
+                        tasks.c.task_id,
+                        tasks.c.max_attempts,
+                        tasks.c.schedule_id,
+                        tasks.c.lost_count,
+                    ).where(tasks.c.task_id.in_({r.task_id for r in results}))
                 )
             }
             for result in results:
@@ -546,11 +597,15 @@ class SqlTaskRepository:
                     failure=result.failure,
                     policy=policy,
                     now=now,
+                    lost_count=row.lost_count,
+                    tiers=tiers,
                 )
                 values = {
                     "status": outcome.status.value,
                     "attempt": outcome.attempt,
                     "priority": outcome.priority,
+                    "max_attempts": outcome.max_attempts,
+                    "lost_count": outcome.lost_count,
                     "lease_expires_at": None,
                     "updated_at": now,
                 }

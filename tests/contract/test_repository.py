@@ -20,7 +20,7 @@ from scheduling.timeline import Wheel
 from tests.conftest import T0
 
 WHEEL = Wheel(num_shards=1, range_s=60)
-POLICY = RetryPolicy(backoff_base_s=5.0)
+POLICY = RetryPolicy(backoff_base_s=5.0, jitter=False)
 
 
 @pytest.fixture
@@ -229,3 +229,49 @@ def test_sql_schema_matches_the_migrations(sql_repo):
     assert set(inspector.get_table_names()) >= set(metadata.tables)
     for name, table in metadata.tables.items():
         assert {c["name"] for c in inspector.get_columns(name)} == {c.name for c in table.columns}
+
+
+def test_escalation_follows_the_tier_table_and_executor_losses_are_free_after_the_first(
+    repo, owner
+):
+    from scheduling.tiers import local_tiers
+    from storage.repository import lost_result
+
+    spec = claimed(repo, owner, max_attempts=3)
+    tiers = local_tiers()  # small 0-2, medium 3-5, large 6+
+    repo.record_results(
+        [result(spec, failure=FailureClass.TIMEOUT)], policy=POLICY, now=T0, tiers=tiers
+    )
+    task = repo.get_task(spec.task_id)
+    assert (task.attempt, task.priority) == (2, 3)  # a timeout moves to the next tier
+    epoch = repo.start_shard(0, now=T0)
+    for attempt in (2, 3, 4):
+        [lost] = repo.claim(
+            [spec.task_id], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=30), now=T0
+        ).specs
+        assert lost.attempt == attempt
+        repo.record_results([lost_result(lost, now=T0)], policy=POLICY, now=T0, tiers=tiers)
+        task = repo.get_task(spec.task_id)
+        # the first loss uses attempt 2 of 3; later ones are free
+        assert task.status is TaskStatus.SCHEDULED and task.priority == 3
+        assert task.execute_at == T0  # at once, no backoff
+    assert (task.attempt, task.lost_count, task.max_attempts) == (5, 3, 5)
+
+
+def test_dead_tasks_are_listed_and_can_be_redriven(repo, owner):
+    from chronoray.errors import TaskNotRetryable
+
+    spec = claimed(repo, owner, max_attempts=1)
+    repo.record_results([result(spec, failure=FailureClass.EXIT_CODE)], policy=POLICY, now=T0)
+    [dead] = repo.list_dead(owner_id=owner)
+    assert dead.task_id == spec.task_id and dead.status is TaskStatus.DEAD
+    other = repo.ensure_user(first_name="b", last_name="c", now=T0)
+    assert repo.list_dead(owner_id=other) == []
+    with pytest.raises(TaskNotFound):
+        repo.redrive(spec.task_id, owner_id=other, attempts=1, now=T0)
+    later = T0 + timedelta(minutes=5)
+    task = repo.redrive(spec.task_id, owner_id=owner, attempts=2, now=later)
+    assert (task.status, task.attempt, task.max_attempts) == (TaskStatus.SCHEDULED, 2, 3)
+    assert task.execute_at == later and repo.list_dead(owner_id=owner) == []
+    with pytest.raises(TaskNotRetryable):
+        repo.redrive(spec.task_id, owner_id=owner, attempts=1, now=later)

@@ -6,7 +6,7 @@ import pytest
 
 from scheduling.clock import ManualClock
 from scheduling.fire_timer import FireTimer
-from scheduling.lifecycle import RetryPolicy, after_attempt
+from scheduling.lifecycle import RetryPolicy, after_attempt, classify
 from scheduling.models import FailureClass, Interpreter, TaskSpec, TaskStatus
 from scheduling.ready_queue import ReadyQueue
 from scheduling.tiers import local_node_resources, local_tiers, production_tiers
@@ -83,10 +83,11 @@ def test_tier_actor_options_carry_resources():
 def test_local_tiers_need_no_cpu_and_the_node_offers_their_slots():
     table = local_tiers(executors=2)
     assert all(t.num_cpus == 0 for t in table)
+    # room for each tier's pool at its largest
     assert local_node_resources(table) == {
-        "chronoray_small": 2,
-        "chronoray_medium": 2,
-        "chronoray_large": 2,
+        "chronoray_small": 4,
+        "chronoray_medium": 4,
+        "chronoray_large": 4,
     }
 
 
@@ -95,13 +96,16 @@ def test_local_tiers_need_no_cpu_and_the_node_offers_their_slots():
     [
         (1, 3, 0, None, TaskStatus.SUCCEEDED, 1, 0, None),
         (1, 3, 0, FailureClass.EXIT_CODE, TaskStatus.SCHEDULED, 2, 1, 1.0),
-        (2, 3, 1, FailureClass.TIMEOUT, TaskStatus.SCHEDULED, 3, 2, 2.0),
+        (2, 3, 1, FailureClass.TIMEOUT, TaskStatus.SCHEDULED, 3, 3, 2.0),  # to medium (3)
+        (2, 3, 3, FailureClass.TIMEOUT, TaskStatus.SCHEDULED, 3, 6, 2.0),  # to large (6)
+        (1, 3, 0, FailureClass.MEMORY, TaskStatus.SCHEDULED, 2, 3, 1.0),  # more memory
         (3, 3, 2, FailureClass.EXIT_CODE, TaskStatus.DEAD, 3, 2, None),
-        (1, 5, 9, FailureClass.EXECUTOR_LOST, TaskStatus.SCHEDULED, 2, 9, 1.0),  # capped
+        (1, 5, 4, FailureClass.EXECUTOR_LOST, TaskStatus.SCHEDULED, 2, 4, 0.0),  # now, same
         (4, 10, 3, FailureClass.EXIT_CODE, TaskStatus.SCHEDULED, 5, 4, 8.0),
+        (4, 10, 9, FailureClass.EXIT_CODE, TaskStatus.SCHEDULED, 5, 9, 8.0),  # capped
     ],
 )
-def test_after_attempt(
+def test_after_attempt_escalates_by_failure_class(
     attempt, max_attempts, priority, failure, status, next_attempt, next_priority, delay_s
 ):
     outcome = after_attempt(
@@ -109,8 +113,9 @@ def test_after_attempt(
         max_attempts=max_attempts,
         priority=priority,
         failure=failure,
-        policy=RetryPolicy(backoff_base_s=1.0, priority_cap=9),
+        policy=RetryPolicy(backoff_base_s=1.0, priority_cap=9, jitter=False),
         now=T0,
+        tiers=local_tiers(),
     )
     assert (outcome.status, outcome.attempt, outcome.priority) == (
         status,
@@ -121,11 +126,65 @@ def test_after_attempt(
     assert outcome.execute_at == expected
 
 
-def test_backoff_is_capped_and_jitter_stays_below_the_ceiling():
-    policy = RetryPolicy(backoff_base_s=1.0, backoff_max_s=10.0)
+def test_only_the_first_executor_loss_counts_against_the_attempts():
+    policy = RetryPolicy(max_free_losses=2)
+    attempt, max_attempts, lost = 1, 2, 0
+    statuses = []
+    for _ in range(5):
+        outcome = after_attempt(
+            attempt=attempt,
+            max_attempts=max_attempts,
+            priority=0,
+            failure=FailureClass.EXECUTOR_LOST,
+            policy=policy,
+            now=T0,
+            lost_count=lost,
+        )
+        statuses.append(outcome.status)
+        attempt, max_attempts, lost = outcome.attempt, outcome.max_attempts, outcome.lost_count
+    # loss 1 uses attempt 1 of 2; losses 2 and 3 are free; loss 4 uses the last attempt
+    assert statuses == [TaskStatus.SCHEDULED] * 3 + [TaskStatus.DEAD] * 2
+    assert (attempt, lost) == (4, 5)
+
+
+@pytest.mark.parametrize(
+    "exit_code, timed_out, output, launch_error, expected",
+    [
+        (0, False, "fine", None, None),
+        (1, False, "boom", None, FailureClass.EXIT_CODE),
+        (-9, True, "", None, FailureClass.TIMEOUT),
+        (1, False, "Traceback ...\nMemoryError\n", None, FailureClass.MEMORY),
+        (2, False, "bash: xmalloc: cannot allocate 10 bytes", None, FailureClass.MEMORY),
+        (-9, False, "", None, FailureClass.MEMORY),  # killed, not by us: the OOM killer
+        (None, False, "", "FileNotFoundError", FailureClass.LAUNCH_ERROR),
+    ],
+)
+def test_classify(exit_code, timed_out, output, launch_error, expected):
+    assert (
+        classify(
+            exit_code=exit_code,
+            timed_out=timed_out,
+            output_tail=output,
+            launch_error=launch_error,
+        )
+        is expected
+    )
+
+
+def test_backoff_is_exponential_capped_and_fully_jittered():
+    policy = RetryPolicy(backoff_base_s=1.0, backoff_max_s=10.0, jitter=False)
     assert [policy.backoff_s(n) for n in (1, 2, 3, 4, 5, 6)] == [1, 2, 4, 8, 10, 10]
-    jittered = RetryPolicy(backoff_base_s=1.0, backoff_max_s=10.0, jitter=True)
-    assert all(0 <= jittered.backoff_s(4) <= 8 for _ in range(100))
+    jittered = RetryPolicy(backoff_base_s=1.0, backoff_max_s=10.0)
+    draws = [jittered.backoff_s(4) for _ in range(500)]
+    assert all(0 <= d <= 8 for d in draws)
+    assert min(draws) < 1 and max(draws) > 7  # spread over the whole range, not near 8
+
+
+def test_tier_table_names_the_escalation_targets():
+    table = local_tiers()
+    assert table.stronger_than(0).name == "medium"
+    assert table.stronger_than(7).name == "large"  # the strongest is its own next
+    assert table.more_memory_than(1).name == "medium"
 
 
 def spec(task_id, *, priority=0, due=T0, attempt=1, shard=0):
@@ -202,3 +261,18 @@ def test_fire_timer_moves_a_rescheduled_task_and_respects_limit():
     timer.add(4, T0)
     timer.discard(4)
     assert timer.pop_due(now=T0) == [] and len(timer) == 0
+
+
+def test_waiting_tasks_age_so_retries_cannot_starve_new_work():
+    queue = ReadyQueue(aging_s=10.0)
+    queue.push_many(
+        [
+            spec(1, priority=0, due=T0),  # new work, waiting since T0
+            spec(2, priority=2, due=T0 + timedelta(seconds=15)),  # a retry, escalated twice
+            spec(3, priority=2, due=T0 + timedelta(seconds=25)),  # a later retry
+        ]
+    )
+    assert queue.depth_by_priority() == {0: 1, 2: 2}
+    # priority is worth 10 s of waiting: task 1 (key T0) beats task 3 (T0 + 5 s)
+    assert [s.task_id for s, _ in queue.take(lambda s: "slot")] == [2, 1, 3]
+    assert queue.depth_by_priority() == {}

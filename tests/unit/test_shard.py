@@ -20,7 +20,7 @@ SETTINGS = Settings(
     num_shards=1,
     prefire_ms=200,
     lookahead_s=60,
-    retry=RetryPolicy(backoff_base_s=2.0),
+    retry=RetryPolicy(backoff_base_s=2.0, jitter=False),
 )
 
 
@@ -202,7 +202,9 @@ def test_failure_retries_with_higher_priority_after_backoff_then_dead():
 
 
 def test_a_retry_that_moves_to_another_range_is_handed_to_its_owner():
-    world = World(settings=SETTINGS.with_(num_shards=2, retry=RetryPolicy(backoff_base_s=60.0)))
+    world = World(
+        settings=SETTINGS.with_(num_shards=2, retry=RetryPolicy(backoff_base_s=60.0, jitter=False))
+    )
 
     async def scenario():
         base = T0 - timedelta(seconds=T0.timestamp() % 120)  # a range owned by shard 0
