@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,18 +15,21 @@ from typing import Any, Protocol
 import ray
 
 from actors.batching import Outbox
+from scheduling.clock import Clock, SystemClock
 from scheduling.models import RunResult, TaskSpec
 from scheduling.ready_queue import ReadyQueue
 from scheduling.tiers import TierTable
+from storage.repository import lost_result
 
 log = logging.getLogger(__name__)
 
 FINISHED_MEMORY = 200_000
+SEND_TIMEOUT_S = 3.0
 
 
 class ExecutorClient(Protocol):
     async def run_batch(self, specs: list[TaskSpec]) -> int: ...
-    async def running_keys(self) -> list[tuple[int, int]]: ...
+    async def running(self) -> list[TaskSpec]: ...
     async def cancel(self, keys: list[tuple[int, int]]) -> int: ...
 
 
@@ -42,11 +47,12 @@ class ExecutorSlots:
     tier_rank: int
     slots: int
     client: ExecutorClient
-    in_flight: set[tuple[int, int]] = field(default_factory=set)
+    in_flight: dict[tuple[int, int], TaskSpec] = field(default_factory=dict)
+    accepting: bool = True
 
     @property
     def free(self) -> int:
-        return self.slots - len(self.in_flight)
+        return self.slots - len(self.in_flight) if self.accepting else 0
 
 
 class Dispatcher:
@@ -57,13 +63,17 @@ class Dispatcher:
         executors: Sequence[ExecutorSlots],
         shards: ShardLink,
         max_queued: int,
+        aging_s: float = 30.0,
+        clock: Clock | None = None,
     ) -> None:
         self.incarnation = uuid.uuid4().hex
         self._tiers = tiers
         self._executors = list(executors)
         self._shards = shards
         self._max_queued = max_queued
-        self._queue = ReadyQueue()
+        self._clock = clock or SystemClock()
+        self._queue = ReadyQueue(aging_s=aging_s)
+        self.late_results = 0  # results of attempts already given up on (shards ignore them)
         # Attempts that finished recently: a shard that restarts hands over
         # every task still ``queued`` in the database, including ones whose
         # result is on its way back; these must not run again.
@@ -91,8 +101,9 @@ class Dispatcher:
         by_shard: dict[int, list[RunResult]] = {}
         for result in results:
             key = (result.task_id, result.attempt)
-            for ex in self._executors:
-                ex.in_flight.discard(key)
+            held = [ex for ex in self._executors if ex.in_flight.pop(key, None) is not None]
+            if not held and key in self._finished:
+                self.late_results += 1
             self._finished[key] = None
             by_shard.setdefault(result.shard, []).append(result)
         while len(self._finished) > FINISHED_MEMORY:
@@ -113,7 +124,8 @@ class Dispatcher:
                     await ex.client.cancel(mine)
                 except Exception:
                     log.warning("executor %s did not take a cancel", ex.executor_id, exc_info=True)
-                ex.in_flight.difference_update(mine)
+                for key in mine:
+                    del ex.in_flight[key]
         self._finished.update(dict.fromkeys(wanted))
         await self._place()
 
@@ -121,23 +133,75 @@ class Dispatcher:
         return {
             "incarnation": self.incarnation,
             "queued": len(self._queue),
+            "queued_by_priority": self._queue.depth_by_priority(),
+            "late_results": self.late_results,
             "executors": {
-                ex.executor_id: {"tier": ex.tier, "slots": ex.slots, "running": len(ex.in_flight)}
+                ex.executor_id: {
+                    "tier": ex.tier,
+                    "slots": ex.slots,
+                    "running": len(ex.in_flight),
+                    "accepting": ex.accepting,
+                }
                 for ex in self._executors
             },
         }
 
+    def demand(self) -> dict[str, int]:
+        """Per tier: tasks that want it (queued at its priorities, plus
+        running on it). The pool sizes each tier for this."""
+        wanted = {tier.name: 0 for tier in self._tiers}
+        for priority, count in self._queue.depth_by_priority().items():
+            wanted[self._tiers.tier_for(priority).name] += count
+        for ex in self._executors:
+            wanted[ex.tier] = wanted.get(ex.tier, 0) + len(ex.in_flight)
+        return wanted
+
+    async def sync_members(self, members: Sequence[ExecutorSlots]) -> list[RunResult]:
+        """Follow the pool's membership: add new executors, mark draining
+        ones, and drop the ones declared dead. Their attempts are reported
+        to their shards as ``executor_lost`` at once (retried without
+        waiting for the lease); returns those attempts."""
+        known = {ex.executor_id: ex for ex in self._executors}
+        current = {m.executor_id for m in members}
+        now = self._clock.now()
+        lost: list[RunResult] = []
+        for ex in self._executors:
+            if ex.executor_id not in current:
+                log.warning("executor %s gone with %d attempts", ex.executor_id, len(ex.in_flight))
+                lost += [
+                    lost_result(
+                        spec,
+                        now=now,
+                        executor_id=ex.executor_id,
+                        tier=ex.tier,
+                        reason=f"executor {ex.executor_id} declared dead",
+                    )
+                    for spec in ex.in_flight.values()
+                ]
+        executors = []
+        for member in members:
+            ex = known.get(member.executor_id)
+            if ex is None:
+                ex = member
+            ex.accepting = member.accepting
+            executors.append(ex)
+        self._executors = executors
+        if lost:
+            await self.report_results(lost)
+        await self._place()
+        return lost
+
     async def reconcile(self) -> None:
         """Align slot counts with what executors really run: a restarted
-        executor forgot its attempts (their leases will retry them); a
-        restarted dispatcher learns what is still running."""
+        dispatcher learns what is still running; an attempt an executor no
+        longer has (it was fenced) is left to its lease."""
         for ex in self._executors:
             try:
-                actual = set(map(tuple, await ex.client.running_keys()))
+                actual = await ex.client.running()
             except Exception:
                 log.warning("executor %s did not answer", ex.executor_id)
                 continue
-            ex.in_flight = actual
+            ex.in_flight = {spec.key: spec for spec in actual}
         await self._place()
 
     def _outbox(self, boxes: dict, shard: int, send) -> Outbox:
@@ -152,7 +216,7 @@ class Dispatcher:
         if not candidates:
             return None
         chosen = min(candidates, key=lambda ex: (ex.tier_rank, -ex.free))
-        chosen.in_flight.add(spec.key)  # reserve now, so the scan sees it taken
+        chosen.in_flight[spec.key] = spec  # reserve now, so the scan sees it taken
         return chosen
 
     async def _place(self) -> None:
@@ -177,7 +241,7 @@ class Dispatcher:
                 "executor %s refused %d tasks; requeued", ex.executor_id, len(specs), exc_info=True
             )
             for spec in specs:
-                ex.in_flight.discard(spec.key)
+                ex.in_flight.pop(spec.key, None)
             self._queue.push_many(specs)
 
 
@@ -189,10 +253,12 @@ class _RayExecutor:
         self._handle = handle
 
     async def run_batch(self, specs: list[TaskSpec]) -> int:
-        return await self._handle.run_batch.remote(specs)
+        # Bounded: a stopped executor must not stall placement for everyone
+        # (a batch it did take after all is deduplicated by attempt).
+        return await asyncio.wait_for(self._handle.run_batch.remote(specs), timeout=SEND_TIMEOUT_S)
 
-    async def running_keys(self) -> list[tuple[int, int]]:
-        return await asyncio.wait_for(self._handle.running_keys.remote(), timeout=5)
+    async def running(self) -> list[TaskSpec]:
+        return await asyncio.wait_for(self._handle.running.remote(), timeout=5)
 
     async def cancel(self, keys: list[tuple[int, int]]) -> int:
         return await self._handle.cancel.remote(keys)
@@ -214,52 +280,90 @@ class _RayShards:
 
 
 class DispatcherShell:
-    """Builds the Dispatcher once the executor pool answers; reconciles
-    with executors every ``reconcile_s``."""
+    """Builds the Dispatcher, then follows the pool's membership every
+    ``membership_s`` and reconciles with executors every ``reconcile_s``;
+    publishes itself in ZooKeeper when configured."""
 
-    def __init__(self, settings, reconcile_s: float = 2.0) -> None:
+    def __init__(self, settings, reconcile_s: float = 2.0, membership_s: float = 0.5) -> None:
         from actors.handles import POOL_NAME
 
         self._settings = settings
         self._pool = ray.get_actor(POOL_NAME, namespace=settings.namespace)
         self._reconcile_s = reconcile_s
-        self._dispatcher: Dispatcher | None = None
+        self._membership_s = membership_s
+        self._dispatcher = Dispatcher(
+            tiers=settings.tiers,
+            executors=[],
+            shards=_RayShards(settings.namespace),
+            max_queued=settings.dispatcher_max_queued,
+            aging_s=settings.aging_s,
+        )
+        self._mirror = None
+        if settings.zookeeper_hosts:
+            from actors.zk_mirror import DISPATCHER as DISPATCHER_ZNODE
+            from actors.zk_mirror import ZnodeMirror
+
+            self._mirror = ZnodeMirror(
+                settings.zookeeper_hosts,
+                DISPATCHER_ZNODE,
+                session_timeout_s=settings.zookeeper_session_timeout_s,
+            )
         # __init__ runs inside the actor's event loop (Ray async actors).
         self._starting = asyncio.ensure_future(self._start())
 
     async def _ready(self) -> Dispatcher:
-        if self._dispatcher is None:
+        if not self._starting.done():
             await asyncio.shield(self._starting)
-        assert self._dispatcher is not None
         return self._dispatcher
 
     async def _start(self) -> None:
-        infos = await self._pool.executors.remote()
-        self._dispatcher = Dispatcher(
-            tiers=self._settings.tiers,
-            executors=[
+        try:
+            await self._follow_pool()
+            await self._dispatcher.reconcile()
+        except Exception:
+            log.warning("pool not reachable yet; following it from now on", exc_info=True)
+        asyncio.ensure_future(self._every(self._membership_s, self._follow_pool))
+        asyncio.ensure_future(self._every(self._reconcile_s, self._dispatcher.reconcile))
+
+    async def _follow_pool(self) -> None:
+        infos = await asyncio.wait_for(self._pool.executors.remote(), timeout=5)
+        await self._dispatcher.sync_members(
+            [
                 ExecutorSlots(
                     executor_id=i.executor_id,
                     tier=i.tier,
                     tier_rank=i.tier_rank,
                     slots=i.slots,
                     client=_RayExecutor(i.handle),
+                    accepting=i.accepting,
                 )
                 for i in infos
-            ],
-            shards=_RayShards(self._settings.namespace),
-            max_queued=self._settings.dispatcher_max_queued,
+            ]
         )
-        await self._dispatcher.reconcile()
-        asyncio.ensure_future(self._reconcile_forever())
+        if self._mirror is not None:
+            stats = self._dispatcher.stats()
+            self._mirror.publish(
+                {
+                    "incarnation": stats["incarnation"],
+                    "node": ray.get_runtime_context().get_node_id(),
+                    "pid": os.getpid(),
+                    "queued": stats["queued"],
+                    "executors": len(stats["executors"]),
+                    "updated_at": time.time(),
+                }
+            )
 
-    async def _reconcile_forever(self) -> None:
+    @staticmethod
+    async def _every(period_s: float, step) -> None:
         while True:
-            await asyncio.sleep(self._reconcile_s)
+            await asyncio.sleep(period_s)
             try:
-                await self._dispatcher.reconcile()
+                await step()
             except Exception:
-                log.exception("reconcile failed")
+                log.warning("%s failed", getattr(step, "__name__", step), exc_info=True)
+
+    async def demand(self) -> dict[str, int]:
+        return (await self._ready()).demand()
 
     async def hello(self) -> str:
         return await (await self._ready()).hello()

@@ -5,24 +5,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import tempfile
+import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import ray
 
 from actors.batching import Outbox
-from actors.sandbox import run_script
+from actors.sandbox import SandboxLimits, kill_group, run_script
 from scheduling.clock import Clock, SystemClock, to_epoch
+from scheduling.lifecycle import classify
 from scheduling.models import FailureClass, RunResult, TaskSpec
-from scheduling.tiers import Tier, TierTable
+from scheduling.tiers import PoolTiming, Tier, TierTable
 
 log = logging.getLogger(__name__)
+
+
+FENCED = "the executor lost contact with its pool and killed the script"
+
+
+class ExecutorFenced(RuntimeError):
+    """Refused work: this executor lost contact with its pool."""
 
 
 class ScriptSource(Protocol):
@@ -40,6 +50,7 @@ class ScriptCache:
         self._source = source
         self._directory = directory
         directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o755)  # scripts run as an unprivileged user
 
     async def path_for(self, spec: TaskSpec) -> Path:
         path = self._directory / spec.script_sha256
@@ -66,15 +77,20 @@ class Executor:
         sink: ResultSink,
         clock: Clock | None = None,
         node_id: str = "",
+        limits: SandboxLimits = SandboxLimits(),
     ) -> None:
         self.executor_id = executor_id
         self.tier = tier
         self.slots = slots
         self._scripts = scripts
         self._clock = clock or SystemClock()
+        self._limits = limits
         self._node_id = node_id or socket.gethostname()
         self._slots = asyncio.Semaphore(slots)
-        self._running: dict[tuple[int, int], asyncio.Task] = {}
+        self._running: dict[tuple[int, int], tuple[TaskSpec, asyncio.Task]] = {}
+        self.fenced = False  # lost contact with the pool: take no new work
+        self._pids: dict[tuple[int, int], int] = {}  # running scripts' process groups
+        self._fenced_keys: set[tuple[int, int]] = set()
         self._outbox: Outbox[RunResult] = Outbox(
             sink.report_results, name=f"executor {executor_id}"
         )
@@ -82,26 +98,49 @@ class Executor:
     async def run_batch(self, specs: Sequence[TaskSpec]) -> int:
         """Start each attempt in the background; a replayed call is a no-op
         for attempts already here."""
+        if self.fenced:
+            raise ExecutorFenced(f"executor {self.executor_id} lost contact with its pool")
         started = 0
         for spec in specs:
             if spec.key in self._running:
                 continue
-            self._running[spec.key] = asyncio.ensure_future(self._run(spec))
+            self._running[spec.key] = (spec, asyncio.ensure_future(self._run(spec)))
             started += 1
         return started
 
-    async def running_keys(self) -> list[tuple[int, int]]:
-        return list(self._running)
+    async def running(self) -> list[TaskSpec]:
+        return [spec for spec, _ in self._running.values()]
+
+    @property
+    def busy(self) -> int:
+        return len(self._running)
 
     async def cancel(self, keys: Sequence[tuple[int, int]]) -> int:
         """Kill these attempts' scripts; no result is reported for them."""
         cancelled = 0
         for key in keys:
-            task = self._running.get(tuple(key))
-            if task is not None:
-                task.cancel()
+            entry = self._running.get(tuple(key))
+            if entry is not None:
+                entry[1].cancel()
                 cancelled += 1
         return cancelled
+
+    def lose_contact(self, reason: str) -> int:
+        """Fence this executor: take no new work and kill every running
+        script, so that an executor the pool gave up on cannot finish an
+        attempt that now runs elsewhere. Each killed attempt still reports
+        (as ``executor_lost``), as does one that had finished: a shard keeps
+        whichever result still matches the task and ignores the rest."""
+        if not self.fenced:
+            log.warning("executor %s fenced: %s", self.executor_id, reason)
+        self.fenced = True
+        for key, pid in list(self._pids.items()):
+            self._fenced_keys.add(key)
+            kill_group(pid)
+        return len(self._fenced_keys)
+
+    def regain_contact(self) -> None:
+        self.fenced = False
 
     async def _run(self, spec: TaskSpec) -> None:
         try:
@@ -112,6 +151,8 @@ class Executor:
             log.info("attempt %s cancelled", spec.key)
         finally:
             self._running.pop(spec.key, None)
+            self._pids.pop(spec.key, None)
+            self._fenced_keys.discard(spec.key)
 
     async def _attempt(self, spec: TaskSpec) -> RunResult:
         try:
@@ -130,6 +171,10 @@ class Executor:
         delay = to_epoch(spec.due_at) - to_epoch(self._clock.now())
         if delay > 0:
             await asyncio.sleep(delay)
+        if self.fenced:
+            return self._result(
+                spec, None, self._clock.now(), None, FENCED, FailureClass.EXECUTOR_LOST
+            )
         outcome = await run_script(
             script_path=path,
             interpreter=spec.interpreter,
@@ -140,15 +185,18 @@ class Executor:
                 "CHRONORAY_FIRE_TIME": spec.fire_time.isoformat(),
             },
             timeout_s=spec.timeout_s,
+            limits=self._limits,
+            on_start=lambda pid: self._pids.__setitem__(spec.key, pid),
         )
-        if outcome.launch_error:
-            failure, text = FailureClass.LAUNCH_ERROR, outcome.launch_error
-        elif outcome.timed_out:
-            failure, text = FailureClass.TIMEOUT, outcome.output_tail
-        elif outcome.exit_code != 0:
-            failure, text = FailureClass.EXIT_CODE, outcome.output_tail
-        else:
-            failure, text = None, outcome.output_tail
+        failure = classify(
+            exit_code=outcome.exit_code,
+            timed_out=outcome.timed_out,
+            output_tail=outcome.output_tail,
+            launch_error=outcome.launch_error,
+        )
+        text = outcome.launch_error or outcome.output_tail
+        if spec.key in self._fenced_keys and outcome.exit_code == -9:
+            failure, text = FailureClass.EXECUTOR_LOST, FENCED + "\n" + text
         return self._result(
             spec, outcome.started_at, outcome.finished_at, outcome.exit_code, text, failure
         )
@@ -167,7 +215,208 @@ class Executor:
         )
 
 
+# -- the pool ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExecutorInfo:
+    executor_id: str
+    tier: str
+    tier_rank: int  # position in the tier table: a task may use ranks >= its own
+    slots: int
+    handle: Any
+    accepting: bool = True  # False while draining: finish what runs, take nothing new
+
+
+class ExecutorFactory(Protocol):
+    def create(self, tier: Tier, executor_id: str) -> Any: ...
+    def destroy(self, handle: Any) -> None: ...
+
+
+@dataclass(kw_only=True)
+class Member:
+    info: ExecutorInfo
+    tier: Tier
+    created_at: float
+    last_heartbeat: float | None = None
+    running: int = 0
+    idle_since: float = 0.0
+    draining: bool = False
+
+    @property
+    def placed(self) -> bool:
+        return self.last_heartbeat is not None
+
+
+class ExecutorPool:
+    """Which executors exist and which are alive. Executors heartbeat here;
+    one that misses ``misses`` heartbeats is declared dead and dropped from
+    the membership the dispatcher follows (which retries its attempts), and
+    a replacement is started. Each tier grows with demand and shrinks when
+    idle, between its ``executors`` and ``most_executors``."""
+
+    def __init__(
+        self,
+        *,
+        tiers: TierTable,
+        factory: ExecutorFactory,
+        timing: PoolTiming = PoolTiming(),
+        clock=time.monotonic,
+        adopted: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._tiers = tiers
+        self._factory = factory
+        self._timing = timing
+        self._clock = clock
+        self._members: dict[str, Member] = {}
+        self._dead: dict[str, tuple[float, Any]] = {}  # id -> (declared at, handle)
+        self._unplaceable: dict[str, str] = {}  # tier -> why
+        now = clock()
+        for executor_id, handle in adopted:  # a restarted pool finds its executors again
+            tier_name = executor_id.rsplit("-", 1)[0]
+            try:
+                tier = tiers.by_name(tier_name)
+            except KeyError:
+                factory.destroy(handle)  # a tier the table no longer has
+                continue
+            member = self._member(tier, executor_id, handle, now)
+            member.last_heartbeat = now
+        for tier in tiers:
+            while len(self._of(tier)) < tier.executors:
+                self._start(tier, now)
+
+    # -- membership --------------------------------------------------------
+    def heartbeat(self, executor_id: str, running: int) -> bool:
+        """False tells the executor it was declared dead (it must fence)."""
+        member = self._members.get(executor_id)
+        if member is None:
+            return False
+        now = self._clock()
+        member.last_heartbeat = now
+        if running or member.running:
+            member.idle_since = now
+        member.running = running
+        self._unplaceable.pop(member.tier.name, None)
+        return True
+
+    def executors(self) -> list[ExecutorInfo]:
+        """Placed executors: what the dispatcher may use (draining ones only
+        to finish their work)."""
+        return [
+            replace(m.info, accepting=not m.draining) for m in self._members.values() if m.placed
+        ]
+
+    def status(self) -> dict[str, Any]:
+        now = self._clock()
+        return {
+            "tiers": {
+                tier.name: {
+                    "live": sum(m.placed for m in self._of(tier)),
+                    "starting": sum(not m.placed for m in self._of(tier)),
+                    "min": tier.executors,
+                    "max": tier.most_executors,
+                    "resources": tier.actor_options(),
+                    "unplaceable": self._unplaceable.get(tier.name),
+                }
+                for tier in self._tiers
+            },
+            "executors": [
+                {
+                    "executor_id": m.info.executor_id,
+                    "tier": m.tier.name,
+                    "slots": m.info.slots,
+                    "running": m.running,
+                    "state": "draining" if m.draining else "live" if m.placed else "starting",
+                    "heartbeat_age_s": None
+                    if m.last_heartbeat is None
+                    else round(now - m.last_heartbeat, 3),
+                }
+                for m in self._members.values()
+            ],
+        }
+
+    # -- the periodic check -------------------------------------------------
+    def tick(self, demand: Mapping[str, int]) -> list[str]:
+        """Declare silent executors dead, report unplaceable tiers, and size
+        each tier for ``demand`` (tasks wanting that tier: queued plus
+        running). Returns the ids declared dead."""
+        now = self._clock()
+        dead = []
+        for member in list(self._members.values()):
+            if member.placed:
+                silent = now - member.last_heartbeat
+                if silent > self._timing.heartbeat_s * self._timing.misses:
+                    dead.append(member.info.executor_id)
+                    self._declare_dead(member, now, f"no heartbeat for {silent:.1f} s")
+            elif now - member.created_at > self._timing.placement_timeout_s:
+                why = (
+                    f"no node offers {member.tier.actor_options()} "
+                    f"({now - member.created_at:.0f} s pending)"
+                )
+                if self._unplaceable.get(member.tier.name) != why:
+                    log.warning("tier %s cannot be placed: %s", member.tier.name, why)
+                self._unplaceable[member.tier.name] = why
+        for tier in self._tiers:
+            self._size(tier, demand.get(tier.name, 0), now)
+        self._reap(now)
+        return dead
+
+    def _size(self, tier: Tier, demand: int, now: float) -> None:
+        members = [m for m in self._of(tier) if not m.draining]
+        wanted = min(max(tier.executors, math.ceil(demand / tier.slots)), tier.most_executors)
+        pending = any(not m.placed for m in members)
+        if len(members) < wanted and not (pending and tier.name in self._unplaceable):
+            for _ in range(wanted - len(members)):
+                self._start(tier, now)
+        elif len(members) > wanted:
+            idle = [
+                m
+                for m in members
+                if m.placed and m.running == 0 and now - m.idle_since >= self._timing.idle_s
+            ]
+            for member in idle[: len(members) - wanted]:
+                member.draining = True
+                log.info("executor %s idle: draining", member.info.executor_id)
+        for member in [m for m in self._of(tier) if m.draining and m.running == 0]:
+            # Drained and idle for a heartbeat since: nothing more will come.
+            if now - member.idle_since >= self._timing.idle_s + self._timing.heartbeat_s * 2:
+                del self._members[member.info.executor_id]
+                self._factory.destroy(member.info.handle)
+
+    def _declare_dead(self, member: Member, now: float, why: str) -> None:
+        log.warning("executor %s declared dead: %s", member.info.executor_id, why)
+        del self._members[member.info.executor_id]
+        self._dead[member.info.executor_id] = (now, member.info.handle)
+
+    def _reap(self, now: float) -> None:
+        for executor_id, (declared, handle) in list(self._dead.items()):
+            if now - declared >= self._timing.reap_after_s:
+                del self._dead[executor_id]
+                self._factory.destroy(handle)
+
+    def _of(self, tier: Tier) -> list[Member]:
+        return [m for m in self._members.values() if m.tier.name == tier.name]
+
+    def _start(self, tier: Tier, now: float) -> Member:
+        executor_id = f"{tier.name}-{uuid.uuid4().hex[:8]}"
+        return self._member(tier, executor_id, self._factory.create(tier, executor_id), now)
+
+    def _member(self, tier: Tier, executor_id: str, handle: Any, now: float) -> Member:
+        info = ExecutorInfo(
+            executor_id=executor_id,
+            tier=tier.name,
+            tier_rank=self._tiers.tiers.index(tier),
+            slots=tier.slots,
+            handle=handle,
+        )
+        member = Member(info=info, tier=tier, created_at=now, idle_since=now)
+        self._members[executor_id] = member
+        return member
+
+
 # -- Ray shells ------------------------------------------------------------
+
+EXECUTOR_PREFIX = "chronoray-exec-"  # not a prefix of POOL_NAME
 
 
 class _DispatcherSink:
@@ -198,69 +447,153 @@ class _RepositoryScripts:
 
 
 class ExecutorShell(Executor):
-    def __init__(
-        self, *, executor_id: str, tier: str, slots: int, database_url: str, namespace: str
-    ):
+    """An executor actor: heartbeats to the pool, fences itself when the
+    pool stops answering or says it was declared dead, and mirrors itself in
+    ZooKeeper when configured."""
+
+    def __init__(self, *, executor_id: str, tier: Tier, settings) -> None:
+        from actors.handles import POOL_NAME
+
         cache_dir = Path(tempfile.gettempdir()) / "chronoray-scripts" / executor_id
         super().__init__(
             executor_id=executor_id,
-            tier=tier,
-            slots=slots,
-            scripts=ScriptCache(_RepositoryScripts(database_url), cache_dir),
-            sink=_DispatcherSink(namespace),
+            tier=tier.name,
+            slots=tier.slots,
+            scripts=ScriptCache(_RepositoryScripts(settings.database_url), cache_dir),
+            sink=_DispatcherSink(settings.namespace),
             node_id=ray.get_runtime_context().get_node_id(),
+            limits=replace(settings.sandbox, memory_mb=tier.script_memory),
         )
+        self._timing = settings.pool_timing
+        self._pool = ray.get_actor(POOL_NAME, namespace=settings.namespace)
+        self._tier = tier
+        self._mirror = None
+        if settings.zookeeper_hosts:
+            from actors.zk_mirror import ZnodeMirror, executor_path
+
+            self._mirror = ZnodeMirror(
+                settings.zookeeper_hosts,
+                executor_path(tier.name, executor_id),
+                session_timeout_s=settings.zookeeper_session_timeout_s,
+            )
+        self._beating = asyncio.ensure_future(self._heartbeat_forever())
 
     async def ping(self) -> str:
         return self.executor_id
 
+    async def info(self) -> dict[str, Any]:
+        return self.describe(time.time())
 
-ExecutorActor = ray.remote(max_restarts=-1, max_task_retries=-1)(ExecutorShell)
+    def describe(self, heartbeat_at: float) -> dict[str, Any]:
+        return {
+            "executor_id": self.executor_id,
+            "tier": self.tier,
+            "node": self._node_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "resources": self._tier.actor_options(),
+            "slots": self.slots,
+            "running": self.busy,
+            "fenced": self.fenced,
+            "last_heartbeat": heartbeat_at,
+        }
+
+    async def _heartbeat_forever(self) -> None:
+        period = self._timing.heartbeat_s
+        acknowledged = time.monotonic()
+        while True:
+            try:
+                alive = await asyncio.wait_for(
+                    self._pool.heartbeat.remote(self.executor_id, self.busy), timeout=period
+                )
+            except Exception:
+                alive = None  # no answer: the pool may be restarting
+            if alive:
+                acknowledged = time.monotonic()
+                self.regain_contact()
+            elif alive is False:
+                self.lose_contact("the pool declared this executor dead")
+                await self._outbox_flushed()
+                self._exit()
+                return
+            elif time.monotonic() - acknowledged > period * self._timing.misses:
+                self.lose_contact(f"no heartbeat acknowledged for {self._timing.misses} periods")
+            if self._mirror is not None:
+                self._mirror.publish(self.describe(time.time()))
+            await asyncio.sleep(period)
+
+    async def _outbox_flushed(self) -> None:
+        await asyncio.sleep(self._timing.heartbeat_s)  # let late results go out
+
+    def _exit(self) -> None:
+        if self._mirror is not None:
+            self._mirror.close()
+        ray.actor.exit_actor()
 
 
-@dataclass(frozen=True, kw_only=True)
-class ExecutorInfo:
-    executor_id: str
-    tier: str
-    tier_rank: int  # position in the tier table: a task may use ranks >= its own
-    slots: int
-    handle: Any
+ExecutorActor = ray.remote(max_restarts=0)(ExecutorShell)
 
 
-class ExecutorPool:
-    """Creates the executors a tier table asks for, and lists them."""
+class _RayExecutors:
+    def __init__(self, settings) -> None:
+        self._settings = settings
 
-    def __init__(self, *, tiers: TierTable, database_url: str, namespace: str) -> None:
-        self._tiers = tiers
-        self._database_url = database_url
-        self._namespace = namespace
-        self._executors: list[ExecutorInfo] = []
-        for rank, tier in enumerate(tiers):
-            for i in range(tier.executors):
-                self._executors.append(self._create(tier, rank, i))
-
-    def _create(self, tier: Tier, rank: int, index: int) -> ExecutorInfo:
-        executor_id = f"{tier.name}-{index}"
-        handle = ExecutorActor.options(
-            name=f"chronoray-executor-{executor_id}",
-            namespace=self._namespace,
+    def create(self, tier: Tier, executor_id: str):
+        return ExecutorActor.options(
+            name=EXECUTOR_PREFIX + executor_id,
+            namespace=self._settings.namespace,
             lifetime="detached",
-            get_if_exists=True,
             max_concurrency=max(100, tier.slots * 4),
             **tier.actor_options(),
-        ).remote(
-            executor_id=executor_id,
-            tier=tier.name,
-            slots=tier.slots,
-            database_url=self._database_url,
-            namespace=self._namespace,
+        ).remote(executor_id=executor_id, tier=tier, settings=self._settings)
+
+    def destroy(self, handle) -> None:
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:
+            log.debug("executor already gone", exc_info=True)
+
+
+class ExecutorPoolShell:
+    def __init__(self, settings) -> None:
+        self._settings = settings
+        factory = _RayExecutors(settings)
+        adopted = []
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry["namespace"] == settings.namespace and entry["name"].startswith(
+                EXECUTOR_PREFIX
+            ):
+                handle = ray.get_actor(entry["name"], namespace=settings.namespace)
+                adopted.append((entry["name"][len(EXECUTOR_PREFIX) :], handle))
+        self._pool = ExecutorPool(
+            tiers=settings.tiers, factory=factory, timing=settings.pool_timing, adopted=adopted
         )
-        return ExecutorInfo(
-            executor_id=executor_id, tier=tier.name, tier_rank=rank, slots=tier.slots, handle=handle
-        )
+        self._ticking = asyncio.ensure_future(self._tick_forever())
 
-    def executors(self) -> list[ExecutorInfo]:
-        return list(self._executors)
+    async def _tick_forever(self) -> None:
+        from actors.handles import DISPATCHER_NAME
+
+        while True:
+            await asyncio.sleep(self._settings.pool_timing.heartbeat_s)
+            demand: dict[str, int] = {}
+            try:
+                dispatcher = ray.get_actor(DISPATCHER_NAME, namespace=self._settings.namespace)
+                demand = await asyncio.wait_for(dispatcher.demand.remote(), timeout=2)
+            except Exception:
+                pass  # not deployed yet, or restarting: size for the minimum
+            try:
+                self._pool.tick(demand)
+            except Exception:
+                log.exception("pool tick failed")
+
+    async def heartbeat(self, executor_id: str, running: int) -> bool:
+        return self._pool.heartbeat(executor_id, running)
+
+    async def executors(self) -> list[ExecutorInfo]:
+        return self._pool.executors()
+
+    async def status(self) -> dict:
+        return self._pool.status()
 
 
-ExecutorPoolActor = ray.remote(max_restarts=-1, max_task_retries=-1)(ExecutorPool)
+ExecutorPoolActor = ray.remote(max_restarts=-1, max_task_retries=-1)(ExecutorPoolShell)

@@ -49,12 +49,16 @@ def prepare_database(settings: Settings) -> int:
 
 
 def control_plane_options(name: str, settings: Settings) -> dict:
+    """Shards, dispatcher and pool take no CPU; ``control_plane_resources``
+    (e.g. a resource only the head offers) keeps them off worker nodes that
+    the autoscaler may remove."""
     return {
         "name": name,
         "namespace": settings.namespace,
         "lifetime": "detached",
         "get_if_exists": True,
         "num_cpus": 0,
+        "resources": dict(settings.control_plane_resources),
     }
 
 
@@ -64,11 +68,12 @@ def deploy_actors(settings: Settings) -> None:
     from actors.handles import DISPATCHER_NAME, POOL_NAME, shard_name
     from actors.shard_actor import ShardActor
 
-    pool = ExecutorPoolActor.options(**control_plane_options(POOL_NAME, settings)).remote(
-        tiers=settings.tiers, database_url=settings.database_url, namespace=settings.namespace
-    )
-    executors = ray.get(pool.executors.remote())
-    ray.get([info.handle.ping.remote() for info in executors])
+    if settings.zookeeper_hosts:
+        from actors.zk_mirror import ensure_chroot
+
+        ensure_chroot(settings.zookeeper_hosts)
+    pool = ExecutorPoolActor.options(**control_plane_options(POOL_NAME, settings)).remote(settings)
+    wait_for_executors(pool, settings)
     dispatcher = DispatcherActor.options(**control_plane_options(DISPATCHER_NAME, settings)).remote(
         settings
     )
@@ -78,6 +83,28 @@ def deploy_actors(settings: Settings) -> None:
         for i in range(settings.num_shards)
     ]
     ray.get([shard.ready.remote() for shard in shards])
+
+
+def wait_for_executors(pool, settings: Settings, timeout_s: float = 90.0) -> dict:
+    """Until each tier has its minimum of executors heartbeating; a tier no
+    node can host is reported and not waited for beyond the placement
+    timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = ray.get(pool.status.remote())
+        waiting = {
+            name: tier
+            for name, tier in status["tiers"].items()
+            if tier["live"] < tier["min"] and not tier["unplaceable"]
+        }
+        if not waiting or time.monotonic() > deadline:
+            for name, tier in status["tiers"].items():
+                if tier["unplaceable"]:
+                    log.warning("tier %s: %s", name, tier["unplaceable"])
+            if waiting:
+                log.warning("executors still starting: %s", sorted(waiting))
+            return status
+        time.sleep(0.2)
 
 
 def deploy_http(settings: Settings) -> str:
@@ -109,17 +136,19 @@ def teardown(settings: Settings) -> None:
         serve.delete(APP_NAME)
     except Exception:
         log.debug("no Serve app to delete", exc_info=True)
-    names = [shard_name(i) for i in range(settings.num_shards)] + [DISPATCHER_NAME]
-    pool = _actor(POOL_NAME, settings)
-    executors = ray.get(pool.executors.remote()) if pool else []
-    for name in names:
+    from actors.executor_pool import EXECUTOR_PREFIX
+
+    executors = [
+        entry["name"]
+        for entry in ray.util.list_named_actors(all_namespaces=True)
+        if entry["namespace"] == settings.namespace and entry["name"].startswith(EXECUTOR_PREFIX)
+    ]
+    # The pool first, so it does not replace the executors killed after it.
+    names = [POOL_NAME, DISPATCHER_NAME, *(shard_name(i) for i in range(settings.num_shards))]
+    for name in [*names, *executors]:
         handle = _actor(name, settings)
         if handle is not None:
             ray.kill(handle, no_restart=True)
-    for info in executors:
-        ray.kill(info.handle, no_restart=True)
-    if pool is not None:
-        ray.kill(pool, no_restart=True)
 
 
 def _actor(name: str, settings: Settings):

@@ -8,9 +8,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from actors.sandbox import SandboxLimits
 from scheduling.lifecycle import RetryPolicy
 from scheduling.schedules import MisfireRules
-from scheduling.tiers import TierTable, local_tiers
+from scheduling.tiers import PoolTiming, TierTable, local_tiers
 from scheduling.timeline import Wheel
 
 ENV_PREFIX = "CHRONORAY_"
@@ -39,6 +40,13 @@ class Settings:
     dispatcher_max_queued: int = 20000
     tiers: TierTable = field(default_factory=local_tiers)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    aging_s: float = 30.0  # a queued task gains one priority level per this many seconds waiting
+    # executors
+    pool_timing: PoolTiming = field(default_factory=PoolTiming)
+    sandbox: SandboxLimits = field(default_factory=SandboxLimits)
+    zookeeper_hosts: str | None = None  # the liveness mirror; off when unset
+    zookeeper_session_timeout_s: float = 6.0
+    control_plane_resources: Mapping[str, float] = field(default_factory=dict)
     # schedules
     misfire: MisfireRules = field(default_factory=MisfireRules)
     min_schedule_interval_s: float = 1.0
@@ -84,6 +92,8 @@ class Settings:
             "max_script_bytes": int,
             "serve_replicas": int,
             "min_schedule_interval_s": float,
+            "aging_s": float,
+            "zookeeper_session_timeout_s": float,
         }
         values: dict = {"database_url": url}
         for name, kind in numbers.items():
@@ -92,6 +102,12 @@ class Settings:
                 values[name] = kind(raw)
         if env.get(f"{ENV_PREFIX}HTTP_HOST"):
             values["http_host"] = env[f"{ENV_PREFIX}HTTP_HOST"]
+        if env.get(f"{ENV_PREFIX}CONTROL_PLANE_RESOURCE"):
+            values["control_plane_resources"] = {env[f"{ENV_PREFIX}CONTROL_PLANE_RESOURCE"]: 0.01}
+        if env.get(f"{ENV_PREFIX}ZOOKEEPER_HOSTS"):
+            values["zookeeper_hosts"] = env[f"{ENV_PREFIX}ZOOKEEPER_HOSTS"]
+        if f"{ENV_PREFIX}SANDBOX_USER" in env:  # empty: run scripts as the executor's user
+            values["sandbox"] = SandboxLimits(run_as=env[f"{ENV_PREFIX}SANDBOX_USER"] or None)
         if env.get(f"{ENV_PREFIX}NAMESPACE"):
             values["namespace"] = env[f"{ENV_PREFIX}NAMESPACE"]
         if env.get(f"{ENV_PREFIX}RETRY_BACKOFF_S"):

@@ -13,8 +13,18 @@ class Tier:
     num_cpus: float
     memory_mb: int
     resources: Mapping[str, float] = field(default_factory=dict)
-    executors: int = 1
+    executors: int = 1  # executors at start and at least (the pool's minimum)
+    max_executors: int = 0  # the pool grows with queue depth up to this (0: = executors)
     slots: int = 4  # scripts one executor runs at once
+    script_memory_mb: int = 0  # address-space limit per script (0: memory_mb, else 1024)
+
+    @property
+    def script_memory(self) -> int:
+        return self.script_memory_mb or self.memory_mb or 1024
+
+    @property
+    def most_executors(self) -> int:
+        return max(self.executors, self.max_executors)
 
     def actor_options(self) -> dict:
         """Ray actor options that place an executor of this tier."""
@@ -22,6 +32,15 @@ class Tier:
         if self.memory_mb:
             options["memory"] = self.memory_mb * 1024 * 1024
         return options
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolTiming:
+    heartbeat_s: float = 1.0
+    misses: int = 3  # heartbeats missed before an executor is declared dead
+    placement_timeout_s: float = 30.0  # no first heartbeat by then: reported unplaceable
+    idle_s: float = 60.0  # an executor idle this long may be removed (above the minimum)
+    reap_after_s: float = 30.0  # a dead executor that did not exit by itself is killed
 
 
 class TierTable:
@@ -53,6 +72,18 @@ class TierTable:
         """Tiers a task of this priority may run on, its own first."""
         return self.tiers[self.index_for(priority) :]
 
+    def stronger_than(self, priority: int) -> Tier:
+        """The next tier up (the strongest is its own next)."""
+        return self.tiers[min(self.index_for(priority) + 1, len(self.tiers) - 1)]
+
+    def more_memory_than(self, priority: int) -> Tier:
+        """The weakest stronger tier whose scripts get more memory."""
+        own = self.tier_for(priority)
+        for tier in self.eligible(priority):
+            if tier.script_memory > own.script_memory:
+                return tier
+        return self.tiers[-1]
+
     def by_name(self, name: str) -> Tier:
         for tier in self.tiers:
             if tier.name == name:
@@ -76,6 +107,7 @@ def production_tiers() -> TierTable:
                 memory_mb=256,
                 resources={"chronoray_small": 1},
                 executors=2,
+                max_executors=16,
             ),
             Tier(
                 name="medium",
@@ -84,6 +116,7 @@ def production_tiers() -> TierTable:
                 memory_mb=1024,
                 resources={"chronoray_medium": 1},
                 executors=1,
+                max_executors=8,
             ),
             Tier(
                 name="large",
@@ -92,6 +125,7 @@ def production_tiers() -> TierTable:
                 memory_mb=4096,
                 resources={"chronoray_large": 1},
                 executors=1,
+                max_executors=4,
             ),
         ]
     )
@@ -111,9 +145,11 @@ def local_tiers(*, executors: int = 2, slots: int = 4) -> TierTable:
                 memory_mb=0,
                 resources={f"chronoray_{name}": 1},
                 executors=executors,
+                max_executors=executors * 2,
                 slots=slots,
+                script_memory_mb=memory,
             )
-            for name, low in (("small", 0), ("medium", 3), ("large", 6))
+            for name, low, memory in (("small", 0, 512), ("medium", 3, 1024), ("large", 6, 4096))
         ]
     )
 
@@ -123,5 +159,5 @@ def local_node_resources(table: TierTable) -> dict[str, float]:
     totals: dict[str, float] = {}
     for tier in table:
         for name, amount in tier.resources.items():
-            totals[name] = totals.get(name, 0) + amount * tier.executors
+            totals[name] = totals.get(name, 0) + amount * tier.most_executors
     return totals

@@ -2,12 +2,14 @@
 caches scripts by hash, reports results in batches."""
 
 import asyncio
-import os
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
-from actors.executor_pool import Executor, ScriptCache
+import pytest
+
+from actors.executor_pool import Executor, ExecutorFenced, ScriptCache
 from scheduling.models import FailureClass
+from tests.unit.fakes import processes_with
 from tests.unit.test_pure_scheduling import spec
 
 
@@ -58,7 +60,7 @@ def test_runs_at_the_due_instant_and_reports(tmp_path):
             assert r.started_at >= due  # held until the instant
             assert (r.executor_id, r.tier, r.node_id) == ("small-0", "small", "node")
         assert sorted(scripts.fetched) == [1, 2]  # cached by content hash
-        assert await executor.running_keys() == []
+        assert await executor.running() == []
 
     asyncio.run(scenario())
 
@@ -66,7 +68,7 @@ def test_runs_at_the_due_instant_and_reports(tmp_path):
 def test_cancel_kills_the_running_script_and_reports_nothing(tmp_path):
     class Slow(Scripts):
         def get_script_body(self, script_id):
-            return f"echo $$ > {tmp_path}/pid; sleep 60".encode()
+            return f"echo started > {tmp_path}/started; sleep 60".encode()
 
     sink = Sink()
 
@@ -78,23 +80,63 @@ def test_cancel_kills_the_running_script_and_reports_nothing(tmp_path):
             scripts=ScriptCache(Slow(), tmp_path / "cache"),
             sink=sink,
         )
-        job = replace(spec(7), script_sha256="c" * 64)
+        job = replace(spec(7), script_sha256="c" * 64, variables={"MARK": "cancel-check"})
         await executor.run_batch([job])
         for _ in range(100):
-            if (tmp_path / "pid").exists() and (tmp_path / "pid").read_text().strip():
+            if (tmp_path / "started").exists():
                 break
             await asyncio.sleep(0.05)
-        pid = int((tmp_path / "pid").read_text())
+        assert processes_with("MARK=cancel-check")
         assert await executor.cancel([(7, 1)]) == 1
         for _ in range(100):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not processes_with("MARK=cancel-check"):
                 break
             await asyncio.sleep(0.05)
         else:
             raise AssertionError("the cancelled script still runs")
         await asyncio.sleep(0.1)
-        assert sink.results == [] and await executor.running_keys() == []
+        assert sink.results == [] and await executor.running() == []
+
+    asyncio.run(scenario())
+
+
+def test_losing_contact_fences_the_executor_and_kills_its_scripts(tmp_path):
+    class Slow(Scripts):
+        def get_script_body(self, script_id):
+            return b"sleep 60"
+
+    sink = Sink()
+
+    async def scenario():
+        executor = Executor(
+            executor_id="e",
+            tier="small",
+            slots=2,
+            scripts=ScriptCache(Slow(), tmp_path / "cache"),
+            sink=sink,
+        )
+        jobs = [
+            replace(spec(i), script_sha256="d" * 64, variables={"MARK": "fence"}) for i in (1, 2)
+        ]
+        await executor.run_batch(jobs)
+        for _ in range(100):
+            if len(processes_with("MARK=fence")) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert executor.lose_contact("test") == 2
+        with pytest.raises(ExecutorFenced):
+            await executor.run_batch([replace(jobs[0], task_id=3)])
+        for _ in range(100):
+            if len(sink.results) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert not processes_with("MARK=fence")
+        # reported as lost: the shard retries them unless already retried
+        assert {(r.task_id, r.failure) for r in sink.results} == {
+            (1, FailureClass.EXECUTOR_LOST),
+            (2, FailureClass.EXECUTOR_LOST),
+        }
+        executor.regain_contact()
+        assert await executor.run_batch([replace(jobs[0], task_id=4, script_sha256="e" * 64)]) == 1
 
     asyncio.run(scenario())

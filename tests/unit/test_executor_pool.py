@@ -1,0 +1,180 @@
+"""The plain ExecutorPool (membership, heartbeats, sizing) and the
+dispatcher following it, with fake executors and a hand-driven clock."""
+
+import asyncio
+
+from actors.dispatcher import Dispatcher, ExecutorSlots
+from actors.executor_pool import ExecutorPool
+from scheduling.clock import ManualClock
+from scheduling.models import FailureClass
+from scheduling.tiers import PoolTiming, Tier, TierTable
+from tests.conftest import T0
+from tests.unit.fakes import FakeExecutor, FakeShardLink
+from tests.unit.test_dispatcher import result
+from tests.unit.test_pure_scheduling import spec
+
+TIMING = PoolTiming(
+    heartbeat_s=1.0, misses=3, placement_timeout_s=10.0, idle_s=20.0, reap_after_s=30.0
+)
+TIERS = TierTable(
+    [
+        Tier(name="small", min_priority=0, num_cpus=0, memory_mb=0, executors=1, max_executors=3),
+        Tier(
+            name="large",
+            min_priority=5,
+            num_cpus=0,
+            memory_mb=0,
+            resources={"chronoray_large": 1},
+            executors=1,
+            slots=2,
+        ),
+    ]
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Factory:
+    def __init__(self) -> None:
+        self.created: list[str] = []
+        self.destroyed: list[str] = []
+
+    def create(self, tier, executor_id):
+        self.created.append(executor_id)
+        return executor_id  # the handle
+
+    def destroy(self, handle) -> None:
+        self.destroyed.append(handle)
+
+
+def build():
+    clock, factory = Clock(), Factory()
+    pool = ExecutorPool(tiers=TIERS, factory=factory, timing=TIMING, clock=clock)
+    return pool, clock, factory
+
+
+def beat_all(pool, running=0):
+    for executor_id in [e["executor_id"] for e in pool.status()["executors"]]:
+        pool.heartbeat(executor_id, running)
+
+
+def test_executors_join_after_their_first_heartbeat():
+    pool, clock, factory = build()
+    assert [i.split("-")[0] for i in factory.created] == ["small", "large"]
+    assert pool.executors() == []  # not placed yet: the dispatcher must not use them
+    small = factory.created[0]
+    assert pool.heartbeat(small, 0)
+    assert [i.executor_id for i in pool.executors()] == [small]
+
+
+def test_silent_executor_is_declared_dead_replaced_and_refused():
+    pool, clock, factory = build()
+    beat_all(pool)
+    small, large = factory.created
+    clock.now = 2.0
+    pool.heartbeat(large, 0)
+    assert pool.tick({}) == []
+    clock.now = 3.5  # small silent for 3.5 s > 3 × 1 s
+    pool.heartbeat(large, 0)
+    assert pool.tick({}) == [small]
+    assert small not in [i.executor_id for i in pool.executors()]
+    assert len(factory.created) == 3 and factory.created[2].startswith("small-")  # replaced
+    assert pool.heartbeat(small, 1) is False  # a late heartbeat: it must fence itself
+    assert factory.destroyed == []  # given time to exit by itself
+    clock.now = 3.5 + TIMING.reap_after_s
+    pool.heartbeat(large, 0)
+    pool.heartbeat(factory.created[2], 0)
+    pool.tick({})
+    assert factory.destroyed == [small]
+
+
+def test_a_tier_no_node_can_host_is_reported_not_waited_on_silently():
+    pool, clock, factory = build()
+    small, large = factory.created
+    pool.heartbeat(small, 0)
+    clock.now = 11.0
+    pool.heartbeat(small, 0)
+    pool.tick({"large": 10})
+    status = pool.status()["tiers"]["large"]
+    assert "chronoray_large" in status["unplaceable"] and status["starting"] == 1
+    assert len(factory.created) == 2  # no more pending executors piled on
+
+
+def test_a_tier_grows_with_demand_and_shrinks_when_idle():
+    pool, clock, factory = build()
+    beat_all(pool)
+    pool.tick({"small": 10})  # 10 tasks / 4 slots → 3, the maximum
+    assert sum(i.startswith("small-") for i in factory.created) == 3
+    beat_all(pool, running=1)
+    for step in range(1, 30):
+        clock.now = float(step)
+        beat_all(pool)
+        pool.tick({})
+    small = [e for e in pool.status()["executors"] if e["tier"] == "small"]
+    assert len(small) == 1  # back to the minimum
+    assert sum(d.startswith("small-") for d in factory.destroyed) == 2
+
+
+def test_a_restarted_pool_adopts_its_executors():
+    clock, factory = Clock(), Factory()
+    pool = ExecutorPool(
+        tiers=TIERS,
+        factory=factory,
+        timing=TIMING,
+        clock=clock,
+        adopted=[("small-aaaa", "h1"), ("large-bbbb", "h2"), ("gone-cccc", "h3")],
+    )
+    assert factory.created == [] and factory.destroyed == ["h3"]
+    assert {i.executor_id for i in pool.executors()} == {"small-aaaa", "large-bbbb"}
+
+
+def test_dispatcher_retries_the_attempts_of_an_executor_that_left():
+    async def scenario():
+        shards = FakeShardLink()
+        first, second = FakeExecutor(), FakeExecutor()
+        slots = dict(tier="small", tier_rank=0, slots=2)
+        dispatcher = Dispatcher(
+            tiers=TIERS,
+            executors=[],
+            shards=shards,
+            max_queued=100,
+            clock=ManualClock(T0),
+        )
+        await dispatcher.sync_members([ExecutorSlots(executor_id="a", client=first, **slots)])
+        await dispatcher.submit([spec(1), spec(2)])
+        assert first.received == [1, 2]
+        lost = await dispatcher.sync_members(
+            [ExecutorSlots(executor_id="b", client=second, **slots)]
+        )
+        assert [(r.task_id, r.failure, r.executor_id) for r in lost] == [
+            (1, FailureClass.EXECUTOR_LOST, "a"),
+            (2, FailureClass.EXECUTOR_LOST, "a"),
+        ]
+        await asyncio.sleep(0.05)  # outboxes flush
+        assert [r.task_id for r in shards.results[0]] == [1, 2]
+        # the gone executor's own result arrives late: counted, passed on (the
+        # shard's attempt check ignores it)
+        await dispatcher.report_results([result(spec(1))])
+        assert dispatcher.late_results == 1
+        # a draining executor keeps its work but gets nothing new
+        await dispatcher.submit([spec(3)])
+        assert second.received == [3]
+        draining = ExecutorSlots(executor_id="b", client=second, accepting=False, **slots)
+        await dispatcher.sync_members([draining])
+        await dispatcher.submit([spec(4)])
+        assert second.received == [3] and dispatcher.demand() == {"small": 2, "large": 0}
+
+    asyncio.run(scenario())
+
+
+def test_the_pool_never_mistakes_itself_for_an_executor():
+    from actors.executor_pool import EXECUTOR_PREFIX
+    from actors.handles import POOL_NAME
+
+    assert not POOL_NAME.startswith(EXECUTOR_PREFIX)
