@@ -8,6 +8,7 @@ import logging
 import re
 import signal
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -181,6 +182,79 @@ def tasks_show(
             (run["output"] or "").strip()[-60:],
         )
     console.print(table)
+
+
+@tasks_app.command("dead")
+def tasks_dead(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Tasks that used up their attempts."""
+    body = _call("GET", f"{url}/v1/dead")
+    if as_json:
+        console.print_json(json.dumps(body))
+        return
+    table = Table("id", "script", "priority", "attempts", "updated")
+    for task in body["tasks"]:
+        table.add_row(
+            str(task["task_id"]),
+            task["script"],
+            str(task["priority"]),
+            f"{task['attempt']}/{task['max_attempts']}",
+            task["updated_at"],
+        )
+    console.print(table)
+
+
+@tasks_app.command("retry")
+def tasks_retry(
+    task_id: int,
+    attempts: int = typer.Option(1, help="how many more attempts it gets"),
+    url: str = URL_OPTION,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Run a dead task again."""
+    body = _call("POST", f"{url}/v1/tasks/{task_id}/retry", json={"attempts": attempts})
+    _print(body, as_json, f"task {body['task_id']} {body['status']}, attempt {body['attempt']}")
+
+
+@app.command()
+def executors(
+    zookeeper: str = typer.Option(
+        None, "--zookeeper", envvar="CHRONORAY_ZOOKEEPER_HOSTS", help="host:port[,host:port]"
+    ),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Live executors, as the ZooKeeper mirror shows them."""
+    if not zookeeper:
+        err.print("no ZooKeeper: set --zookeeper or CHRONORAY_ZOOKEEPER_HOSTS")
+        raise typer.Exit(2)
+    from actors.zk_mirror import read_tree
+
+    try:
+        tree = read_tree(zookeeper)
+    except Exception as exc:
+        err.print(f"ZooKeeper at {zookeeper} not reachable: {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        console.print_json(json.dumps(tree))
+        return
+    table = Table("executor", "tier", "node", "pid", "slots", "running", "heartbeat age s")
+    now = time.time()
+    for ex in tree["executors"]:
+        table.add_row(
+            ex["executor_id"],
+            ex["tier"],
+            ex["node"][:12],
+            str(ex["pid"]),
+            str(ex["slots"]),
+            str(ex["running"]),
+            f"{now - ex['last_heartbeat']:.1f}",
+        )
+    console.print(table)
+    dispatcher = tree["dispatcher"]
+    console.print(
+        f"dispatcher: queued {dispatcher['queued']}, pid {dispatcher['pid']}"
+        if dispatcher
+        else "dispatcher: not published"
+    )
 
 
 def _print(body, as_json: bool, line: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from chronoray.errors import ChronorayError, TooLarge
+from chronoray.errors import ChronorayError, InvalidInput, TooLarge
 from scheduling.models import Interpreter, Run, Script, Task
 from scheduling.schedules import Schedule
 
@@ -155,6 +155,30 @@ class Client:
         return self._repo.cancel_task(
             task_id, owner_id=self.owner_id, now=datetime.now(timezone.utc)
         )
+
+    def dead(self, *, limit: int = 100) -> list[Task]:
+        """Tasks that used up their attempts, newest first."""
+        return self._repo.list_dead(owner_id=self.owner_id, limit=limit)
+
+    def retry(self, task_id: int, *, attempts: int = 1) -> Task:
+        """Run a dead task again, with ``attempts`` more attempts."""
+        if not 1 <= attempts <= self.settings.max_attempts_limit:
+            raise InvalidInput(
+                f"must be between 1 and {self.settings.max_attempts_limit}", "attempts"
+            )
+        task = self._repo.redrive(
+            task_id, owner_id=self.owner_id, attempts=attempts, now=datetime.now(timezone.utc)
+        )
+        self._submitter.track_blocking([(task.task_id, task.execute_at)])
+        return task
+
+    def executors(self) -> dict:
+        """The pool's view: each tier's live, starting and unplaceable
+        executors, and each executor's state and heartbeat age."""
+        from actors.handles import POOL_NAME
+
+        pool = ray.get_actor(POOL_NAME, namespace=self.settings.namespace)
+        return ray.get(pool.status.remote())
 
     def wait(
         self, task_ids: Iterable[int], *, timeout_s: float = 120.0, poll_s: float = 0.2
