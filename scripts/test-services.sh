@@ -42,28 +42,48 @@ minSessionTimeout=1000
 admin.enableServer=false
 4lw.commands.whitelist=ruok,stat
 CFG
-  nohup java -Dzookeeper.log.dir="$dir/zk" -cp "$ZK_JAR:/etc/zookeeper/conf" \
-    org.apache.zookeeper.server.quorum.QuorumPeerMain "$dir/zk/zoo.cfg" >"$dir/zk/server.log" 2>&1 &
-  echo $! >"$dir/zk/pid"
-  for _ in $(seq 1 100); do
-    if python3 -c "import socket,sys; s=socket.create_connection(('127.0.0.1',$zk_port),1); s.sendall(b'ruok'); sys.exit(0 if s.recv(4)==b'imok' else 1)" 2>/dev/null; then
-      break
-    fi
-    sleep 0.2
-  done
+  start-zookeeper "$dir"
 
   cat >"$dir/env" <<ENV
 export CHRONORAY_TEST_POSTGRES_URL=postgresql+psycopg://postgres@127.0.0.1:$pg_port/postgres
 export CHRONORAY_TEST_PG_PORT=$pg_port
 export CHRONORAY_TEST_PG_BIN=$PG_BIN
 export CHRONORAY_TEST_ZOOKEEPER_HOSTS=127.0.0.1:$zk_port
+export CHRONORAY_TEST_ZOOKEEPER_DIR=$dir/zk
 ENV
   cat "$dir/env"
 }
 
+# The ZooKeeper of DIR alone, with the config and data `start` wrote: the
+# fault tests stop it for a while and start it again on the same port.
+start-zookeeper() {
+  local dir=$1 zk_port
+  zk_port=$(sed -n 's/^clientPort=//p' "$dir/zk/zoo.cfg")
+  nohup java -Dzookeeper.log.dir="$dir/zk" -cp "$ZK_JAR:/etc/zookeeper/conf" \
+    org.apache.zookeeper.server.quorum.QuorumPeerMain "$dir/zk/zoo.cfg" >>"$dir/zk/server.log" 2>&1 &
+  echo $! >"$dir/zk/pid"
+  for _ in $(seq 1 100); do
+    if python3 -c "import socket,sys; s=socket.create_connection(('127.0.0.1',$zk_port),1); s.sendall(b'ruok'); sys.exit(0 if s.recv(4)==b'imok' else 1)" 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.2
+  done
+  echo "ZooKeeper did not start; see $dir/zk/server.log" >&2
+  return 1
+}
+
+stop-zookeeper() {
+  local dir=$1 pid
+  [ -f "$dir/zk/pid" ] || return 0
+  pid=$(cat "$dir/zk/pid")
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+}
+
 stop() {
   local dir=$1
-  if [ -f "$dir/zk/pid" ]; then kill "$(cat "$dir/zk/pid")" 2>/dev/null || true; fi
+  stop-zookeeper "$dir"
   if [ -d "$dir/pg/data" ]; then as_postgres "$PG_BIN/pg_ctl" -D "$dir/pg/data" -m immediate stop >/dev/null 2>&1 || true; fi
 }
 

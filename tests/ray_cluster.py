@@ -21,7 +21,7 @@ import ray
 
 from chronoray.settings import Settings
 from scheduling.lifecycle import RetryPolicy
-from scheduling.tiers import local_node_resources, local_tiers
+from scheduling.tiers import Tier, TierTable, local_node_resources
 from storage.engines import make_engine
 from storage.sql import SqlTaskRepository
 
@@ -115,17 +115,41 @@ class RayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+# Narrow priority bands, so that three failures climb every tier.
+TEST_TIERS = TierTable(
+    [
+        Tier(
+            name=name,
+            min_priority=low,
+            num_cpus=0,
+            memory_mb=0,
+            resources={f"chronoray_{name}": 1},
+            executors=2,
+            max_executors=3,
+            slots=8,
+            script_memory_mb=memory,
+        )
+        for name, low, memory in (("small", 0, 512), ("medium", 2, 1024), ("large", 3, 2048))
+    ]
+)
+
+
 def settings_for_tests(database_url: str) -> Settings:
+    namespace = f"chronoray-test-{uuid.uuid4().hex[:8]}"
+    zookeeper = os.environ.get("CHRONORAY_TEST_ZOOKEEPER_HOSTS")
     return Settings(
         database_url=database_url,
-        namespace=f"chronoray-test-{uuid.uuid4().hex[:8]}",
+        namespace=namespace,
         num_shards=2,
         range_s=60,
         sweep_interval_s=1.0,
         lease_grace_s=10.0,
-        tiers=local_tiers(executors=2, slots=8),
+        tiers=TEST_TIERS,
         retry=RetryPolicy(backoff_base_s=0.3, backoff_max_s=2.0),
         http_port=free_port(),
+        # a chroot per deployment: sessions of other tests stay out of its view
+        zookeeper_hosts=f"{zookeeper}/{namespace}" if zookeeper else None,
+        zookeeper_session_timeout_s=4.0,
     )
 
 

@@ -52,18 +52,33 @@ def test_send_task_epoch_seconds(http):
     assert final(http, created.json()["task_id"])["output"] == "hello epoch\n"
 
 
-def test_failing_script_climbs_priority_and_ends_dead(http):
+def test_failing_script_climbs_the_tiers_ends_dead_and_can_be_redriven(http, deployment):
+    """The test tier table (tests/ray_cluster.py): small 0-1, medium 2,
+    large 3+. Each exit 1 raises the priority by one."""
     http.post("/v1/scripts", json={"name": "fail.sh", "body": "echo failing; exit 1"})
     created = http.post(
-        "/v1/tasks", json={"script": "fail.sh", "execute_at": time.time(), "max_attempts": 3}
+        "/v1/tasks", json={"script": "fail.sh", "execute_at": time.time(), "max_attempts": 4}
     )
-    body = final(http, created.json()["task_id"])
-    assert body["status"] == "dead" and body["attempt"] == 3
-    assert [(r["attempt"], r["priority"], r["failure"], r["exit_code"]) for r in body["runs"]] == [
-        (1, 0, "exit_code", 1),
-        (2, 1, "exit_code", 1),
-        (3, 2, "exit_code", 1),
+    task_id = created.json()["task_id"]
+    body = final(http, task_id)
+    assert body["status"] == "dead" and body["attempt"] == 4
+    runs = [(r["attempt"], r["priority"], r["tier"], r["failure"]) for r in body["runs"]]
+    assert runs == [
+        (1, 0, "small", "exit_code"),
+        (2, 1, "small", "exit_code"),
+        (3, 2, "medium", "exit_code"),
+        (4, 3, "large", "exit_code"),
     ]
+    assert all(r["executor_id"].startswith(r["tier"] + "-") for r in body["runs"])
+
+    dead = http.get("/v1/dead").json()["tasks"]
+    assert task_id in [t["task_id"] for t in dead]
+    assert http.post(f"/v1/tasks/{task_id + 10**6}/retry").status_code == 404
+    retried = http.post(f"/v1/tasks/{task_id}/retry", json={"attempts": 1})
+    assert retried.status_code == 200 and retried.json()["status"] == "scheduled"
+    body = final(http, task_id)
+    assert body["status"] == "dead" and body["attempt"] == 5
+    assert [(r["attempt"], r["tier"]) for r in body["runs"]][-1] == (5, "large")
 
 
 def test_timeout_is_a_failure_and_retry_can_succeed(http, tmp_path):
