@@ -5,18 +5,20 @@ captured output, and a timeout that kills the whole group."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import logging
 import math
 import os
 import pwd
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,15 +32,22 @@ MiB = 1024 * 1024
 
 @dataclass(frozen=True, kw_only=True)
 class SandboxLimits:
-    """What one script may use. ``run_as`` is the unprivileged user scripts
-    run as when the executor is root (``None``: stay as the executor's user)."""
+    """What one script may use, and as whom it runs when the executor is
+    root: by default each running script gets a uid of its own from
+    ``uid_base``..``uid_base + uid_count`` (no account needed), so the
+    per-user process limit is per script and scripts cannot signal each
+    other; ``run_as`` names one shared user instead; with neither, scripts
+    keep the executor's user."""
 
     memory_mb: int = 1024  # address space; an allocation beyond it fails
     file_size_mb: int = 256  # largest file the script may write
     open_files: int = 256
     processes: int = 256  # per user: a fork bomb hits this, then the timeout
     output_bytes: int = 4096  # tail of stdout+stderr kept
+    uid_base: int | None = 900_000_000
+    uid_count: int = 4096
     run_as: str | None = "nobody"
+    pid_namespace: bool = True  # off: only the process group is killed (setsid escapes survive)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,13 +96,21 @@ class Isolation:
     uid: int | None
     gid: int | None
 
+    def as_user(self, uid: int | None) -> "Isolation":
+        return self if uid is None else replace(self, uid=uid, gid=uid)
+
     def wrap(self, command: list[str], *, timeout_s: float, limits: SandboxLimits) -> list[str]:
         """Limits hold from the script's first instruction: util-linux
         wrappers, not a ``preexec_fn``, which would force a full fork of the
         large executor process (154 spawns/s against 767/s measured here)."""
         flags = [f"--{name}={value}" for name, value in _limits(timeout_s, limits).items()]
         wrapped = [PRLIMIT, *flags, "--", *command]
-        if self.uid is not None:
+        if self.pid_namespace:
+            # unshare drops to the user itself (groups cleared, no
+            # capabilities): one exec fewer than a separate setpriv.
+            user = [] if self.uid is None else [f"--setuid={self.uid}", f"--setgid={self.gid}"]
+            wrapped = [UNSHARE, "--pid", "--fork", "--kill-child", *user, "--", *wrapped]
+        elif self.uid is not None:
             wrapped = [
                 SETPRIV,
                 f"--reuid={self.uid}",
@@ -102,8 +119,6 @@ class Isolation:
                 "--",
                 *wrapped,
             ]
-        if self.pid_namespace:
-            wrapped = [UNSHARE, "--pid", "--fork", "--kill-child", "--", *wrapped]
         # If the executor dies (SIGKILL, node loss), its scripts die with it:
         # a dead executor must not finish an attempt that is retried elsewhere.
         return [SETPRIV, "--pdeathsig=KILL", "--", *wrapped]
@@ -114,22 +129,24 @@ SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
 UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"
 
 
-@functools.lru_cache(maxsize=4)
-def detect_isolation(run_as: str | None) -> Isolation:
+@functools.lru_cache(maxsize=8)
+def detect_isolation(run_as: str | None, want_namespace: bool = True) -> Isolation:
     uid = gid = None
     if run_as and os.geteuid() == 0:
         entry = pwd.getpwnam(run_as)
         uid, gid = entry.pw_uid, entry.pw_gid
-    try:
-        probe = subprocess.run(
-            [UNSHARE, "--pid", "--fork", "--kill-child", "--", "true"],
-            capture_output=True,
-            timeout=10,
-        )
-        pid_namespace = probe.returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        pid_namespace = False
-    if not pid_namespace:
+    pid_namespace = False
+    if want_namespace:
+        try:
+            probe = subprocess.run(
+                [UNSHARE, "--pid", "--fork", "--kill-child", "--", "true"],
+                capture_output=True,
+                timeout=10,
+            )
+            pid_namespace = probe.returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            pid_namespace = False
+    if want_namespace and not pid_namespace:
         log.warning(
             "no PID namespace for scripts (unshare refused): a timeout kills the "
             "script's process group, but a setsid escape can outlive it"
@@ -196,6 +213,63 @@ def kill_group(pid: int) -> None:
         pass
 
 
+def kill_user(uid: int) -> int:
+    """SIGKILL every process of this (per-run) uid; returns how many."""
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        uid_line = next((line for line in status.splitlines() if line.startswith("Uid:")), "")
+        if uid_line.split()[1:2] == [str(uid)]:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+class UidLeases:
+    """Hands out uids from a range, one per running script, host-wide: an
+    ``flock`` on a file per uid (released by the kernel if the holder dies),
+    so executors on one machine never share a uid."""
+
+    def __init__(self, base: int, count: int, directory: Path) -> None:
+        self._base, self._count, self._directory = base, count, directory
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._held: dict[int, int] = {}  # uid -> open, locked fd
+
+    def acquire(self) -> int:
+        start = random.randrange(self._count)
+        for i in range(self._count):
+            uid = self._base + (start + i) % self._count
+            if uid in self._held:
+                continue
+            fd = os.open(self._directory / str(uid), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self._held[uid] = fd
+            return uid
+        raise OSError(f"all {self._count} sandbox uids are in use")
+
+    def release(self, uid: int) -> None:
+        fd = self._held.pop(uid, None)
+        if fd is not None:
+            os.close(fd)  # closing drops the lock
+
+
+@functools.lru_cache(maxsize=4)
+def uid_leases(base: int, count: int) -> UidLeases:
+    return UidLeases(base, count, Path(tempfile.gettempdir()) / "chronoray-uids")
+
+
 async def run_script(
     *,
     script_path: Path,
@@ -207,7 +281,11 @@ async def run_script(
 ) -> ScriptOutcome:
     """Run the script to its end or its timeout. ``on_start`` gets the
     process group id, for a caller that may have to kill it early."""
-    isolation = detect_isolation(limits.run_as)
+    isolation = detect_isolation(limits.run_as, limits.pid_namespace)
+    leases = None
+    if isolation.uid is not None and limits.uid_base is not None:
+        leases = uid_leases(limits.uid_base, limits.uid_count)
+        isolation = isolation.as_user(leases.acquire())
     scratch = tempfile.mkdtemp(prefix="chronoray-run-")
     if isolation.uid is not None:
         os.chown(scratch, isolation.uid, isolation.gid)
@@ -250,6 +328,8 @@ async def run_script(
         # Grandchildren may still run: end the group (and with it the PID
         # namespace, whose PID 1 is in the group).
         kill_group(proc.pid)
+        if leases is not None and not isolation.pid_namespace:
+            kill_user(isolation.uid)  # without a namespace: setsid escapes, by their uid
         await child.exited
         try:
             await asyncio.wait_for(asyncio.shield(child.output_done), timeout=1.0)
@@ -267,3 +347,5 @@ async def run_script(
             os.rmdir(scratch)  # the common case: the script left nothing
         except OSError:
             shutil.rmtree(scratch, ignore_errors=True)
+        if leases is not None:
+            leases.release(isolation.uid)  # its processes are gone with the namespace

@@ -22,11 +22,18 @@ from datetime import datetime, timedelta, timezone
 import ray
 from sqlalchemy import select
 
+from actors.sandbox import SandboxLimits
 from chronoray.deploy import deploy, start_local_ray, teardown
 from chronoray.settings import Settings
 from scheduling.tiers import local_tiers
 from storage.schema import runs
 
+SANDBOXES = {
+    "full": SandboxLimits(),
+    "plain": SandboxLimits(run_as=None, pid_namespace=False),
+    "namespace-only": SandboxLimits(run_as=None),
+    "user-only": SandboxLimits(pid_namespace=False),
+}
 STAMP_SCRIPT = "date +%s.%N"  # the script's first line is its own clock
 
 
@@ -147,6 +154,12 @@ def burst(client, count: int, lead_s: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--sandbox",
+        choices=sorted(SANDBOXES),
+        default="full",
+        help="full: PID namespace + unprivileged user (the default); plain: neither",
+    )
     parser.add_argument("--database-url", default=os.environ.get("CHRONORAY_BENCH_DATABASE_URL"))
     parser.add_argument("--spread-tasks", type=int, default=3000)
     parser.add_argument("--spread-s", type=float, default=30.0)
@@ -167,10 +180,11 @@ def main() -> None:
         num_shards=args.shards,
         tiers=local_tiers(executors=args.executors, slots=args.slots),
         http_port=0,
+        sandbox=SANDBOXES[args.sandbox],
     )
     print(
         f"settings: shards={args.shards} executors/tier={args.executors} slots/executor={args.slots} "
-        f"prefire_ms={settings.prefire_ms} cpus={os.cpu_count()}"
+        f"prefire_ms={settings.prefire_ms} sandbox={args.sandbox} cpus={os.cpu_count()}"
     )
     start_local_ray(settings, logging_level="error")
     try:

@@ -93,21 +93,13 @@ def after_attempt(
     tiers: TierTable | None = None,
     rng: random.Random | None = None,
 ) -> Outcome:
-    if failure is None:
-        return Outcome(
-            status=TaskStatus.SUCCEEDED,
-            attempt=attempt,
-            priority=priority,
-            max_attempts=max_attempts,
-            lost_count=lost_count,
-        )
     if failure is FailureClass.EXECUTOR_LOST:
         lost_count += 1
         if 1 < lost_count <= policy.max_free_losses + 1:
             max_attempts += 1  # only the first loss counts against the user
-    if attempt >= max_attempts:
+    if failure is None or attempt >= max_attempts:
         return Outcome(
-            status=TaskStatus.DEAD,
+            status=TaskStatus.SUCCEEDED if failure is None else TaskStatus.DEAD,
             attempt=attempt,
             priority=priority,
             max_attempts=max_attempts,

@@ -131,6 +131,31 @@ def production_tiers() -> TierTable:
     )
 
 
+def slot_tier(
+    name: str,
+    min_priority: int,
+    *,
+    executors: int = 1,
+    max_executors: int = 0,
+    slots: int = 4,
+    script_memory_mb: int = 0,
+) -> Tier:
+    """A tier that needs no CPU, only one unit of the custom resource
+    ``chronoray_<name>`` per executor: the node (or node type) offering that
+    resource decides where and how many executors fit."""
+    return Tier(
+        name=name,
+        min_priority=min_priority,
+        num_cpus=0,
+        memory_mb=0,
+        resources={f"chronoray_{name}": 1},
+        executors=executors,
+        max_executors=max_executors,
+        slots=slots,
+        script_memory_mb=script_memory_mb,
+    )
+
+
 def local_tiers(*, executors: int = 2, slots: int = 4) -> TierTable:
     """The embedded default on one small machine: the same tiers, but each
     executor needs only a custom slot resource the local node provides
@@ -138,12 +163,9 @@ def local_tiers(*, executors: int = 2, slots: int = 4) -> TierTable:
     executors would starve the control plane."""
     return TierTable(
         [
-            Tier(
-                name=name,
-                min_priority=low,
-                num_cpus=0,
-                memory_mb=0,
-                resources={f"chronoray_{name}": 1},
+            slot_tier(
+                name,
+                low,
                 executors=executors,
                 max_executors=executors * 2,
                 slots=slots,

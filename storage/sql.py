@@ -360,10 +360,16 @@ class SqlTaskRepository:
             ).all()
         return [_run(row) for row in rows]
 
-    def cancel_task(self, task_id: int, *, owner_id: int | None, now: datetime) -> Task:
-        condition = and_(tasks.c.task_id == task_id, tasks.c.status == TaskStatus.SCHEDULED.value)
+    @staticmethod
+    def _task_in(task_id: int, status: TaskStatus, owner_id: int | None):
+        """This task, if it is in ``status`` (and the owner's, when given)."""
+        condition = and_(tasks.c.task_id == task_id, tasks.c.status == status.value)
         if owner_id is not None:
             condition = and_(condition, tasks.c.owner_id == owner_id)
+        return condition
+
+    def cancel_task(self, task_id: int, *, owner_id: int | None, now: datetime) -> Task:
+        condition = self._task_in(task_id, TaskStatus.SCHEDULED, owner_id)
         with self._begin() as conn:
             changed = conn.execute(
                 update(tasks)
@@ -393,9 +399,7 @@ class SqlTaskRepository:
     def redrive(self, task_id: int, *, owner_id: int | None, attempts: int, now: datetime) -> Task:
         """Give a dead task ``attempts`` more attempts, due now, at the
         priority it had reached."""
-        condition = and_(tasks.c.task_id == task_id, tasks.c.status == TaskStatus.DEAD.value)
-        if owner_id is not None:
-            condition = and_(condition, tasks.c.owner_id == owner_id)
+        condition = self._task_in(task_id, TaskStatus.DEAD, owner_id)
         with self._begin() as conn:
             changed = conn.execute(
                 update(tasks)

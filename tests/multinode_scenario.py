@@ -21,7 +21,7 @@ from ray.cluster_utils import Cluster
 
 from chronoray.settings import Settings
 from scheduling.lifecycle import RetryPolicy
-from scheduling.tiers import PoolTiming, Tier, TierTable
+from scheduling.tiers import PoolTiming, TierTable, slot_tier
 
 HEALTH = {
     "health_check_period_ms": 1000,
@@ -30,33 +30,9 @@ HEALTH = {
 }
 TIERS = TierTable(
     [
-        Tier(
-            name="small",
-            min_priority=0,
-            num_cpus=0,
-            memory_mb=0,
-            resources={"chronoray_small": 1},
-            executors=2,
-            slots=2,
-        ),
-        Tier(
-            name="large",
-            min_priority=1,
-            num_cpus=0,
-            memory_mb=0,
-            resources={"chronoray_large": 1},
-            executors=1,
-            slots=2,
-        ),
-        Tier(  # no node offers chronoray_gpu: the pool must say so
-            name="gpu",
-            min_priority=8,
-            num_cpus=0,
-            memory_mb=0,
-            resources={"chronoray_gpu": 1},
-            executors=1,
-            slots=1,
-        ),
+        slot_tier("small", 0, executors=2, slots=2),
+        slot_tier("large", 1, executors=1, slots=2),
+        slot_tier("gpu", 8, executors=1, slots=1),  # no node offers it: the pool must say so
     ]
 )
 

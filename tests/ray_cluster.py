@@ -21,7 +21,7 @@ import ray
 
 from chronoray.settings import Settings
 from scheduling.lifecycle import RetryPolicy
-from scheduling.tiers import Tier, TierTable, local_node_resources
+from scheduling.tiers import TierTable, local_node_resources, slot_tier
 from storage.engines import make_engine
 from storage.sql import SqlTaskRepository
 
@@ -118,17 +118,7 @@ class RayHead:
 # Narrow priority bands, so that three failures climb every tier.
 TEST_TIERS = TierTable(
     [
-        Tier(
-            name=name,
-            min_priority=low,
-            num_cpus=0,
-            memory_mb=0,
-            resources={f"chronoray_{name}": 1},
-            executors=2,
-            max_executors=3,
-            slots=8,
-            script_memory_mb=memory,
-        )
+        slot_tier(name, low, executors=2, max_executors=3, slots=8, script_memory_mb=memory)
         for name, low, memory in (("small", 0, 512), ("medium", 2, 1024), ("large", 3, 2048))
     ]
 )

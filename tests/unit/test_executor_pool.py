@@ -7,7 +7,7 @@ from actors.dispatcher import Dispatcher, ExecutorSlots
 from actors.executor_pool import ExecutorPool
 from scheduling.clock import ManualClock
 from scheduling.models import FailureClass
-from scheduling.tiers import PoolTiming, Tier, TierTable
+from scheduling.tiers import PoolTiming, TierTable, slot_tier
 from tests.conftest import T0
 from tests.unit.fakes import FakeExecutor, FakeShardLink
 from tests.unit.test_dispatcher import result
@@ -18,16 +18,8 @@ TIMING = PoolTiming(
 )
 TIERS = TierTable(
     [
-        Tier(name="small", min_priority=0, num_cpus=0, memory_mb=0, executors=1, max_executors=3),
-        Tier(
-            name="large",
-            min_priority=5,
-            num_cpus=0,
-            memory_mb=0,
-            resources={"chronoray_large": 1},
-            executors=1,
-            slots=2,
-        ),
+        slot_tier("small", 0, executors=1, max_executors=3),
+        slot_tier("large", 5, executors=1, slots=2),
     ]
 )
 

@@ -86,12 +86,53 @@ needs_root = pytest.mark.skipif(
 
 
 @needs_root
-def test_scripts_run_as_an_unprivileged_user_in_their_own_pid_namespace(tmp_path):
-    outcome = run(write(tmp_path, "id -un; echo $$; ulimit -n; ulimit -u; ulimit -v"))
-    user, pid, nofile, nproc, vmem = outcome.output_tail.split()
-    assert user == "nobody"
+def test_each_script_runs_as_its_own_unprivileged_uid_in_its_own_pid_namespace(tmp_path):
+    outcome = run(write(tmp_path, "id -u; echo $$; ulimit -n; ulimit -u; ulimit -v"))
+    uid, pid, nofile, nproc, vmem = outcome.output_tail.split()
+    base = SandboxLimits().uid_base
+    assert base <= int(uid) < base + SandboxLimits().uid_count
     assert pid == "1" and detect_isolation("nobody").pid_namespace
     assert (int(nofile), int(nproc), int(vmem)) == (256, 256, 1024 * 1024)
+
+
+@needs_root
+def test_concurrent_scripts_get_different_uids(tmp_path):
+    script = write(tmp_path, "id -u; sleep 0.5")
+
+    async def both():
+        limits = SandboxLimits()
+        return await asyncio.gather(
+            *(
+                run_script(
+                    script_path=script,
+                    interpreter=Interpreter.BASH,
+                    variables={},
+                    timeout_s=5,
+                    limits=limits,
+                )
+                for _ in range(4)
+            )
+        )
+
+    uids = {o.output_tail.strip() for o in asyncio.run(both())}
+    assert len(uids) == 4
+
+
+@needs_root
+def test_without_a_namespace_a_setsid_escape_is_killed_by_its_uid(tmp_path):
+    body = "(setsid sleep 600 &) ; sleep 600"
+    outcome = asyncio.run(
+        run_script(
+            script_path=write(tmp_path, body),
+            interpreter=Interpreter.BASH,
+            variables={"MARK": "escape-by-uid"},
+            timeout_s=1.0,
+            limits=SandboxLimits(pid_namespace=False),
+        )
+    )
+    assert outcome.timed_out
+    time.sleep(0.1)
+    assert processes_with("MARK=escape-by-uid") == []
 
 
 FORK_BOMB = "bomb() { bomb | bomb & }; while true; do bomb 2>/dev/null; done"

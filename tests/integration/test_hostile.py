@@ -1,0 +1,53 @@
+"""Hostile scripts through real executors: each ends within its timeout + 1 s,
+leaves no process behind, and the executors survive."""
+
+import time
+import uuid
+
+import pytest
+import ray
+
+from actors.handles import POOL_NAME
+from scheduling.models import Interpreter
+from tests.unit.fakes import processes_with
+from tests.unit.test_sandbox import HOSTILE
+
+pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.slow]
+
+
+def executor_ids(deployment) -> set[str]:
+    pool = ray.get_actor(POOL_NAME, namespace=deployment.settings.namespace)
+    return {e["executor_id"] for e in ray.get(pool.status.remote())["executors"]}
+
+
+def test_hostile_scripts_are_contained(deployment, client):
+    before = executor_ids(deployment)
+    marker = uuid.uuid4().hex
+    tasks = {}
+    for i, (name, (interpreter, body)) in enumerate(HOSTILE.items()):
+        script = f"hostile-{i}"
+        client.register_script(
+            script, body, interpreter="python" if interpreter is Interpreter.PYTHON else "bash"
+        )
+        tasks[name] = client.submit(
+            script, time.time(), timeout_s=3, max_attempts=1, variables={"MARK": marker}
+        )
+    views = dict(
+        zip(tasks, client.wait([t.task_id for t in tasks.values()], timeout_s=60), strict=True)
+    )
+    for name, view in views.items():
+        [run] = view.runs
+        took = (run.finished_at - run.started_at).total_seconds()
+        print(f"{name}: {run.failure and run.failure.value} after {took:.2f} s")
+        assert took < 3 + 1, name
+        assert view.task.status.value == "dead", name
+    assert views["10 GB allocation"].runs[0].failure.value == "memory"
+    assert views["infinite loop"].runs[0].failure.value == "timeout"
+    assert views["setsid escape"].runs[0].failure.value == "timeout"
+    time.sleep(0.5)
+    assert processes_with(f"MARK={marker}") == []
+    # the executors survived: none was declared dead or replaced
+    assert executor_ids(deployment) >= before
+    client.register_script("after-hostile.sh", "echo still here")
+    [after] = client.wait([client.submit("after-hostile.sh", time.time()).task_id])
+    assert after.task.status.value == "succeeded" and after.runs[0].output_tail == "still here\n"
