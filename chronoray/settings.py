@@ -106,8 +106,12 @@ class Settings:
             values["control_plane_resources"] = {env[f"{ENV_PREFIX}CONTROL_PLANE_RESOURCE"]: 0.01}
         if env.get(f"{ENV_PREFIX}ZOOKEEPER_HOSTS"):
             values["zookeeper_hosts"] = env[f"{ENV_PREFIX}ZOOKEEPER_HOSTS"]
-        if f"{ENV_PREFIX}SANDBOX_USER" in env:  # empty: run scripts as the executor's user
-            values["sandbox"] = SandboxLimits(run_as=env[f"{ENV_PREFIX}SANDBOX_USER"] or None)
+        if f"{ENV_PREFIX}SANDBOX_USER" in env:
+            # a name: every script as that one user; empty: as the executor's
+            # user; unset: a uid of its own per running script
+            values["sandbox"] = SandboxLimits(
+                run_as=env[f"{ENV_PREFIX}SANDBOX_USER"] or None, uid_base=None
+            )
         if env.get(f"{ENV_PREFIX}NAMESPACE"):
             values["namespace"] = env[f"{ENV_PREFIX}NAMESPACE"]
         if env.get(f"{ENV_PREFIX}RETRY_BACKOFF_S"):
