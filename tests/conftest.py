@@ -26,6 +26,15 @@ def tmp_path():
     shutil.rmtree(directory, ignore_errors=True)
 
 
+def shared_file(directory: Path, name: str) -> Path:
+    """An empty file every script may append to: each running script has a
+    uid of its own, so a file one run creates is not another run's."""
+    path = directory / name
+    path.touch()
+    path.chmod(0o666)
+    return path
+
+
 def postgres_admin_url() -> str:
     url = os.environ.get("CHRONORAY_TEST_POSTGRES_URL")
     if not url:

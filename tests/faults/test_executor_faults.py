@@ -1,9 +1,11 @@
 """Executors dying, stopping, and ZooKeeper going away, on the session
 deployment (real Ray, PostgreSQL and the ZooKeeper `make test` started)."""
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -13,6 +15,7 @@ import ray
 
 from actors.handles import DISPATCHER_NAME, POOL_NAME
 from actors.zk_mirror import read_tree
+from tests.conftest import shared_file
 from tests.ray_cluster import wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.zookeeper, pytest.mark.slow]
@@ -62,7 +65,7 @@ def submit_marked(client, name, body, **fields):
 
 
 def test_sigkill_of_an_executor_mid_run(deployment, client, zookeeper, tmp_path):
-    ledger = tmp_path / "ledger"
+    ledger = shared_file(tmp_path, "ledger")
     task, _ = submit_marked(
         client,
         "slow-kill.sh",
@@ -91,7 +94,7 @@ def test_sigkill_of_an_executor_mid_run(deployment, client, zookeeper, tmp_path)
 
 
 def test_stale_result_of_a_stopped_executor_is_ignored(deployment, client, zookeeper, tmp_path):
-    ledger = tmp_path / "ledger"
+    ledger = shared_file(tmp_path, "ledger")
     task, _ = submit_marked(
         client,
         "slow-stop.sh",
@@ -135,7 +138,7 @@ def test_stale_result_of_a_stopped_executor_is_ignored(deployment, client, zooke
 
 def test_zookeeper_down_for_a_minute(deployment, client, zookeeper, tmp_path):
     services_dir = os.environ["CHRONORAY_TEST_ZOOKEEPER_DIR"].rsplit("/zk", 1)[0]
-    ledger = tmp_path / "ledger"
+    ledger = shared_file(tmp_path, "ledger")
     client.register_script("zk-outage.sh", f'echo "$CHRONORAY_TASK_ID" >> {ledger}')
     subprocess.run([str(SERVICES), "stop-zookeeper", services_dir], check=True)
     try:
@@ -170,3 +173,13 @@ def test_zookeeper_down_for_a_minute(deployment, client, zookeeper, tmp_path):
         pytest.fail(f"mirror and pool differ 10 s after the restart: {seen}")
     print(f"mirror matched the live executors {time.monotonic() - restarted:.1f} s after restart")
     assert read_tree(zookeeper)["dispatcher"] is not None
+    # what operators see: `chronoray executors` reads the same mirror
+    listed = subprocess.run(
+        [sys.executable, "-m", "chronoray", "executors", "--zookeeper", zookeeper, "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    body = json.loads(listed.stdout)
+    assert {e["executor_id"] for e in body["executors"]} == live_executor_ids(deployment)
+    assert all(e["pid"] > 0 and e["slots"] == 8 for e in body["executors"])

@@ -15,6 +15,7 @@ from actors.handles import shard_handle
 from scheduling.cron import CronSchedule
 from storage.schema import schedules as schedules_table
 from storage.schema import tasks
+from tests.conftest import shared_file
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.slow]
 UTC = timezone.utc
@@ -33,7 +34,7 @@ def sleep_until(at: datetime) -> None:
 def test_killing_the_owner_just_before_an_occurrence_still_fires_it_once(
     deployment, client, tmp_path
 ):
-    ledger = tmp_path / "ledger"
+    ledger = shared_file(tmp_path, "ledger")
     client.register_script("owner-kill.sh", f'echo "$CHRONORAY_FIRE_TIME" >> {ledger}')
     schedule = client.create_schedule("owner-kill.sh", "*/5 * * * * *")
     target = schedule.next_fire_at + timedelta(
@@ -61,7 +62,7 @@ def test_misfire_policies_after_the_scheduler_stopped_for_three_minutes(
     cron = f"{second} * * * * *"  # once a minute, first in ~20 s
     ids, ledgers = {}, {}
     for policy in ("skip", "fire_once", "fire_all"):
-        ledgers[policy] = tmp_path / policy
+        ledgers[policy] = shared_file(tmp_path, policy)
         client.register_script(
             f"misfire-{policy}.sh", f'echo "$CHRONORAY_FIRE_TIME" >> {ledgers[policy]}'
         )

@@ -11,6 +11,7 @@ import pytest
 import ray
 
 from actors.handles import shard_handle
+from tests.conftest import shared_file
 from tests.ray_cluster import runs_per_task
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.slow]
@@ -18,7 +19,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.slow]
 
 def test_killed_shard_restarts_and_every_task_runs_once(deployment, client, tmp_path):
     settings = deployment.settings
-    ledger = tmp_path / "ledger"
+    ledger = shared_file(tmp_path, "ledger")
     client.register_script("ledger-kill.sh", f'echo "$CHRONORAY_TASK_ID" >> {ledger}')
     # 100 tasks spread over the next 10 s, all inside ranges of one shard.
     now = datetime.now(timezone.utc)

@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import shared_file
 from tests.ray_cluster import runs_per_task
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.slow]
 
 
 def test_a_thousand_tasks_due_within_two_seconds_run_exactly_once(deployment, client, tmp_path):
-    ledger = tmp_path / "ledger"
+    ledger = shared_file(tmp_path, "ledger")
     # The script writes its own ledger line: proof of execution that does not
     # depend on chronoray's bookkeeping. O_APPEND writes of one line are atomic.
     client.register_script("ledger.sh", f'echo "$CHRONORAY_TASK_ID $CHRONORAY_ATTEMPT" >> {ledger}')

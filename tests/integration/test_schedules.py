@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import shared_file
 from tests.ray_cluster import wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres]
@@ -17,7 +18,7 @@ def ledger_lines(path: Path) -> list[list[str]]:
 
 
 def test_every_two_seconds_fires_five_times_once_each_on_time(client, http, tmp_path):
-    ledger = tmp_path / "ledger"
+    ledger = shared_file(tmp_path, "ledger")
     client.register_script("every2.sh", f'echo "$CHRONORAY_FIRE_TIME $(date +%s.%N)" >> {ledger}')
     schedule = client.create_schedule("every2.sh", "*/2 * * * * *")
     first = schedule.next_fire_at
@@ -38,7 +39,7 @@ def test_every_two_seconds_fires_five_times_once_each_on_time(client, http, tmp_
 
 
 def test_preview_matches_what_fires(client, http, tmp_path):
-    ledger = tmp_path / "ledger"
+    ledger = shared_file(tmp_path, "ledger")
     client.register_script("preview.sh", f'echo "$CHRONORAY_FIRE_TIME" >> {ledger}')
     schedule = client.create_schedule("preview.sh", "*/3 * * * * *", timezone="America/Santiago")
     preview = http.get(f"/v1/schedules/{schedule.schedule_id}/preview", params={"count": 3}).json()
@@ -85,7 +86,7 @@ def test_overlap_policies_with_a_five_second_script_on_a_two_second_schedule(
 ):
     ledgers, schedules = {}, {}
     for policy in ("allow", "skip", "buffer_one", "cancel_previous"):
-        ledgers[policy] = tmp_path / policy
+        ledgers[policy] = shared_file(tmp_path, policy)
         client.register_script(
             f"overlap-{policy}.sh", OVERLAP_SCRIPT.format(ledger=ledgers[policy])
         )
@@ -118,7 +119,7 @@ def test_overlap_policies_with_a_five_second_script_on_a_two_second_schedule(
 
 @pytest.mark.slow
 def test_three_hundred_minutely_schedules_across_two_minute_boundaries(client, tmp_path):
-    ledger = tmp_path / "ledger"
+    ledger = shared_file(tmp_path, "ledger")
     client.register_script("minutely.sh", f'echo "$SCHED $CHRONORAY_FIRE_TIME" >> {ledger}')
     now = datetime.now(UTC)
     boundary = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
