@@ -4,7 +4,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import ray
 
+from actors.handles import POOL_NAME
 from tests.conftest import shared_file
 from tests.ray_cluster import runs_per_task
 
@@ -35,3 +37,7 @@ def test_a_thousand_tasks_due_within_two_seconds_run_exactly_once(deployment, cl
     lines = Path(ledger).read_text().split()
     executed = [int(task_id) for task_id in lines[::2]]
     assert sorted(executed) == sorted(ids)  # each once, none missing
+    # the queue grew the small tier from its minimum (2) to its maximum (3)
+    pool = ray.get_actor(POOL_NAME, namespace=deployment.settings.namespace)
+    small = ray.get(pool.status.remote())["tiers"]["small"]
+    assert (small["min"], small["live"] + small["starting"]) == (2, 3)

@@ -61,4 +61,4 @@ def test_removing_a_node_retries_its_tasks_elsewhere(facts):
 def test_a_tier_no_node_can_host_is_reported(facts):
     gpu = facts["pool"]["gpu"]
     assert gpu["live"] == 0 and "chronoray_gpu" in gpu["unplaceable"]
-    assert facts["pool"]["small"]["unplaceable"] is None
+    assert facts["pool"]["large"]["unplaceable"] is None

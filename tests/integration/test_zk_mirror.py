@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 from kazoo.client import KazooClient
+from kazoo.exceptions import NoNodeError
 
 from actors.zk_mirror import ZnodeMirror, executor_path, read_tree
 from tests.ray_cluster import wait_for
@@ -27,10 +28,10 @@ def read(hosts, path):
     client = KazooClient(hosts=hosts)
     client.start(timeout=5)
     try:
-        if not client.exists(path):
-            return None
         data, stat = client.get(path)
         return json.loads(data), stat.ephemeralOwner
+    except NoNodeError:  # absent, or between the old node's removal and the new one
+        return None
     finally:
         client.stop()
         client.close()
