@@ -29,10 +29,9 @@ from scheduling.tiers import local_tiers
 from storage.schema import runs
 
 SANDBOXES = {
-    "full": SandboxLimits(),
-    "plain": SandboxLimits(run_as=None, pid_namespace=False),
-    "namespace-only": SandboxLimits(run_as=None),
-    "user-only": SandboxLimits(pid_namespace=False),
+    "full": SandboxLimits(),  # PID namespace, own uid, limits: one exec of actors/launch.c
+    "wrappers": SandboxLimits(launcher=False),  # the same through setpriv, unshare, prlimit
+    "plain": SandboxLimits(uid_base=None, run_as=None, pid_namespace=False),  # limits only
 }
 STAMP_SCRIPT = "date +%s.%N"  # the script's first line is its own clock
 
@@ -158,7 +157,8 @@ def main() -> None:
         "--sandbox",
         choices=sorted(SANDBOXES),
         default="full",
-        help="full: PID namespace + unprivileged user (the default); plain: neither",
+        help="full (default): PID namespace + own uid via actors/launch.c; wrappers: the "
+        "same through util-linux; plain: rlimits only",
     )
     parser.add_argument("--database-url", default=os.environ.get("CHRONORAY_BENCH_DATABASE_URL"))
     parser.add_argument("--spread-tasks", type=int, default=3000)

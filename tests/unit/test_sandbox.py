@@ -174,3 +174,43 @@ def test_hostile_scripts_end_within_the_timeout_and_leave_nothing(tmp_path, name
     time.sleep(0.2)  # the kernel tears the namespace down asynchronously
     assert processes_with(f"{marker}=1") == []
     assert not list(Path("/tmp").glob("chronoray-run-*/f0"))  # scratch removed
+
+
+@needs_root
+@pytest.mark.parametrize("name", ["setsid escape", "fork bomb"])
+def test_the_util_linux_fallback_contains_them_too(tmp_path, name):
+    """Without a C compiler the sandbox starts scripts through setpriv,
+    unshare and prlimit instead of actors/launch.c: the same guarantees."""
+    interpreter, body = HOSTILE[name]
+    limits = SandboxLimits(launcher=False)
+    assert detect_isolation("nobody", True, False).launcher is None
+    started = time.monotonic()
+    outcome = asyncio.run(
+        run_script(
+            script_path=write(tmp_path, body),
+            interpreter=interpreter,
+            variables={"MARK": f"fallback-{name}"},
+            timeout_s=2.0,
+            limits=limits,
+        )
+    )
+    assert time.monotonic() - started < 3.0 and (outcome.timed_out or name == "fork bomb")
+    time.sleep(0.2)
+    assert processes_with(f"MARK=fallback-{name}") == []
+
+
+def test_the_launcher_reports_the_scripts_exit_status_and_signal(tmp_path):
+    for body, expected in (("exit 7", 7), ("true", 0)):
+        assert run(write(tmp_path, body)).exit_code == expected, body
+    # As PID 1 of its namespace a script ignores signals it has no handler
+    # for; without the namespace a signal ends it and shows as such.
+    outcome = asyncio.run(
+        run_script(
+            script_path=write(tmp_path, "kill -TERM $$; sleep 5"),
+            interpreter=Interpreter.BASH,
+            variables={},
+            timeout_s=5,
+            limits=SandboxLimits(pid_namespace=False),
+        )
+    )
+    assert outcome.exit_code == -15

@@ -1,0 +1,109 @@
+/* chronoray-launch: start one script in its sandbox with a single exec.
+ *
+ * Does what the util-linux chain `setpriv --pdeathsig=KILL -- unshare --pid
+ * --fork --kill-child --setuid U --setgid G -- prlimit ... -- CMD` does, in
+ * one small process instead of three (each util-linux exec costs about
+ * 1.5 ms of CPU here, which at 100 scripts/s on 2 cores is what limits the
+ * fire lag). The executor compiles it on first use (actors/sandbox.py) and
+ * falls back to that chain when no C compiler is present.
+ *
+ *   chronoray-launch [--pidns] [--uid=N --gid=N] [--cpu=N] [--as=N]
+ *                    [--fsize=N] [--nofile=N] [--nproc=N] [--core=N] -- CMD ARGS...
+ *
+ * Dies with its parent (PR_SET_PDEATHSIG). With --pidns, CMD runs as PID 1 of
+ * a new PID namespace in a child that dies with this process, so killing this
+ * process (or its process group) ends every process CMD started. The exit
+ * status is CMD's; a CMD killed by a signal makes this process die of it too.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <grp.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static const struct {
+    const char *flag;
+    int resource;
+} LIMITS[] = {
+    {"--cpu=", RLIMIT_CPU},       {"--as=", RLIMIT_AS},       {"--fsize=", RLIMIT_FSIZE},
+    {"--nofile=", RLIMIT_NOFILE}, {"--nproc=", RLIMIT_NPROC}, {"--core=", RLIMIT_CORE},
+};
+
+static void die(const char *what) {
+    fprintf(stderr, "chronoray-launch: %s: %s\n", what, strerror(errno));
+    _exit(127);
+}
+
+static int set_limit(const char *arg) {
+    for (size_t i = 0; i < sizeof LIMITS / sizeof LIMITS[0]; i++) {
+        size_t n = strlen(LIMITS[i].flag);
+        if (strncmp(arg, LIMITS[i].flag, n) == 0) {
+            rlim_t value = (rlim_t)strtoull(arg + n, NULL, 10);
+            struct rlimit limit = {value, value};
+            if (setrlimit(LIMITS[i].resource, &limit) == -1) die(arg);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    int pidns = 0;
+    long uid = -1, gid = -1;
+    int i = 1;
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) == -1) die("prctl");
+    for (; i < argc; i++) {
+        if (strcmp(argv[i], "--") == 0) {
+            i++;
+            break;
+        } else if (strcmp(argv[i], "--pidns") == 0) {
+            pidns = 1;
+        } else if (strncmp(argv[i], "--uid=", 6) == 0) {
+            uid = atol(argv[i] + 6);
+        } else if (strncmp(argv[i], "--gid=", 6) == 0) {
+            gid = atol(argv[i] + 6);
+        } else if (!set_limit(argv[i])) {
+            fprintf(stderr, "chronoray-launch: unknown option %s\n", argv[i]);
+            return 127;
+        }
+    }
+    if (i >= argc) {
+        fprintf(stderr, "chronoray-launch: no command\n");
+        return 127;
+    }
+    if (pidns) {
+        if (unshare(CLONE_NEWPID) == -1) die("unshare");
+        pid_t child = fork();
+        if (child == -1) die("fork");
+        if (child > 0) {
+            int status;
+            while (waitpid(child, &status, 0) == -1) {
+                if (errno != EINTR) die("waitpid");
+            }
+            if (WIFSIGNALED(status)) {
+                signal(WTERMSIG(status), SIG_DFL);
+                kill(getpid(), WTERMSIG(status));
+            }
+            return WIFEXITED(status) ? WEXITSTATUS(status) : 127;
+        }
+        /* PID 1 of the namespace: dies with the launcher, and with it
+         * everything in the namespace. */
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL) == -1) die("prctl");
+    }
+    if (gid >= 0) {
+        if (setgroups(0, NULL) == -1) die("setgroups");
+        if (setgid((gid_t)gid) == -1) die("setgid");
+    }
+    if (uid >= 0 && setuid((uid_t)uid) == -1) die("setuid");
+    execvp(argv[i], argv + i);
+    die(argv[i]);
+    return 127;
+}
