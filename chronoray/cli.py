@@ -184,6 +184,49 @@ def tasks_show(
     console.print(table)
 
 
+@tasks_app.command("list")
+def tasks_list(
+    status: list[str] = typer.Option([], "--status", help="repeatable: scheduled, dead, …"),
+    script: str = typer.Option(None, "--script"),
+    schedule_id: int = typer.Option(None, "--schedule"),
+    due_from: str = typer.Option(None, "--from", help="ISO 8601 with offset, or epoch s"),
+    due_before: str = typer.Option(None, "--before"),
+    limit: int = typer.Option(100, "--limit"),
+    cursor: str = typer.Option(None, "--cursor", help="next_cursor of the previous page"),
+    url: str = URL_OPTION,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Your tasks, newest first, one page at a time."""
+    params = {
+        "status": status,
+        "script": script,
+        "schedule_id": schedule_id,
+        "due_from": due_from,
+        "due_before": due_before,
+        "limit": limit,
+        "cursor": cursor,
+    }
+    body = _call(
+        "GET", f"{url}/v1/tasks", params={k: v for k, v in params.items() if v not in (None, [])}
+    )
+    if as_json:
+        console.print_json(json.dumps(body))
+        return
+    table = Table("id", "script", "status", "due", "priority", "attempts")
+    for task in body["tasks"]:
+        table.add_row(
+            str(task["task_id"]),
+            task["script"],
+            task["status"],
+            task["execute_at"],
+            str(task["priority"]),
+            f"{task['attempt']}/{task['max_attempts']}",
+        )
+    console.print(table)
+    if body["next_cursor"]:
+        console.print(f"more: --cursor {body['next_cursor']}")
+
+
 @tasks_app.command("dead")
 def tasks_dead(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
     """Tasks that used up their attempts."""

@@ -156,9 +156,42 @@ class Client:
             task_id, owner_id=self.owner_id, now=datetime.now(timezone.utc)
         )
 
+    def list_tasks(
+        self,
+        *,
+        status: Sequence[str] = (),
+        script: str | None = None,
+        schedule_id: int | None = None,
+        due_from: str | float | None = None,
+        due_before: str | float | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[Task], str | None]:
+        """One page of this user's tasks, newest first, and the cursor of
+        the next page (``None`` at the end): as ``GET /v1/tasks``."""
+        from dataclasses import replace
+
+        from serve_app.schemas import encode_cursor, task_query
+
+        if not 1 <= limit <= 1000:
+            raise InvalidInput("must be between 1 and 1000", "limit")
+        query = task_query(
+            owner_id=self.owner_id,
+            status=status,
+            script=script,
+            schedule_id=schedule_id,
+            due_from=None if due_from is None else str(due_from),
+            due_before=None if due_before is None else str(due_before),
+            limit=limit,
+            cursor=cursor,
+        )
+        page = self._repo.list_tasks(replace(query, limit=limit + 1))
+        more = len(page) > limit
+        return page[:limit], encode_cursor(page[limit - 1].task_id) if more else None
+
     def dead(self, *, limit: int = 100) -> list[Task]:
         """Tasks that used up their attempts, newest first."""
-        return self._repo.list_dead(owner_id=self.owner_id, limit=limit)
+        return self.list_tasks(status=["dead"], limit=limit)[0]
 
     def retry(self, task_id: int, *, attempts: int = 1) -> Task:
         """Run a dead task again, with ``attempts`` more attempts."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Protocol
 
@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from chronoray.errors import ChronorayError, InvalidInput, TooLarge
 from chronoray.settings import Settings
 from scheduling.cron import validate_schedule
-from scheduling.models import NewTask, SubmitResult
+from scheduling.models import NewTask, SubmitResult, TaskStatus
 from scheduling.schedules import MisfirePolicy, NewSchedule, OverlapPolicy, first_fire
 from serve_app.errors import install_error_handlers
 from serve_app.limits import BodySizeLimit
@@ -27,13 +27,15 @@ from serve_app.schemas import (
     ScriptIn,
     SendTaskIn,
     TaskIn,
+    encode_cursor,
     history_out,
     parse_instant,
     schedule_out,
     script_out,
     task_out,
+    task_query,
 )
-from storage.repository import TaskRepository
+from storage.repository import TaskQuery, TaskRepository
 
 
 class Submitter(Protocol):
@@ -293,11 +295,45 @@ def create_api(backend: Backend) -> FastAPI:
         )
         return task_out(task)
 
+    @api.get("/v1/tasks")
+    async def list_tasks(
+        status: list[str] = Query(default=[], description="repeatable: scheduled, dead, …"),
+        script: str | None = None,
+        schedule_id: int | None = None,
+        due_from: str | None = Query(None, description="ISO 8601 with offset, or epoch s"),
+        due_before: str | None = None,
+        limit: int = Query(100, ge=1, le=1000),
+        cursor: str | None = Query(None, description="next_cursor of the previous page"),
+    ) -> dict:
+        """The caller's tasks, newest first, one page at a time."""
+        query = task_query(
+            owner_id=backend.owner_id,
+            status=status,
+            script=script,
+            schedule_id=schedule_id,
+            due_from=due_from,
+            due_before=due_before,
+            limit=limit,
+            cursor=cursor,
+        )
+        page = await asyncio.to_thread(repo.list_tasks, replace(query, limit=limit + 1))
+        more = len(page) > limit
+        page = page[:limit]
+        return {
+            "tasks": [task_out(task) for task in page],
+            "next_cursor": encode_cursor(page[-1].task_id) if more else None,
+        }
+
     @api.get("/v1/dead")
     async def list_dead(limit: int = Query(100, ge=1, le=1000)) -> dict:
         """Tasks that used up their attempts; ``POST /v1/tasks/{id}/retry``
         runs one again."""
-        dead = await asyncio.to_thread(repo.list_dead, owner_id=backend.owner_id, limit=limit)
+        dead = await asyncio.to_thread(
+            repo.list_tasks,
+            TaskQuery(
+                owner_id=backend.owner_id, statuses=frozenset({TaskStatus.DEAD}), limit=limit
+            ),
+        )
         return {"tasks": [task_out(task) for task in dead]}
 
     @api.post("/v1/tasks/{task_id}/retry")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -21,9 +23,10 @@ from pydantic import (
 from typing_extensions import Self
 
 from chronoray.errors import InvalidInput
-from scheduling.models import Interpreter, Run, Script, Task
+from scheduling.models import Interpreter, Run, Script, Task, TaskStatus
 from scheduling.schedules import MisfirePolicy, OverlapPolicy, Schedule
 from scheduling.validation import validate_script_name, validate_variables
+from storage.repository import TaskQuery
 
 MAX_EPOCH_S = 253402300799  # 9999-12-31T23:59:59Z
 
@@ -46,6 +49,64 @@ def parse_instant(value: Any, field: str = "execute_at") -> datetime:
             raise InvalidInput("time has no UTC offset (add Z or +HH:MM)", field)
         return parsed.astimezone(timezone.utc)
     raise InvalidInput("must be an ISO 8601 time with offset or epoch seconds", field)
+
+
+def encode_cursor(task_id: int) -> str:
+    return base64.urlsafe_b64encode(f"below:{task_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        kind, _, value = text.partition(":")
+        if kind != "below" or not value.isdigit():
+            raise ValueError(text)
+        return int(value)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput("not a cursor this API gave out", "cursor") from None
+
+
+def query_instant(value: str | None, field: str) -> datetime | None:
+    """Query strings carry text: epoch seconds arrive as digits."""
+    if value is None:
+        return None
+    try:
+        return parse_instant(float(value), field)
+    except ValueError:
+        return parse_instant(value, field)
+
+
+def task_query(
+    *,
+    owner_id: int,
+    status: Sequence[str] = (),
+    script: str | None = None,
+    schedule_id: int | None = None,
+    due_from: str | None = None,
+    due_before: str | None = None,
+    limit: int = 100,
+    cursor: str | None = None,
+) -> TaskQuery:
+    """A list request's filters, validated: the same for HTTP and Client."""
+    statuses = set()
+    for value in status:
+        try:
+            statuses.add(TaskStatus(value))
+        except ValueError:
+            known = ", ".join(s.value for s in TaskStatus)
+            raise InvalidInput(
+                f"unknown status {value[:32]!r} (one of {known})", "status"
+            ) from None
+    return TaskQuery(
+        owner_id=owner_id,
+        statuses=frozenset(statuses),
+        script_name=script,
+        schedule_id=schedule_id,
+        due_from=query_instant(due_from, "due_from"),
+        due_before=query_instant(due_before, "due_before"),
+        below_id=decode_cursor(cursor) if cursor else None,
+        limit=limit,
+    )
 
 
 class Strict(BaseModel):

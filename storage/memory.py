@@ -32,7 +32,7 @@ from scheduling.models import (
 )
 from scheduling.tiers import TierTable
 from scheduling.timeline import Wheel, bucket_of
-from storage.repository import Claimed, running_lease, sha256_hex, tail
+from storage.repository import Claimed, TaskQuery, running_lease, sha256_hex, tail
 
 
 class InMemoryTaskRepository:
@@ -165,11 +165,11 @@ class InMemoryTaskRepository:
         task = self.tasks[task_id] = replace(task, status=TaskStatus.CANCELLED, updated_at=now)
         return task
 
-    def list_dead(self, *, owner_id: int, limit: int = 100) -> list[Task]:
-        dead = [
-            t for t in self.tasks.values() if t.owner_id == owner_id and t.status is TaskStatus.DEAD
-        ]
-        return sorted(dead, key=lambda t: (t.updated_at, t.task_id), reverse=True)[:limit]
+    def list_tasks(self, query: TaskQuery) -> list[Task]:
+        found = sorted(
+            (t for t in self.tasks.values() if query.matches(t)), key=lambda t: -t.task_id
+        )
+        return found[: query.limit]
 
     def redrive(self, task_id: int, *, owner_id: int | None, attempts: int, now: datetime) -> Task:
         task = self.get_task(task_id, owner_id=owner_id)

@@ -25,6 +25,7 @@ from scheduling.models import (
     SubmitResult,
     Task,
     TaskSpec,
+    TaskStatus,
 )
 from scheduling.tiers import TierTable
 from scheduling.timeline import Wheel
@@ -40,6 +41,32 @@ class Claimed:
     specs: list[TaskSpec]
     follow_ups: list[tuple[int, datetime]] = field(default_factory=list)
     cancelled: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskQuery:
+    """One page of a user's tasks, newest first; every filter optional."""
+
+    owner_id: int
+    statuses: frozenset[TaskStatus] = frozenset()
+    script_name: str | None = None
+    schedule_id: int | None = None
+    due_from: datetime | None = None  # execute_at >= due_from
+    due_before: datetime | None = None  # execute_at < due_before
+    below_id: int | None = None  # the cursor: only tasks with a smaller id
+    limit: int = 100
+
+    def matches(self, task: Task) -> bool:
+        """The same filter in Python, for the in-memory repository."""
+        return (
+            task.owner_id == self.owner_id
+            and (not self.statuses or task.status in self.statuses)
+            and (self.script_name is None or task.script_name == self.script_name)
+            and (self.schedule_id is None or task.schedule_id == self.schedule_id)
+            and (self.due_from is None or task.execute_at >= self.due_from)
+            and (self.due_before is None or task.execute_at < self.due_before)
+            and (self.below_id is None or task.task_id < self.below_id)
+        )
 
 
 class TaskRepository(Protocol):
@@ -58,7 +85,7 @@ class TaskRepository(Protocol):
     def get_task(self, task_id: int, *, owner_id: int | None = None) -> Task: ...
     def list_runs(self, task_id: int) -> list[Run]: ...
     def cancel_task(self, task_id: int, *, owner_id: int | None, now: datetime) -> Task: ...
-    def list_dead(self, *, owner_id: int, limit: int = 100) -> list[Task]: ...
+    def list_tasks(self, query: TaskQuery) -> list[Task]: ...
     def redrive(
         self, task_id: int, *, owner_id: int | None, attempts: int, now: datetime
     ) -> Task: ...

@@ -37,7 +37,7 @@ from scheduling.schedules import MisfireRules, NewSchedule, Schedule
 from scheduling.tiers import TierTable
 from scheduling.timeline import Wheel, bucket_of
 from storage import occurrences
-from storage.repository import Claimed, running_lease, sha256_hex, tail
+from storage.repository import Claimed, TaskQuery, running_lease, sha256_hex, tail
 from storage.schema import newest_script, runs, scripts, shards, tasks, users
 
 log = logging.getLogger(__name__)
@@ -384,15 +384,27 @@ class SqlTaskRepository:
             )
         return task
 
-    def list_dead(self, *, owner_id: int, limit: int = 100) -> list[Task]:
-        """Tasks that used up their attempts, newest first."""
+    def list_tasks(self, query: TaskQuery) -> list[Task]:
+        conditions = [tasks.c.owner_id == query.owner_id]
+        if query.statuses:
+            conditions.append(tasks.c.status.in_(sorted(s.value for s in query.statuses)))
+        if query.script_name is not None:
+            conditions.append(scripts.c.name == query.script_name)
+        if query.schedule_id is not None:
+            conditions.append(tasks.c.schedule_id == query.schedule_id)
+        if query.due_from is not None:
+            conditions.append(tasks.c.execute_at >= query.due_from)
+        if query.due_before is not None:
+            conditions.append(tasks.c.execute_at < query.due_before)
+        if query.below_id is not None:
+            conditions.append(tasks.c.task_id < query.below_id)
         with self._begin(self.read_engine) as conn:
             rows = conn.execute(
                 select(*TASK_COLUMNS)
                 .join(scripts, scripts.c.script_id == tasks.c.script_id)
-                .where(tasks.c.owner_id == owner_id, tasks.c.status == TaskStatus.DEAD.value)
-                .order_by(tasks.c.updated_at.desc(), tasks.c.task_id.desc())
-                .limit(limit)
+                .where(*conditions)
+                .order_by(tasks.c.task_id.desc())
+                .limit(query.limit)
             ).all()
         return [_task(row) for row in rows]
 

@@ -17,6 +17,7 @@ from scheduling.models import (
     TaskStatus,
 )
 from scheduling.timeline import Wheel
+from storage.repository import TaskQuery
 from tests.conftest import T0
 
 WHEEL = Wheel(num_shards=1, range_s=60)
@@ -263,15 +264,36 @@ def test_dead_tasks_are_listed_and_can_be_redriven(repo, owner):
 
     spec = claimed(repo, owner, max_attempts=1)
     repo.record_results([result(spec, failure=FailureClass.EXIT_CODE)], policy=POLICY, now=T0)
-    [dead] = repo.list_dead(owner_id=owner)
+    [dead] = repo.list_tasks(TaskQuery(owner_id=owner, statuses=frozenset({TaskStatus.DEAD})))
     assert dead.task_id == spec.task_id and dead.status is TaskStatus.DEAD
     other = repo.ensure_user(first_name="b", last_name="c", now=T0)
-    assert repo.list_dead(owner_id=other) == []
+    assert repo.list_tasks(TaskQuery(owner_id=other)) == []
     with pytest.raises(TaskNotFound):
         repo.redrive(spec.task_id, owner_id=other, attempts=1, now=T0)
     later = T0 + timedelta(minutes=5)
     task = repo.redrive(spec.task_id, owner_id=owner, attempts=2, now=later)
     assert (task.status, task.attempt, task.max_attempts) == (TaskStatus.SCHEDULED, 2, 3)
-    assert task.execute_at == later and repo.list_dead(owner_id=owner) == []
+    assert task.execute_at == later
+    assert repo.list_tasks(TaskQuery(owner_id=owner, statuses=frozenset({TaskStatus.DEAD}))) == []
     with pytest.raises(TaskNotRetryable):
         repo.redrive(spec.task_id, owner_id=owner, attempts=1, now=later)
+
+
+def test_list_tasks_filters_newest_first_and_keeps_owners_apart(repo, owner):
+    other = repo.ensure_user(first_name="eve", last_name="x", now=T0)
+    repo.add_script(owner_id=other, name="job.sh", interpreter=Interpreter.BASH, body=b"x", now=T0)
+    mine = submit(repo, *(new(owner, seconds=10 * i) for i in range(4)))
+    submit(repo, NewTask(owner_id=other, script_name="job.sh", execute_at=T0))
+    repo.cancel_task(mine[1].task_id, owner_id=owner, now=T0)
+    ids = [t.task_id for t in mine]
+
+    def listed(**kw):
+        return [t.task_id for t in repo.list_tasks(TaskQuery(owner_id=owner, **kw))]
+
+    assert listed() == ids[::-1]
+    assert listed(limit=2) == ids[:1:-1]
+    assert listed(below_id=ids[2]) == ids[1::-1]
+    assert listed(statuses=frozenset({TaskStatus.CANCELLED})) == [ids[1]]
+    assert listed(script_name="job.sh", due_from=T0 + timedelta(seconds=10)) == ids[:0:-1]
+    assert listed(due_before=T0 + timedelta(seconds=20)) == ids[1::-1]
+    assert listed(script_name="nope.sh") == [] and listed(schedule_id=123) == []

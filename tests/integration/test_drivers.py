@@ -99,6 +99,26 @@ def test_cli_registers_submits_and_shows(deployment, tmp_path):
     assert code == 1 and "422" in err and "execute_at" in err
     code, _, err = cli("tasks", "show", "99999999")
     assert code == 1 and "404" in err
+    code, out, _ = cli("tasks", "list", "--script", "cli.sh", "--status", "succeeded", "--json")
+    assert code == 0 and [t["task_id"] for t in json.loads(out)["tasks"]] == [task_id]
+    code, _, err = cli("tasks", "list", "--status", "finished")
+    assert code == 1 and "422" in err and "status" in err
+
+
+def test_client_lists_tasks_page_by_page(client):
+    client.register_script("listed.sh", "echo listed")
+    later = time.time() + 3600
+    submitted = [client.submit("listed.sh", later + i).task_id for i in range(5)]
+    seen, cursor = [], None
+    while True:
+        page, cursor = client.list_tasks(script="listed.sh", limit=2, cursor=cursor)
+        seen += [t.task_id for t in page]
+        if cursor is None:
+            break
+    assert seen == submitted[::-1]
+    for task_id in submitted:
+        client.cancel(task_id)
+    assert client.list_tasks(script="listed.sh", status=["scheduled"])[0] == []
 
 
 def test_cli_manages_a_schedule(deployment, tmp_path):

@@ -209,3 +209,61 @@ def test_readyz_reports_each_dependency(client):
         "ready": True,
         "checks": {"database": "ok", "dispatcher": "ok"},
     }
+
+
+def test_list_tasks_filters_and_pages_with_a_cursor(client):
+    base = datetime.now(timezone.utc) + timedelta(hours=1)
+    client.post("/v1/scripts", json={"name": "other.sh", "body": "echo other"})
+    ids = []
+    for i in range(5):
+        body = {"script": "hello.sh" if i % 2 else "other.sh", "execute_at": base.timestamp() + i}
+        ids.append(client.post("/v1/tasks", json=body).json()["task_id"])
+    client.delete(f"/v1/tasks/{ids[0]}")
+
+    everything = client.get("/v1/tasks").json()
+    assert [t["task_id"] for t in everything["tasks"]] == ids[::-1]  # newest first
+    assert everything["next_cursor"] is None
+
+    pages, cursor = [], None
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/v1/tasks", params=params).json()
+        pages.append([t["task_id"] for t in page["tasks"]])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == [ids[4:2:-1], ids[2:0:-1], ids[:1]]
+
+    def listed(**params):
+        return [t["task_id"] for t in client.get("/v1/tasks", params=params).json()["tasks"]]
+
+    assert listed(script="hello.sh") == [ids[3], ids[1]]
+    assert listed(status="cancelled") == [ids[0]]
+    assert listed(status=["cancelled", "scheduled"]) == ids[::-1]
+    assert listed(
+        due_from=base.timestamp() + 1, due_before=(base + timedelta(seconds=3)).isoformat()
+    ) == [
+        ids[2],
+        ids[1],
+    ]
+
+
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        ({"status": "finished"}, "status"),
+        ({"cursor": "bm9wZQ"}, "cursor"),
+        ({"cursor": "!!"}, "cursor"),
+        ({"due_from": "yesterday"}, "due_from"),
+        ({"due_before": "2026-01-01T00:00:00"}, "due_before"),  # no offset
+    ],
+)
+def test_list_tasks_refuses_bad_filters(client, params, field):
+    response = client.get("/v1/tasks", params=params)
+    assert response.status_code == 422 and response.json()["field"] == field
+
+
+@pytest.mark.parametrize("limit", [0, 1001, "x"])
+def test_list_tasks_limit_is_bounded(client, limit):
+    response = client.get("/v1/tasks", params={"limit": limit})
+    assert response.status_code == 422
