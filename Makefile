@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 SERVICES_DIR ?= $(CURDIR)/.run/services
 PYTEST_ARGS ?=
 
-.PHONY: run test install system-deps services-start services-stop lint bench clean
+.PHONY: run test install system-deps services-start services-stop lint bench bench-http clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,14 @@ bench: install system-deps
 	scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
 	source $(SERVICES_DIR)/env && \
 	$(BIN)/python -m bench.fire_lag --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(BENCH_ARGS)
+
+# Submission throughput through Ray Serve: POST /v1/tasks against /v1/tasks:batch.
+bench-http: install system-deps
+	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
+	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
+	scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
+	source $(SERVICES_DIR)/env && \
+	$(BIN)/python -m bench.submit_http --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .run

@@ -87,6 +87,17 @@ class Client:
             tasks.append(result.task)
         return tasks
 
+    def submit_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[Task]:
+        """All or nothing, in one transaction: as ``POST /v1/tasks:batch``."""
+        from serve_app.app import new_batch, store_batch
+
+        news = new_batch(
+            [_iso_times(r) for r in requests], owner_id=self.owner_id, settings=self.settings
+        )
+        results = store_batch(self._repo, news, now=datetime.now(timezone.utc))
+        self._submitter.track_blocking([(r.task.task_id, r.task.execute_at) for r in results])
+        return [r.task for r in results]
+
     # -- schedules -----------------------------------------------------------
     def create_schedule(self, script: str, cron: str, **fields: Any) -> Schedule:
         """Fields as in ``POST /v1/schedules`` (timezone, variables, priority,

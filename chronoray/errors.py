@@ -72,3 +72,19 @@ class Unavailable(ChronorayError, RuntimeError):
     """A dependency (database, actors) cannot serve right now; retry later."""
 
     code = "unavailable"
+
+
+class BatchRejected(Exception):
+    """An all-or-nothing batch stored nothing because these items failed
+    (index, error); the caller reports the first."""
+
+    def __init__(self, failures: list[tuple[int, ChronorayError]]) -> None:
+        super().__init__(failures)
+        self.failures = failures
+
+
+def in_batch(error: ChronorayError, index: int, name: str = "tasks") -> ChronorayError:
+    """The same error, its field naming the item of a batch: tasks[3].script."""
+    where = f"{name}[{index}]"
+    field = f"{where}.{error.field}" if error.field else where
+    return type(error)(f"item {index}: {error.detail}", field)

@@ -58,6 +58,7 @@ class Settings:
     default_timeout_s: float = 300.0
     max_timeout_s: float = 24 * 3600.0
     max_attempts_limit: int = 20
+    max_batch_tasks: int = 1000  # POST /v1/tasks:batch, in one transaction
     max_priority: int = 9
     serve_replicas: int = 1
 
@@ -91,6 +92,7 @@ class Settings:
             "http_port": int,
             "max_script_bytes": int,
             "serve_replicas": int,
+            "max_batch_tasks": int,
             "min_schedule_interval_s": float,
             "aging_s": float,
             "zookeeper_session_timeout_s": float,

@@ -4,15 +4,15 @@ production (serve_app/deployment.py), a TestClient in unit tests."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Protocol
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse
 
-from chronoray.errors import ChronorayError, InvalidInput, TooLarge
+from chronoray.errors import BatchRejected, ChronorayError, InvalidInput, TooLarge, in_batch
 from chronoray.settings import Settings
 from scheduling.cron import validate_schedule
 from scheduling.models import NewTask, SubmitResult, TaskStatus
@@ -26,6 +26,7 @@ from serve_app.schemas import (
     SchedulePatch,
     ScriptIn,
     SendTaskIn,
+    TaskBatchIn,
     TaskIn,
     encode_cursor,
     history_out,
@@ -56,6 +57,34 @@ class Backend:
     submitter: Submitter
     settings: Settings
     owner_id: int  # one local user until users and tokens arrive
+
+
+def new_batch(items: Sequence[Any], *, owner_id: int, settings: Settings) -> list[NewTask]:
+    """Validate every item of an all-or-nothing batch; an error names its
+    item (``tasks[3].execute_at``)."""
+    if not items:
+        raise InvalidInput("at least one task", "tasks")
+    if len(items) > settings.max_batch_tasks:
+        raise TooLarge(f"at most {settings.max_batch_tasks} tasks in one batch", "tasks")
+    news = []
+    for index, item in enumerate(items):
+        try:
+            if not isinstance(item, Mapping):
+                raise InvalidInput("must be an object with the fields of POST /v1/tasks")
+            news.append(new_task(TaskIn.parse(dict(item)), owner_id=owner_id, settings=settings))
+        except ChronorayError as exc:
+            raise in_batch(exc, index) from None
+    return news
+
+
+def store_batch(repo: TaskRepository, news: Sequence[NewTask], *, now: datetime) -> list:
+    """One transaction: every task, or none (the first failure is raised,
+    naming its item)."""
+    try:
+        return repo.add_tasks(news, now=now, atomic=True)
+    except BatchRejected as rejected:
+        index, error = rejected.failures[0]
+        raise in_batch(error, index) from None
 
 
 def new_task(body: TaskIn, *, owner_id: int, settings: Settings) -> NewTask:
@@ -189,6 +218,19 @@ def create_api(backend: Backend) -> FastAPI:
         return JSONResponse(task_out(result.task), status_code=201 if result.created else 200)
 
     api.post("/v1/tasks", status_code=201)(submit)
+
+    @api.post("/v1/tasks:batch", status_code=201)
+    async def submit_batch(body: TaskBatchIn) -> JSONResponse:
+        """Up to ``max_batch_tasks`` tasks in one transaction: all are
+        stored, or none (the error names the item)."""
+        news = new_batch(body.tasks, owner_id=backend.owner_id, settings=settings)
+        results = await asyncio.to_thread(store_batch, repo, news, now=now())
+        await backend.submitter.track([(r.task.task_id, r.task.execute_at) for r in results])
+        created = sum(r.created for r in results)
+        return JSONResponse(
+            {"tasks": [task_out(r.task) for r in results], "created": created},
+            status_code=201 if created else 200,
+        )
 
     @api.post("/sendTask", status_code=201)
     async def send_task(body: SendTaskIn) -> JSONResponse:

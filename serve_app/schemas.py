@@ -226,6 +226,13 @@ def task_out(task: Task, runs: list[Run] | None = None) -> dict:
     return body
 
 
+class TaskBatchIn(Strict):
+    """``POST /v1/tasks:batch``: items are checked one by one (their errors
+    name the item), so they arrive here as plain objects."""
+
+    tasks: list[Any]
+
+
 class RetryIn(Strict):
     """A redrive of a dead task: how many more attempts it gets."""
 

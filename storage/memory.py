@@ -10,6 +10,7 @@ from dataclasses import replace
 from datetime import datetime
 
 from chronoray.errors import (
+    BatchRejected,
     ChronorayError,
     IdempotencyConflict,
     ScriptNotFound,
@@ -92,8 +93,16 @@ class InMemoryTaskRepository:
         return self.scripts[script_id][1]
 
     def add_tasks(
-        self, new_tasks: Sequence[NewTask], *, now: datetime
+        self, new_tasks: Sequence[NewTask], *, now: datetime, atomic: bool = False
     ) -> list[SubmitResult | ChronorayError]:
+        if atomic:
+            saved = dict(self.tasks), dict(self.request_hashes)
+            results = self.add_tasks(new_tasks, now=now)
+            failures = [(i, r) for i, r in enumerate(results) if isinstance(r, ChronorayError)]
+            if failures:
+                self.tasks, self.request_hashes = saved
+                raise BatchRejected(failures)
+            return results
         results: list[SubmitResult | ChronorayError] = []
         for new in new_tasks:
             script = self._latest(new.owner_id, new.script_name)

@@ -11,6 +11,7 @@ from sqlalchemy import Connection, Engine, and_, bindparam, exists, func, insert
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from chronoray.errors import (
+    BatchRejected,
     ChronorayError,
     IdempotencyConflict,
     ScriptNotFound,
@@ -239,19 +240,20 @@ class SqlTaskRepository:
 
     # -- submissions and queries -------------------------------------------
     def add_tasks(
-        self, new_tasks: Sequence[NewTask], *, now: datetime
+        self, new_tasks: Sequence[NewTask], *, now: datetime, atomic: bool = False
     ) -> list[SubmitResult | ChronorayError]:
         """Group commit: every valid submission in one transaction. An item
         that fails on its own (unknown script, idempotency conflict) gets its
-        error back; the others are stored."""
+        error back; the others are stored. ``atomic``: one failure stores
+        nothing and raises BatchRejected."""
         for _ in range(3):
             try:
-                return self._add_tasks_once(new_tasks, now=now)
+                return self._add_tasks_once(new_tasks, now=now, atomic=atomic)
             except IntegrityError:  # a concurrent submission took an idempotency key
                 log.info("idempotency race in a batch of %d; retrying", len(new_tasks))
         raise Unavailable("could not store the tasks under contention; retry")
 
-    def _add_tasks_once(self, new_tasks, *, now):
+    def _add_tasks_once(self, new_tasks, *, now, atomic=False):
         results: list[SubmitResult | ChronorayError | None] = [None] * len(new_tasks)
         with self._begin() as conn:
             known = self._latest_scripts(conn, {(t.owner_id, t.script_name) for t in new_tasks})
@@ -298,6 +300,9 @@ class SqlTaskRepository:
                     }
                 )
                 row_positions.append(i)
+            failures = [(i, r) for i, r in enumerate(results) if isinstance(r, ChronorayError)]
+            if atomic and failures:
+                raise BatchRejected(failures)  # before any insert: nothing is written
             if rows:
                 ids = (
                     conn.execute(

@@ -297,3 +297,17 @@ def test_list_tasks_filters_newest_first_and_keeps_owners_apart(repo, owner):
     assert listed(script_name="job.sh", due_from=T0 + timedelta(seconds=10)) == ids[:0:-1]
     assert listed(due_before=T0 + timedelta(seconds=20)) == ids[1::-1]
     assert listed(script_name="nope.sh") == [] and listed(schedule_id=123) == []
+
+
+def test_an_atomic_batch_stores_all_or_nothing(repo, owner):
+    from chronoray.errors import BatchRejected
+
+    good = [new(owner, seconds=i) for i in range(3)]
+    bad = NewTask(owner_id=owner, script_name="missing.sh", execute_at=T0)
+    with pytest.raises(BatchRejected) as rejected:
+        repo.add_tasks([*good, bad], now=T0, atomic=True)
+    [(index, error)] = rejected.value.failures
+    assert index == 3 and isinstance(error, ScriptNotFound)
+    assert repo.list_tasks(TaskQuery(owner_id=owner)) == []
+    stored = repo.add_tasks(good, now=T0, atomic=True)
+    assert len(repo.list_tasks(TaskQuery(owner_id=owner))) == 3 == len(stored)

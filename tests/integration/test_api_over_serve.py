@@ -114,3 +114,19 @@ def test_readyz_sees_database_dispatcher_and_every_shard(deployment, http):
     assert set(body["checks"]) == {"database", "dispatcher"} | {
         f"shard-{i}" for i in range(deployment.settings.num_shards)
     }
+
+
+def test_a_batch_of_a_thousand_commits_all_or_nothing(deployment, http):
+    due = time.time() + 7200
+    items = [{"script": "hello.sh", "execute_at": due + i} for i in range(1000)]
+    before = counts(deployment)
+    items[999] = {"script": "unknown.sh", "execute_at": due}
+    refused = http.post("/v1/tasks:batch", json={"tasks": items})
+    assert refused.status_code == 404 and refused.json()["field"] == "tasks[999].script"
+    assert counts(deployment) == before  # nothing of the 999 good ones
+    items[999] = {"script": "hello.sh", "execute_at": due + 999}
+    stored = http.post("/v1/tasks:batch", json={"tasks": items})
+    assert stored.status_code == 201 and stored.json()["created"] == 1000
+    assert counts(deployment)[0] == before[0] + 1000
+    ids = [t["task_id"] for t in stored.json()["tasks"]]
+    assert http.get(f"/v1/tasks/{ids[500]}").json()["status"] == "scheduled"

@@ -267,3 +267,70 @@ def test_list_tasks_refuses_bad_filters(client, params, field):
 def test_list_tasks_limit_is_bounded(client, limit):
     response = client.get("/v1/tasks", params={"limit": limit})
     assert response.status_code == 422
+
+
+def batch_item(i, **fields):
+    at = (datetime.now(timezone.utc) + timedelta(hours=1, seconds=i)).isoformat()
+    return {"script": "hello.sh", "execute_at": at, **fields}
+
+
+def test_batch_stores_every_task_in_one_go_and_replays_idempotently(client, repo):
+    items = [batch_item(i, idempotency_key=f"k{i}") for i in range(5)]
+    created = client.post("/v1/tasks:batch", json={"tasks": items})
+    assert created.status_code == 201 and created.json()["created"] == 5
+    assert len(repo.tasks) == 5
+    again = client.post("/v1/tasks:batch", json={"tasks": items})
+    assert again.status_code == 200 and again.json()["created"] == 0
+    assert [t["task_id"] for t in again.json()["tasks"]] == [
+        t["task_id"] for t in created.json()["tasks"]
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad_item, status, field",
+    [
+        ({"script": "nope.sh"}, 404, "tasks[2].script"),
+        ({"execute_at": "tomorrow"}, 422, "tasks[2].execute_at"),
+        ({"variables": {"LD_PRELOAD": "x"}}, 422, "tasks[2].variables"),
+        ({"owner_id": 7}, 422, "tasks[2].owner_id"),
+        ({"idempotency_key": "k0"}, 409, "tasks[2].idempotency_key"),  # repeats item 0's
+    ],
+)
+def test_one_bad_item_stores_nothing_and_names_the_item(client, repo, bad_item, status, field):
+    items = [batch_item(i) for i in range(4)]
+    items[0]["idempotency_key"] = "k0"
+    items[2].update(bad_item)
+    response = client.post("/v1/tasks:batch", json={"tasks": items})
+    assert response.status_code == status, response.json()
+    assert response.json()["field"].startswith(field)
+    assert repo.tasks == {}
+
+
+@pytest.mark.parametrize(
+    "body, status, field",
+    [
+        ({"tasks": []}, 422, "tasks"),
+        ({"tasks": ["not an object"]}, 422, "tasks[0]"),
+        ({"task": []}, 422, "tasks"),  # the missing field comes first
+    ],
+)
+def test_batch_shape_errors(client, repo, body, status, field):
+    response = client.post("/v1/tasks:batch", json=body)
+    assert response.status_code == status and response.json()["field"] == field
+    assert repo.tasks == {}
+
+
+def test_a_batch_beyond_the_configured_count_is_refused(repo):
+    owner = repo.ensure_user(first_name="local", last_name="user", now=datetime.now(timezone.utc))
+    backend = Backend(
+        repo=repo,
+        submitter=RepoSubmitter(repo, lambda: datetime.now(timezone.utc)),
+        settings=SETTINGS.with_(max_batch_tasks=3),
+        owner_id=owner,
+    )
+    api = TestClient(create_api(backend), raise_server_exceptions=True)
+    api.post("/v1/scripts", json={"name": "hello.sh", "body": "echo hello"})
+    response = api.post("/v1/tasks:batch", json={"tasks": [batch_item(i) for i in range(4)]})
+    assert response.status_code == 413 and response.json()["field"] == "tasks"
+    assert repo.tasks == {}
+    assert api.post("/v1/tasks:batch", json={"tasks": [batch_item(0)]}).status_code == 201
