@@ -184,6 +184,21 @@ def tasks_show(
     console.print(table)
 
 
+def _tasks_table(tasks: list[dict]) -> Table:
+    table = Table("id", "script", "status", "due", "priority", "attempts", "updated")
+    for task in tasks:
+        table.add_row(
+            str(task["task_id"]),
+            task["script"],
+            task["status"],
+            task["execute_at"],
+            str(task["priority"]),
+            f"{task['attempt']}/{task['max_attempts']}",
+            task["updated_at"],
+        )
+    return table
+
+
 @tasks_app.command("list")
 def tasks_list(
     status: list[str] = typer.Option([], "--status", help="repeatable: scheduled, dead, …"),
@@ -212,17 +227,7 @@ def tasks_list(
     if as_json:
         console.print_json(json.dumps(body))
         return
-    table = Table("id", "script", "status", "due", "priority", "attempts")
-    for task in body["tasks"]:
-        table.add_row(
-            str(task["task_id"]),
-            task["script"],
-            task["status"],
-            task["execute_at"],
-            str(task["priority"]),
-            f"{task['attempt']}/{task['max_attempts']}",
-        )
-    console.print(table)
+    console.print(_tasks_table(body["tasks"]))
     if body["next_cursor"]:
         console.print(f"more: --cursor {body['next_cursor']}")
 
@@ -234,16 +239,7 @@ def tasks_dead(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--jso
     if as_json:
         console.print_json(json.dumps(body))
         return
-    table = Table("id", "script", "priority", "attempts", "updated")
-    for task in body["tasks"]:
-        table.add_row(
-            str(task["task_id"]),
-            task["script"],
-            str(task["priority"]),
-            f"{task['attempt']}/{task['max_attempts']}",
-            task["updated_at"],
-        )
-    console.print(table)
+    console.print(_tasks_table(body["tasks"]))
 
 
 @tasks_app.command("retry")
