@@ -46,6 +46,10 @@ class ScriptNotFound(NotFound):
     code = "script_not_found"
 
 
+class RunNotFound(NotFound):
+    code = "run_not_found"
+
+
 class Conflict(ChronorayError):
     code = "conflict"
 

@@ -10,9 +10,16 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
-from chronoray.errors import BatchRejected, ChronorayError, InvalidInput, TooLarge, in_batch
+from chronoray.errors import (
+    BatchRejected,
+    ChronorayError,
+    InvalidInput,
+    RunNotFound,
+    TooLarge,
+    in_batch,
+)
 from chronoray.settings import Settings
 from scheduling.cron import validate_schedule
 from scheduling.models import NewTask, SubmitResult, TaskStatus
@@ -31,6 +38,7 @@ from serve_app.schemas import (
     encode_cursor,
     history_out,
     parse_instant,
+    run_out,
     schedule_out,
     script_out,
     task_out,
@@ -49,6 +57,9 @@ class Submitter(Protocol):
 
     async def probe(self) -> dict[str, str]:
         """Which actors answer: {"dispatcher": "ok", "shard-0": "ok", …}."""
+
+    async def executors(self) -> dict:
+        """The executor pool's status: per tier and per executor."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -365,6 +376,30 @@ def create_api(backend: Backend) -> FastAPI:
             "tasks": [task_out(task) for task in page],
             "next_cursor": encode_cursor(page[-1].task_id) if more else None,
         }
+
+    @api.get("/v1/tasks/{task_id}/runs")
+    async def list_runs(task_id: int) -> dict:
+        """Every attempt of one task: executor, tier, node, times, fire lag,
+        exit code, failure class and the output's tail."""
+        await asyncio.to_thread(repo.get_task, task_id, owner_id=backend.owner_id)
+        runs = await asyncio.to_thread(repo.list_runs, task_id)
+        return {"task_id": task_id, "runs": [run_out(run) for run in runs]}
+
+    @api.get("/v1/tasks/{task_id}/runs/{attempt}/output", response_class=PlainTextResponse)
+    async def run_output(task_id: int, attempt: int) -> PlainTextResponse:
+        """The tail of one attempt's stdout and stderr, as text."""
+        await asyncio.to_thread(repo.get_task, task_id, owner_id=backend.owner_id)
+        runs = await asyncio.to_thread(repo.list_runs, task_id)
+        for run in runs:
+            if run.attempt == attempt:
+                return PlainTextResponse(run.output_tail)
+        raise RunNotFound(f"task {task_id} has no run of attempt {attempt}", "attempt")
+
+    @api.get("/v1/executors")
+    async def list_executors() -> dict:
+        """Executors as the pool sees them: each tier's live, starting and
+        unplaceable executors, and each executor's state and heartbeat age."""
+        return await backend.submitter.executors()
 
     @api.get("/v1/dead")
     async def list_dead(limit: int = Query(100, ge=1, le=1000)) -> dict:

@@ -7,9 +7,10 @@ import asyncio
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
+import ray
 from ray import serve
 
-from chronoray.errors import ChronorayError
+from chronoray.errors import ChronorayError, Unavailable
 from chronoray.settings import Settings
 from scheduling.models import NewTask, SubmitResult
 
@@ -88,6 +89,15 @@ class ShardSubmitter:
             for i in range(self._settings.num_shards)
         ]
         return dict(await asyncio.gather(*checks))
+
+    async def executors(self) -> dict:
+        from actors.handles import POOL_NAME
+
+        try:
+            pool = ray.get_actor(POOL_NAME, namespace=self._settings.namespace)
+            return await asyncio.wait_for(pool.status.remote(), timeout=5.0)
+        except Exception as exc:
+            raise Unavailable(f"executor pool not reachable: {type(exc).__name__}") from None
 
     def track_blocking(self, entries: Sequence[tuple[int, datetime]]) -> None:
         from actors.handles import call_shards_blocking

@@ -38,6 +38,12 @@ def test_hello_world_over_http_runs_on_time(http):
     assert 0 <= body["fire_lag_ms"] < 100, body
     [run] = body["runs"]
     assert run["tier"] == "small" and run["exit_code"] == 0
+    task_id = body["task_id"]
+    assert http.get(f"/v1/tasks/{task_id}/runs").json()["runs"] == body["runs"]
+    assert http.get(f"/v1/tasks/{task_id}/runs/1/output").text == "hello world\n"
+    executors = http.get("/v1/executors").json()
+    assert run["executor_id"] in {e["executor_id"] for e in executors["executors"]}
+    assert set(executors["tiers"]) == {"small", "medium", "large"}
 
 
 def test_send_task_epoch_seconds(http):

@@ -58,6 +58,9 @@ class RepoSubmitter:
     async def probe(self) -> dict[str, str]:
         return dict(self.probes)
 
+    async def executors(self) -> dict:
+        return {"tiers": {"small": {"live": 1}}, "executors": [{"executor_id": "small-1"}]}
+
 
 class FakeExecutor:
     def __init__(self) -> None:

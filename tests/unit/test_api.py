@@ -334,3 +334,39 @@ def test_a_batch_beyond_the_configured_count_is_refused(repo):
     assert response.status_code == 413 and response.json()["field"] == "tasks"
     assert repo.tasks == {}
     assert api.post("/v1/tasks:batch", json={"tasks": [batch_item(0)]}).status_code == 201
+
+
+def test_runs_and_their_output_per_task(client, repo):
+    from tests.contract.test_repository import result
+
+    task_id = client.post("/v1/tasks", json={"script": "hello.sh", "execute_at": soon()}).json()[
+        "task_id"
+    ]
+    assert client.get(f"/v1/tasks/{task_id}/runs").json() == {"task_id": task_id, "runs": []}
+    from scheduling.timeline import Wheel
+
+    wheel = Wheel(num_shards=1, range_s=60)
+    epoch = repo.start_shard(0, now=datetime.now(timezone.utc))
+    due = repo.due_tasks(
+        wheel=wheel, shard=0, before=datetime.now(timezone.utc) + timedelta(minutes=1), limit=10
+    )
+    [spec] = repo.claim(
+        [task_id for task_id, _ in due],
+        shard=0,
+        epoch=epoch,
+        lease_until=datetime.now(timezone.utc) + timedelta(minutes=1),
+        now=datetime.now(timezone.utc),
+    ).specs
+    repo.record_results([result(spec)], policy=SETTINGS.retry, now=datetime.now(timezone.utc))
+    [run] = client.get(f"/v1/tasks/{task_id}/runs").json()["runs"]
+    assert run["attempt"] == 1 and run["executor_id"] == "small-0" and run["status"] == "succeeded"
+    output = client.get(f"/v1/tasks/{task_id}/runs/1/output")
+    assert output.status_code == 200 and output.headers["content-type"].startswith("text/plain")
+    assert output.text == "x" * 4096  # the kept tail
+    assert client.get(f"/v1/tasks/{task_id}/runs/2/output").json()["field"] == "attempt"
+    assert client.get(f"/v1/tasks/{task_id + 999}/runs").status_code == 404
+
+
+def test_executors_come_from_the_pool(client):
+    body = client.get("/v1/executors").json()
+    assert body["executors"] == [{"executor_id": "small-1"}]
