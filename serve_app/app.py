@@ -25,7 +25,7 @@ from scheduling.cron import validate_schedule
 from scheduling.models import NewTask, SubmitResult, TaskStatus
 from scheduling.schedules import MisfirePolicy, NewSchedule, OverlapPolicy, first_fire
 from serve_app.errors import install_error_handlers
-from serve_app.limits import BodySizeLimit
+from serve_app.limits import BodySizeLimit, StrictJsonRoute
 from serve_app.schemas import (
     RetryIn,
     ScheduleFields,
@@ -173,6 +173,7 @@ def new_schedule(
 
 def create_api(backend: Backend) -> FastAPI:
     api = FastAPI(title="chronoray", version="0.1.0")
+    api.router.route_class = StrictJsonRoute  # NaN, repeated keys, huge ints, bad UTF-8: 422
     install_error_handlers(api)
     api.add_middleware(BodySizeLimit, max_bytes=backend.settings.max_request_bytes)
     repo, settings = backend.repo, backend.settings

@@ -130,3 +130,18 @@ def test_a_batch_of_a_thousand_commits_all_or_nothing(deployment, http):
     assert counts(deployment)[0] == before[0] + 1000
     ids = [t["task_id"] for t in stored.json()["tasks"]]
     assert http.get(f"/v1/tasks/{ids[500]}").json()["status"] == "scheduled"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"script": "hello.sh", "execute_at": NaN}',
+        b'{"script": "hello.sh", "script": "hello.sh", "execute_at": 1900000000}',
+        b'{"script": "hello.sh", "execute_at": 1900000000, "max_attempts": 18446744073709551616}',
+    ],
+)
+def test_json_edge_cases_through_serve(deployment, http, raw):
+    before = counts(deployment)
+    response = http.post("/v1/tasks", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["field"] == "body"
+    assert counts(deployment) == before

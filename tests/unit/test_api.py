@@ -370,3 +370,32 @@ def test_runs_and_their_output_per_task(client, repo):
 def test_executors_come_from_the_pool(client):
     body = client.get("/v1/executors").json()
     assert body["executors"] == [{"executor_id": "small-1"}]
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b'{"script": "hello.sh", "execute_at": NaN}', "NaN"),
+        (b'{"script": "hello.sh", "execute_at": Infinity}', "Infinity"),
+        (b'{"script": "hello.sh", "script": "other.sh", "execute_at": 1900000000}', "twice"),
+        (
+            b'{"script": "hello.sh", "execute_at": 1900000000, "priority": 99999999999999999999}',
+            "64 bits",
+        ),
+        (b'{"script": "hello\xff.sh", "execute_at": 1900000000}', "UTF-8"),
+        (b'{"tasks": [{"script": "hello.sh", "execute_at": -Infinity}]}', "Infinity"),
+    ],
+)
+def test_json_that_python_accepts_but_an_api_must_not(client, repo, raw, reason):
+    path = "/v1/tasks:batch" if raw.startswith(b'{"tasks"') else "/v1/tasks"
+    response = client.post(path, content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert reason in response.json()["detail"] and response.json()["field"] == "body"
+    assert repo.tasks == {}
+
+
+def test_malformed_json_is_still_a_400(client):
+    response = client.post(
+        "/v1/tasks", content=b'{"script": ', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400 and response.json()["error"] == "malformed_json"
