@@ -180,9 +180,7 @@ class Client:
     ) -> tuple[list[Task], str | None]:
         """One page of this user's tasks, newest first, and the cursor of
         the next page (``None`` at the end): as ``GET /v1/tasks``."""
-        from dataclasses import replace
-
-        from serve_app.schemas import encode_cursor, task_query
+        from serve_app.schemas import task_page, task_query
 
         if not 1 <= limit <= 1000:
             raise InvalidInput("must be between 1 and 1000", "limit")
@@ -196,9 +194,7 @@ class Client:
             limit=limit,
             cursor=cursor,
         )
-        page = self._repo.list_tasks(replace(query, limit=limit + 1))
-        more = len(page) > limit
-        return page[:limit], encode_cursor(page[limit - 1].task_id) if more else None
+        return task_page(self._repo, query)
 
     def dead(self, *, limit: int = 100) -> list[Task]:
         """Tasks that used up their attempts, newest first."""

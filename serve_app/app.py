@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -35,13 +35,13 @@ from serve_app.schemas import (
     SendTaskIn,
     TaskBatchIn,
     TaskIn,
-    encode_cursor,
     history_out,
     parse_instant,
     run_out,
     schedule_out,
     script_out,
     task_out,
+    task_page,
     task_query,
 )
 from storage.repository import TaskQuery, TaskRepository
@@ -370,13 +370,8 @@ def create_api(backend: Backend) -> FastAPI:
             limit=limit,
             cursor=cursor,
         )
-        page = await asyncio.to_thread(repo.list_tasks, replace(query, limit=limit + 1))
-        more = len(page) > limit
-        page = page[:limit]
-        return {
-            "tasks": [task_out(task) for task in page],
-            "next_cursor": encode_cursor(page[-1].task_id) if more else None,
-        }
+        page, next_cursor = await asyncio.to_thread(task_page, repo, query)
+        return {"tasks": [task_out(task) for task in page], "next_cursor": next_cursor}
 
     @api.get("/v1/tasks/{task_id}/runs")
     async def list_runs(task_id: int) -> dict:

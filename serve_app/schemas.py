@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -107,6 +108,15 @@ def task_query(
         below_id=decode_cursor(cursor) if cursor else None,
         limit=limit,
     )
+
+
+def task_page(repo, query: TaskQuery) -> tuple[list[Task], str | None]:
+    """One page for ``query`` and the cursor of the next (``None`` at the
+    end): one row more than the page says whether there is a next."""
+    rows = repo.list_tasks(replace(query, limit=query.limit + 1))
+    page = rows[: query.limit]
+    more = len(rows) > query.limit
+    return page, encode_cursor(page[-1].task_id) if more else None
 
 
 class Strict(BaseModel):

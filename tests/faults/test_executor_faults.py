@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -57,16 +56,14 @@ def running_on(deployment, task_id: int) -> str:
     return wait_for(find, timeout_s=30, what=f"task {task_id} to run")
 
 
-def submit_marked(client, name, body, **fields):
+def submit_now(client, name, body, **fields):
     client.register_script(name, body)
-    marker = uuid.uuid4().hex
-    task = client.submit(name, time.time(), variables={"MARK": marker}, **fields)
-    return task, marker
+    return client.submit(name, time.time(), **fields)
 
 
 def test_sigkill_of_an_executor_mid_run(deployment, client, zookeeper, tmp_path):
     ledger = shared_file(tmp_path, "ledger")
-    task, _ = submit_marked(
+    task = submit_now(
         client,
         "slow-kill.sh",
         f'echo "$CHRONORAY_ATTEMPT" >> {ledger}; sleep 4; echo done',
@@ -95,7 +92,7 @@ def test_sigkill_of_an_executor_mid_run(deployment, client, zookeeper, tmp_path)
 
 def test_stale_result_of_a_stopped_executor_is_ignored(deployment, client, zookeeper, tmp_path):
     ledger = shared_file(tmp_path, "ledger")
-    task, _ = submit_marked(
+    task = submit_now(
         client,
         "slow-stop.sh",
         f'echo "$CHRONORAY_ATTEMPT" >> {ledger}; sleep 2; echo "done $CHRONORAY_ATTEMPT"',
