@@ -43,8 +43,8 @@ def up(
     the foreground, Ctrl-C stops it."""
     import ray
 
-    from chronoray.deploy import deploy, start_local_ray, teardown
-    from chronoray.settings import Settings
+    from chronoray.deploy import deploy, local_token, start_local_ray, teardown
+    from chronoray.settings import Settings, local_token_file
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -64,6 +64,10 @@ def up(
     try:
         with console.status("deploying shards, dispatcher, executors and HTTP …"):
             url = deploy(settings)
+        token_file = (data_dir / "local-token") if data_dir else local_token_file()
+        user_id, token = local_token(settings, token_file)
+        console.print(f"local user {user_id}; its API token is kept in {token_file}")
+        console.print(f"export CHRONORAY_TOKEN={token}", soft_wrap=True, highlight=False)
         console.print(f"chronoray is up at [bold]{url}[/bold]  (Ctrl-C stops it)")
         stop.wait()
     finally:
@@ -87,9 +91,26 @@ def parse_when(value: str) -> str | float:
         return value
 
 
-def _call(method: str, url: str, **kwargs) -> dict:
+def _token(admin: bool = False) -> str | None:
+    """A user's token: CHRONORAY_TOKEN, else the one ``chronoray up`` keeps
+    for the local user. The admin token: CHRONORAY_ADMIN_TOKEN."""
+    import os
+
+    from chronoray.settings import local_token_file
+
+    if admin:
+        return os.environ.get("CHRONORAY_ADMIN_TOKEN")
+    if os.environ.get("CHRONORAY_TOKEN"):
+        return os.environ["CHRONORAY_TOKEN"]
+    kept = local_token_file()
+    return kept.read_text().strip() if kept.exists() else None
+
+
+def _call(method: str, url: str, *, admin: bool = False, **kwargs) -> dict:
+    token = _token(admin)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        response = httpx.request(method, url, timeout=30, **kwargs)
+        response = httpx.request(method, url, timeout=30, headers=headers, **kwargs)
     except httpx.HTTPError as exc:
         err.print(f"[red]cannot reach chronoray at {url}: {exc}[/red]")
         raise typer.Exit(2) from None

@@ -6,6 +6,7 @@ It talks to the actors directly (no HTTP), so it works inside
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,8 +31,21 @@ class TaskView:
 
 
 class Client:
-    def __init__(self, address: str = "auto", *, namespace: str = "chronoray") -> None:
+    """Acts as the user whose ``token`` it is given (or ``CHRONORAY_TOKEN``);
+    without one, as the local user of the embedded default. A driver runs
+    inside the cluster, next to the database, so the token decides whose
+    work it sees, as over HTTP; it is no wall against code that already
+    holds the cluster's credentials."""
+
+    def __init__(
+        self,
+        address: str = "auto",
+        *,
+        namespace: str = "chronoray",
+        token: str | None = None,
+    ) -> None:
         from actors.handles import dispatcher_handle
+        from chronoray.auth import Authenticator
         from serve_app.deployment import LOCAL_USER, ShardSubmitter
         from storage.engines import make_engine
         from storage.sql import SqlTaskRepository
@@ -39,11 +53,21 @@ class Client:
         if not ray.is_initialized():
             ray.init(address=address, namespace=namespace, log_to_driver=False)
         self.settings = ray.get(dispatcher_handle(namespace).settings.remote())
-        self._repo = SqlTaskRepository(make_engine(self.settings.database_url, pool_size=2))
-        self._submitter = ShardSubmitter(self.settings)
-        self.owner_id = self._repo.ensure_user(
-            first_name=LOCAL_USER[0], last_name=LOCAL_USER[1], now=datetime.now(timezone.utc)
+        self._repo = SqlTaskRepository(
+            make_engine(self.settings.database_url, pool_size=2),
+            read_engines=[
+                make_engine(url, pool_size=2) for url in self.settings.database_replica_urls
+            ],
         )
+        self._submitter = ShardSubmitter(self.settings)
+        token = token or os.environ.get("CHRONORAY_TOKEN")
+        if token:
+            auth = Authenticator(self._repo.user_for_token, admin_token=None)
+            self.owner_id = auth.authenticate(token).require_user()
+        else:
+            self.owner_id = self._repo.ensure_user(
+                first_name=LOCAL_USER[0], last_name=LOCAL_USER[1], now=datetime.now(timezone.utc)
+            )
 
     def register_script(self, name: str, body: str, *, interpreter: str = "bash") -> Script:
         from scheduling.validation import validate_script_name

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import ray
 
@@ -46,6 +47,32 @@ def prepare_database(settings: Settings) -> int:
         )
     finally:
         engine.dispose()
+
+
+def local_token(settings: Settings, token_file: Path) -> tuple[int, str]:
+    """The local user's id and API token, for the embedded default: the
+    token kept in ``token_file`` while it still works, else a new one
+    (written there, readable by this OS user only)."""
+    from chronoray.auth import issue_token, token_hash
+    from storage.engines import make_engine
+    from storage.sql import SqlTaskRepository
+
+    user_id = prepare_database(settings)
+    engine = make_engine(settings.database_url)
+    try:
+        repo = SqlTaskRepository(engine)
+        if token_file.exists():
+            kept = token_file.read_text().strip()
+            if kept and repo.user_for_token(token_hash(kept)) == user_id:
+                return user_id, kept
+        _, token = issue_token(repo, user_id=user_id, label="local", now=datetime.now(timezone.utc))
+    finally:
+        engine.dispose()
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    token_file.touch(mode=0o600)
+    token_file.chmod(0o600)
+    token_file.write_text(token + "\n")
+    return user_id, token
 
 
 def control_plane_options(name: str, settings: Settings) -> dict:

@@ -50,12 +50,52 @@ class RunNotFound(NotFound):
     code = "run_not_found"
 
 
+class UserNotFound(NotFound):
+    code = "user_not_found"
+
+
+class TokenNotFound(NotFound):
+    code = "token_not_found"
+
+
+class Unauthorized(ChronorayError, PermissionError):
+    """No token, or one that is unknown or revoked."""
+
+    code = "unauthorized"
+
+
+class Forbidden(ChronorayError, PermissionError):
+    """A valid token for the wrong kind of caller (a user's token on an
+    admin route). Never used for another tenant's objects: those are 404."""
+
+    code = "forbidden"
+
+
+class UnsupportedMediaType(ChronorayError, ValueError):
+    code = "unsupported_media_type"
+
+
+class RateLimited(ChronorayError):
+    """Too many requests, or too much active work, for one user."""
+
+    code = "rate_limited"
+
+    def __init__(self, detail: str, field: str | None = None, retry_after_s: float = 1.0) -> None:
+        super().__init__(detail, field)
+        self.args = (detail, field, retry_after_s)
+        self.retry_after_s = retry_after_s
+
+
 class Conflict(ChronorayError):
     code = "conflict"
 
 
 class TaskNotCancellable(Conflict):
     code = "task_not_cancellable"
+
+
+class ScriptInUse(Conflict):
+    code = "script_in_use"
 
 
 class TaskNotRetryable(Conflict):

@@ -23,6 +23,16 @@ def default_data_dir() -> Path:
     return Path(user_data_dir("chronoray"))
 
 
+def data_dir_from(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(env.get(f"{ENV_PREFIX}DATA_DIR") or default_data_dir())
+
+
+def local_token_file(env: Mapping[str, str] | None = None) -> Path:
+    """Where ``chronoray up`` keeps the local user's token."""
+    return data_dir_from(env) / "local-token"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     database_url: str
@@ -61,6 +71,15 @@ class Settings:
     max_batch_tasks: int = 1000  # POST /v1/tasks:batch, in one transaction
     max_priority: int = 9
     serve_replicas: int = 1
+    # users, tokens and abuse limits
+    admin_token: str | None = field(default=None, repr=False)  # POST /v1/users etc.; off when unset
+    token_cache_s: float = 2.0  # how long a checked token is trusted before asking the database
+    rate_limit_per_s: float = 200.0  # requests per user per API replica, sustained
+    rate_limit_burst: int = 400
+    max_active_tasks: int = 100_000  # per user: scheduled, queued or running
+    max_schedules: int = 1_000  # per user, not deleted
+    # read replicas: get/list queries go there; writes always to database_url
+    database_replica_urls: tuple[str, ...] = ()
 
     @property
     def wheel(self) -> Wheel:
@@ -76,7 +95,7 @@ class Settings:
         """Read ``CHRONORAY_*`` variables; the database defaults to SQLite in
         the user's data directory (the embedded default)."""
         env = os.environ if env is None else env
-        data_dir = data_dir or Path(env.get(f"{ENV_PREFIX}DATA_DIR") or default_data_dir())
+        data_dir = data_dir or data_dir_from(env)
         url = env.get(f"{ENV_PREFIX}DATABASE_URL") or f"sqlite:///{data_dir / 'chronoray.db'}"
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
@@ -96,12 +115,22 @@ class Settings:
             "min_schedule_interval_s": float,
             "aging_s": float,
             "zookeeper_session_timeout_s": float,
+            "rate_limit_per_s": float,
+            "rate_limit_burst": int,
+            "max_active_tasks": int,
+            "max_schedules": int,
         }
         values: dict = {"database_url": url}
         for name, kind in numbers.items():
             raw = env.get(f"{ENV_PREFIX}{name.upper()}")
             if raw:
                 values[name] = kind(raw)
+        if env.get(f"{ENV_PREFIX}ADMIN_TOKEN"):
+            values["admin_token"] = env[f"{ENV_PREFIX}ADMIN_TOKEN"]
+        if env.get(f"{ENV_PREFIX}DATABASE_REPLICA_URLS"):
+            values["database_replica_urls"] = tuple(
+                u.strip() for u in env[f"{ENV_PREFIX}DATABASE_REPLICA_URLS"].split(",") if u.strip()
+            )
         if env.get(f"{ENV_PREFIX}HTTP_HOST"):
             values["http_host"] = env[f"{ENV_PREFIX}HTTP_HOST"]
         if env.get(f"{ENV_PREFIX}CONTROL_PLANE_RESOURCE"):

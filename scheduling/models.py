@@ -57,6 +57,25 @@ class Script:
 
 
 @dataclass(frozen=True, kw_only=True)
+class User:
+    user_id: int
+    first_name: str
+    last_name: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiToken:
+    """A token's record; the secret itself is never stored."""
+
+    token_id: int
+    user_id: int
+    label: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class NewTask:
     """A validated submission, before it is stored."""
 

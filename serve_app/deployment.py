@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 
 import ray
 from ray import serve
@@ -117,9 +117,9 @@ class ChronorayIngress:
         from storage.sql import SqlTaskRepository
 
         self._settings = settings
-        self._repo = SqlTaskRepository(make_engine(settings.database_url))
-        self._owner_id = self._repo.ensure_user(
-            first_name=LOCAL_USER[0], last_name=LOCAL_USER[1], now=datetime.now(timezone.utc)
+        self._repo = SqlTaskRepository(
+            make_engine(settings.database_url),
+            read_engines=[make_engine(url) for url in settings.database_replica_urls],
         )
 
     def __serve_build_asgi_app__(self):
@@ -130,7 +130,6 @@ class ChronorayIngress:
                 repo=self._repo,
                 submitter=ShardSubmitter(self._settings),
                 settings=self._settings,
-                owner_id=self._owner_id,
             )
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -11,25 +12,53 @@ from fastapi.responses import JSONResponse
 from chronoray.errors import (
     ChronorayError,
     Conflict,
+    Forbidden,
     InvalidInput,
     MalformedJson,
     NotFound,
+    RateLimited,
     TooLarge,
+    Unauthorized,
     Unavailable,
     UnknownField,
+    UnsupportedMediaType,
 )
 
 log = logging.getLogger(__name__)
 
 STATUS_BY_ERROR: list[tuple[type[ChronorayError], int]] = [
     (MalformedJson, 400),
+    (Unauthorized, 401),
+    (Forbidden, 403),
     (TooLarge, 413),
+    (UnsupportedMediaType, 415),
+    (RateLimited, 429),
     (InvalidInput, 422),
     (NotFound, 404),
     (Conflict, 409),
     (Unavailable, 503),
 ]
 RETRY_AFTER_S = {503: 5}
+# What a client may never set; named in the error so it is not taken for a typo.
+SERVER_FIELDS = frozenset(
+    {
+        "owner",
+        "owner_id",
+        "user_id",
+        "status",
+        "attempt",
+        "task_id",
+        "script_id",
+        "schedule_id",
+        "run_id",
+        "epoch",
+        "created_at",
+        "updated_at",
+        "lease_expires_at",
+        "lost_count",
+        "bucket",
+    }
+)
 
 
 def status_for(error: ChronorayError) -> int:
@@ -46,9 +75,17 @@ def error_body(code: str, detail: str, field: str | None = None) -> dict:
     return body
 
 
+def error_headers(error: ChronorayError, status: int) -> dict[str, str] | None:
+    if isinstance(error, RateLimited):
+        return {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}
+    if status == 401:
+        return {"WWW-Authenticate": "Bearer"}
+    return {"Retry-After": str(RETRY_AFTER_S[status])} if status in RETRY_AFTER_S else None
+
+
 def error_response(error: ChronorayError) -> JSONResponse:
     status = status_for(error)
-    headers = {"Retry-After": str(RETRY_AFTER_S[status])} if status in RETRY_AFTER_S else None
+    headers = error_headers(error, status)
     return JSONResponse(error_body(error.code, error.detail, error.field), status, headers=headers)
 
 
@@ -61,6 +98,8 @@ def error_from_validation(errors: list[dict]) -> ChronorayError:
     if kind == "json_invalid":
         return MalformedJson("request body is not valid JSON", "body")
     if kind == "extra_forbidden":
+        if location and location[-1] in SERVER_FIELDS:
+            return UnknownField(f"{field!r} is set by the server, not the client", field)
         return UnknownField(f"unknown field {field!r}", field)
     ctx_error = (first.get("ctx") or {}).get("error")
     if isinstance(ctx_error, ChronorayError):  # raised by our own validators

@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 
 from fastapi import Request
 from fastapi.routing import APIRoute
 
-from chronoray.errors import InvalidInput
+from chronoray.errors import InvalidInput, UnsupportedMediaType
 
 
 class BodySizeLimit:
     """ASGI middleware: 413 when Content-Length, or the bytes actually
     received, pass ``max_bytes``."""
 
-    def __init__(self, app, *, max_bytes: int) -> None:
+    def __init__(self, app, *, max_bytes: int, tighter: tuple[tuple[str, int], ...] = ()) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        # (path regex, cap): e.g. a raw script upload is capped at the script size
+        self.tighter = [(re.compile(pattern), cap) for pattern, cap in tighter]
+
+    def cap_for(self, path: str) -> int:
+        return min([self.max_bytes, *(cap for rx, cap in self.tighter if rx.fullmatch(path))])
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        cap = self.cap_for(scope.get("path", ""))
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
+        if declared is not None and declared.isdigit() and int(declared) > cap:
+            return await self._refuse(send, cap)
         received = 0
 
         async def limited_receive():
@@ -31,20 +39,20 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > cap:
                     raise _TooLarge()
             return message
 
         try:
             await self.app(scope, limited_receive, send)
         except _TooLarge:
-            await self._refuse(send)
+            await self._refuse(send, cap)
 
-    async def _refuse(self, send) -> None:
+    async def _refuse(self, send, cap: int) -> None:
         body = json.dumps(
             {
                 "error": "too_large",
-                "detail": f"request body over {self.max_bytes} bytes",
+                "detail": f"request body over {cap} bytes",
                 "field": "body",
             }
         ).encode()
@@ -108,17 +116,56 @@ def check_json_body(body: bytes) -> None:
         return  # malformed: FastAPI answers 400
 
 
+def is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
 class StrictJsonRoute(APIRoute):
-    """Routes whose JSON bodies pass ``check_json_body`` first."""
+    """Routes whose JSON bodies pass ``check_json_body`` first; a body of
+    another declared media type is a 415 (no Content-Type: read as JSON)."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
+        takes_json = self.body_field is not None
 
         async def strict(request: Request):
-            if request.method in ("POST", "PUT", "PATCH"):
+            if takes_json and request.method in ("POST", "PUT", "PATCH"):
                 body = await request.body()
-                if body and "json" in request.headers.get("content-type", "json"):
+                content_type = request.headers.get("content-type", "application/json")
+                if body and not is_json(content_type):
+                    raise UnsupportedMediaType(
+                        f"send application/json, not {content_type[:64]!r}", "content-type"
+                    )
+                if body:
                     check_json_body(body)
             return await handler(request)
 
         return strict
+
+
+class WriteTracker:
+    """ASGI middleware: after a user's successful write, and before the
+    answer leaves, the repository notes where the primary's log stands,
+    so that user's next reads wait for a replica to catch up or go to the
+    primary (read-your-writes with read replicas)."""
+
+    OWNER_KEY = "chronoray.owner"
+    READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+    def __init__(self, app, *, repo) -> None:
+        self.app = app
+        self.repo = repo
+
+    async def __call__(self, scope, receive, send):
+        tracking = getattr(self.repo, "tracks_writes", False)
+        if scope["type"] != "http" or not tracking or scope["method"] in self.READ_METHODS:
+            return await self.app(scope, receive, send)
+
+        async def noting_send(message):
+            owner = scope.get(self.OWNER_KEY)
+            if message["type"] == "http.response.start" and owner and message["status"] < 400:
+                await asyncio.to_thread(self.repo.note_write, owner)
+            await send(message)
+
+        await self.app(scope, receive, noting_send)

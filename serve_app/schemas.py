@@ -24,7 +24,7 @@ from pydantic import (
 from typing_extensions import Self
 
 from chronoray.errors import InvalidInput
-from scheduling.models import Interpreter, Run, Script, Task, TaskStatus
+from scheduling.models import ApiToken, Interpreter, Run, Script, Task, TaskStatus, User
 from scheduling.schedules import MisfirePolicy, OverlapPolicy, Schedule
 from scheduling.validation import validate_script_name, validate_variables
 from storage.repository import TaskQuery
@@ -134,6 +134,34 @@ class Strict(BaseModel):
             return cls(**fields)
         except ValidationError as exc:
             raise error_from_validation(exc.errors()) from None
+
+
+class UserIn(Strict):
+    first_name: StrictStr = Field(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")
+    last_name: StrictStr = Field(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")
+
+
+class TokenIn(Strict):
+    label: StrictStr = Field(default="", max_length=100, pattern=r"^[^\x00-\x1f\x7f]*$")
+
+
+def user_out(user: User) -> dict:
+    return {
+        "user_id": user.user_id,
+        "first_name": user.first_name,
+        "last_name": user.last_name,
+        "created_at": _iso(user.created_at),
+    }
+
+
+def token_out(token: ApiToken) -> dict:
+    return {
+        "token_id": token.token_id,
+        "user_id": token.user_id,
+        "label": token.label,
+        "created_at": _iso(token.created_at),
+        "revoked_at": _iso(token.revoked_at),
+    }
 
 
 class ScriptIn(Strict):

@@ -7,20 +7,24 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timezone
 
 from chronoray.errors import (
     BatchRejected,
     ChronorayError,
     IdempotencyConflict,
+    ScriptInUse,
     ScriptNotFound,
     TaskNotCancellable,
     TaskNotFound,
     TaskNotRetryable,
+    TokenNotFound,
+    UserNotFound,
 )
 from scheduling.lifecycle import RetryPolicy, after_attempt
 from scheduling.models import (
     IN_FLIGHT_STATUSES,
+    ApiToken,
     Interpreter,
     NewTask,
     Run,
@@ -30,23 +34,33 @@ from scheduling.models import (
     Task,
     TaskSpec,
     TaskStatus,
+    User,
 )
 from scheduling.tiers import TierTable
 from scheduling.timeline import Wheel, bucket_of
 from storage.repository import Claimed, TaskQuery, running_lease, sha256_hex, tail
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 class InMemoryTaskRepository:
     def __init__(self) -> None:
         self._ids = itertools.count(1)
         self.users: dict[int, tuple[str, str]] = {}
+        self.tokens: dict[int, tuple[ApiToken, str]] = {}  # id: (record, hash)
+        self.deleted_scripts: set[int] = set()
         self.scripts: dict[int, tuple[Script, bytes]] = {}
         self.tasks: dict[int, Task] = {}
         self.request_hashes: dict[int, str | None] = {}
         self.runs: dict[tuple[int, int], Run] = {}
         self.shard_epochs: dict[int, int] = {}
 
+    tracks_writes = False  # no replicas: every read sees every write
+
     def ping(self) -> None:
+        return None
+
+    def note_write(self, owner_id: int) -> None:
         return None
 
     def ensure_user(self, *, first_name: str, last_name: str, now: datetime) -> int:
@@ -57,9 +71,84 @@ class InMemoryTaskRepository:
         self.users[user_id] = (first_name, last_name)
         return user_id
 
+    def _versions(self, owner_id: int, name: str, *, deleted: bool = False) -> list[Script]:
+        return sorted(
+            (
+                s
+                for s, _ in self.scripts.values()
+                if (s.owner_id, s.name) == (owner_id, name)
+                and (deleted or s.script_id not in self.deleted_scripts)
+            ),
+            key=lambda s: -s.version,
+        )
+
     def _latest(self, owner_id: int, name: str) -> Script | None:
-        versions = [s for s, _ in self.scripts.values() if (s.owner_id, s.name) == (owner_id, name)]
-        return max(versions, key=lambda s: s.version, default=None)
+        versions = self._versions(owner_id, name)
+        return versions[0] if versions else None
+
+    def list_scripts(self, *, owner_id: int) -> list[Script]:
+        names = sorted({s.name for s, _ in self.scripts.values() if s.owner_id == owner_id})
+        return [latest for n in names if (latest := self._latest(owner_id, n)) is not None]
+
+    def script_versions(self, *, owner_id: int, name: str) -> list[Script]:
+        versions = self._versions(owner_id, name)
+        if not versions:
+            raise ScriptNotFound(f"no script named {name!r}", "script")
+        return versions
+
+    def delete_script(self, *, owner_id: int, name: str, now: datetime) -> int:
+        ids = {s.script_id for s in self._versions(owner_id, name)}
+        if not ids:
+            raise ScriptNotFound(f"no script named {name!r}", "script")
+        pending = sum(
+            1 for t in self.tasks.values() if t.script_id in ids and not t.status.is_final
+        )
+        if pending:
+            raise ScriptInUse(f"script {name!r} is used by {pending} pending tasks", "script")
+        self.deleted_scripts |= ids
+        return len(ids)
+
+    # -- users and tokens ---------------------------------------------------
+    def add_user(self, *, first_name: str, last_name: str, now: datetime) -> User:
+        user_id = next(self._ids)
+        self.users[user_id] = (first_name, last_name)
+        return self.get_user(user_id)
+
+    def get_user(self, user_id: int) -> User:
+        if user_id not in self.users:
+            raise UserNotFound(f"no user {user_id}", "user_id")
+        first, last = self.users[user_id]
+        return User(user_id=user_id, first_name=first, last_name=last, created_at=EPOCH)
+
+    def list_users(self) -> list[User]:
+        return [self.get_user(user_id) for user_id in sorted(self.users)]
+
+    def add_token(self, *, user_id: int, token_hash: str, label: str, now: datetime) -> ApiToken:
+        self.get_user(user_id)
+        token = ApiToken(token_id=next(self._ids), user_id=user_id, label=label, created_at=now)
+        self.tokens[token.token_id] = (token, token_hash)
+        return token
+
+    def revoke_token(self, token_id: int, *, now: datetime) -> ApiToken:
+        if token_id not in self.tokens:
+            raise TokenNotFound(f"no token {token_id}", "token_id")
+        token, digest = self.tokens[token_id]
+        if token.revoked_at is None:
+            token = replace(token, revoked_at=now)
+            self.tokens[token_id] = (token, digest)
+        return token
+
+    def user_for_token(self, token_hash: str) -> int | None:
+        for token, digest in self.tokens.values():
+            if digest == token_hash and token.revoked_at is None:
+                return token.user_id
+        return None
+
+    def count_active(self, owner_id: int) -> tuple[int, int]:
+        active = sum(
+            1 for t in self.tasks.values() if t.owner_id == owner_id and not t.status.is_final
+        )
+        return active, 0
 
     def add_script(
         self, *, owner_id: int, name: str, interpreter: Interpreter, body: bytes, now: datetime
@@ -72,7 +161,8 @@ class InMemoryTaskRepository:
             script_id=next(self._ids),
             owner_id=owner_id,
             name=name,
-            version=1 if latest is None else latest.version + 1,
+            version=1
+            + max((s.version for s in self._versions(owner_id, name, deleted=True)), default=0),
             sha256=digest,
             interpreter=interpreter,
             size_bytes=len(body),
@@ -81,8 +171,11 @@ class InMemoryTaskRepository:
         self.scripts[script.script_id] = (script, body)
         return script, True
 
-    def get_script(self, *, owner_id: int, name: str) -> Script:
-        script = self._latest(owner_id, name)
+    def get_script(self, *, owner_id: int, name: str, version: int | None = None) -> Script:
+        versions = self._versions(owner_id, name)
+        if version is not None:
+            versions = [s for s in versions if s.version == version]
+        script = versions[0] if versions else None
         if script is None:
             raise ScriptNotFound(f"no script named {name!r}", "script")
         return script

@@ -78,7 +78,22 @@ scripts = Table(
     Column("interpreter", String(16), nullable=False),
     Column("body", LargeBinary, nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
+    # deleted scripts keep their rows: finished tasks and runs still name them
+    Column("deleted_at", UtcDateTime, nullable=True),
     UniqueConstraint("owner_id", "name", "version", name="uq_scripts_owner_name_version"),
+)
+
+# Only a token's SHA-256 is stored; the token itself is shown once, at issue.
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("token_id", Id, primary_key=True, autoincrement=True),
+    Column("user_id", Id, ForeignKey("users.user_id"), nullable=False),
+    Column("token_hash", String(64), nullable=False),
+    Column("label", String(100), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("revoked_at", UtcDateTime, nullable=True),
+    UniqueConstraint("token_hash", name="uq_api_tokens_hash"),
 )
 
 schedules = Table(
@@ -170,10 +185,14 @@ shards = Table(
 
 
 def newest_script(owner_id: int, name: str, *columns):
-    """The newest version of an owner's script by name (one row at most)."""
+    """The newest live version of an owner's script by name (one row at most)."""
     return (
         select(*columns)
-        .where(scripts.c.owner_id == owner_id, scripts.c.name == name)
+        .where(
+            scripts.c.owner_id == owner_id,
+            scripts.c.name == name,
+            scripts.c.deleted_at.is_(None),
+        )
         .order_by(scripts.c.version.desc())
         .limit(1)
     )

@@ -2,27 +2,44 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 
-from sqlalchemy import Connection, Engine, and_, bindparam, exists, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    exists,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from chronoray.errors import (
     BatchRejected,
     ChronorayError,
     IdempotencyConflict,
+    ScriptInUse,
     ScriptNotFound,
     TaskNotCancellable,
     TaskNotFound,
     TaskNotRetryable,
+    TokenNotFound,
     Unavailable,
+    UserNotFound,
 )
 from scheduling.lifecycle import RetryPolicy, after_attempt
 from scheduling.models import (
+    FINAL_STATUSES,
     IN_FLIGHT_STATUSES,
+    ApiToken,
     FailureClass,
     Interpreter,
     NewTask,
@@ -33,17 +50,28 @@ from scheduling.models import (
     Task,
     TaskSpec,
     TaskStatus,
+    User,
 )
 from scheduling.schedules import MisfireRules, NewSchedule, Schedule
 from scheduling.tiers import TierTable
 from scheduling.timeline import Wheel, bucket_of
 from storage import occurrences
 from storage.repository import Claimed, TaskQuery, running_lease, sha256_hex, tail
-from storage.schema import newest_script, runs, scripts, shards, tasks, users
+from storage.schema import (
+    api_tokens,
+    newest_script,
+    runs,
+    schedules,
+    scripts,
+    shards,
+    tasks,
+    users,
+)
 
 log = logging.getLogger(__name__)
 
 IN_FLIGHT = [s.value for s in IN_FLIGHT_STATUSES]
+ACTIVE = [s.value for s in TaskStatus if s not in FINAL_STATUSES]
 TASK_COLUMNS = [*tasks.c, scripts.c.name.label("script_name")]
 
 
@@ -81,6 +109,25 @@ def _script(row) -> Script:
         interpreter=Interpreter(row.interpreter),
         size_bytes=row.size_bytes,
         created_at=row.created_at,
+    )
+
+
+def _user(row) -> User:
+    return User(
+        user_id=row.user_id,
+        first_name=row.first_name,
+        last_name=row.last_name,
+        created_at=row.created_at,
+    )
+
+
+def _token(row) -> ApiToken:
+    return ApiToken(
+        token_id=row.token_id,
+        user_id=row.user_id,
+        label=row.label,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
     )
 
 
@@ -133,18 +180,56 @@ SPEC_COLUMNS = [*tasks.c, scripts.c.sha256, scripts.c.interpreter]
 
 
 class SqlTaskRepository:
-    """Writes go to ``engine``; reads that may lag go to ``read_engine``."""
+    """Writes go to ``engine``. Queries (get, list) go to one of
+    ``read_engines`` (PostgreSQL streaming replicas) when there are any,
+    except for an owner whose last write (``note_write``) a replica has not
+    replayed yet: those go to the primary, so a get right after a create
+    finds what was created."""
 
     def __init__(
         self,
         engine: Engine,
         *,
-        read_engine: Engine | None = None,
+        read_engines: Sequence[Engine] = (),
         misfire_rules: MisfireRules | None = None,
     ) -> None:
         self.engine = engine
-        self.read_engine = read_engine or engine
+        self.read_engines = list(read_engines)
+        self.tracks_writes = bool(self.read_engines)
         self.misfire_rules = misfire_rules or MisfireRules()
+        self._written: dict[int, str] = {}  # owner: primary WAL position after their last write
+        self._turn = itertools.count()
+
+    def note_write(self, owner_id: int) -> None:
+        """Remember where the primary's log stands after this owner's write."""
+        if not self.tracks_writes:
+            return
+        with self._begin() as conn:
+            self._written[owner_id] = conn.execute(
+                text("SELECT pg_current_wal_lsn()::text")
+            ).scalar()
+
+    def _reader(self, owner_id: int | None = None) -> Engine:
+        if not self.read_engines:
+            return self.engine
+        replica = self.read_engines[next(self._turn) % len(self.read_engines)]
+        position = self._written.get(owner_id) if owner_id is not None else None
+        if position is None:
+            return replica
+        try:
+            with replica.connect() as conn:
+                caught_up = conn.execute(
+                    text("SELECT pg_last_wal_replay_lsn() >= CAST(:lsn AS pg_lsn)"),
+                    {"lsn": position},
+                ).scalar()
+        except (OperationalError, InterfaceError):
+            log.warning("read replica unreachable; reading from the primary")
+            return self.engine
+        if not caught_up:
+            return self.engine
+        if self._written.get(owner_id) == position:  # a newer write keeps its own mark
+            self._written.pop(owner_id, None)
+        return replica
 
     @contextmanager
     def _begin(self, engine: Engine | None = None) -> Iterator[Connection]:
@@ -192,7 +277,13 @@ class SqlTaskRepository:
                         and latest.interpreter == interpreter.value
                     ):
                         return _script(latest), False
-                    version = 1 if latest is None else latest.version + 1
+                    # deleted versions keep their numbers: a version never names two bodies
+                    highest = conn.execute(
+                        select(func.max(scripts.c.version)).where(
+                            scripts.c.owner_id == owner_id, scripts.c.name == name
+                        )
+                    ).scalar()
+                    version = (highest or 0) + 1
                     script_id = conn.execute(
                         insert(scripts)
                         .values(
@@ -222,15 +313,166 @@ class SqlTaskRepository:
                 found[(owner_id, name)] = _script(row)
         return found
 
-    def get_script(self, *, owner_id: int, name: str) -> Script:
-        with self._begin(self.read_engine) as conn:
-            script = self._latest_scripts(conn, {(owner_id, name)}).get((owner_id, name))
+    def get_script(self, *, owner_id: int, name: str, version: int | None = None) -> Script:
+        with self._begin(self._reader(owner_id)) as conn:
+            if version is None:
+                script = self._latest_scripts(conn, {(owner_id, name)}).get((owner_id, name))
+            else:
+                row = conn.execute(
+                    select(*SCRIPT_COLUMNS).where(
+                        *self._live_script(owner_id, name), scripts.c.version == version
+                    )
+                ).first()
+                script = None if row is None else _script(row)
         if script is None:
-            raise ScriptNotFound(f"no script named {name!r}", "script")
+            where = "" if version is None else f" of version {version}"
+            raise ScriptNotFound(f"no script named {name!r}{where}", "script")
         return script
 
+    @staticmethod
+    def _live_script(owner_id: int, name: str | None = None) -> list:
+        where = [scripts.c.owner_id == owner_id, scripts.c.deleted_at.is_(None)]
+        return where if name is None else [*where, scripts.c.name == name]
+
+    def list_scripts(self, *, owner_id: int) -> list[Script]:
+        """The newest live version of each of an owner's scripts, by name."""
+        newest = (
+            select(scripts.c.name, func.max(scripts.c.version).label("version"))
+            .where(*self._live_script(owner_id))
+            .group_by(scripts.c.name)
+            .subquery()
+        )
+        with self._begin(self._reader(owner_id)) as conn:
+            rows = conn.execute(
+                select(*SCRIPT_COLUMNS)
+                .join(
+                    newest,
+                    and_(scripts.c.name == newest.c.name, scripts.c.version == newest.c.version),
+                )
+                .where(scripts.c.owner_id == owner_id)
+                .order_by(scripts.c.name)
+            ).all()
+        return [_script(row) for row in rows]
+
+    def script_versions(self, *, owner_id: int, name: str) -> list[Script]:
+        with self._begin(self._reader(owner_id)) as conn:
+            rows = conn.execute(
+                select(*SCRIPT_COLUMNS)
+                .where(*self._live_script(owner_id, name))
+                .order_by(scripts.c.version.desc())
+            ).all()
+        if not rows:
+            raise ScriptNotFound(f"no script named {name!r}", "script")
+        return [_script(row) for row in rows]
+
+    def delete_script(self, *, owner_id: int, name: str, now: datetime) -> int:
+        """Delete every version of a script that no pending task and no live
+        schedule uses; finished tasks keep naming it. Returns the versions
+        deleted."""
+        with self._begin() as conn:
+            version_ids = select(scripts.c.script_id).where(*self._live_script(owner_id, name))
+            pending = conn.execute(
+                select(func.count())
+                .select_from(tasks)
+                .where(tasks.c.script_id.in_(version_ids), tasks.c.status.in_(ACTIVE))
+            ).scalar_one()
+            scheduled = conn.execute(
+                select(func.count())
+                .select_from(schedules)
+                .where(
+                    schedules.c.owner_id == owner_id,
+                    schedules.c.script_name == name,
+                    schedules.c.deleted.is_(False),
+                )
+            ).scalar_one()
+            if pending or scheduled:
+                raise ScriptInUse(
+                    f"script {name!r} is used by {pending} pending tasks and {scheduled} schedules",
+                    "script",
+                )
+            deleted = conn.execute(
+                update(scripts).where(*self._live_script(owner_id, name)).values(deleted_at=now)
+            ).rowcount
+        if not deleted:
+            raise ScriptNotFound(f"no script named {name!r}", "script")
+        return deleted
+
+    # -- users and tokens ---------------------------------------------------
+    def add_user(self, *, first_name: str, last_name: str, now: datetime) -> User:
+        with self._begin() as conn:
+            row = conn.execute(
+                insert(users)
+                .values(first_name=first_name, last_name=last_name, created_at=now)
+                .returning(*users.c)
+            ).one()
+        return _user(row)
+
+    def get_user(self, user_id: int) -> User:
+        with self._begin(self.engine) as conn:
+            row = conn.execute(select(*users.c).where(users.c.user_id == user_id)).first()
+        if row is None:
+            raise UserNotFound(f"no user {user_id}", "user_id")
+        return _user(row)
+
+    def list_users(self) -> list[User]:
+        with self._begin(self.engine) as conn:
+            return [_user(r) for r in conn.execute(select(*users.c).order_by(users.c.user_id))]
+
+    def add_token(self, *, user_id: int, token_hash: str, label: str, now: datetime) -> ApiToken:
+        with self._begin() as conn:
+            if (
+                conn.execute(select(users.c.user_id).where(users.c.user_id == user_id)).first()
+                is None
+            ):
+                raise UserNotFound(f"no user {user_id}", "user_id")
+            row = conn.execute(
+                insert(api_tokens)
+                .values(user_id=user_id, token_hash=token_hash, label=label, created_at=now)
+                .returning(*api_tokens.c)
+            ).one()
+        return _token(row)
+
+    def revoke_token(self, token_id: int, *, now: datetime) -> ApiToken:
+        with self._begin() as conn:
+            conn.execute(
+                update(api_tokens)
+                .where(api_tokens.c.token_id == token_id, api_tokens.c.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+            row = conn.execute(
+                select(*api_tokens.c).where(api_tokens.c.token_id == token_id)
+            ).first()
+        if row is None:
+            raise TokenNotFound(f"no token {token_id}", "token_id")
+        return _token(row)
+
+    def user_for_token(self, token_hash: str) -> int | None:
+        """The user a live token belongs to. Always the primary: a revoked
+        token must stop working at once, not when a replica catches up."""
+        with self._begin() as conn:
+            return conn.execute(
+                select(api_tokens.c.user_id).where(
+                    api_tokens.c.token_hash == token_hash, api_tokens.c.revoked_at.is_(None)
+                )
+            ).scalar()
+
+    def count_active(self, owner_id: int) -> tuple[int, int]:
+        """An owner's tasks not yet final, and live schedules (for the caps)."""
+        with self._begin() as conn:
+            active = conn.execute(
+                select(func.count())
+                .select_from(tasks)
+                .where(tasks.c.owner_id == owner_id, tasks.c.status.in_(ACTIVE))
+            ).scalar_one()
+            live = conn.execute(
+                select(func.count())
+                .select_from(schedules)
+                .where(schedules.c.owner_id == owner_id, schedules.c.deleted.is_(False))
+            ).scalar_one()
+        return active, live
+
     def get_script_body(self, script_id: int) -> bytes:
-        with self._begin(self.read_engine) as conn:
+        with self._begin(self.engine) as conn:
             body = conn.execute(
                 select(scripts.c.body).where(scripts.c.script_id == script_id)
             ).scalar()
@@ -338,7 +580,7 @@ class SqlTaskRepository:
         return SubmitResult(task=_task(row), created=False)
 
     def get_task(self, task_id: int, *, owner_id: int | None = None) -> Task:
-        return self._get_task(self.read_engine, task_id, owner_id=owner_id)
+        return self._get_task(self._reader(owner_id), task_id, owner_id=owner_id)
 
     def get_task_primary(self, task_id: int, *, owner_id: int | None = None) -> Task:
         """A read that must see this caller's own write."""
@@ -359,7 +601,7 @@ class SqlTaskRepository:
         return _task(row)
 
     def list_runs(self, task_id: int) -> list[Run]:
-        with self._begin(self.read_engine) as conn:
+        with self._begin(self._reader()) as conn:
             rows = conn.execute(
                 select(runs).where(runs.c.task_id == task_id).order_by(runs.c.attempt)
             ).all()
@@ -403,7 +645,7 @@ class SqlTaskRepository:
             conditions.append(tasks.c.execute_at < query.due_before)
         if query.below_id is not None:
             conditions.append(tasks.c.task_id < query.below_id)
-        with self._begin(self.read_engine) as conn:
+        with self._begin(self._reader(query.owner_id)) as conn:
             rows = conn.execute(
                 select(*TASK_COLUMNS)
                 .join(scripts, scripts.c.script_id == tasks.c.script_id)
@@ -672,7 +914,7 @@ class SqlTaskRepository:
             return occurrences.get_schedule(conn, schedule_id, owner_id=owner_id)
 
     def list_schedules(self, *, owner_id: int) -> list[Schedule]:
-        with self._begin(self.read_engine) as conn:
+        with self._begin(self._reader(owner_id)) as conn:
             return occurrences.list_schedules(conn, owner_id)
 
     def change_schedule(
@@ -696,7 +938,7 @@ class SqlTaskRepository:
     def schedule_history(self, schedule_id: int, *, owner_id: int, limit: int = 100) -> list[dict]:
         """Occurrences newest first, each with its runs: nominal time,
         status, and per attempt start, lag and outcome."""
-        with self._begin(self.read_engine) as conn:
+        with self._begin(self._reader(owner_id)) as conn:
             occurrences.get_schedule(conn, schedule_id, owner_id=owner_id)
             rows = conn.execute(
                 select(tasks.c.task_id, tasks.c.nominal_at, tasks.c.status, tasks.c.attempt)

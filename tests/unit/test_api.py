@@ -4,12 +4,10 @@ naming the field, and nothing stored on bad input."""
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from fastapi.testclient import TestClient
 
 from chronoray.settings import Settings
-from serve_app.app import Backend, create_api
 from storage.memory import InMemoryTaskRepository
-from tests.unit.fakes import RepoSubmitter
+from tests.unit.fakes import user_api
 
 SETTINGS = Settings(database_url="sqlite://", max_script_bytes=1024, max_request_bytes=4096)
 
@@ -21,14 +19,7 @@ def repo():
 
 @pytest.fixture
 def client(repo):
-    owner = repo.ensure_user(first_name="local", last_name="user", now=datetime.now(timezone.utc))
-    backend = Backend(
-        repo=repo,
-        submitter=RepoSubmitter(repo, lambda: datetime.now(timezone.utc)),
-        settings=SETTINGS,
-        owner_id=owner,
-    )
-    api = TestClient(create_api(backend), raise_server_exceptions=True)
+    api = user_api(repo, SETTINGS)
     assert (
         api.post("/v1/scripts", json={"name": "hello.sh", "body": "echo hello $NAME"}).status_code
         == 201
@@ -321,14 +312,7 @@ def test_batch_shape_errors(client, repo, body, status, field):
 
 
 def test_a_batch_beyond_the_configured_count_is_refused(repo):
-    owner = repo.ensure_user(first_name="local", last_name="user", now=datetime.now(timezone.utc))
-    backend = Backend(
-        repo=repo,
-        submitter=RepoSubmitter(repo, lambda: datetime.now(timezone.utc)),
-        settings=SETTINGS.with_(max_batch_tasks=3),
-        owner_id=owner,
-    )
-    api = TestClient(create_api(backend), raise_server_exceptions=True)
+    api = user_api(repo, SETTINGS.with_(max_batch_tasks=3))
     api.post("/v1/scripts", json={"name": "hello.sh", "body": "echo hello"})
     response = api.post("/v1/tasks:batch", json={"tasks": [batch_item(i) for i in range(4)]})
     assert response.status_code == 413 and response.json()["field"] == "tasks"

@@ -14,7 +14,7 @@ from storage.engines import make_engine
 from storage.migrate import upgrade
 from storage.schema import schedules, tasks
 from storage.sql import SqlTaskRepository
-from tests.unit.fakes import RepoSubmitter
+from tests.unit.fakes import RepoSubmitter, user_api
 
 SETTINGS = Settings(database_url="sqlite://", min_schedule_interval_s=2)
 
@@ -34,10 +34,7 @@ def submitter(repo):
 
 @pytest.fixture
 def client(repo, submitter):
-    owner = repo.ensure_user(first_name="local", last_name="user", now=datetime.now(timezone.utc))
-    api = TestClient(
-        create_api(Backend(repo=repo, submitter=submitter, settings=SETTINGS, owner_id=owner))
-    )
+    api = user_api(repo, SETTINGS, submitter)
     assert api.post("/v1/scripts", json={"name": "tick.sh", "body": "date"}).status_code == 201
     return api
 
@@ -164,9 +161,7 @@ def test_readyz_is_503_with_retry_after_when_a_dependency_is_down(client, submit
 
 def test_readyz_names_an_unreachable_database(submitter):
     broken = SqlTaskRepository(make_engine("sqlite:////nonexistent/dir/chronoray.db"))
-    api = TestClient(
-        create_api(Backend(repo=broken, submitter=submitter, settings=SETTINGS, owner_id=1))
-    )
+    api = TestClient(create_api(Backend(repo=broken, submitter=submitter, settings=SETTINGS)))
     response = api.get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"]["database"] == "unavailable: Unavailable"

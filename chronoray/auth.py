@@ -1,0 +1,135 @@
+"""API tokens and who a request speaks for.
+
+A token is 32 random bytes shown once; only its SHA-256 is stored, which is
+enough for secrets of that much entropy (no password stretching needed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from chronoray.errors import Forbidden, RateLimited, Unauthorized
+from scheduling.models import ApiToken
+
+TOKEN_PREFIX = "cr_"
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def issue_token(repo, *, user_id: int, label: str, now: datetime) -> tuple[ApiToken, str]:
+    """A new token for a user: its record and the secret (never stored)."""
+    token = new_token()
+    record = repo.add_token(user_id=user_id, token_hash=token_hash(token), label=label, now=now)
+    return record, token
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request speaks for: one user, or the administrator."""
+
+    user_id: int | None = None
+    admin: bool = False
+
+    def require_user(self) -> int:
+        if self.user_id is None:
+            raise Forbidden("the admin token manages users and tokens; use a user's token")
+        return self.user_id
+
+    def require_admin(self) -> None:
+        if not self.admin:
+            raise Forbidden("needs the admin token")
+
+
+class Authenticator:
+    """Bearer token → Caller. A token found valid is trusted for
+    ``cache_s`` without asking the database again; revoking through this
+    instance forgets every cached token at once."""
+
+    def __init__(
+        self,
+        user_for_token: Callable[[str], int | None],
+        *,
+        admin_token: str | None,
+        cache_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._user_for_token = user_for_token
+        self._admin_token = admin_token
+        self._cache_s = cache_s
+        self._clock = clock
+        self._cache: dict[str, tuple[int, float]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def bearer(authorization: str | None) -> str:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("send Authorization: Bearer <token>", "authorization")
+        return token.strip()
+
+    def cached(self, token: str) -> Caller | None:
+        """The answer without I/O, when there is one."""
+        if self._admin_token and hmac.compare_digest(token.encode(), self._admin_token.encode()):
+            return Caller(admin=True)
+        with self._lock:
+            hit = self._cache.get(token_hash(token))
+        if hit is not None and hit[1] > self._clock():
+            return Caller(user_id=hit[0])
+        return None
+
+    def authenticate(self, token: str) -> Caller:
+        """May ask the database; run it off the event loop."""
+        known = self.cached(token)
+        if known is not None:
+            return known
+        digest = token_hash(token)
+        user_id = self._user_for_token(digest)
+        if user_id is None:
+            raise Unauthorized("unknown or revoked token", "authorization")
+        with self._lock:
+            self._cache[digest] = (user_id, self._clock() + self._cache_s)
+        return Caller(user_id=user_id)
+
+    def forget(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
+class RateLimiter:
+    """A token bucket per user: ``per_s`` requests a second sustained,
+    ``burst`` at once."""
+
+    def __init__(
+        self, *, per_s: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._per_s = per_s
+        self._burst = float(burst)
+        self._clock = clock
+        self._buckets: dict[int, tuple[float, float]] = {}  # user: (tokens, at)
+        self._lock = threading.Lock()
+
+    def take(self, user_id: int) -> None:
+        now = self._clock()
+        with self._lock:
+            tokens, at = self._buckets.get(user_id, (self._burst, now))
+            tokens = min(self._burst, tokens + (now - at) * self._per_s)
+            if tokens < 1.0:
+                self._buckets[user_id] = (tokens, now)
+                wait_s = (1.0 - tokens) / self._per_s
+                raise RateLimited(
+                    f"over {self._per_s:g} requests/s for this user", retry_after_s=wait_s
+                )
+            self._buckets[user_id] = (tokens - 1.0, now)
