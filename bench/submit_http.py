@@ -16,14 +16,16 @@ import argparse
 import os
 import socket
 import statistics
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import ray
 
-from chronoray.deploy import deploy, start_local_ray, teardown
+from chronoray.deploy import deploy, local_token, start_local_ray, teardown
 from chronoray.settings import Settings
 from scheduling.tiers import local_tiers
 
@@ -34,12 +36,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run(url: str, bodies: list[tuple[str, dict]], clients: int) -> list[float]:
+def run(url: str, bodies: list[tuple[str, dict]], clients: int, token: str) -> list[float]:
     """POST every body from ``clients`` threads; returns each request's seconds."""
 
     def worker(chunk: list[tuple[str, dict]]) -> list[float]:
         took = []
-        with httpx.Client(base_url=url, timeout=120) as session:
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=url, timeout=120, headers=headers) as session:
             for path, body in chunk:
                 started = time.perf_counter()
                 response = session.post(path, json=body)
@@ -84,18 +87,22 @@ def main() -> None:
     start_local_ray(settings, logging_level="error")
     try:
         url = deploy(settings)
+        with tempfile.TemporaryDirectory() as keep:
+            _, token = local_token(settings, Path(keep) / "token")
         httpx.post(
-            f"{url}/v1/scripts", json={"name": "bench.sh", "body": "true"}
+            f"{url}/v1/scripts",
+            json={"name": "bench.sh", "body": "true"},
+            headers={"Authorization": f"Bearer {token}"},
         ).raise_for_status()
         due = time.time() + 3600
 
         def task(i: int) -> dict:
             return {"script": "bench.sh", "execute_at": due + i % 600}
 
-        run(url, [("/v1/tasks", task(i)) for i in range(50)], args.clients)  # warm up
+        run(url, [("/v1/tasks", task(i)) for i in range(50)], args.clients, token)  # warm up
         bodies = [("/v1/tasks", task(i)) for i in range(args.single_tasks)]
         started = time.perf_counter()
-        latencies = run(url, bodies, args.clients)
+        latencies = run(url, bodies, args.clients, token)
         report("single", args.single_tasks, time.perf_counter() - started, latencies)
 
         bodies = [
@@ -106,7 +113,7 @@ def main() -> None:
             for b in range(args.batches)
         ]
         started = time.perf_counter()
-        latencies = run(url, bodies, min(args.clients, args.batches))
+        latencies = run(url, bodies, min(args.clients, args.batches), token)
         total = args.batches * args.batch_size
         report("batch", total, time.perf_counter() - started, latencies)
     finally:

@@ -85,5 +85,9 @@ def client(deployment):
 def http(deployment):
     import httpx
 
-    with httpx.Client(base_url=deployment.url, timeout=30) as session:
+    with httpx.Client(
+        base_url=deployment.url,
+        timeout=30,
+        headers={"Authorization": f"Bearer {deployment.token}"},
+    ) as session:
         yield session

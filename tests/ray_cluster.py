@@ -15,8 +15,10 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
+import httpx
 import ray
 
 from chronoray.settings import Settings
@@ -95,8 +97,6 @@ class RayHead:
                 f"ray start exited: {(self.temp_dir / 'head.log').read_text()[-3000:]}"
             )
         try:
-            import httpx
-
             return httpx.get(f"{self.dashboard_url}/api/version", timeout=2).status_code == 200
         except Exception:
             return False
@@ -140,6 +140,7 @@ def settings_for_tests(database_url: str) -> Settings:
         # a chroot per deployment: sessions of other tests stay out of its view
         zookeeper_hosts=f"{zookeeper}/{namespace}" if zookeeper else None,
         zookeeper_session_timeout_s=4.0,
+        admin_token=f"admin-{uuid.uuid4().hex}",
     )
 
 
@@ -149,10 +150,24 @@ class Deployment:
     url: str
     head: RayHead
     repo: SqlTaskRepository
+    token: str  # the local user's, the same user chronoray.Client acts as without a token
+
+    def new_user(self, name: str) -> tuple[int, str]:
+        """A user made through the admin API, and a token of theirs."""
+        admin = {"Authorization": f"Bearer {self.settings.admin_token}"}
+        user = httpx.post(
+            f"{self.url}/v1/users", json={"first_name": name, "last_name": "tester"}, headers=admin
+        )
+        user.raise_for_status()
+        user_id = user.json()["user_id"]
+        token = httpx.post(f"{self.url}/v1/users/{user_id}/tokens", json={}, headers=admin)
+        token.raise_for_status()
+        return user_id, token.json()["token"]
 
 
 def deploy_for_tests(database_url: str) -> Deployment:
-    from chronoray.deploy import deploy
+    from chronoray.auth import issue_token
+    from chronoray.deploy import deploy, prepare_database
 
     settings = settings_for_tests(database_url)
     head = RayHead.start(local_node_resources(settings.tiers))
@@ -169,12 +184,11 @@ def deploy_for_tests(database_url: str) -> Deployment:
         ray.shutdown()
         head.stop()
         raise
-    return Deployment(
-        settings=settings,
-        url=url,
-        head=head,
-        repo=SqlTaskRepository(make_engine(settings.database_url)),
+    repo = SqlTaskRepository(make_engine(settings.database_url))
+    _, token = issue_token(
+        repo, user_id=prepare_database(settings), label="tests", now=datetime.now(timezone.utc)
     )
+    return Deployment(settings=settings, url=url, head=head, repo=repo, token=token)
 
 
 def runs_per_task(deployment: Deployment, task_ids) -> dict[int, int]:

@@ -78,7 +78,11 @@ def test_cli_registers_submits_and_shows(deployment, tmp_path):
 
     def cli(*args):
         done = subprocess.run(
-            [chronoray, *args, "--url", deployment.url], capture_output=True, text=True, timeout=60
+            [chronoray, *args, "--url", deployment.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "CHRONORAY_TOKEN": deployment.token},
         )
         return done.returncode, done.stdout, done.stderr
 
@@ -126,7 +130,11 @@ def test_cli_manages_a_schedule(deployment, tmp_path):
 
     def cli(*args):
         done = subprocess.run(
-            [chronoray, *args, "--url", deployment.url], capture_output=True, text=True, timeout=60
+            [chronoray, *args, "--url", deployment.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "CHRONORAY_TOKEN": deployment.token},
         )
         return done.returncode, done.stdout, done.stderr
 

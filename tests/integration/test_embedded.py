@@ -67,11 +67,18 @@ def test_up_on_sqlite_serves_the_readme_quick_start(tmp_path):
         print(f"chronoray up after {up_after_s:.1f} s")
         assert (tmp_path / "data" / "chronoray.db").exists()
 
+        printed = re.search(
+            r"^export CHRONORAY_TOKEN=(\S+)$", (tmp_path / "up.log").read_text(), re.M
+        )
+        assert printed, (tmp_path / "up.log").read_text()[-3000:]
+        token = printed.group(1)
+        assert (tmp_path / "data" / "local-token").read_text().strip() == token
         shown = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", quickstart(port)],
             capture_output=True,
             text=True,
             timeout=60,
+            env={**os.environ, "CHRONORAY_TOKEN": token},
         )
         assert shown.returncode == 0, shown.stderr
         task = json_objects(shown.stdout)[-1]

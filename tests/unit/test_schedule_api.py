@@ -165,3 +165,18 @@ def test_readyz_names_an_unreachable_database(submitter):
     response = api.get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"]["database"] == "unavailable: Unavailable"
+
+
+def test_the_schedule_cap_is_429_and_deleting_one_frees_a_place(repo, submitter):
+    api = user_api(repo, SETTINGS.with_(max_schedules=1), submitter)
+    api.post("/v1/scripts", json={"name": "tick.sh", "body": "date"})
+    first = api.post("/v1/schedules", json={"script": "tick.sh", "cron": "@hourly"})
+    over = api.post("/v1/schedules", json={"script": "tick.sh", "cron": "@daily"})
+    assert first.status_code == 201 and over.status_code == 429
+    assert over.json()["field"] == "schedules" and over.headers["retry-after"] == "30"
+    over_send = api.post("/sendTask", json={"script": "tick.sh", "cron": "@daily"})
+    assert over_send.status_code == 429
+    api.delete(f"/v1/schedules/{first.json()['schedule_id']}")
+    assert (
+        api.post("/v1/schedules", json={"script": "tick.sh", "cron": "@daily"}).status_code == 201
+    )
