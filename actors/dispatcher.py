@@ -146,6 +146,15 @@ class Dispatcher:
             },
         }
 
+    def depth_by_priority(self) -> dict[int, int]:
+        return self._queue.depth_by_priority()
+
+    def running_by_tier(self) -> dict[str, int]:
+        running = {tier.name: 0 for tier in self._tiers}
+        for ex in self._executors:
+            running[ex.tier] = running.get(ex.tier, 0) + len(ex.in_flight)
+        return running
+
     def demand(self) -> dict[str, int]:
         """Per tier: tasks that want it (queued at its priorities, plus
         running on it). The pool sizes each tier for this."""
@@ -382,6 +391,13 @@ class DispatcherShell:
 
     async def stats(self) -> dict:
         return (await self._ready()).stats()
+
+    async def metrics(self) -> list:
+        """Queue depth per priority and running attempts per tier (Prometheus)."""
+        from chronoray.metrics import dispatcher_families
+
+        dispatcher = await self._ready()
+        return dispatcher_families(dispatcher.depth_by_priority(), dispatcher.running_by_tier())
 
     async def settings(self):
         """How drivers (chronoray.Client) learn the deployment's settings."""

@@ -13,6 +13,7 @@ import ray
 
 from actors.batching import GroupCommitter
 from chronoray.errors import ChronorayError
+from chronoray.metrics import ShardMetrics
 from chronoray.settings import Settings
 from scheduling.clock import Clock, SystemClock
 from scheduling.fire_timer import FireTimer
@@ -64,6 +65,7 @@ class Shard:
             self._store
         )
         self.wake = asyncio.Event()
+        self.metrics = ShardMetrics()
 
     async def _io(self, fn, *args, **kwargs):
         """Blocking database calls leave the event loop free for timers."""
@@ -81,6 +83,7 @@ class Shard:
 
     async def _store(self, batch: list[NewTask]) -> list[SubmitResult | ChronorayError]:
         results = await self._io(self._repo.add_tasks, batch, now=self._clock.now())
+        self.metrics.submitted.inc(sum(1 for r in results if getattr(r, "created", False)))
         await self._route(
             [(r.task.task_id, r.task.execute_at) for r in results if isinstance(r, SubmitResult)]
         )
@@ -138,6 +141,7 @@ class Shard:
             await self._dispatcher.cancel(claimed.cancelled)
         if claimed.specs:
             self._room = await self._dispatcher.submit(claimed.specs)
+            self.metrics.fired.inc(len(claimed.specs))
         await self._route(claimed.follow_ups)
         return len(claimed.specs)
 
@@ -157,6 +161,7 @@ class Shard:
             policy=self._settings.retry,
             now=self._clock.now(),
             tiers=self._settings.tiers,
+            on_outcome=self.metrics.outcome,
         )
         await self._route(watch)
         return len(watch)
@@ -303,6 +308,10 @@ class ShardShell:
 
     async def record_results(self, results: list[RunResult]) -> int:
         return await (await self._ready()).record_results(results)
+
+    async def metrics(self) -> list:
+        """This shard's Prometheus metric families (gathered by GET /metrics)."""
+        return (await self._ready()).metrics.families()
 
     async def stop(self) -> None:
         self._stop.set()

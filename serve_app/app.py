@@ -12,6 +12,8 @@ from typing import Annotated, Any, Protocol
 from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import GaugeMetricFamily
 
 from chronoray.auth import Authenticator, Caller, RateLimiter, issue_token
 from chronoray.errors import (
@@ -25,6 +27,7 @@ from chronoray.errors import (
     UnsupportedMediaType,
     in_batch,
 )
+from chronoray.metrics import ApiMetrics, exposition
 from chronoray.settings import Settings
 from scheduling.cron import validate_schedule
 from scheduling.models import Interpreter, NewTask, SubmitResult, TaskStatus
@@ -70,6 +73,10 @@ class Submitter(Protocol):
 
     async def executors(self) -> dict:
         """The executor pool's status: per tier and per executor."""
+
+    async def metrics(self) -> dict[str, list | None]:
+        """Prometheus metric families per actor ({"shard-0": [...], ...});
+        None for one that did not answer."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -261,6 +268,7 @@ def create_api(backend: Backend) -> FastAPI:
     api.router.route_class = StrictJsonRoute  # NaN, repeated keys, huge ints, bad UTF-8: 422
     install_error_handlers(api)
     repo, settings = backend.repo, backend.settings
+    api_metrics = ApiMetrics()
     api.add_middleware(WriteTracker, repo=repo)
     api.add_middleware(
         BodySizeLimit,
@@ -276,6 +284,20 @@ def create_api(backend: Backend) -> FastAPI:
 
     def now() -> datetime:
         return datetime.now(timezone.utc)
+
+    @api.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> Response:
+        """Prometheus metrics of every actor, each series labelled with its
+        ``source``; ``chronoray_metrics_source_up{actor}`` says which answered."""
+        gathered = await backend.submitter.metrics()
+        up = GaugeMetricFamily(
+            "chronoray_metrics_source_up", "1 when the actor answered", labels=["actor"]
+        )
+        for source, families in gathered.items():
+            up.add_metric([source], 0 if families is None else 1)
+        by_source = {s: f for s, f in gathered.items() if f is not None}
+        by_source["api"] = [*api_metrics.families(), up]
+        return Response(exposition(by_source), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/healthz")
     async def healthz() -> dict:
@@ -415,6 +437,7 @@ def create_api(backend: Backend) -> FastAPI:
         [result] = await backend.submitter.submit([new])
         if isinstance(result, ChronorayError):
             raise result
+        api_metrics.submissions.labels(kind="task").inc()
         return JSONResponse(task_out(result.task), status_code=201 if result.created else 200)
 
     api.post("/v1/tasks", status_code=201)(submit)
@@ -428,6 +451,8 @@ def create_api(backend: Backend) -> FastAPI:
         results = await asyncio.to_thread(store_batch, repo, news, now=now())
         await backend.submitter.track([(r.task.task_id, r.task.execute_at) for r in results])
         created = sum(r.created for r in results)
+        api_metrics.submissions.labels(kind="batch").inc()
+        api_metrics.batch_tasks.inc(created)
         return JSONResponse(
             {"tasks": [task_out(r.task) for r in results], "created": created},
             status_code=201 if created else 200,
@@ -455,6 +480,7 @@ def create_api(backend: Backend) -> FastAPI:
         await asyncio.to_thread(check_caps, repo, settings, owner, schedules=1)
         schedule, follow_up = await asyncio.to_thread(repo.add_schedule, new, now=now())
         await watch(follow_up)
+        api_metrics.submissions.labels(kind="schedule").inc()
         return JSONResponse(schedule_out(schedule), status_code=201)
 
     @api.get("/v1/schedules")

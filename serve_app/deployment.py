@@ -4,6 +4,7 @@ shard actors directly."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -15,6 +16,7 @@ from chronoray.settings import Settings
 from scheduling.models import NewTask, SubmitResult
 
 LOCAL_USER = ("local", "user")
+log = logging.getLogger(__name__)
 
 
 class ShardSubmitter:
@@ -98,6 +100,31 @@ class ShardSubmitter:
             return await asyncio.wait_for(pool.status.remote(), timeout=5.0)
         except Exception as exc:
             raise Unavailable(f"executor pool not reachable: {type(exc).__name__}") from None
+
+    async def metrics(self) -> dict[str, list]:
+        """Every actor's Prometheus metric families, by source; a source that
+        does not answer within 2 s is left out (and marked down)."""
+        from actors.handles import POOL_NAME, call_shard, dispatcher_handle
+        from chronoray.metrics import pool_families
+
+        namespace = self._settings.namespace
+
+        async def pool():
+            actor = ray.get_actor(POOL_NAME, namespace=namespace)
+            return pool_families(await actor.status.remote())
+
+        calls = {"dispatcher": dispatcher_handle(namespace).metrics.remote(), "pool": pool()}
+        for i in range(self._settings.num_shards):
+            calls[f"shard-{i}"] = call_shard(i, namespace, "metrics")
+
+        async def gather(source, call):
+            try:
+                return source, await asyncio.wait_for(call, timeout=2.0)
+            except Exception:  # a source down is shown as down, not as an error
+                log.warning("metrics of %s unavailable", source, exc_info=True)
+                return source, None
+
+        return dict(await asyncio.gather(*(gather(s, c) for s, c in calls.items())))
 
     def track_blocking(self, entries: Sequence[tuple[int, datetime]]) -> None:
         from actors.handles import call_shards_blocking

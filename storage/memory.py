@@ -38,7 +38,7 @@ from scheduling.models import (
 )
 from scheduling.tiers import TierTable
 from scheduling.timeline import Wheel, bucket_of
-from storage.repository import Claimed, TaskQuery, running_lease, sha256_hex, tail
+from storage.repository import Claimed, OutcomeHook, TaskQuery, running_lease, sha256_hex, tail
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -390,6 +390,7 @@ class InMemoryTaskRepository:
         policy: RetryPolicy,
         now: datetime,
         tiers: TierTable | None = None,
+        on_outcome: OutcomeHook | None = None,
     ) -> list[tuple[int, datetime]]:
         retried = []
         for result in results:
@@ -434,6 +435,8 @@ class InMemoryTaskRepository:
             )
             if outcome.status is TaskStatus.SCHEDULED:
                 retried.append((task.task_id, task.execute_at))
+            if on_outcome is not None:
+                on_outcome(result, outcome.status, task.schedule_id)
         return retried
 
     def expired_leases(

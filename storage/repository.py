@@ -8,7 +8,7 @@ is harmless.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -33,6 +33,11 @@ from scheduling.tiers import TierTable
 from scheduling.timeline import Wheel
 
 MAX_OUTPUT_TAIL_CHARS = 4096
+
+
+# Told of each attempt's outcome as it is applied: the result, the task's new
+# status and its schedule (None for a one-shot task). Metrics listen here.
+OutcomeHook = Callable[[RunResult, TaskStatus, "int | None"], None]
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,7 @@ class TaskRepository(Protocol):
         policy: RetryPolicy,
         now: datetime,
         tiers: TierTable | None = None,
+        on_outcome: OutcomeHook | None = None,
     ) -> list[tuple[int, datetime]]: ...
     def expired_leases(
         self, *, wheel: Wheel, shard: int, now: datetime, limit: int

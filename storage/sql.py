@@ -56,7 +56,7 @@ from scheduling.schedules import MisfireRules, NewSchedule, Schedule
 from scheduling.tiers import TierTable
 from scheduling.timeline import Wheel, bucket_of
 from storage import occurrences
-from storage.repository import Claimed, TaskQuery, running_lease, sha256_hex, tail
+from storage.repository import Claimed, OutcomeHook, TaskQuery, running_lease, sha256_hex, tail
 from storage.schema import (
     api_tokens,
     newest_script,
@@ -828,6 +828,7 @@ class SqlTaskRepository:
         policy: RetryPolicy,
         now: datetime,
         tiers: TierTable | None = None,
+        on_outcome: OutcomeHook | None = None,
     ) -> list[tuple[int, datetime]]:
         """Apply each attempt's outcome where the row still matches it
         (attempt, epoch, in flight) and log the run. Returns what to watch
@@ -892,6 +893,8 @@ class SqlTaskRepository:
                     )
                     continue
                 run_rows.append(_run_values(result))
+                if on_outcome is not None:
+                    on_outcome(result, outcome.status, row.schedule_id)
                 if outcome.status is TaskStatus.SCHEDULED:
                     watch.append((result.task_id, outcome.execute_at))
                 elif row.schedule_id is not None:

@@ -61,6 +61,11 @@ class RepoSubmitter:
     async def executors(self) -> dict:
         return {"tiers": {"small": {"live": 1}}, "executors": [{"executor_id": "small-1"}]}
 
+    async def metrics(self) -> dict:
+        from chronoray.metrics import ShardMetrics, pool_families
+
+        return {"shard-0": ShardMetrics().families(), "pool": pool_families(await self.executors())}
+
 
 class FakeExecutor:
     def __init__(self) -> None:
