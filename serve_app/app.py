@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Annotated, Any, Protocol
 
-from fastapi import Depends, FastAPI, Query, Request, Security
+from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -33,7 +33,7 @@ from scheduling.cron import validate_schedule
 from scheduling.models import Interpreter, NewTask, SubmitResult, TaskStatus
 from scheduling.schedules import MisfirePolicy, NewSchedule, OverlapPolicy, first_fire
 from scheduling.validation import validate_script_name
-from serve_app.errors import install_error_handlers
+from serve_app.errors import ERROR_RESPONSES, install_error_handlers
 from serve_app.limits import BodySizeLimit, StrictJsonRoute, WriteTracker
 from serve_app.schemas import (
     RetryIn,
@@ -103,6 +103,13 @@ RAW_SCRIPT_BODY = {
         "content": {kind: {"schema": {"type": "string"}} for kind in sorted(RAW_SCRIPT_TYPES)},
     }
 }
+TEXT_ANSWER = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
+BYTES_ANSWER = {
+    200: {
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+    }
+}
+AGAIN = {200: {"description": "the same body (or idempotency key) again: what is already stored"}}
 CAP_RETRY_AFTER_S = 30.0  # active work drains in about this long; a guess to space retries
 
 
@@ -254,6 +261,9 @@ async def _admin(caller: Caller = Depends(_caller)) -> Caller:
     return caller
 
 
+MAX_ID = 2**63 - 1  # BIGINT: a larger id cannot exist, and must be a 422, not a database error
+ObjectId = Annotated[int, Path(ge=1, le=MAX_ID)]
+Attempt = Annotated[int, Path(ge=1, le=2**31 - 1)]
 Owner = Annotated[int, Depends(_owner)]  # the user a request speaks for; 401 without a token
 Admin = Annotated[Caller, Depends(_admin)]
 
@@ -264,6 +274,7 @@ def create_api(backend: Backend) -> FastAPI:
         version="0.1.0",
         description="Schedule scripts once or on CRON. Every /v1 route and /sendTask "
         "takes Authorization: Bearer; another user's objects are 404.",
+        responses=ERROR_RESPONSES,
     )
     api.router.route_class = StrictJsonRoute  # NaN, repeated keys, huge ints, bad UTF-8: 422
     install_error_handlers(api)
@@ -333,11 +344,11 @@ def create_api(backend: Backend) -> FastAPI:
         return {"users": [user_out(u) for u in await asyncio.to_thread(repo.list_users)]}
 
     @api.get("/v1/users/{user_id}")
-    async def get_user(_: Admin, user_id: int) -> dict:
+    async def get_user(_: Admin, user_id: ObjectId) -> dict:
         return user_out(await asyncio.to_thread(repo.get_user, user_id))
 
     @api.post("/v1/users/{user_id}/tokens", status_code=201)
-    async def create_token(_: Admin, user_id: int, body: TokenIn | None = None) -> dict:
+    async def create_token(_: Admin, user_id: ObjectId, body: TokenIn | None = None) -> dict:
         """The token is in this answer only; chronoray keeps its hash."""
         label = (body or TokenIn()).label
         record, token = await asyncio.to_thread(
@@ -346,7 +357,7 @@ def create_api(backend: Backend) -> FastAPI:
         return {**token_out(record), "token": token}
 
     @api.delete("/v1/tokens/{token_id}")
-    async def revoke_token(_: Admin, token_id: int) -> dict:
+    async def revoke_token(_: Admin, token_id: ObjectId) -> dict:
         record = await asyncio.to_thread(repo.revoke_token, token_id, now=now())
         api.state.auth.forget()
         return token_out(record)
@@ -372,12 +383,12 @@ def create_api(backend: Backend) -> FastAPI:
         )
         return JSONResponse(script_out(script), status_code=201 if created else 200)
 
-    @api.post("/v1/scripts", status_code=201)
+    @api.post("/v1/scripts", status_code=201, responses=AGAIN)
     async def register_script(owner: Owner, body: ScriptIn) -> JSONResponse:
         """Register a script from JSON; the same body again is the same version (200)."""
         return await store_script(owner, body.name, body.interpreter, body.body.encode())
 
-    @api.put("/v1/scripts/{name}", status_code=201, openapi_extra=RAW_SCRIPT_BODY)
+    @api.put("/v1/scripts/{name}", status_code=201, openapi_extra=RAW_SCRIPT_BODY, responses=AGAIN)
     async def upload_script(
         owner: Owner, name: str, request: Request, interpreter: Interpreter = Interpreter.BASH
     ) -> JSONResponse:
@@ -414,7 +425,7 @@ def create_api(backend: Backend) -> FastAPI:
         found = await asyncio.to_thread(repo.script_versions, owner_id=owner, name=name)
         return {"name": name, "versions": [script_out(s) for s in found]}
 
-    @api.get("/v1/scripts/{name}/body")
+    @api.get("/v1/scripts/{name}/body", responses=BYTES_ANSWER)
     async def script_body(
         owner: Owner, name: str, version: int | None = Query(None, ge=1, le=2**31 - 1)
     ) -> Response:
@@ -440,9 +451,9 @@ def create_api(backend: Backend) -> FastAPI:
         api_metrics.submissions.labels(kind="task").inc()
         return JSONResponse(task_out(result.task), status_code=201 if result.created else 200)
 
-    api.post("/v1/tasks", status_code=201)(submit)
+    api.post("/v1/tasks", status_code=201, responses=AGAIN)(submit)
 
-    @api.post("/v1/tasks:batch", status_code=201)
+    @api.post("/v1/tasks:batch", status_code=201, responses=AGAIN)
     async def submit_batch(owner: Owner, body: TaskBatchIn) -> JSONResponse:
         """Up to ``max_batch_tasks`` tasks in one transaction: all are
         stored, or none (the error names the item)."""
@@ -458,7 +469,7 @@ def create_api(backend: Backend) -> FastAPI:
             status_code=201 if created else 200,
         )
 
-    @api.post("/sendTask", status_code=201)
+    @api.post("/sendTask", status_code=201, responses=AGAIN)
     async def send_task(owner: Owner, body: SendTaskIn) -> JSONResponse:
         """The original API: once at ``execute_at``, or on a ``cron``."""
         if body.cron is None:
@@ -489,12 +500,12 @@ def create_api(backend: Backend) -> FastAPI:
         return {"schedules": [schedule_out(s) for s in found]}
 
     @api.get("/v1/schedules/{schedule_id}")
-    async def get_schedule(owner: Owner, schedule_id: int) -> dict:
+    async def get_schedule(owner: Owner, schedule_id: ObjectId) -> dict:
         schedule = await asyncio.to_thread(repo.get_schedule, schedule_id, owner_id=owner)
         return schedule_out(schedule)
 
     @api.patch("/v1/schedules/{schedule_id}")
-    async def change_schedule(owner: Owner, schedule_id: int, body: SchedulePatch) -> dict:
+    async def change_schedule(owner: Owner, schedule_id: ObjectId, body: SchedulePatch) -> dict:
         current = await asyncio.to_thread(repo.get_schedule, schedule_id, owner_id=owner)
         changes = schedule_changes(body, settings=settings, now=now())
         if "cron" in changes or "timezone" in changes:
@@ -511,12 +522,12 @@ def create_api(backend: Backend) -> FastAPI:
         return schedule_out(schedule)
 
     @api.delete("/v1/schedules/{schedule_id}")
-    async def delete_schedule(owner: Owner, schedule_id: int) -> dict:
+    async def delete_schedule(owner: Owner, schedule_id: ObjectId) -> dict:
         await asyncio.to_thread(repo.delete_schedule, schedule_id, owner_id=owner, now=now())
         return {"schedule_id": schedule_id, "deleted": True}
 
     @api.post("/v1/schedules/{schedule_id}/trigger", status_code=202)
-    async def trigger_schedule(owner: Owner, schedule_id: int) -> dict:
+    async def trigger_schedule(owner: Owner, schedule_id: ObjectId) -> dict:
         task_id, at = await asyncio.to_thread(
             repo.trigger_schedule, schedule_id, owner_id=owner, now=now()
         )
@@ -525,7 +536,7 @@ def create_api(backend: Backend) -> FastAPI:
 
     @api.get("/v1/schedules/{schedule_id}/preview")
     async def preview_schedule(
-        owner: Owner, schedule_id: int, count: int = Query(10, ge=1, le=100)
+        owner: Owner, schedule_id: ObjectId, count: int = Query(10, ge=1, le=100)
     ) -> dict:
         schedule = await asyncio.to_thread(repo.get_schedule, schedule_id, owner_id=owner)
         cron = schedule.cron_schedule
@@ -543,7 +554,7 @@ def create_api(backend: Backend) -> FastAPI:
 
     @api.get("/v1/schedules/{schedule_id}/runs")
     async def schedule_runs(
-        owner: Owner, schedule_id: int, limit: int = Query(100, ge=1, le=1000)
+        owner: Owner, schedule_id: ObjectId, limit: int = Query(100, ge=1, le=1000)
     ) -> dict:
         history = await asyncio.to_thread(
             repo.schedule_history, schedule_id, owner_id=owner, limit=limit
@@ -551,13 +562,13 @@ def create_api(backend: Backend) -> FastAPI:
         return {"schedule_id": schedule_id, "occurrences": [history_out(h) for h in history]}
 
     @api.get("/v1/tasks/{task_id}")
-    async def get_task(owner: Owner, task_id: int) -> dict:
+    async def get_task(owner: Owner, task_id: ObjectId) -> dict:
         task = await asyncio.to_thread(repo.get_task, task_id, owner_id=owner)
         runs = await asyncio.to_thread(repo.list_runs, task_id)
         return task_out(task, runs)
 
     @api.delete("/v1/tasks/{task_id}")
-    async def cancel_task(owner: Owner, task_id: int) -> dict:
+    async def cancel_task(owner: Owner, task_id: ObjectId) -> dict:
         task = await asyncio.to_thread(repo.cancel_task, task_id, owner_id=owner, now=now())
         return task_out(task)
 
@@ -566,7 +577,7 @@ def create_api(backend: Backend) -> FastAPI:
         owner: Owner,
         status: list[str] = Query(default=[], description="repeatable: scheduled, dead, …"),
         script: str | None = None,
-        schedule_id: int | None = None,
+        schedule_id: int | None = Query(None, ge=1, le=MAX_ID),
         due_from: str | None = Query(None, description="ISO 8601 with offset, or epoch s"),
         due_before: str | None = None,
         limit: int = Query(100, ge=1, le=1000),
@@ -587,15 +598,15 @@ def create_api(backend: Backend) -> FastAPI:
         return {"tasks": [task_out(task) for task in page], "next_cursor": next_cursor}
 
     @api.get("/v1/tasks/{task_id}/runs")
-    async def list_runs(owner: Owner, task_id: int) -> dict:
+    async def list_runs(owner: Owner, task_id: ObjectId) -> dict:
         """Every attempt of one task: executor, tier, node, times, fire lag,
         exit code, failure class and the output's tail."""
         await asyncio.to_thread(repo.get_task, task_id, owner_id=owner)
         runs = await asyncio.to_thread(repo.list_runs, task_id)
         return {"task_id": task_id, "runs": [run_out(run) for run in runs]}
 
-    @api.get("/v1/tasks/{task_id}/runs/{attempt}/output", response_class=PlainTextResponse)
-    async def run_output(owner: Owner, task_id: int, attempt: int) -> PlainTextResponse:
+    @api.get("/v1/tasks/{task_id}/runs/{attempt}/output", responses=TEXT_ANSWER)
+    async def run_output(owner: Owner, task_id: ObjectId, attempt: Attempt) -> PlainTextResponse:
         """The tail of one attempt's stdout and stderr, as text."""
         await asyncio.to_thread(repo.get_task, task_id, owner_id=owner)
         runs = await asyncio.to_thread(repo.list_runs, task_id)
@@ -621,7 +632,7 @@ def create_api(backend: Backend) -> FastAPI:
         return {"tasks": [task_out(task) for task in dead]}
 
     @api.post("/v1/tasks/{task_id}/retry")
-    async def retry_task(owner: Owner, task_id: int, body: RetryIn | None = None) -> dict:
+    async def retry_task(owner: Owner, task_id: ObjectId, body: RetryIn | None = None) -> dict:
         attempts = (body or RetryIn()).attempts
         if attempts > settings.max_attempts_limit:
             raise InvalidInput(f"at most {settings.max_attempts_limit} attempts", "attempts")

@@ -8,6 +8,7 @@ import math
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from chronoray.errors import (
     ChronorayError,
@@ -59,6 +60,31 @@ SERVER_FIELDS = frozenset(
         "bucket",
     }
 )
+
+
+class ErrorOut(BaseModel):
+    error: str
+    detail: str
+    field: str | None = None
+
+
+ERROR_STATUS_MEANING = {
+    400: "malformed JSON",
+    401: "no token, or an unknown or revoked one",
+    403: "a token of the wrong kind (admin vs user)",
+    404: "no such object for this user",
+    409: "conflict with the object's state",
+    413: "body or script too large",
+    415: "unsupported content type",
+    422: "a field is invalid; 'field' names it",
+    429: "rate limit or cap reached; see Retry-After",
+    503: "a dependency is unavailable; see Retry-After",
+}
+# Documented on every route of the OpenAPI document.
+ERROR_RESPONSES = {
+    status: {"model": ErrorOut, "description": meaning}
+    for status, meaning in ERROR_STATUS_MEANING.items()
+}
 
 
 def status_for(error: ChronorayError) -> int:

@@ -9,7 +9,7 @@ import re
 from fastapi import Request
 from fastapi.routing import APIRoute
 
-from chronoray.errors import InvalidInput, UnsupportedMediaType
+from chronoray.errors import InvalidInput, UnknownField, UnsupportedMediaType
 
 
 class BodySizeLimit:
@@ -121,6 +121,14 @@ def is_json(content_type: str) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
+def _query_names(dependant) -> set[str]:
+    """Every query parameter a route declares, its dependencies' included."""
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
 class StrictJsonRoute(APIRoute):
     """Routes whose JSON bodies pass ``check_json_body`` first; a body of
     another declared media type is a 415 (no Content-Type: read as JSON)."""
@@ -128,8 +136,12 @@ class StrictJsonRoute(APIRoute):
     def get_route_handler(self):
         handler = super().get_route_handler()
         takes_json = self.body_field is not None
+        known_query = _query_names(self.dependant)
 
         async def strict(request: Request):
+            for name in request.query_params:
+                if name not in known_query:  # a typo must not silently widen a query
+                    raise UnknownField(f"unknown query parameter {name[:64]!r}", name[:64])
             if takes_json and request.method in ("POST", "PUT", "PATCH"):
                 body = await request.body()
                 content_type = request.headers.get("content-type", "application/json")
