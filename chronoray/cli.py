@@ -18,12 +18,19 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(help="chronoray: a distributed task scheduler on Ray.", no_args_is_help=True)
-tasks_app = typer.Typer(help="Inspect tasks.", no_args_is_help=True)
-scripts_app = typer.Typer(help="Register scripts.", no_args_is_help=True)
+tasks_app = typer.Typer(help="List, show, cancel and retry tasks.", no_args_is_help=True)
+scripts_app = typer.Typer(help="Upload, list, show and delete scripts.", no_args_is_help=True)
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(scripts_app, name="scripts")
 schedules_app = typer.Typer(help="CRON schedules.", no_args_is_help=True)
 app.add_typer(schedules_app, name="schedules")
+runs_app = typer.Typer(help="A task's attempts and their output.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+users_app = typer.Typer(
+    help="Users and API tokens (CHRONORAY_ADMIN_TOKEN; `me` takes a user's token).",
+    no_args_is_help=True,
+)
+app.add_typer(users_app, name="users")
 console = Console()
 err = Console(stderr=True)
 
@@ -106,15 +113,24 @@ def _token(admin: bool = False) -> str | None:
     return kept.read_text().strip() if kept.exists() else None
 
 
-def _call(method: str, url: str, *, admin: bool = False, **kwargs) -> dict:
+def _call(method: str, url: str, *, admin: bool = False, raw: bool = False, **kwargs):
+    """One API call; an error answer is printed (status, code, field,
+    detail) and ends the command with exit code 1. ``raw``: the body as
+    bytes instead of JSON."""
     token = _token(admin)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers.update(kwargs.pop("headers", {}))
     try:
-        response = httpx.request(method, url, timeout=30, headers=headers, **kwargs)
+        response = httpx.request(method, url, timeout=60, headers=headers, **kwargs)
     except httpx.HTTPError as exc:
         err.print(f"[red]cannot reach chronoray at {url}: {exc}[/red]")
         raise typer.Exit(2) from None
-    body = response.json()
+    if raw and not response.is_error:
+        return response.content
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": "not_json", "detail": response.text[:200]}
     if response.is_error:
         field = f" ({body.get('field')})" if body.get("field") else ""
         err.print(
@@ -132,21 +148,90 @@ def scripts_add(
     url: str = URL_OPTION,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Register (or version) a script from a file."""
+    """Upload (or version) a script from a file; the same content again is
+    the same version."""
     body = _call(
-        "POST",
-        f"{url}/v1/scripts",
-        json={"name": name, "interpreter": interpreter, "body": file.read_text()},
+        "PUT",
+        f"{url}/v1/scripts/{name}",
+        params={"interpreter": interpreter},
+        content=file.read_bytes(),
+        headers={"content-type": "application/octet-stream"},
     )
+    _print(body, as_json, f"script {body['name']} v{body['version']} ({body['sha256'][:12]})")
+
+
+def _scripts_table(found: list[dict]) -> Table:
+    table = Table("name", "version", "interpreter", "bytes", "sha256", "created")
+    for script in found:
+        table.add_row(
+            script["name"],
+            str(script["version"]),
+            script["interpreter"],
+            str(script["size_bytes"]),
+            script["sha256"][:12],
+            script["created_at"],
+        )
+    return table
+
+
+@scripts_app.command("list")
+def scripts_list(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Your scripts, the newest version of each."""
+    body = _call("GET", f"{url}/v1/scripts")
     if as_json:
         console.print_json(json.dumps(body))
-    else:
-        console.print(f"script {body['name']} v{body['version']} ({body['sha256'][:12]})")
+        return
+    console.print(_scripts_table(body["scripts"]))
+
+
+@scripts_app.command("versions")
+def scripts_versions(
+    name: str, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
+) -> None:
+    """Every version of a script, newest first, with its content hash."""
+    body = _call("GET", f"{url}/v1/scripts/{name}/versions")
+    if as_json:
+        console.print_json(json.dumps(body))
+        return
+    console.print(_scripts_table(body["versions"]))
+
+
+@scripts_app.command("show")
+def scripts_show(
+    name: str,
+    version: int | None = typer.Option(None, help="an older version"),
+    body_only: bool = typer.Option(False, "--body", help="print the script itself"),
+    url: str = URL_OPTION,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """A script's newest (or given) version; --body prints its content."""
+    params = {"version": version} if version else {}
+    if body_only:
+        content = _call("GET", f"{url}/v1/scripts/{name}/body", params=params, raw=True)
+        if as_json:
+            console.print_json(json.dumps({"name": name, "body": content.decode(errors="replace")}))
+        else:
+            typer.echo(content.decode(errors="replace"), nl=False)
+        return
+    body = _call("GET", f"{url}/v1/scripts/{name}", params=params)
+    if as_json:
+        console.print_json(json.dumps(body))
+        return
+    console.print(_scripts_table([body]))
+
+
+@scripts_app.command("delete")
+def scripts_delete(
+    name: str, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
+) -> None:
+    """Delete every version of a script no pending task or schedule uses."""
+    body = _call("DELETE", f"{url}/v1/scripts/{name}")
+    _print(body, as_json, f"script {name}: {body['deleted_versions']} versions deleted")
 
 
 @app.command()
 def submit(
-    script: str,
+    script: str = typer.Argument(None, help="a registered script (or use --file)"),
     at: str = typer.Option(
         "+0s", "--at", help="ISO 8601 with offset, epoch seconds, or +5s/+2m/+1h"
     ),
@@ -155,10 +240,28 @@ def submit(
     max_attempts: int = typer.Option(3),
     timeout_s: float | None = typer.Option(None),
     idempotency_key: str | None = typer.Option(None),
+    file: Path | None = typer.Option(
+        None,
+        "--file",
+        exists=True,
+        dir_okay=False,
+        help="JSON Lines: one task per line, each with the fields of POST /v1/tasks",
+    ),
+    batch_size: int = typer.Option(500, help="tasks per POST /v1/tasks:batch with --file"),
     url: str = URL_OPTION,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Schedule a registered script to run once."""
+    """Schedule a registered script to run once, or every task of a JSON
+    Lines file (--file) in all-or-nothing batches, with a progress bar."""
+    if file is not None:
+        if script:
+            err.print("[red]give a script or --file, not both[/red]")
+            raise typer.Exit(2)
+        _submit_file(file, batch_size=batch_size, url=url, as_json=as_json)
+        return
+    if not script:
+        err.print("[red]give a script, or --file tasks.jsonl[/red]")
+        raise typer.Exit(2)
     variables = _variables(var)
     request = {
         "script": script,
@@ -172,10 +275,81 @@ def submit(
     if idempotency_key:
         request["idempotency_key"] = idempotency_key
     body = _call("POST", f"{url}/v1/tasks", json=request)
-    if as_json:
-        console.print_json(json.dumps(body))
-    else:
-        console.print(f"task {body['task_id']} {body['status']} at {body['execute_at']}")
+    _print(body, as_json, f"task {body['task_id']} {body['status']} at {body['execute_at']}")
+
+
+def read_jsonl(file: Path) -> list[dict]:
+    """Every task of the file, or exit naming the first bad line."""
+    tasks = []
+    for number, line in enumerate(file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            task = json.loads(line)
+        except ValueError as exc:
+            err.print(f"[red]{file}:{number}: not JSON: {exc}[/red]")
+            raise typer.Exit(2) from None
+        if not isinstance(task, dict):
+            err.print(f"[red]{file}:{number}: expected an object with the task's fields[/red]")
+            raise typer.Exit(2)
+        if isinstance(task.get("execute_at"), str) and RELATIVE.match(task["execute_at"]):
+            task["execute_at"] = parse_when(task["execute_at"])
+        tasks.append({"line": number, "task": task})
+    return tasks
+
+
+def _submit_file(file: Path, *, batch_size: int, url: str, as_json: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    if not 1 <= batch_size <= 1000:
+        err.print("[red]--batch-size must be between 1 and 1000[/red]")
+        raise typer.Exit(2)
+    entries = read_jsonl(file)
+    token = _token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    submitted, created, task_ids = 0, 0, []
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with (
+        httpx.Client(base_url=url, headers=headers, timeout=120) as session,
+        Progress(*columns, console=err, disable=as_json) as progress,
+    ):
+        bar = progress.add_task(f"submitting {file.name}", total=len(entries))
+        for start in range(0, len(entries), batch_size):
+            chunk = entries[start : start + batch_size]
+            try:
+                response = session.post(
+                    "/v1/tasks:batch", json={"tasks": [e["task"] for e in chunk]}
+                )
+            except httpx.HTTPError as exc:
+                err.print(f"[red]cannot reach chronoray at {url}: {exc}[/red]")
+                raise typer.Exit(2) from None
+            if response.is_error:
+                _report_batch_error(file, chunk, response, submitted)
+                raise typer.Exit(1)
+            body = response.json()
+            submitted += len(chunk)
+            created += body["created"]
+            task_ids += [t["task_id"] for t in body["tasks"]]
+            progress.advance(bar, len(chunk))
+    summary = {"submitted": submitted, "created": created, "task_ids": task_ids}
+    _print(summary, as_json, f"{submitted} tasks submitted ({created} new) from {file}")
+
+
+def _report_batch_error(file: Path, chunk: list[dict], response, submitted: int) -> None:
+    """Name the file's line: the batch's error field says tasks[i]."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": "not_json", "detail": response.text[:200]}
+    where = ""
+    match = re.match(r"tasks\[(\d+)\]", body.get("field") or "")
+    if match and int(match.group(1)) < len(chunk):
+        where = f"{file}:{chunk[int(match.group(1))]['line']}: "
+    err.print(
+        f"[red]{where}{response.status_code} {body.get('error')} ({body.get('field')}): "
+        f"{body.get('detail')}[/red]"
+    )
+    err.print(f"{submitted} tasks before this batch were submitted; this batch stored nothing")
 
 
 @tasks_app.command("show")
@@ -275,17 +449,138 @@ def tasks_retry(
     _print(body, as_json, f"task {body['task_id']} {body['status']}, attempt {body['attempt']}")
 
 
+@tasks_app.command("cancel")
+def tasks_cancel(
+    task_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
+) -> None:
+    """Cancel a task that has not started (409 once it has)."""
+    body = _call("DELETE", f"{url}/v1/tasks/{task_id}")
+    _print(body, as_json, f"task {body['task_id']} {body['status']}")
+
+
+@runs_app.command("list")
+def runs_list(
+    task_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
+) -> None:
+    """Every attempt of a task: executor, tier, lag, exit code, failure."""
+    body = _call("GET", f"{url}/v1/tasks/{task_id}/runs")
+    if as_json:
+        console.print_json(json.dumps(body))
+        return
+    table = Table("attempt", "status", "tier", "executor", "started", "lag ms", "exit", "failure")
+    for run in body["runs"]:
+        table.add_row(
+            str(run["attempt"]),
+            run["status"],
+            run["tier"],
+            run["executor_id"],
+            str(run["started_at"]),
+            str(run["fire_lag_ms"]),
+            str(run["exit_code"]),
+            str(run["failure"]),
+        )
+    console.print(table)
+
+
+@runs_app.command("output")
+def runs_output(
+    task_id: int,
+    attempt: int = typer.Argument(1),
+    url: str = URL_OPTION,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The tail of one attempt's output."""
+    content = _call("GET", f"{url}/v1/tasks/{task_id}/runs/{attempt}/output", raw=True)
+    text = content.decode(errors="replace")
+    if as_json:
+        console.print_json(json.dumps({"task_id": task_id, "attempt": attempt, "output": text}))
+    else:
+        typer.echo(text, nl=False)
+
+
+@users_app.command("create")
+def users_create(
+    first_name: str,
+    last_name: str,
+    token: bool = typer.Option(True, help="also issue the user's first token"),
+    url: str = URL_OPTION,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Create a user (admin), and by default a token for them."""
+    user = _call(
+        "POST",
+        f"{url}/v1/users",
+        admin=True,
+        json={"first_name": first_name, "last_name": last_name},
+    )
+    if token:
+        user["token"] = _call(
+            "POST", f"{url}/v1/users/{user['user_id']}/tokens", admin=True, json={}
+        )
+    line = f"user {user['user_id']} {first_name} {last_name}"
+    if token:
+        line += f"\ntoken {user['token']['token_id']}: {user['token']['token']}  (shown once)"
+    _print(user, as_json, line)
+
+
+@users_app.command("list")
+def users_list(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every user (admin)."""
+    body = _call("GET", f"{url}/v1/users", admin=True)
+    if as_json:
+        console.print_json(json.dumps(body))
+        return
+    table = Table("id", "first name", "last name", "created")
+    for user in body["users"]:
+        table.add_row(
+            str(user["user_id"]), user["first_name"], user["last_name"], user["created_at"]
+        )
+    console.print(table)
+
+
+@users_app.command("token")
+def users_token(
+    user_id: int,
+    label: str = typer.Option("", help="what the token is for"),
+    url: str = URL_OPTION,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Issue a token for a user (admin); it is shown once."""
+    body = _call("POST", f"{url}/v1/users/{user_id}/tokens", admin=True, json={"label": label})
+    _print(body, as_json, f"token {body['token_id']}: {body['token']}  (shown once)")
+
+
+@users_app.command("revoke")
+def users_revoke(
+    token_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
+) -> None:
+    """Revoke a token (admin); it stops working at once."""
+    body = _call("DELETE", f"{url}/v1/tokens/{token_id}", admin=True)
+    _print(body, as_json, f"token {token_id} revoked at {body['revoked_at']}")
+
+
+@users_app.command("me")
+def users_me(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
+    """The user your token belongs to."""
+    body = _call("GET", f"{url}/v1/me")
+    _print(body, as_json, f"user {body['user_id']} {body['first_name']} {body['last_name']}")
+
+
 @app.command()
 def executors(
     zookeeper: str = typer.Option(
-        None, "--zookeeper", envvar="CHRONORAY_ZOOKEEPER_HOSTS", help="host:port[,host:port]"
+        None,
+        "--zookeeper",
+        help="read the ZooKeeper mirror at host:port[,host:port] instead of the API",
     ),
+    url: str = URL_OPTION,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Live executors, as the ZooKeeper mirror shows them."""
+    """Executors as the pool sees them (GET /v1/executors), or as the
+    ZooKeeper mirror shows them (--zookeeper)."""
     if not zookeeper:
-        err.print("no ZooKeeper: set --zookeeper or CHRONORAY_ZOOKEEPER_HOSTS")
-        raise typer.Exit(2)
+        _pool_executors(url, as_json)
+        return
     from actors.zk_mirror import read_tree
 
     try:
@@ -315,6 +610,34 @@ def executors(
         if dispatcher
         else "dispatcher: not published"
     )
+
+
+def _pool_executors(url: str, as_json: bool) -> None:
+    body = _call("GET", f"{url}/v1/executors")
+    if as_json:
+        console.print_json(json.dumps(body))
+        return
+    tiers = Table("tier", "live", "starting", "min", "max", "unplaceable")
+    for name, tier in body["tiers"].items():
+        tiers.add_row(
+            name,
+            str(tier["live"]),
+            str(tier.get("starting", 0)),
+            str(tier["min"]),
+            str(tier["max"]),
+            str(tier.get("unplaceable") or ""),
+        )
+    console.print(tiers)
+    table = Table("executor", "tier", "state", "running", "heartbeat age s")
+    for ex in body["executors"]:
+        table.add_row(
+            ex["executor_id"],
+            ex["tier"],
+            str(ex.get("state")),
+            str(ex.get("running")),
+            str(ex.get("heartbeat_age_s")),
+        )
+    console.print(table)
 
 
 def _print(body, as_json: bool, line: str) -> None:
