@@ -16,8 +16,9 @@ from typing import Any
 import ray
 
 from chronoray.errors import ChronorayError, InvalidInput, TooLarge
-from scheduling.models import Interpreter, Run, Script, Task
+from scheduling.models import ApiToken, Interpreter, Run, Script, Task, User
 from scheduling.schedules import Schedule
+from serve_app.app import check_caps
 
 
 def _iso_times(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -43,6 +44,7 @@ class Client:
         *,
         namespace: str = "chronoray",
         token: str | None = None,
+        admin_token: str | None = None,
     ) -> None:
         from actors.handles import dispatcher_handle
         from chronoray.auth import Authenticator
@@ -60,10 +62,13 @@ class Client:
             ],
         )
         self._submitter = ShardSubmitter(self.settings)
+        self._auth = Authenticator(self._repo.user_for_token, admin_token=self.settings.admin_token)
+        self._admin = (
+            admin_token is not None and self._auth.authenticate(admin_token).admin
+        )  # checked on each admin call
         token = token or os.environ.get("CHRONORAY_TOKEN")
         if token:
-            auth = Authenticator(self._repo.user_for_token, admin_token=None)
-            self.owner_id = auth.authenticate(token).require_user()
+            self.owner_id = self._auth.authenticate(token).require_user()
         else:
             self.owner_id = self._repo.ensure_user(
                 first_name=LOCAL_USER[0], last_name=LOCAL_USER[1], now=datetime.now(timezone.utc)
@@ -85,6 +90,81 @@ class Client:
         )
         return script
 
+    def upload_script(self, name: str, body: bytes, *, interpreter: str = "bash") -> Script:
+        """As ``PUT /v1/scripts/{name}``: any bytes; the same content again
+        is the same version."""
+        from scheduling.validation import validate_script_name
+
+        validate_script_name(name, "name")
+        if len(body) > self.settings.max_script_bytes:
+            raise TooLarge(f"script over {self.settings.max_script_bytes} bytes", "body")
+        if not body:
+            raise InvalidInput("the script is empty", "body")
+        script, _ = self._repo.add_script(
+            owner_id=self.owner_id,
+            name=name,
+            interpreter=Interpreter(interpreter),
+            body=body,
+            now=datetime.now(timezone.utc),
+        )
+        return script
+
+    def list_scripts(self) -> list[Script]:
+        return self._repo.list_scripts(owner_id=self.owner_id)
+
+    def get_script(self, name: str, *, version: int | None = None) -> Script:
+        return self._repo.get_script(owner_id=self.owner_id, name=name, version=version)
+
+    def script_versions(self, name: str) -> list[Script]:
+        return self._repo.script_versions(owner_id=self.owner_id, name=name)
+
+    def script_body(self, name: str, *, version: int | None = None) -> bytes:
+        return self._repo.get_script_body(self.get_script(name, version=version).script_id)
+
+    def delete_script(self, name: str) -> int:
+        """Every version; ScriptInUse (409) while a pending task or schedule uses it."""
+        return self._repo.delete_script(
+            owner_id=self.owner_id, name=name, now=datetime.now(timezone.utc)
+        )
+
+    # -- users and tokens (the admin token) --------------------------------------
+    def _require_admin(self) -> None:
+        if not self._admin:
+            from chronoray.errors import Forbidden
+
+            raise Forbidden("needs the admin token: Client(admin_token=...)")
+
+    def create_user(self, first_name: str, last_name: str) -> User:
+        from serve_app.schemas import UserIn
+
+        self._require_admin()
+        body = UserIn.parse({"first_name": first_name, "last_name": last_name})
+        return self._repo.add_user(
+            first_name=body.first_name, last_name=body.last_name, now=datetime.now(timezone.utc)
+        )
+
+    def get_user(self, user_id: int) -> User:
+        self._require_admin()
+        return self._repo.get_user(user_id)
+
+    def list_users(self) -> list[User]:
+        self._require_admin()
+        return self._repo.list_users()
+
+    def issue_token(self, user_id: int, *, label: str = "") -> tuple[ApiToken, str]:
+        """The token's record and the token itself (shown once)."""
+        from chronoray.auth import issue_token
+
+        self._require_admin()
+        return issue_token(self._repo, user_id=user_id, label=label, now=datetime.now(timezone.utc))
+
+    def revoke_token(self, token_id: int) -> ApiToken:
+        self._require_admin()
+        return self._repo.revoke_token(token_id, now=datetime.now(timezone.utc))
+
+    def me(self) -> User:
+        return self._repo.get_user(self.owner_id)
+
     def submit(self, script: str, execute_at: datetime | float | str, **fields: Any) -> Task:
         [task] = self.submit_many([{"script": script, "execute_at": execute_at, **fields}])
         return task
@@ -103,6 +183,7 @@ class Client:
             news.append(
                 new_task(TaskIn.parse(request), owner_id=self.owner_id, settings=self.settings)
             )
+        check_caps(self._repo, self.settings, self.owner_id, tasks=len(news))
         results = self._submitter.submit_blocking(news)
         tasks = []
         for result in results:
@@ -118,6 +199,7 @@ class Client:
         news = new_batch(
             [_iso_times(r) for r in requests], owner_id=self.owner_id, settings=self.settings
         )
+        check_caps(self._repo, self.settings, self.owner_id, tasks=len(news))
         results = store_batch(self._repo, news, now=datetime.now(timezone.utc))
         self._submitter.track_blocking([(r.task.task_id, r.task.execute_at) for r in results])
         return [r.task for r in results]
@@ -132,6 +214,7 @@ class Client:
         now = datetime.now(timezone.utc)
         body = ScheduleIn.parse({"script": script, "cron": cron, **_iso_times(fields)})
         new = new_schedule(body, owner_id=self.owner_id, settings=self.settings, now=now)
+        check_caps(self._repo, self.settings, self.owner_id, schedules=1)
         schedule, follow_up = self._repo.add_schedule(new, now=now)
         if follow_up:
             self._submitter.track_blocking([follow_up])
@@ -179,12 +262,30 @@ class Client:
         self._submitter.track_blocking([(task_id, at)])
         return task_id
 
+    def preview_schedule(self, schedule_id: int, *, count: int = 10) -> list[datetime]:
+        """The next fire times (UTC), as ``GET /v1/schedules/{id}/preview``."""
+        from serve_app.app import upcoming_fires
+
+        if not 1 <= count <= 100:
+            raise InvalidInput("must be between 1 and 100", "count")
+        return upcoming_fires(self.get_schedule(schedule_id), count)
+
     def schedule_history(self, schedule_id: int, *, limit: int = 100) -> list[dict]:
         return self._repo.schedule_history(schedule_id, owner_id=self.owner_id, limit=limit)
 
     def get(self, task_id: int) -> TaskView:
         task = self._repo.get_task(task_id, owner_id=self.owner_id)
         return TaskView(task=task, runs=self._repo.list_runs(task_id))
+
+    def runs(self, task_id: int) -> list[Run]:
+        """Every attempt of one of this user's tasks."""
+        self._repo.get_task(task_id, owner_id=self.owner_id)
+        return self._repo.list_runs(task_id)
+
+    def run_output(self, task_id: int, attempt: int) -> str:
+        from serve_app.app import run_of
+
+        return run_of(self.runs(task_id), task_id, attempt).output_tail
 
     def cancel(self, task_id: int) -> Task:
         return self._repo.cancel_task(

@@ -30,7 +30,7 @@ from chronoray.errors import (
 from chronoray.metrics import ApiMetrics, exposition
 from chronoray.settings import Settings
 from scheduling.cron import validate_schedule
-from scheduling.models import Interpreter, NewTask, SubmitResult, TaskStatus
+from scheduling.models import Interpreter, NewTask, Run, SubmitResult, TaskStatus
 from scheduling.schedules import MisfirePolicy, NewSchedule, OverlapPolicy, first_fire
 from scheduling.validation import validate_script_name
 from serve_app.errors import ERROR_RESPONSES, install_error_handlers
@@ -111,6 +111,22 @@ BYTES_ANSWER = {
 }
 AGAIN = {200: {"description": "the same body (or idempotency key) again: what is already stored"}}
 CAP_RETRY_AFTER_S = 30.0  # active work drains in about this long; a guess to space retries
+
+
+def upcoming_fires(schedule, count: int) -> list[datetime]:
+    """The next ``count`` fire times of a schedule (none while paused or ended)."""
+    if schedule.next_fire_at is None:
+        return []
+    start = schedule.next_fire_at
+    fires = [start, *schedule.cron_schedule.upcoming(start, count - 1)]
+    return [f for f in fires if schedule.end_at is None or f <= schedule.end_at]
+
+
+def run_of(runs: Sequence[Run], task_id: int, attempt: int) -> Run:
+    for run in runs:
+        if run.attempt == attempt:
+            return run
+    raise RunNotFound(f"task {task_id} has no run of attempt {attempt}", "attempt")
 
 
 def check_caps(
@@ -539,16 +555,13 @@ def create_api(backend: Backend) -> FastAPI:
         owner: Owner, schedule_id: ObjectId, count: int = Query(10, ge=1, le=100)
     ) -> dict:
         schedule = await asyncio.to_thread(repo.get_schedule, schedule_id, owner_id=owner)
-        cron = schedule.cron_schedule
-        start = schedule.next_fire_at or now()
-        fires = [start, *cron.upcoming(start, count - 1)] if schedule.next_fire_at else []
-        if schedule.end_at:
-            fires = [f for f in fires if f <= schedule.end_at]
+        zone = schedule.cron_schedule.zone
         return {
             "schedule_id": schedule_id,
             "timezone": schedule.timezone,
             "fires": [
-                {"utc": f.isoformat(), "local": f.astimezone(cron.zone).isoformat()} for f in fires
+                {"utc": f.isoformat(), "local": f.astimezone(zone).isoformat()}
+                for f in upcoming_fires(schedule, count)
             ],
         }
 
@@ -610,10 +623,7 @@ def create_api(backend: Backend) -> FastAPI:
         """The tail of one attempt's stdout and stderr, as text."""
         await asyncio.to_thread(repo.get_task, task_id, owner_id=owner)
         runs = await asyncio.to_thread(repo.list_runs, task_id)
-        for run in runs:
-            if run.attempt == attempt:
-                return PlainTextResponse(run.output_tail)
-        raise RunNotFound(f"task {task_id} has no run of attempt {attempt}", "attempt")
+        return PlainTextResponse(run_of(runs, task_id, attempt).output_tail)
 
     @api.get("/v1/executors")
     async def list_executors(owner: Owner) -> dict:
