@@ -138,7 +138,48 @@ BAD_TASKS = [
     ),
     ({"script": "hello.sh", "execute_at": 1900000000, "variables": {"A": 1}}, 422, "variables.A"),
     ({"script": "../etc/passwd", "execute_at": 1900000000}, 422, "script"),
+    *(
+        (
+            {"script": "hello.sh", "execute_at": 1900000000, "variables": {name: "x"}},
+            422,
+            f"variables.{name}",
+        )
+        for name in ("PYTHONPATH", "BASH_ENV", "LD_LIBRARY_PATH", "A" * 65, "1A", "A-B", "")
+    ),
+    (
+        {"script": "hello.sh", "execute_at": 1900000000, "variables": {"A": "x\x00y"}},
+        422,
+        "variables.A",
+    ),
+    (
+        {"script": "hello.sh", "execute_at": 1900000000, "variables": {"A": "x\ry"}},
+        422,
+        "variables.A",
+    ),
+    ({"script": "hello.sh", "execute_at": 1900000000, "task_id": 5}, 422, "task_id"),
+    ({"script": "hello.sh", "execute_at": 1900000000, "attempt": 2}, 422, "attempt"),
 ]
+
+
+def test_variable_count_and_size_are_capped(repo):
+    api = user_api(repo, SETTINGS.with_(max_request_bytes=1024 * 1024))
+    api.post("/v1/scripts", json={"name": "hello.sh", "body": "echo"})
+    many = {f"V{i}": "x" for i in range(65)}
+    response = api.post(
+        "/v1/tasks", json={"script": "hello.sh", "execute_at": 1900000000, "variables": many}
+    )
+    assert response.status_code == 422 and response.json()["field"] == "variables"
+    big = {"BIG": "x" * 4097}
+    response = api.post(
+        "/v1/tasks", json={"script": "hello.sh", "execute_at": 1900000000, "variables": big}
+    )
+    assert response.status_code == 413 and response.json()["field"] == "variables.BIG"
+    ok = {f"V{i}": "x" * 4096 for i in range(64)}
+    response = api.post(
+        "/v1/tasks", json={"script": "hello.sh", "execute_at": 1900000000, "variables": ok}
+    )
+    assert response.status_code == 201
+    assert len(repo.tasks) == 1
 
 
 @pytest.mark.parametrize("body, status, field", BAD_TASKS)
