@@ -38,6 +38,14 @@ URL_OPTION = typer.Option(
     "http://127.0.0.1:8000", "--url", envvar="CHRONORAY_URL", help="API base URL"
 )
 RELATIVE = re.compile(r"^\+(\d+(?:\.\d+)?)([smhd])$")
+RUN_COLUMNS = {
+    "attempt": "attempt",
+    "status": "status",
+    "tier": "tier",
+    "executor": "executor_id",
+    "exit": "exit_code",
+    "lag ms": "fire_lag_ms",
+}
 
 
 @app.command()
@@ -161,17 +169,17 @@ def scripts_add(
 
 
 def _scripts_table(found: list[dict]) -> Table:
-    table = Table("name", "version", "interpreter", "bytes", "sha256", "created")
-    for script in found:
-        table.add_row(
-            script["name"],
-            str(script["version"]),
-            script["interpreter"],
-            str(script["size_bytes"]),
-            script["sha256"][:12],
-            script["created_at"],
-        )
-    return table
+    return _table(
+        found,
+        {
+            "name": "name",
+            "version": "version",
+            "interpreter": "interpreter",
+            "bytes": "size_bytes",
+            "sha256": lambda s: s["sha256"][:12],
+            "created": "created_at",
+        },
+    )
 
 
 @scripts_app.command("list")
@@ -365,33 +373,23 @@ def tasks_show(
         f"task {body['task_id']}  [bold]{body['status']}[/bold]  script {body['script']}  "
         f"due {body['execute_at']}  priority {body['priority']}  attempt {body['attempt']}/{body['max_attempts']}"
     )
-    table = Table("attempt", "status", "tier", "executor", "exit", "fire lag ms", "output")
-    for run in body.get("runs", []):
-        table.add_row(
-            str(run["attempt"]),
-            run["status"],
-            run["tier"],
-            run["executor_id"],
-            str(run["exit_code"]),
-            str(run["fire_lag_ms"]),
-            (run["output"] or "").strip()[-60:],
-        )
-    console.print(table)
+    columns = {**RUN_COLUMNS, "output": lambda r: (r["output"] or "").strip()[-60:]}
+    console.print(_table(body.get("runs", []), columns))
 
 
 def _tasks_table(tasks: list[dict]) -> Table:
-    table = Table("id", "script", "status", "due", "priority", "attempts", "updated")
-    for task in tasks:
-        table.add_row(
-            str(task["task_id"]),
-            task["script"],
-            task["status"],
-            task["execute_at"],
-            str(task["priority"]),
-            f"{task['attempt']}/{task['max_attempts']}",
-            task["updated_at"],
-        )
-    return table
+    return _table(
+        tasks,
+        {
+            "id": "task_id",
+            "script": "script",
+            "status": "status",
+            "due": "execute_at",
+            "priority": "priority",
+            "attempts": lambda t: f"{t['attempt']}/{t['max_attempts']}",
+            "updated": "updated_at",
+        },
+    )
 
 
 @tasks_app.command("list")
@@ -467,19 +465,8 @@ def runs_list(
     if as_json:
         console.print_json(json.dumps(body))
         return
-    table = Table("attempt", "status", "tier", "executor", "started", "lag ms", "exit", "failure")
-    for run in body["runs"]:
-        table.add_row(
-            str(run["attempt"]),
-            run["status"],
-            run["tier"],
-            run["executor_id"],
-            str(run["started_at"]),
-            str(run["fire_lag_ms"]),
-            str(run["exit_code"]),
-            str(run["failure"]),
-        )
-    console.print(table)
+    columns = {**RUN_COLUMNS, "started": "started_at", "failure": "failure"}
+    console.print(_table(body["runs"], columns))
 
 
 @runs_app.command("output")
@@ -530,12 +517,13 @@ def users_list(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--jso
     if as_json:
         console.print_json(json.dumps(body))
         return
-    table = Table("id", "first name", "last name", "created")
-    for user in body["users"]:
-        table.add_row(
-            str(user["user_id"]), user["first_name"], user["last_name"], user["created_at"]
-        )
-    console.print(table)
+    columns = {
+        "id": "user_id",
+        "first name": "first_name",
+        "last name": "last_name",
+        "created": "created_at",
+    }
+    console.print(_table(body["users"], columns))
 
 
 @users_app.command("token")
@@ -591,19 +579,17 @@ def executors(
     if as_json:
         console.print_json(json.dumps(tree))
         return
-    table = Table("executor", "tier", "node", "pid", "slots", "running", "heartbeat age s")
     now = time.time()
-    for ex in tree["executors"]:
-        table.add_row(
-            ex["executor_id"],
-            ex["tier"],
-            ex["node"][:12],
-            str(ex["pid"]),
-            str(ex["slots"]),
-            str(ex["running"]),
-            f"{now - ex['last_heartbeat']:.1f}",
-        )
-    console.print(table)
+    columns = {
+        "executor": "executor_id",
+        "tier": "tier",
+        "node": lambda ex: ex["node"][:12],
+        "pid": "pid",
+        "slots": "slots",
+        "running": "running",
+        "heartbeat age s": lambda ex: f"{now - ex['last_heartbeat']:.1f}",
+    }
+    console.print(_table(tree["executors"], columns))
     dispatcher = tree["dispatcher"]
     console.print(
         f"dispatcher: queued {dispatcher['queued']}, pid {dispatcher['pid']}"
@@ -617,27 +603,34 @@ def _pool_executors(url: str, as_json: bool) -> None:
     if as_json:
         console.print_json(json.dumps(body))
         return
-    tiers = Table("tier", "live", "starting", "min", "max", "unplaceable")
-    for name, tier in body["tiers"].items():
-        tiers.add_row(
-            name,
-            str(tier["live"]),
-            str(tier.get("starting", 0)),
-            str(tier["min"]),
-            str(tier["max"]),
-            str(tier.get("unplaceable") or ""),
-        )
-    console.print(tiers)
-    table = Table("executor", "tier", "state", "running", "heartbeat age s")
-    for ex in body["executors"]:
+    tiers = [{"tier": name, **tier} for name, tier in body["tiers"].items()]
+    columns = {
+        "tier": "tier",
+        "live": "live",
+        "starting": "starting",
+        "min": "min",
+        "max": "max",
+        "unplaceable": lambda t: t.get("unplaceable") or "",
+    }
+    console.print(_table(tiers, columns))
+    columns = {
+        "executor": "executor_id",
+        "tier": "tier",
+        "state": "state",
+        "running": "running",
+        "heartbeat age s": "heartbeat_age_s",
+    }
+    console.print(_table(body["executors"], columns))
+
+
+def _table(rows: list[dict], columns: dict) -> Table:
+    """A rich table: header → a row's key, or a function of the row."""
+    table = Table(*columns)
+    for row in rows:
         table.add_row(
-            ex["executor_id"],
-            ex["tier"],
-            str(ex.get("state")),
-            str(ex.get("running")),
-            str(ex.get("heartbeat_age_s")),
+            *(str(pick(row) if callable(pick) else row.get(pick)) for pick in columns.values())
         )
-    console.print(table)
+    return table
 
 
 def _print(body, as_json: bool, line: str) -> None:
@@ -682,19 +675,17 @@ def schedules_list(url: str = URL_OPTION, as_json: bool = typer.Option(False, "-
     if as_json:
         console.print_json(json.dumps(body))
         return
-    table = Table("id", "script", "cron", "zone", "next fire", "paused", "missed", "skipped")
-    for s in body["schedules"]:
-        table.add_row(
-            str(s["schedule_id"]),
-            s["script"],
-            s["cron"],
-            s["timezone"],
-            str(s["next_fire_local"]),
-            str(s["paused"]),
-            str(s["missed_fires"]),
-            str(s["skipped_fires"]),
-        )
-    console.print(table)
+    columns = {
+        "id": "schedule_id",
+        "script": "script",
+        "cron": "cron",
+        "zone": "timezone",
+        "next fire": "next_fire_local",
+        "paused": "paused",
+        "missed": "missed_fires",
+        "skipped": "skipped_fires",
+    }
+    console.print(_table(body["schedules"], columns))
 
 
 @schedules_app.command("show")
@@ -792,17 +783,14 @@ def schedules_runs(
     if as_json:
         console.print_json(json.dumps(body))
         return
-    table = Table("nominal", "status", "attempt", "started", "lag ms")
-    for occurrence in body["occurrences"]:
-        last = occurrence["runs"][-1] if occurrence["runs"] else {}
-        table.add_row(
-            occurrence["nominal_at"],
-            occurrence["status"],
-            str(occurrence["attempt"]),
-            str(last.get("started_at")),
-            str(last.get("lag_ms")),
-        )
-    console.print(table)
+    columns = {
+        "nominal": "nominal_at",
+        "status": "status",
+        "attempt": "attempt",
+        "started": lambda o: (o["runs"][-1] if o["runs"] else {}).get("started_at"),
+        "lag ms": lambda o: (o["runs"][-1] if o["runs"] else {}).get("lag_ms"),
+    }
+    console.print(_table(body["occurrences"], columns))
 
 
 def _variables(items: list[str]) -> dict[str, str]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from chronoray.errors import ChronorayError, InvalidInput, TooLarge
+from chronoray.errors import ChronorayError, InvalidInput
 from scheduling.models import ApiToken, Interpreter, Run, Script, Task, User
 from scheduling.schedules import Schedule
 from serve_app.app import check_caps
@@ -75,31 +75,17 @@ class Client:
             )
 
     def register_script(self, name: str, body: str, *, interpreter: str = "bash") -> Script:
-        from scheduling.validation import validate_script_name
-
-        validate_script_name(name, "name")
-        payload = body.encode()
-        if len(payload) > self.settings.max_script_bytes:
-            raise TooLarge(f"script over {self.settings.max_script_bytes} bytes", "body")
-        script, _ = self._repo.add_script(
-            owner_id=self.owner_id,
-            name=name,
-            interpreter=Interpreter(interpreter),
-            body=payload,
-            now=datetime.now(timezone.utc),
-        )
-        return script
+        """As ``POST /v1/scripts``: a changed body is a new version."""
+        return self.upload_script(name, body.encode(), interpreter=interpreter)
 
     def upload_script(self, name: str, body: bytes, *, interpreter: str = "bash") -> Script:
         """As ``PUT /v1/scripts/{name}``: any bytes; the same content again
         is the same version."""
         from scheduling.validation import validate_script_name
+        from serve_app.app import check_script
 
         validate_script_name(name, "name")
-        if len(body) > self.settings.max_script_bytes:
-            raise TooLarge(f"script over {self.settings.max_script_bytes} bytes", "body")
-        if not body:
-            raise InvalidInput("the script is empty", "body")
+        check_script(body, self.settings)
         script, _ = self._repo.add_script(
             owner_id=self.owner_id,
             name=name,

@@ -113,6 +113,13 @@ AGAIN = {200: {"description": "the same body (or idempotency key) again: what is
 CAP_RETRY_AFTER_S = 30.0  # active work drains in about this long; a guess to space retries
 
 
+def check_script(payload: bytes, settings: Settings) -> None:
+    if len(payload) > settings.max_script_bytes:
+        raise TooLarge(f"script over {settings.max_script_bytes} bytes", "body")
+    if not payload:
+        raise InvalidInput("the script is empty", "body")
+
+
 def upcoming_fires(schedule, count: int) -> list[datetime]:
     """The next ``count`` fire times of a schedule (none while paused or ended)."""
     if schedule.next_fire_at is None:
@@ -385,10 +392,7 @@ def create_api(backend: Backend) -> FastAPI:
 
     # -- scripts ---------------------------------------------------------------
     async def store_script(owner: int, name: str, interpreter, payload: bytes) -> JSONResponse:
-        if len(payload) > settings.max_script_bytes:
-            raise TooLarge(f"script over {settings.max_script_bytes} bytes", "body")
-        if not payload:
-            raise InvalidInput("the script is empty", "body")
+        check_script(payload, settings)
         script, created = await asyncio.to_thread(
             repo.add_script,
             owner_id=owner,
