@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -69,6 +70,7 @@ from storage.schema import (
 )
 
 log = logging.getLogger(__name__)
+REPLICA_PAUSE_S = 5.0  # an unreachable replica is skipped this long before it is tried again
 
 IN_FLIGHT = [s.value for s in IN_FLIGHT_STATUSES]
 ACTIVE = [s.value for s in TaskStatus if s not in FINAL_STATUSES]
@@ -199,6 +201,7 @@ class SqlTaskRepository:
         self.misfire_rules = misfire_rules or MisfireRules()
         self._written: dict[int, str] = {}  # owner: primary WAL position after their last write
         self._turn = itertools.count()
+        self._replica_down_until: dict[int, float] = {}  # id(engine): monotonic time
 
     def note_write(self, owner_id: int) -> None:
         """Remember where the primary's log stands after this owner's write."""
@@ -209,10 +212,38 @@ class SqlTaskRepository:
                 text("SELECT pg_current_wal_lsn()::text")
             ).scalar()
 
+    @contextmanager
+    def _read(self, owner_id: int | None = None) -> Iterator[Connection]:
+        """A read-only transaction on the engine ``_reader`` picks; a replica
+        that cannot be reached is skipped for ``REPLICA_PAUSE_S`` and the
+        primary serves."""
+        engine = self._reader(owner_id)
+        if engine is not self.engine:
+            try:
+                connection = engine.connect()
+            except (OperationalError, InterfaceError) as exc:
+                self._replica_down_until[id(engine)] = time.monotonic() + REPLICA_PAUSE_S
+                log.warning("read replica unreachable, reading from the primary: %s", exc.orig)
+                engine = self.engine
+            else:
+                try:
+                    with connection, connection.begin():
+                        yield connection
+                except (OperationalError, InterfaceError) as exc:
+                    raise Unavailable(f"read replica failed: {exc.orig}") from exc
+                return
+        with self._begin(engine) as conn:
+            yield conn
+
     def _reader(self, owner_id: int | None = None) -> Engine:
-        if not self.read_engines:
+        up = [
+            engine
+            for engine in self.read_engines
+            if self._replica_down_until.get(id(engine), 0.0) <= time.monotonic()
+        ]
+        if not up:
             return self.engine
-        replica = self.read_engines[next(self._turn) % len(self.read_engines)]
+        replica = up[next(self._turn) % len(up)]
         position = self._written.get(owner_id) if owner_id is not None else None
         if position is None:
             return replica
@@ -223,6 +254,7 @@ class SqlTaskRepository:
                     {"lsn": position},
                 ).scalar()
         except (OperationalError, InterfaceError):
+            self._replica_down_until[id(replica)] = time.monotonic() + REPLICA_PAUSE_S
             log.warning("read replica unreachable; reading from the primary")
             return self.engine
         if not caught_up:
@@ -314,7 +346,7 @@ class SqlTaskRepository:
         return found
 
     def get_script(self, *, owner_id: int, name: str, version: int | None = None) -> Script:
-        with self._begin(self._reader(owner_id)) as conn:
+        with self._read(owner_id) as conn:
             if version is None:
                 script = self._latest_scripts(conn, {(owner_id, name)}).get((owner_id, name))
             else:
@@ -342,7 +374,7 @@ class SqlTaskRepository:
             .group_by(scripts.c.name)
             .subquery()
         )
-        with self._begin(self._reader(owner_id)) as conn:
+        with self._read(owner_id) as conn:
             rows = conn.execute(
                 select(*SCRIPT_COLUMNS)
                 .join(
@@ -355,7 +387,7 @@ class SqlTaskRepository:
         return [_script(row) for row in rows]
 
     def script_versions(self, *, owner_id: int, name: str) -> list[Script]:
-        with self._begin(self._reader(owner_id)) as conn:
+        with self._read(owner_id) as conn:
             rows = conn.execute(
                 select(*SCRIPT_COLUMNS)
                 .where(*self._live_script(owner_id, name))
@@ -580,13 +612,16 @@ class SqlTaskRepository:
         return SubmitResult(task=_task(row), created=False)
 
     def get_task(self, task_id: int, *, owner_id: int | None = None) -> Task:
-        return self._get_task(self._reader(owner_id), task_id, owner_id=owner_id)
+        with self._read(owner_id) as conn:
+            return self._get_task(conn, task_id, owner_id=owner_id)
 
     def get_task_primary(self, task_id: int, *, owner_id: int | None = None) -> Task:
         """A read that must see this caller's own write."""
-        return self._get_task(self.engine, task_id, owner_id=owner_id)
+        with self._begin() as conn:
+            return self._get_task(conn, task_id, owner_id=owner_id)
 
-    def _get_task(self, engine: Engine, task_id: int, *, owner_id: int | None) -> Task:
+    @staticmethod
+    def _get_task(conn: Connection, task_id: int, *, owner_id: int | None) -> Task:
         query = (
             select(*TASK_COLUMNS)
             .join(scripts, scripts.c.script_id == tasks.c.script_id)
@@ -594,14 +629,13 @@ class SqlTaskRepository:
         )
         if owner_id is not None:
             query = query.where(tasks.c.owner_id == owner_id)
-        with self._begin(engine) as conn:
-            row = conn.execute(query).first()
+        row = conn.execute(query).first()
         if row is None:
             raise TaskNotFound(f"no task {task_id}", "task_id")
         return _task(row)
 
     def list_runs(self, task_id: int) -> list[Run]:
-        with self._begin(self._reader()) as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 select(runs).where(runs.c.task_id == task_id).order_by(runs.c.attempt)
             ).all()
@@ -645,7 +679,7 @@ class SqlTaskRepository:
             conditions.append(tasks.c.execute_at < query.due_before)
         if query.below_id is not None:
             conditions.append(tasks.c.task_id < query.below_id)
-        with self._begin(self._reader(query.owner_id)) as conn:
+        with self._read(query.owner_id) as conn:
             rows = conn.execute(
                 select(*TASK_COLUMNS)
                 .join(scripts, scripts.c.script_id == tasks.c.script_id)
@@ -917,7 +951,7 @@ class SqlTaskRepository:
             return occurrences.get_schedule(conn, schedule_id, owner_id=owner_id)
 
     def list_schedules(self, *, owner_id: int) -> list[Schedule]:
-        with self._begin(self._reader(owner_id)) as conn:
+        with self._read(owner_id) as conn:
             return occurrences.list_schedules(conn, owner_id)
 
     def change_schedule(
@@ -941,7 +975,7 @@ class SqlTaskRepository:
     def schedule_history(self, schedule_id: int, *, owner_id: int, limit: int = 100) -> list[dict]:
         """Occurrences newest first, each with its runs: nominal time,
         status, and per attempt start, lag and outcome."""
-        with self._begin(self._reader(owner_id)) as conn:
+        with self._read(owner_id) as conn:
             occurrences.get_schedule(conn, schedule_id, owner_id=owner_id)
             rows = conn.execute(
                 select(tasks.c.task_id, tasks.c.nominal_at, tasks.c.status, tasks.c.attempt)

@@ -141,6 +141,30 @@ def test_get_after_create_over_http_is_consistent_with_a_lagging_replica(primary
         set_replay(replica_engine, paused=False)
 
 
+def test_reads_go_to_the_primary_while_the_replica_is_down(primary_and_replica):
+    primary, replica = primary_and_replica
+    primary_engine, replica_engine = make_engine(primary.url), make_engine(replica.url)
+    repo = SqlTaskRepository(primary_engine, read_engines=[replica_engine])
+    owner = repo.add_user(first_name="Dora", last_name="Down", now=now()).user_id
+    repo.add_script(
+        owner_id=owner, name="d.sh", interpreter=Interpreter.BASH, body=b"true", now=now()
+    )
+    due = now() + timedelta(hours=1)
+    [added] = repo.add_tasks(
+        [NewTask(owner_id=owner, script_name="d.sh", execute_at=due)], now=now()
+    )
+    wait_until(lambda: replayed(primary_engine, replica_engine), timeout_s=30, what="replay")
+    replica.stop(mode="immediate")
+    try:
+        listed = repo.list_tasks(TaskQuery(owner_id=owner))
+        assert [t.task_id for t in listed] == [added.task.task_id]
+        assert repo.get_task(added.task.task_id, owner_id=owner).task_id == added.task.task_id
+        assert repo._reader(owner) is primary_engine  # skipped for a while, not asked again
+    finally:
+        replica.start()
+    wait_until(lambda: replayed(primary_engine, replica_engine), timeout_s=30, what="replay")
+
+
 @pytest.mark.ray
 def test_readyz_is_503_within_5_s_of_postgres_stopping_and_200_after(deployment):
     """The real actors of the session deployment, and a PostgreSQL of this
