@@ -313,12 +313,15 @@ class Client:
 
     def retry(self, task_id: int, *, attempts: int = 1) -> Task:
         """Run a dead task again, with ``attempts`` more attempts."""
-        if not 1 <= attempts <= self.settings.max_attempts_limit:
-            raise InvalidInput(
-                f"must be between 1 and {self.settings.max_attempts_limit}", "attempts"
-            )
-        task = self._repo.redrive(
-            task_id, owner_id=self.owner_id, attempts=attempts, now=datetime.now(timezone.utc)
+        from serve_app.app import redrive
+
+        task = redrive(
+            self._repo,
+            self.settings,
+            task_id,
+            owner_id=self.owner_id,
+            attempts=attempts,
+            now=datetime.now(timezone.utc),
         )
         self._submitter.track_blocking([(task.task_id, task.execute_at)])
         return task

@@ -113,6 +113,22 @@ AGAIN = {200: {"description": "the same body (or idempotency key) again: what is
 CAP_RETRY_AFTER_S = 30.0  # active work drains in about this long; a guess to space retries
 
 
+def redrive(
+    repo: TaskRepository,
+    settings: Settings,
+    task_id: int,
+    *,
+    owner_id: int,
+    attempts: int,
+    now: datetime,
+):
+    """A dead task, due now with ``attempts`` more attempts (the caller
+    tells its shard)."""
+    if not 1 <= attempts <= settings.max_attempts_limit:
+        raise InvalidInput(f"must be between 1 and {settings.max_attempts_limit}", "attempts")
+    return repo.redrive(task_id, owner_id=owner_id, attempts=attempts, now=now)
+
+
 def check_script(payload: bytes, settings: Settings) -> None:
     if len(payload) > settings.max_script_bytes:
         raise TooLarge(f"script over {settings.max_script_bytes} bytes", "body")
@@ -648,10 +664,8 @@ def create_api(backend: Backend) -> FastAPI:
     @api.post("/v1/tasks/{task_id}/retry")
     async def retry_task(owner: Owner, task_id: ObjectId, body: RetryIn | None = None) -> dict:
         attempts = (body or RetryIn()).attempts
-        if attempts > settings.max_attempts_limit:
-            raise InvalidInput(f"at most {settings.max_attempts_limit} attempts", "attempts")
         task = await asyncio.to_thread(
-            repo.redrive, task_id, owner_id=owner, attempts=attempts, now=now()
+            redrive, repo, settings, task_id, owner_id=owner, attempts=attempts, now=now()
         )
         await backend.submitter.track([(task.task_id, task.execute_at)])
         return task_out(task)
