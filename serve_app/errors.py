@@ -138,6 +138,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _domain(_: Request, exc: ChronorayError) -> JSONResponse:
         return error_response(exc)
 
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        # Not a domain error: a bug. Logged with its traceback; the client
+        # gets JSON like every other error, and nothing of the internals.
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal_error", "an unexpected error; it is logged"), 500)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(error_from_validation(exc.errors()))

@@ -424,3 +424,21 @@ def test_malformed_json_is_still_a_400(client):
         "/v1/tasks", content=b'{"script": ', headers={"content-type": "application/json"}
     )
     assert response.status_code == 400 and response.json()["error"] == "malformed_json"
+
+
+def test_an_unexpected_exception_is_a_json_500_and_logged(repo, caplog):
+    api = user_api(repo, SETTINGS)
+    api_app = api.app
+
+    @api_app.get("/v1/boom")
+    async def boom() -> dict:
+        raise RuntimeError("a bug")
+
+    api = type(api)(api_app, raise_server_exceptions=False, headers=api.headers)
+    response = api.get("/v1/boom")
+    assert response.status_code == 500
+    assert response.json() == {
+        "error": "internal_error",
+        "detail": "an unexpected error; it is logged",
+    }
+    assert "a bug" in caplog.text
