@@ -18,7 +18,7 @@ import ray
 from chronoray.errors import ChronorayError, InvalidInput
 from scheduling.models import ApiToken, Interpreter, Run, Script, Task, User
 from scheduling.schedules import Schedule
-from serve_app.app import check_caps
+from serve_app.operations import check_caps
 
 
 def _iso_times(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -82,7 +82,7 @@ class Client:
         """As ``PUT /v1/scripts/{name}``: any bytes; the same content again
         is the same version."""
         from scheduling.validation import validate_script_name
-        from serve_app.app import check_script
+        from serve_app.operations import check_script
 
         validate_script_name(name, "name")
         check_script(body, self.settings)
@@ -158,7 +158,7 @@ class Client:
     def submit_many(self, requests: Sequence[Mapping[str, Any]]) -> list[Task]:
         """Each request has the fields of ``POST /v1/tasks``. Raises the
         first error; tasks before it in the list are stored."""
-        from serve_app.app import new_task
+        from serve_app.operations import new_task
         from serve_app.schemas import TaskIn
 
         news = []
@@ -180,7 +180,7 @@ class Client:
 
     def submit_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[Task]:
         """All or nothing, in one transaction: as ``POST /v1/tasks:batch``."""
-        from serve_app.app import new_batch, store_batch
+        from serve_app.operations import new_batch, store_batch
 
         news = new_batch(
             [_iso_times(r) for r in requests], owner_id=self.owner_id, settings=self.settings
@@ -194,7 +194,7 @@ class Client:
     def create_schedule(self, script: str, cron: str, **fields: Any) -> Schedule:
         """Fields as in ``POST /v1/schedules`` (timezone, variables, priority,
         misfire_policy, overlap_policy, jitter_s, start_at, end_at, paused)."""
-        from serve_app.app import new_schedule
+        from serve_app.operations import new_schedule
         from serve_app.schemas import ScheduleIn
 
         now = datetime.now(timezone.utc)
@@ -214,7 +214,7 @@ class Client:
 
     def change_schedule(self, schedule_id: int, **changes: Any) -> Schedule:
         from scheduling.cron import validate_schedule
-        from serve_app.app import schedule_changes
+        from serve_app.operations import schedule_changes
         from serve_app.schemas import SchedulePatch
 
         now = datetime.now(timezone.utc)
@@ -250,7 +250,7 @@ class Client:
 
     def preview_schedule(self, schedule_id: int, *, count: int = 10) -> list[datetime]:
         """The next fire times (UTC), as ``GET /v1/schedules/{id}/preview``."""
-        from serve_app.app import upcoming_fires
+        from serve_app.operations import upcoming_fires
 
         if not 1 <= count <= 100:
             raise InvalidInput("must be between 1 and 100", "count")
@@ -269,7 +269,7 @@ class Client:
         return self._repo.list_runs(task_id)
 
     def run_output(self, task_id: int, attempt: int) -> str:
-        from serve_app.app import run_of
+        from serve_app.operations import run_of
 
         return run_of(self.runs(task_id), task_id, attempt).output_tail
 
@@ -313,7 +313,7 @@ class Client:
 
     def retry(self, task_id: int, *, attempts: int = 1) -> Task:
         """Run a dead task again, with ``attempts`` more attempts."""
-        from serve_app.app import redrive
+        from serve_app.operations import redrive
 
         task = redrive(
             self._repo,

@@ -4,10 +4,10 @@ production (serve_app/deployment.py), a TestClient in unit tests."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Protocol
 
 from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -17,27 +17,32 @@ from prometheus_client.core import GaugeMetricFamily
 
 from chronoray.auth import Authenticator, Caller, RateLimiter, issue_token
 from chronoray.errors import (
-    BatchRejected,
     ChronorayError,
     InvalidInput,
-    RateLimited,
-    RunNotFound,
-    TooLarge,
     Unauthorized,
     UnsupportedMediaType,
-    in_batch,
 )
 from chronoray.metrics import ApiMetrics, exposition
 from chronoray.settings import Settings
 from scheduling.cron import validate_schedule
-from scheduling.models import Interpreter, NewTask, Run, SubmitResult, TaskStatus
-from scheduling.schedules import MisfirePolicy, NewSchedule, OverlapPolicy, first_fire
+from scheduling.models import Interpreter, NewTask, SubmitResult, TaskStatus
 from scheduling.validation import validate_script_name
 from serve_app.errors import ERROR_RESPONSES, install_error_handlers
 from serve_app.limits import BodySizeLimit, StrictJsonRoute, WriteTracker
+from serve_app.operations import (
+    check_caps,
+    check_script,
+    new_batch,
+    new_schedule,
+    new_task,
+    redrive,
+    run_of,
+    schedule_changes,
+    store_batch,
+    upcoming_fires,
+)
 from serve_app.schemas import (
     RetryIn,
-    ScheduleFields,
     ScheduleIn,
     SchedulePatch,
     ScriptIn,
@@ -47,7 +52,6 @@ from serve_app.schemas import (
     TokenIn,
     UserIn,
     history_out,
-    parse_instant,
     run_out,
     schedule_out,
     script_out,
@@ -110,166 +114,7 @@ BYTES_ANSWER = {
     }
 }
 AGAIN = {200: {"description": "the same body (or idempotency key) again: what is already stored"}}
-CAP_RETRY_AFTER_S = 30.0  # active work drains in about this long; a guess to space retries
-
-
-def redrive(
-    repo: TaskRepository,
-    settings: Settings,
-    task_id: int,
-    *,
-    owner_id: int,
-    attempts: int,
-    now: datetime,
-):
-    """A dead task, due now with ``attempts`` more attempts (the caller
-    tells its shard)."""
-    if not 1 <= attempts <= settings.max_attempts_limit:
-        raise InvalidInput(f"must be between 1 and {settings.max_attempts_limit}", "attempts")
-    return repo.redrive(task_id, owner_id=owner_id, attempts=attempts, now=now)
-
-
-def check_script(payload: bytes, settings: Settings) -> None:
-    if len(payload) > settings.max_script_bytes:
-        raise TooLarge(f"script over {settings.max_script_bytes} bytes", "body")
-    if not payload:
-        raise InvalidInput("the script is empty", "body")
-
-
-def upcoming_fires(schedule, count: int) -> list[datetime]:
-    """The next ``count`` fire times of a schedule (none while paused or ended)."""
-    if schedule.next_fire_at is None:
-        return []
-    start = schedule.next_fire_at
-    fires = [start, *schedule.cron_schedule.upcoming(start, count - 1)]
-    return [f for f in fires if schedule.end_at is None or f <= schedule.end_at]
-
-
-def run_of(runs: Sequence[Run], task_id: int, attempt: int) -> Run:
-    for run in runs:
-        if run.attempt == attempt:
-            return run
-    raise RunNotFound(f"task {task_id} has no run of attempt {attempt}", "attempt")
-
-
-def check_caps(
-    repo: TaskRepository, settings: Settings, owner_id: int, *, tasks: int = 0, schedules: int = 0
-) -> None:
-    """429 when this submission would take a user past their caps."""
-    active, live = repo.count_active(owner_id)
-    if tasks and active + tasks > settings.max_active_tasks:
-        raise RateLimited(
-            f"{active} active tasks; the cap is {settings.max_active_tasks}",
-            "tasks",
-            CAP_RETRY_AFTER_S,
-        )
-    if schedules and live + schedules > settings.max_schedules:
-        raise RateLimited(
-            f"{live} schedules; the cap is {settings.max_schedules}",
-            "schedules",
-            CAP_RETRY_AFTER_S,
-        )
-
-
-def new_batch(items: Sequence[Any], *, owner_id: int, settings: Settings) -> list[NewTask]:
-    """Validate every item of an all-or-nothing batch; an error names its
-    item (``tasks[3].execute_at``)."""
-    if not items:
-        raise InvalidInput("at least one task", "tasks")
-    if len(items) > settings.max_batch_tasks:
-        raise TooLarge(f"at most {settings.max_batch_tasks} tasks in one batch", "tasks")
-    news = []
-    for index, item in enumerate(items):
-        try:
-            if not isinstance(item, Mapping):
-                raise InvalidInput("must be an object with the fields of POST /v1/tasks")
-            news.append(new_task(TaskIn.parse(dict(item)), owner_id=owner_id, settings=settings))
-        except ChronorayError as exc:
-            raise in_batch(exc, index) from None
-    return news
-
-
-def store_batch(repo: TaskRepository, news: Sequence[NewTask], *, now: datetime) -> list:
-    """One transaction: every task, or none (the first failure is raised,
-    naming its item)."""
-    try:
-        return repo.add_tasks(news, now=now, atomic=True)
-    except BatchRejected as rejected:
-        index, error = rejected.failures[0]
-        raise in_batch(error, index) from None
-
-
-def new_task(body: TaskIn, *, owner_id: int, settings: Settings) -> NewTask:
-    if body.priority > settings.max_priority:
-        raise InvalidInput(f"must be at most {settings.max_priority}", "priority")
-    if body.max_attempts > settings.max_attempts_limit:
-        raise InvalidInput(f"must be at most {settings.max_attempts_limit}", "max_attempts")
-    timeout_s = float(body.timeout_s) if body.timeout_s is not None else settings.default_timeout_s
-    if timeout_s > settings.max_timeout_s:
-        raise InvalidInput(f"must be at most {settings.max_timeout_s}", "timeout_s")
-    return NewTask(
-        owner_id=owner_id,
-        script_name=body.script,
-        execute_at=parse_instant(body.execute_at),
-        variables=body.variables,
-        priority=body.priority,
-        max_attempts=body.max_attempts,
-        timeout_s=timeout_s,
-        idempotency_key=body.idempotency_key,
-        request_hash=body.request_hash(),
-    )
-
-
 READY_TIMEOUT_S = 2.0
-
-SCHEDULE_DEFAULTS = {
-    "variables": {},
-    "priority": 0,
-    "max_attempts": 3,
-    "misfire_policy": MisfirePolicy.FIRE_ONCE,
-    "overlap_policy": OverlapPolicy.SKIP,
-    "jitter_s": 0.0,
-    "paused": False,
-}
-
-
-def schedule_changes(body: ScheduleFields, *, settings: Settings, now: datetime) -> dict:
-    """Validated, explicitly set fields of a create or change request."""
-    changes = body.model_dump(exclude_unset=True, exclude_none=True)
-    if "priority" in changes and changes["priority"] > settings.max_priority:
-        raise InvalidInput(f"must be at most {settings.max_priority}", "priority")
-    if "max_attempts" in changes and changes["max_attempts"] > settings.max_attempts_limit:
-        raise InvalidInput(f"must be at most {settings.max_attempts_limit}", "max_attempts")
-    if "timeout_s" in changes and changes["timeout_s"] > settings.max_timeout_s:
-        raise InvalidInput(f"must be at most {settings.max_timeout_s}", "timeout_s")
-    for bound in ("start_at", "end_at"):
-        if bound in changes:
-            changes[bound] = parse_instant(changes[bound], bound)
-    if (
-        changes.get("start_at")
-        and changes.get("end_at")
-        and changes["end_at"] <= changes["start_at"]
-    ):
-        raise InvalidInput("must be after start_at", "end_at")
-    return changes
-
-
-def new_schedule(
-    body: ScheduleIn, *, owner_id: int, settings: Settings, now: datetime
-) -> NewSchedule:
-    fields = {**SCHEDULE_DEFAULTS, "timeout_s": settings.default_timeout_s}
-    fields.update(schedule_changes(body, settings=settings, now=now))
-    for identity in ("script", "cron", "timezone"):
-        fields.pop(identity, None)
-    validate_schedule(
-        body.cron, body.timezone, now=now, min_interval_s=settings.min_schedule_interval_s
-    )
-    new = NewSchedule(
-        owner_id=owner_id, script_name=body.script, cron=body.cron, timezone=body.timezone, **fields
-    )
-    if first_fire(new, now=now) is None:
-        raise InvalidInput("the schedule never fires between start_at and end_at", "end_at")
-    return new
 
 
 BEARER = HTTPBearer(
