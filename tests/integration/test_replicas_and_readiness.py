@@ -56,19 +56,26 @@ def set_replay(replica_engine, paused: bool) -> None:
         conn.execute(text(f"SELECT pg_wal_replay_{'pause' if paused else 'resume'}()"))
 
 
-def test_queries_go_to_the_replica_writes_to_the_primary(primary_and_replica):
-    primary, replica = primary_and_replica
+def replicated_task(primary, replica, name: str):
+    """A repository reading from the replica, a new user with a script and
+    a task due in an hour, replayed on the replica."""
     primary_engine, replica_engine = make_engine(primary.url), make_engine(replica.url)
     repo = SqlTaskRepository(primary_engine, read_engines=[replica_engine])
-    owner = repo.add_user(first_name="Rita", last_name="Replica", now=now()).user_id
+    owner = repo.add_user(first_name=name, last_name="Replica", now=now()).user_id
     repo.add_script(
         owner_id=owner, name="r.sh", interpreter=Interpreter.BASH, body=b"true", now=now()
     )
     due = now() + timedelta(hours=1)
-    [first] = repo.add_tasks(
+    [added] = repo.add_tasks(
         [NewTask(owner_id=owner, script_name="r.sh", execute_at=due)], now=now()
     )
     wait_until(lambda: replayed(primary_engine, replica_engine), timeout_s=30, what="replay")
+    return repo, owner, added, due
+
+
+def test_queries_go_to_the_replica_writes_to_the_primary(primary_and_replica):
+    repo, owner, first, due = replicated_task(*primary_and_replica, "Rita")
+    primary_engine, replica_engine = repo.engine, repo.read_engines[0]
     assert [t.task_id for t in repo.list_tasks(TaskQuery(owner_id=owner))] == [first.task.task_id]
 
     # with replay paused, a write on the primary is invisible to reads: they
@@ -142,18 +149,9 @@ def test_get_after_create_over_http_is_consistent_with_a_lagging_replica(primary
 
 
 def test_reads_go_to_the_primary_while_the_replica_is_down(primary_and_replica):
-    primary, replica = primary_and_replica
-    primary_engine, replica_engine = make_engine(primary.url), make_engine(replica.url)
-    repo = SqlTaskRepository(primary_engine, read_engines=[replica_engine])
-    owner = repo.add_user(first_name="Dora", last_name="Down", now=now()).user_id
-    repo.add_script(
-        owner_id=owner, name="d.sh", interpreter=Interpreter.BASH, body=b"true", now=now()
-    )
-    due = now() + timedelta(hours=1)
-    [added] = repo.add_tasks(
-        [NewTask(owner_id=owner, script_name="d.sh", execute_at=due)], now=now()
-    )
-    wait_until(lambda: replayed(primary_engine, replica_engine), timeout_s=30, what="replay")
+    _, replica = primary_and_replica
+    repo, owner, added, _ = replicated_task(*primary_and_replica, "Dora")
+    primary_engine, replica_engine = repo.engine, repo.read_engines[0]
     replica.stop(mode="immediate")
     try:
         listed = repo.list_tasks(TaskQuery(owner_id=owner))
