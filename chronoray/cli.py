@@ -186,10 +186,7 @@ def _scripts_table(found: list[dict]) -> Table:
 def scripts_list(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
     """Your scripts, the newest version of each."""
     body = _call("GET", f"{url}/v1/scripts")
-    if as_json:
-        console.print_json(json.dumps(body))
-        return
-    console.print(_scripts_table(body["scripts"]))
+    _print(body, as_json, _scripts_table(body["scripts"]))
 
 
 @scripts_app.command("versions")
@@ -198,10 +195,7 @@ def scripts_versions(
 ) -> None:
     """Every version of a script, newest first, with its content hash."""
     body = _call("GET", f"{url}/v1/scripts/{name}/versions")
-    if as_json:
-        console.print_json(json.dumps(body))
-        return
-    console.print(_scripts_table(body["versions"]))
+    _print(body, as_json, _scripts_table(body["versions"]))
 
 
 @scripts_app.command("show")
@@ -222,10 +216,7 @@ def scripts_show(
             typer.echo(content.decode(errors="replace"), nl=False)
         return
     body = _call("GET", f"{url}/v1/scripts/{name}", params=params)
-    if as_json:
-        console.print_json(json.dumps(body))
-        return
-    console.print(_scripts_table([body]))
+    _print(body, as_json, _scripts_table([body]))
 
 
 @scripts_app.command("delete")
@@ -366,15 +357,12 @@ def tasks_show(
 ) -> None:
     """A task with its runs."""
     body = _call("GET", f"{url}/v1/tasks/{task_id}")
-    if as_json:
-        console.print_json(json.dumps(body))
-        return
-    console.print(
+    line = (
         f"task {body['task_id']}  [bold]{body['status']}[/bold]  script {body['script']}  "
         f"due {body['execute_at']}  priority {body['priority']}  attempt {body['attempt']}/{body['max_attempts']}"
     )
     columns = {**RUN_COLUMNS, "output": lambda r: (r["output"] or "").strip()[-60:]}
-    console.print(_table(body.get("runs", []), columns))
+    _print(body, as_json, line, _table(body.get("runs", []), columns))
 
 
 def _tasks_table(tasks: list[dict]) -> Table:
@@ -417,22 +405,15 @@ def tasks_list(
     body = _call(
         "GET", f"{url}/v1/tasks", params={k: v for k, v in params.items() if v not in (None, [])}
     )
-    if as_json:
-        console.print_json(json.dumps(body))
-        return
-    console.print(_tasks_table(body["tasks"]))
-    if body["next_cursor"]:
-        console.print(f"more: --cursor {body['next_cursor']}")
+    more = [f"more: --cursor {body['next_cursor']}"] if body["next_cursor"] else []
+    _print(body, as_json, _tasks_table(body["tasks"]), *more)
 
 
 @tasks_app.command("dead")
 def tasks_dead(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
     """Tasks that used up their attempts."""
     body = _call("GET", f"{url}/v1/dead")
-    if as_json:
-        console.print_json(json.dumps(body))
-        return
-    console.print(_tasks_table(body["tasks"]))
+    _print(body, as_json, _tasks_table(body["tasks"]))
 
 
 @tasks_app.command("retry")
@@ -462,11 +443,8 @@ def runs_list(
 ) -> None:
     """Every attempt of a task: executor, tier, lag, exit code, failure."""
     body = _call("GET", f"{url}/v1/tasks/{task_id}/runs")
-    if as_json:
-        console.print_json(json.dumps(body))
-        return
     columns = {**RUN_COLUMNS, "started": "started_at", "failure": "failure"}
-    console.print(_table(body["runs"], columns))
+    _print(body, as_json, _table(body["runs"], columns))
 
 
 @runs_app.command("output")
@@ -514,16 +492,13 @@ def users_create(
 def users_list(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
     """Every user (admin)."""
     body = _call("GET", f"{url}/v1/users", admin=True)
-    if as_json:
-        console.print_json(json.dumps(body))
-        return
     columns = {
         "id": "user_id",
         "first name": "first_name",
         "last name": "last_name",
         "created": "created_at",
     }
-    console.print(_table(body["users"], columns))
+    _print(body, as_json, _table(body["users"], columns))
 
 
 @users_app.command("token")
@@ -576,9 +551,6 @@ def executors(
     except Exception as exc:
         err.print(f"ZooKeeper at {zookeeper} not reachable: {exc}")
         raise typer.Exit(1) from None
-    if as_json:
-        console.print_json(json.dumps(tree))
-        return
     now = time.time()
     columns = {
         "executor": "executor_id",
@@ -589,20 +561,17 @@ def executors(
         "running": "running",
         "heartbeat age s": lambda ex: f"{now - ex['last_heartbeat']:.1f}",
     }
-    console.print(_table(tree["executors"], columns))
     dispatcher = tree["dispatcher"]
-    console.print(
+    line = (
         f"dispatcher: queued {dispatcher['queued']}, pid {dispatcher['pid']}"
         if dispatcher
         else "dispatcher: not published"
     )
+    _print(tree, as_json, _table(tree["executors"], columns), line)
 
 
 def _pool_executors(url: str, as_json: bool) -> None:
     body = _call("GET", f"{url}/v1/executors")
-    if as_json:
-        console.print_json(json.dumps(body))
-        return
     tiers = [{"tier": name, **tier} for name, tier in body["tiers"].items()]
     columns = {
         "tier": "tier",
@@ -612,7 +581,7 @@ def _pool_executors(url: str, as_json: bool) -> None:
         "max": "max",
         "unplaceable": lambda t: t.get("unplaceable") or "",
     }
-    console.print(_table(tiers, columns))
+    tier_table = _table(tiers, columns)
     columns = {
         "executor": "executor_id",
         "tier": "tier",
@@ -620,7 +589,7 @@ def _pool_executors(url: str, as_json: bool) -> None:
         "running": "running",
         "heartbeat age s": "heartbeat_age_s",
     }
-    console.print(_table(body["executors"], columns))
+    _print(body, as_json, tier_table, _table(body["executors"], columns))
 
 
 def _table(rows: list[dict], columns: dict) -> Table:
@@ -633,11 +602,13 @@ def _table(rows: list[dict], columns: dict) -> Table:
     return table
 
 
-def _print(body, as_json: bool, line: str) -> None:
+def _print(body, as_json: bool, *shown) -> None:
+    """The answer as JSON with --json; else what is shown of it (lines, tables)."""
     if as_json:
         console.print_json(json.dumps(body))
-    else:
-        console.print(line)
+        return
+    for part in shown:
+        console.print(part)
 
 
 @schedules_app.command("create")
@@ -672,9 +643,6 @@ def schedules_create(
 @schedules_app.command("list")
 def schedules_list(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
     body = _call("GET", f"{url}/v1/schedules")
-    if as_json:
-        console.print_json(json.dumps(body))
-        return
     columns = {
         "id": "schedule_id",
         "script": "script",
@@ -685,7 +653,7 @@ def schedules_list(url: str = URL_OPTION, as_json: bool = typer.Option(False, "-
         "missed": "missed_fires",
         "skipped": "skipped_fires",
     }
-    console.print(_table(body["schedules"], columns))
+    _print(body, as_json, _table(body["schedules"], columns))
 
 
 @schedules_app.command("show")
@@ -780,9 +748,6 @@ def schedules_runs(
 ) -> None:
     """Occurrences with nominal time, start, lag and status."""
     body = _call("GET", f"{url}/v1/schedules/{schedule_id}/runs")
-    if as_json:
-        console.print_json(json.dumps(body))
-        return
     columns = {
         "nominal": "nominal_at",
         "status": "status",
@@ -790,7 +755,7 @@ def schedules_runs(
         "started": lambda o: (o["runs"][-1] if o["runs"] else {}).get("started_at"),
         "lag ms": lambda o: (o["runs"][-1] if o["runs"] else {}).get("lag_ms"),
     }
-    console.print(_table(body["occurrences"], columns))
+    _print(body, as_json, _table(body["occurrences"], columns))
 
 
 def _variables(items: list[str]) -> dict[str, str]:
