@@ -114,6 +114,14 @@ def _script(row) -> Script:
     )
 
 
+def _count(conn: Connection, table, *where) -> int:
+    return conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one()
+
+
+def _live_schedules(owner_id: int) -> list:
+    return [schedules.c.owner_id == owner_id, schedules.c.deleted.is_(False)]
+
+
 def _user(row) -> User:
     return User(
         user_id=row.user_id,
@@ -222,8 +230,7 @@ class SqlTaskRepository:
             try:
                 connection = engine.connect()
             except (OperationalError, InterfaceError) as exc:
-                self._replica_down_until[id(engine)] = time.monotonic() + REPLICA_PAUSE_S
-                log.warning("read replica unreachable, reading from the primary: %s", exc.orig)
+                self._skip_replica(engine, exc)
                 engine = self.engine
             else:
                 try:
@@ -234,6 +241,10 @@ class SqlTaskRepository:
                 return
         with self._begin(engine) as conn:
             yield conn
+
+    def _skip_replica(self, replica: Engine, exc: Exception) -> None:
+        self._replica_down_until[id(replica)] = time.monotonic() + REPLICA_PAUSE_S
+        log.warning("read replica unreachable, reading from the primary: %s", exc)
 
     def _reader(self, owner_id: int | None = None) -> Engine:
         up = [
@@ -253,9 +264,8 @@ class SqlTaskRepository:
                     text("SELECT pg_last_wal_replay_lsn() >= CAST(:lsn AS pg_lsn)"),
                     {"lsn": position},
                 ).scalar()
-        except (OperationalError, InterfaceError):
-            self._replica_down_until[id(replica)] = time.monotonic() + REPLICA_PAUSE_S
-            log.warning("read replica unreachable; reading from the primary")
+        except (OperationalError, InterfaceError) as exc:
+            self._skip_replica(replica, exc)
             return self.engine
         if not caught_up:
             return self.engine
@@ -403,20 +413,12 @@ class SqlTaskRepository:
         deleted."""
         with self._begin() as conn:
             version_ids = select(scripts.c.script_id).where(*self._live_script(owner_id, name))
-            pending = conn.execute(
-                select(func.count())
-                .select_from(tasks)
-                .where(tasks.c.script_id.in_(version_ids), tasks.c.status.in_(ACTIVE))
-            ).scalar_one()
-            scheduled = conn.execute(
-                select(func.count())
-                .select_from(schedules)
-                .where(
-                    schedules.c.owner_id == owner_id,
-                    schedules.c.script_name == name,
-                    schedules.c.deleted.is_(False),
-                )
-            ).scalar_one()
+            pending = _count(
+                conn, tasks, tasks.c.script_id.in_(version_ids), tasks.c.status.in_(ACTIVE)
+            )
+            scheduled = _count(
+                conn, schedules, *_live_schedules(owner_id), schedules.c.script_name == name
+            )
             if pending or scheduled:
                 raise ScriptInUse(
                     f"script {name!r} is used by {pending} pending tasks and {scheduled} schedules",
@@ -440,14 +442,14 @@ class SqlTaskRepository:
         return _user(row)
 
     def get_user(self, user_id: int) -> User:
-        with self._begin(self.engine) as conn:
+        with self._begin() as conn:
             row = conn.execute(select(*users.c).where(users.c.user_id == user_id)).first()
         if row is None:
             raise UserNotFound(f"no user {user_id}", "user_id")
         return _user(row)
 
     def list_users(self) -> list[User]:
-        with self._begin(self.engine) as conn:
+        with self._begin() as conn:
             return [_user(r) for r in conn.execute(select(*users.c).order_by(users.c.user_id))]
 
     def add_token(self, *, user_id: int, token_hash: str, label: str, now: datetime) -> ApiToken:
@@ -491,20 +493,12 @@ class SqlTaskRepository:
     def count_active(self, owner_id: int) -> tuple[int, int]:
         """An owner's tasks not yet final, and live schedules (for the caps)."""
         with self._begin() as conn:
-            active = conn.execute(
-                select(func.count())
-                .select_from(tasks)
-                .where(tasks.c.owner_id == owner_id, tasks.c.status.in_(ACTIVE))
-            ).scalar_one()
-            live = conn.execute(
-                select(func.count())
-                .select_from(schedules)
-                .where(schedules.c.owner_id == owner_id, schedules.c.deleted.is_(False))
-            ).scalar_one()
+            active = _count(conn, tasks, tasks.c.owner_id == owner_id, tasks.c.status.in_(ACTIVE))
+            live = _count(conn, schedules, *_live_schedules(owner_id))
         return active, live
 
     def get_script_body(self, script_id: int) -> bytes:
-        with self._begin(self.engine) as conn:
+        with self._begin() as conn:
             body = conn.execute(
                 select(scripts.c.body).where(scripts.c.script_id == script_id)
             ).scalar()
@@ -947,7 +941,7 @@ class SqlTaskRepository:
             return occurrences.add_schedule(conn, new, now=now)
 
     def get_schedule(self, schedule_id: int, *, owner_id: int | None) -> Schedule:
-        with self._begin(self.engine) as conn:
+        with self._begin() as conn:
             return occurrences.get_schedule(conn, schedule_id, owner_id=owner_id)
 
     def list_schedules(self, *, owner_id: int) -> list[Schedule]:
