@@ -158,11 +158,9 @@ class Dispatcher:
     def demand(self) -> dict[str, int]:
         """Per tier: tasks that want it (queued at its priorities, plus
         running on it). The pool sizes each tier for this."""
-        wanted = {tier.name: 0 for tier in self._tiers}
+        wanted = self.running_by_tier()
         for priority, count in self._queue.depth_by_priority().items():
             wanted[self._tiers.tier_for(priority).name] += count
-        for ex in self._executors:
-            wanted[ex.tier] = wanted.get(ex.tier, 0) + len(ex.in_flight)
         return wanted
 
     async def sync_members(self, members: Sequence[ExecutorSlots]) -> list[RunResult]:
