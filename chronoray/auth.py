@@ -73,13 +73,6 @@ class Authenticator:
         self._cache: dict[str, tuple[int, float]] = {}
         self._lock = threading.Lock()
 
-    @staticmethod
-    def bearer(authorization: str | None) -> str:
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("send Authorization: Bearer <token>", "authorization")
-        return token.strip()
-
     def cached(self, token: str) -> Caller | None:
         """The answer without I/O, when there is one."""
         if self._admin_token and hmac.compare_digest(token.encode(), self._admin_token.encode()):
