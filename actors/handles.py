@@ -47,3 +47,7 @@ def call_shards_blocking(calls: list[tuple[int, str, str, tuple]]) -> list:
 
 def dispatcher_handle(namespace: str):
     return ray.get_actor(DISPATCHER_NAME, namespace=namespace)
+
+
+def pool_handle(namespace: str):
+    return ray.get_actor(POOL_NAME, namespace=namespace)

@@ -81,12 +81,11 @@ class Client:
     def upload_script(self, name: str, body: bytes, *, interpreter: str = "bash") -> Script:
         """As ``PUT /v1/scripts/{name}``: any bytes; the same content again
         is the same version."""
-        from scheduling.validation import validate_script_name
-        from serve_app.operations import check_script
+        from serve_app.operations import store_script
 
-        validate_script_name(name, "name")
-        check_script(body, self.settings)
-        script, _ = self._repo.add_script(
+        script, _ = store_script(
+            self._repo,
+            self.settings,
             owner_id=self.owner_id,
             name=name,
             interpreter=Interpreter(interpreter),
@@ -265,8 +264,9 @@ class Client:
 
     def runs(self, task_id: int) -> list[Run]:
         """Every attempt of one of this user's tasks."""
-        self._repo.get_task(task_id, owner_id=self.owner_id)
-        return self._repo.list_runs(task_id)
+        from serve_app.operations import task_runs
+
+        return task_runs(self._repo, task_id, owner_id=self.owner_id)
 
     def run_output(self, task_id: int, attempt: int) -> str:
         from serve_app.operations import run_of
@@ -329,10 +329,9 @@ class Client:
     def executors(self) -> dict:
         """The pool's view: each tier's live, starting and unplaceable
         executors, and each executor's state and heartbeat age."""
-        from actors.handles import POOL_NAME
+        from actors.handles import pool_handle
 
-        pool = ray.get_actor(POOL_NAME, namespace=self.settings.namespace)
-        return ray.get(pool.status.remote())
+        return ray.get(pool_handle(self.settings.namespace).status.remote())
 
     def wait(
         self, task_ids: Iterable[int], *, timeout_s: float = 120.0, poll_s: float = 0.2

@@ -28,10 +28,9 @@ from scheduling.cron import validate_schedule
 from scheduling.models import Interpreter, NewTask, SubmitResult, TaskStatus
 from scheduling.validation import validate_script_name
 from serve_app.errors import ERROR_RESPONSES, install_error_handlers
-from serve_app.limits import BodySizeLimit, StrictJsonRoute, WriteTracker
+from serve_app.limits import BodySizeLimit, StrictJsonRoute, WriteTracker, media_type
 from serve_app.operations import (
     check_caps,
-    check_script,
     new_batch,
     new_schedule,
     new_task,
@@ -39,6 +38,8 @@ from serve_app.operations import (
     run_of,
     schedule_changes,
     store_batch,
+    store_script,
+    task_runs,
     upcoming_fires,
 )
 from serve_app.schemas import (
@@ -252,10 +253,11 @@ def create_api(backend: Backend) -> FastAPI:
         return user_out(await asyncio.to_thread(repo.get_user, owner))
 
     # -- scripts ---------------------------------------------------------------
-    async def store_script(owner: int, name: str, interpreter, payload: bytes) -> JSONResponse:
-        check_script(payload, settings)
+    async def stored_script(owner: int, name: str, interpreter, payload: bytes) -> JSONResponse:
         script, created = await asyncio.to_thread(
-            repo.add_script,
+            store_script,
+            repo,
+            settings,
             owner_id=owner,
             name=name,
             interpreter=interpreter,
@@ -267,7 +269,7 @@ def create_api(backend: Backend) -> FastAPI:
     @api.post("/v1/scripts", status_code=201, responses=AGAIN)
     async def register_script(owner: Owner, body: ScriptIn) -> JSONResponse:
         """Register a script from JSON; the same body again is the same version (200)."""
-        return await store_script(owner, body.name, body.interpreter, body.body.encode())
+        return await stored_script(owner, body.name, body.interpreter, body.body.encode())
 
     @api.put("/v1/scripts/{name}", status_code=201, openapi_extra=RAW_SCRIPT_BODY, responses=AGAIN)
     async def upload_script(
@@ -275,15 +277,15 @@ def create_api(backend: Backend) -> FastAPI:
     ) -> JSONResponse:
         """Upload a script as the raw request body (text/plain or
         application/octet-stream); a changed body is a new version."""
-        validate_script_name(name, "name")
+        validate_script_name(name, "name")  # before the body is read
         content_type = request.headers.get("content-type", "")
-        if content_type.split(";", 1)[0].strip().lower() not in RAW_SCRIPT_TYPES:
+        if media_type(content_type) not in RAW_SCRIPT_TYPES:
             raise UnsupportedMediaType(
                 f"send the script as text/plain or application/octet-stream, "
                 f"not {content_type[:64]!r}",
                 "content-type",
             )
-        return await store_script(owner, name, interpreter, await request.body())
+        return await stored_script(owner, name, interpreter, await request.body())
 
     @api.get("/v1/scripts")
     async def list_scripts(owner: Owner) -> dict:
@@ -479,15 +481,13 @@ def create_api(backend: Backend) -> FastAPI:
     async def list_runs(owner: Owner, task_id: ObjectId) -> dict:
         """Every attempt of one task: executor, tier, node, times, fire lag,
         exit code, failure class and the output's tail."""
-        await asyncio.to_thread(repo.get_task, task_id, owner_id=owner)
-        runs = await asyncio.to_thread(repo.list_runs, task_id)
+        runs = await asyncio.to_thread(task_runs, repo, task_id, owner_id=owner)
         return {"task_id": task_id, "runs": [run_out(run) for run in runs]}
 
     @api.get("/v1/tasks/{task_id}/runs/{attempt}/output", responses=TEXT_ANSWER)
     async def run_output(owner: Owner, task_id: ObjectId, attempt: Attempt) -> PlainTextResponse:
         """The tail of one attempt's stdout and stderr, as text."""
-        await asyncio.to_thread(repo.get_task, task_id, owner_id=owner)
-        runs = await asyncio.to_thread(repo.list_runs, task_id)
+        runs = await asyncio.to_thread(task_runs, repo, task_id, owner_id=owner)
         return PlainTextResponse(run_of(runs, task_id, attempt).output_tail)
 
     @api.get("/v1/executors")

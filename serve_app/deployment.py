@@ -8,7 +8,6 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime
 
-import ray
 from ray import serve
 
 from chronoray.errors import ChronorayError, Unavailable
@@ -93,10 +92,10 @@ class ShardSubmitter:
         return dict(await asyncio.gather(*checks))
 
     async def executors(self) -> dict:
-        from actors.handles import POOL_NAME
+        from actors.handles import pool_handle
 
         try:
-            pool = ray.get_actor(POOL_NAME, namespace=self._settings.namespace)
+            pool = pool_handle(self._settings.namespace)
             return await asyncio.wait_for(pool.status.remote(), timeout=5.0)
         except Exception as exc:
             raise Unavailable(f"executor pool not reachable: {type(exc).__name__}") from None
@@ -104,14 +103,13 @@ class ShardSubmitter:
     async def metrics(self) -> dict[str, list]:
         """Every actor's Prometheus metric families, by source; a source that
         does not answer within 2 s is left out (and marked down)."""
-        from actors.handles import POOL_NAME, call_shard, dispatcher_handle
+        from actors.handles import call_shard, dispatcher_handle, pool_handle
         from chronoray.metrics import pool_families
 
         namespace = self._settings.namespace
 
         async def pool():
-            actor = ray.get_actor(POOL_NAME, namespace=namespace)
-            return pool_families(await actor.status.remote())
+            return pool_families(await pool_handle(namespace).status.remote())
 
         calls = {"dispatcher": dispatcher_handle(namespace).metrics.remote(), "pool": pool()}
         for i in range(self._settings.num_shards):

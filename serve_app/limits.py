@@ -116,8 +116,13 @@ def check_json_body(body: bytes) -> None:
         return  # malformed: FastAPI answers 400
 
 
+def media_type(content_type: str) -> str:
+    """``text/plain; charset=utf-8`` → ``text/plain``."""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
 def is_json(content_type: str) -> bool:
-    media = content_type.split(";", 1)[0].strip().lower()
+    media = media_type(content_type)
     return media == "application/json" or media.endswith("+json")
 
 
@@ -168,10 +173,10 @@ class WriteTracker:
     def __init__(self, app, *, repo) -> None:
         self.app = app
         self.repo = repo
+        self.tracking = repo.tracks_writes  # no replicas: nothing to note
 
     async def __call__(self, scope, receive, send):
-        tracking = getattr(self.repo, "tracks_writes", False)
-        if scope["type"] != "http" or not tracking or scope["method"] in self.READ_METHODS:
+        if scope["type"] != "http" or not self.tracking or scope["method"] in self.READ_METHODS:
             return await self.app(scope, receive, send)
 
         async def noting_send(message):

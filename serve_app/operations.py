@@ -19,8 +19,9 @@ from chronoray.errors import (
 )
 from chronoray.settings import Settings
 from scheduling.cron import validate_schedule
-from scheduling.models import NewTask, Run, Task
+from scheduling.models import Interpreter, NewTask, Run, Script, Task
 from scheduling.schedules import MisfirePolicy, NewSchedule, OverlapPolicy, first_fire
+from scheduling.validation import validate_script_name
 from serve_app.schemas import ScheduleFields, ScheduleIn, TaskIn, parse_instant
 from storage.repository import TaskRepository
 
@@ -43,11 +44,31 @@ def redrive(
     return repo.redrive(task_id, owner_id=owner_id, attempts=attempts, now=now)
 
 
-def check_script(payload: bytes, settings: Settings) -> None:
-    if len(payload) > settings.max_script_bytes:
+def store_script(
+    repo: TaskRepository,
+    settings: Settings,
+    *,
+    owner_id: int,
+    name: str,
+    interpreter: Interpreter,
+    body: bytes,
+    now: datetime,
+) -> tuple[Script, bool]:
+    """A script, or a new version of it: (the version, whether it is new)."""
+    validate_script_name(name, "name")
+    if len(body) > settings.max_script_bytes:
         raise TooLarge(f"script over {settings.max_script_bytes} bytes", "body")
-    if not payload:
+    if not body:
         raise InvalidInput("the script is empty", "body")
+    return repo.add_script(
+        owner_id=owner_id, name=name, interpreter=interpreter, body=body, now=now
+    )
+
+
+def task_runs(repo: TaskRepository, task_id: int, *, owner_id: int) -> list[Run]:
+    """Every attempt of one of this owner's tasks (TaskNotFound for another's)."""
+    repo.get_task(task_id, owner_id=owner_id)
+    return repo.list_runs(task_id)
 
 
 def upcoming_fires(schedule, count: int) -> list[datetime]:
