@@ -8,6 +8,8 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+from chronoray.errors import Unavailable
+
 log = logging.getLogger(__name__)
 
 In = TypeVar("In")
@@ -45,19 +47,29 @@ class GroupCommitter(Generic[In, Out]):
                     self._pending[: self._max_batch],
                     self._pending[self._max_batch :],
                 )
-                try:
-                    results = await self._write([item for item, _ in batch])
-                    answered = list(zip(batch, results, strict=True))
-                except Exception as exc:  # every waiter of this batch sees the failure
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                for (_, future), result in answered:
-                    if not future.done():
-                        future.set_result(result)
+                await self._write_isolated(batch)
         finally:
             self._flushing = False
+
+    async def _write_isolated(self, batch: list[tuple[In, asyncio.Future]]) -> None:
+        """Write the batch; if it fails for a reason of its own (not an
+        outage), write each item alone, so a bad item fails only its caller."""
+        try:
+            results = await self._write([item for item, _ in batch])
+            answered = list(zip(batch, results, strict=True))
+        except Exception as exc:
+            if len(batch) > 1 and not isinstance(exc, Unavailable):
+                log.warning("a batch of %d failed (%r); writing each alone", len(batch), exc)
+                for entry in batch:
+                    await self._write_isolated([entry])
+                return
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in answered:
+            if not future.done():
+                future.set_result(result)
 
 
 class Outbox(Generic[In]):

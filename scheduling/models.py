@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -88,6 +89,10 @@ class NewTask:
     timeout_s: float = 300.0
     idempotency_key: str | None = None
     request_hash: str | None = None  # tells a replay from a different body
+    # Minted once per submission and carried by every retry of the call that
+    # stores it (Ray replays calls to a restarted shard): the second store
+    # returns the first task instead of inserting another.
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __post_init__(self) -> None:
         require_aware(self.execute_at, "execute_at")

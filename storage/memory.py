@@ -52,6 +52,7 @@ class InMemoryTaskRepository:
         self.scripts: dict[int, tuple[Script, bytes]] = {}
         self.tasks: dict[int, Task] = {}
         self.request_hashes: dict[int, str | None] = {}
+        self.requests: dict[str, int] = {}  # request_id -> the task it stored
         self.runs: dict[tuple[int, int], Run] = {}
         self.shard_epochs: dict[int, int] = {}
 
@@ -189,15 +190,19 @@ class InMemoryTaskRepository:
         self, new_tasks: Sequence[NewTask], *, now: datetime, atomic: bool = False
     ) -> list[SubmitResult | ChronorayError]:
         if atomic:
-            saved = dict(self.tasks), dict(self.request_hashes)
+            saved = dict(self.tasks), dict(self.request_hashes), dict(self.requests)
             results = self.add_tasks(new_tasks, now=now)
             failures = [(i, r) for i, r in enumerate(results) if isinstance(r, ChronorayError)]
             if failures:
-                self.tasks, self.request_hashes = saved
+                self.tasks, self.request_hashes, self.requests = saved
                 raise BatchRejected(failures)
             return results
         results: list[SubmitResult | ChronorayError] = []
         for new in new_tasks:
+            if new.request_id in self.requests:  # a replayed submission
+                first = self.tasks[self.requests[new.request_id]]
+                results.append(SubmitResult(task=first, created=False))
+                continue
             script = self._latest(new.owner_id, new.script_name)
             if script is None:
                 results.append(ScriptNotFound(f"no script named {new.script_name!r}", "script"))
@@ -241,6 +246,7 @@ class InMemoryTaskRepository:
             )
             self.tasks[task.task_id] = task
             self.request_hashes[task.task_id] = new.request_hash
+            self.requests[new.request_id] = task.task_id
             results.append(SubmitResult(task=task, created=True))
         return results
 

@@ -153,7 +153,11 @@ def sha256_hex(body: bytes) -> str:
 
 
 def tail(text: str, limit: int = MAX_OUTPUT_TAIL_CHARS) -> str:
-    return text[-limit:]
+    """The last ``limit`` characters of a script's output as text every
+    backend stores: a script may print anything, and PostgreSQL refuses NUL
+    and lone surrogates (one refused row would fail its whole batch)."""
+    text = text[-limit:].encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text.replace("\x00", "\u2400")  # the visible symbol for NUL
 
 
 def lost_result(

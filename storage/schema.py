@@ -142,6 +142,7 @@ tasks = Table(
     Column("timeout_s", Float, nullable=False),
     Column("idempotency_key", String(200), nullable=True),
     Column("request_hash", String(64), nullable=True),
+    Column("request_id", String(64), nullable=True),  # minted per submission: replays are no-ops
     Column("lease_expires_at", UtcDateTime, nullable=True),
     Column("epoch", Integer, nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
@@ -149,6 +150,7 @@ tasks = Table(
     Column("lost_count", Integer, nullable=False, server_default="0"),
     UniqueConstraint("schedule_id", "nominal_at", name="uq_tasks_schedule_occurrence"),
     UniqueConstraint("owner_id", "idempotency_key", name="uq_tasks_owner_idempotency_key"),
+    UniqueConstraint("request_id", name="uq_tasks_request_id"),
     Index("ix_tasks_status_bucket", "status", "bucket"),
     Index("ix_tasks_status_lease", "status", "lease_expires_at"),
     Index("ix_tasks_owner_status", "owner_id", "status"),

@@ -525,9 +525,37 @@ class SqlTaskRepository:
         results: list[SubmitResult | ChronorayError | None] = [None] * len(new_tasks)
         with self._begin() as conn:
             known = self._latest_scripts(conn, {(t.owner_id, t.script_name) for t in new_tasks})
+            stored_requests = {
+                row.request_id: _task(row)
+                for row in conn.execute(
+                    select(*TASK_COLUMNS)
+                    .join(scripts, scripts.c.script_id == tasks.c.script_id)
+                    .where(tasks.c.request_id.in_({t.request_id for t in new_tasks}))
+                )
+            }
             rows, row_positions = [], []
-            claimed_keys: dict[tuple[int, str], int] = {}
+            # A second item with the same request (a replay that landed in the
+            # same group commit) answers with the first item's outcome.
+            first_of: dict[object, int] = {}
+            echoes: list[tuple[int, int]] = []
             for i, new in enumerate(new_tasks):
+                if new.request_id in stored_requests:
+                    results[i] = SubmitResult(task=stored_requests[new.request_id], created=False)
+                    continue
+                key = (new.owner_id, new.idempotency_key) if new.idempotency_key else None
+                twin = first_of.get(new.request_id, first_of.get(key))
+                if twin is not None:
+                    if new_tasks[twin].request_hash != new.request_hash:
+                        results[i] = IdempotencyConflict(
+                            "idempotency key repeated in one batch with another request",
+                            "idempotency_key",
+                        )
+                    else:
+                        echoes.append((i, twin))
+                    continue
+                first_of[new.request_id] = i
+                if key is not None:
+                    first_of[key] = i
                 script = known.get((new.owner_id, new.script_name))
                 if script is None:
                     results[i] = ScriptNotFound(f"no script named {new.script_name!r}", "script")
@@ -537,13 +565,6 @@ class SqlTaskRepository:
                     if replay is not None:
                         results[i] = replay
                         continue
-                    key = (new.owner_id, new.idempotency_key)
-                    if key in claimed_keys:  # the same key twice in one batch
-                        results[i] = IdempotencyConflict(
-                            "idempotency key repeated in one batch", "idempotency_key"
-                        )
-                        continue
-                    claimed_keys[key] = i
                 rows.append(
                     {
                         "owner_id": new.owner_id,
@@ -561,6 +582,7 @@ class SqlTaskRepository:
                         "timeout_s": new.timeout_s,
                         "idempotency_key": new.idempotency_key,
                         "request_hash": new.request_hash,
+                        "request_id": new.request_id,
                         "lease_expires_at": None,
                         "epoch": 0,
                         "created_at": now,
@@ -589,6 +611,13 @@ class SqlTaskRepository:
                 }
                 for position, task_id in zip(row_positions, ids, strict=True):
                     results[position] = SubmitResult(task=stored[task_id], created=True)
+            for i, twin in echoes:
+                first = results[twin]
+                results[i] = (
+                    SubmitResult(task=first.task, created=False)
+                    if isinstance(first, SubmitResult)
+                    else first
+                )
         return results  # type: ignore[return-value]
 
     def _idempotent_replay(self, conn, new: NewTask) -> SubmitResult | ChronorayError | None:

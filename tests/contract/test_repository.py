@@ -311,3 +311,47 @@ def test_an_atomic_batch_stores_all_or_nothing(repo, owner):
     assert repo.list_tasks(TaskQuery(owner_id=owner)) == []
     stored = repo.add_tasks(good, now=T0, atomic=True)
     assert len(repo.list_tasks(TaskQuery(owner_id=owner))) == 3 == len(stored)
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        "before\x00after",  # PostgreSQL refuses NUL in text
+        b"bad \xff\xfe utf-8".decode("utf-8", errors="surrogateescape"),  # lone surrogates
+        "x" * 10_000_000,  # 10 MB of text
+    ],
+    ids=["nul", "invalid-utf8", "10mb"],
+)
+def test_any_output_is_stored_as_text_without_failing_the_batch(repo, owner, output):
+    """Defect 1: one script's output must not poison result recording."""
+    bad, good = claimed(repo, owner), claimed(repo, owner)
+    results = [replace(result(bad), output_tail=output), result(good)]
+    repo.record_results(results, policy=POLICY, now=T0)
+    assert repo.get_task(bad.task_id).status is TaskStatus.SUCCEEDED
+    assert repo.get_task(good.task_id).status is TaskStatus.SUCCEEDED
+    [run] = repo.list_runs(bad.task_id)
+    assert "\x00" not in run.output_tail and len(run.output_tail) <= 4096
+    run.output_tail.encode("utf-8")  # valid text
+
+
+def test_a_replayed_submission_stores_nothing_twice(repo, owner):
+    """Defect 3: Ray replays ``submit`` on a restarted shard after a commit
+    whose answer was lost; keyless tasks carry a minted request identity."""
+    first = new(owner, 5)
+    [stored] = repo.add_tasks([first], now=T0)
+    [again] = repo.add_tasks([first, new(owner, 6)], now=T0)[:1]
+    assert stored.created and not again.created
+    assert again.task.task_id == stored.task.task_id
+    assert len(repo.list_tasks(TaskQuery(owner_id=owner))) == 2
+
+
+def test_a_retry_in_the_same_group_commit_as_its_original_is_not_a_conflict(repo, owner):
+    """Defect 10: a retry that lands in the same batch as its original."""
+    original = new(owner, 5, idempotency_key="k1", request_hash="h")
+    retry = new(owner, 5, idempotency_key="k1", request_hash="h")
+    other = new(owner, 5, idempotency_key="k1", request_hash="different")
+    first, second, third = repo.add_tasks([original, retry, other], now=T0)
+    assert first.created and not second.created and second.task == first.task
+    assert isinstance(third, IdempotencyConflict)
+    replayed, twice = repo.add_tasks([original, original], now=T0)
+    assert replayed.task.task_id == twice.task.task_id == first.task.task_id
