@@ -21,10 +21,15 @@ class GroupCommitter(Generic[In, Out]):
     arrive while a write is in progress go together in the next write."""
 
     def __init__(
-        self, write: Callable[[list[In]], Awaitable[Sequence[Out]]], *, max_batch: int = 2000
+        self,
+        write: Callable[[list[In]], Awaitable[Sequence[Out]]],
+        *,
+        max_batch: int = 2000,
+        isolate: bool = True,
     ):
         self._write = write
         self._max_batch = max_batch
+        self._isolate = isolate  # False where a failure says nothing about the items
         self._pending: list[tuple[In, asyncio.Future]] = []
         self._flushing = False
 
@@ -58,7 +63,7 @@ class GroupCommitter(Generic[In, Out]):
             results = await self._write([item for item, _ in batch])
             answered = list(zip(batch, results, strict=True))
         except Exception as exc:
-            if len(batch) > 1 and not isinstance(exc, Unavailable):
+            if self._isolate and len(batch) > 1 and not isinstance(exc, Unavailable):
                 log.warning("a batch of %d failed (%r); writing each alone", len(batch), exc)
                 for entry in batch:
                     await self._write_isolated([entry])
@@ -100,6 +105,10 @@ class Outbox(Generic[In]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def pending(self) -> list[In]:
+        """Items not yet sent successfully (including a batch being sent)."""
+        return list(self._items)
 
     async def _run(self) -> None:
         while True:

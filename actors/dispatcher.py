@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import ray
 
-from actors.batching import Outbox
+from actors.batching import GroupCommitter
 from scheduling.clock import Clock, SystemClock
 from scheduling.models import RunResult, TaskSpec
 from scheduling.ready_queue import ReadyQueue
@@ -30,14 +30,15 @@ SEND_TIMEOUT_S = 3.0
 class ExecutorClient(Protocol):
     async def run_batch(self, specs: list[TaskSpec]) -> int: ...
     async def running(self) -> list[TaskSpec]: ...
+    async def holding(self) -> list[tuple[int, int]]: ...
     async def cancel(self, keys: list[tuple[int, int]]) -> int: ...
 
 
 class ShardLink(Protocol):
     """How the dispatcher talks back to shards."""
 
-    async def record_results(self, shard: int, results: list[RunResult]) -> None: ...
-    async def mark_running(self, shard: int, specs: list[TaskSpec]) -> None: ...
+    async def record_results(self, shard: int, results: list[RunResult]) -> None:
+        """Returns once the shard has committed them."""
 
 
 @dataclass(kw_only=True)
@@ -78,8 +79,10 @@ class Dispatcher:
         # every task still ``queued`` in the database, including ones whose
         # result is on its way back; these must not run again.
         self._finished: dict[tuple[int, int], None] = {}
-        self._results: dict[int, Outbox[RunResult]] = {}
-        self._running: dict[int, Outbox[TaskSpec]] = {}
+        # Results from every executor, one commit per shard at a time; each
+        # executor hears back only after its results are committed.
+        self._results: dict[int, GroupCommitter[RunResult, None]] = {}
+        self.orphans_recovered = 0  # running in the database, held by no executor
 
     async def hello(self) -> str:
         """Shards compare this across calls: a new value means the heap was
@@ -98,6 +101,8 @@ class Dispatcher:
         return await self.room()
 
     async def report_results(self, results: Sequence[RunResult]) -> None:
+        """Free the attempts' slots at once; return when their shards have
+        committed them (until then the executor keeps and resends them)."""
         by_shard: dict[int, list[RunResult]] = {}
         for result in results:
             key = (result.task_id, result.attempt)
@@ -108,9 +113,50 @@ class Dispatcher:
             by_shard.setdefault(result.shard, []).append(result)
         while len(self._finished) > FINISHED_MEMORY:
             del self._finished[next(iter(self._finished))]
-        for shard, batch in by_shard.items():
-            self._outbox(self._results, shard, self._shards.record_results).put(batch)
         await self._place()
+        await asyncio.gather(
+            *(self._committer(shard).submit(batch) for shard, batch in by_shard.items())
+        )
+
+    def _committer(self, shard: int) -> GroupCommitter[RunResult, None]:
+        if shard not in self._results:
+
+            async def record(batch: list[RunResult], shard: int = shard) -> list[None]:
+                await self._shards.record_results(shard, batch)
+                return [None] * len(batch)
+
+            self._results[shard] = GroupCommitter(record, isolate=False)
+        return self._results[shard]
+
+    async def recover_orphans(self, running: Sequence[TaskSpec]) -> list[RunResult]:
+        """``running``: the attempts the database says are running, read
+        before this call. Those that no executor holds (their executor died
+        with a dispatcher or a whole cluster) are lost: reported at once as
+        ``executor_lost``. Any executor that does not answer makes this a
+        no-op: it may hold them. A result committed in between makes the
+        report a no-op, since records are conditional on the attempt."""
+        if not running:
+            return []
+        answers = await asyncio.gather(
+            *(ex.client.holding() for ex in self._executors), return_exceptions=True
+        )
+        held: set[tuple[int, int]] = set()
+        for ex, answer in zip(self._executors, answers, strict=True):
+            if isinstance(answer, BaseException):
+                log.info("executor %s did not say what it holds; no recovery now", ex.executor_id)
+                return []
+            held.update(tuple(key) for key in answer)
+        now = self._clock.now()
+        lost = [
+            lost_result(spec, now=now, reason="running, but no live executor holds it")
+            for spec in running
+            if spec.key not in held
+        ]
+        if lost:
+            log.warning("%d running attempts held by no executor: retried", len(lost))
+            self.orphans_recovered += len(lost)
+            await self.report_results(lost)
+        return lost
 
     async def cancel(self, keys: Sequence[tuple[int, int]]) -> None:
         """Stop these attempts: drop them from the heap, kill them where they
@@ -135,6 +181,7 @@ class Dispatcher:
             "queued": len(self._queue),
             "queued_by_priority": self._queue.depth_by_priority(),
             "late_results": self.late_results,
+            "orphans_recovered": self.orphans_recovered,
             "executors": {
                 ex.executor_id: {
                     "tier": ex.tier,
@@ -211,11 +258,6 @@ class Dispatcher:
             ex.in_flight = {spec.key: spec for spec in actual}
         await self._place()
 
-    def _outbox(self, boxes: dict, shard: int, send) -> Outbox:
-        if shard not in boxes:
-            boxes[shard] = Outbox(lambda batch, s=shard: send(s, batch), name=f"to shard {shard}")
-        return boxes[shard]
-
     def _choose(self, spec: TaskSpec) -> ExecutorSlots | None:
         """The weakest eligible tier with room, then the least busy executor."""
         rank = self._tiers.index_for(spec.priority)
@@ -233,11 +275,6 @@ class Dispatcher:
         per_executor: dict[str, tuple[ExecutorSlots, list[TaskSpec]]] = {}
         for spec, ex in placed:
             per_executor.setdefault(ex.executor_id, (ex, []))[1].append(spec)
-        by_shard: dict[int, list[TaskSpec]] = {}
-        for spec, _ in placed:
-            by_shard.setdefault(spec.shard, []).append(spec)
-        for shard, specs in by_shard.items():
-            self._outbox(self._running, shard, self._shards.mark_running).put(specs)
         await asyncio.gather(*(self._send(ex, specs) for ex, specs in per_executor.values()))
 
     async def _send(self, ex: ExecutorSlots, specs: list[TaskSpec]) -> None:
@@ -267,8 +304,11 @@ class _RayExecutor:
     async def running(self) -> list[TaskSpec]:
         return await asyncio.wait_for(self._handle.running.remote(), timeout=5)
 
+    async def holding(self) -> list[tuple[int, int]]:
+        return await asyncio.wait_for(self._handle.holding.remote(), timeout=5)
+
     async def cancel(self, keys: list[tuple[int, int]]) -> int:
-        return await self._handle.cancel.remote(keys)
+        return await asyncio.wait_for(self._handle.cancel.remote(keys), timeout=5)
 
 
 class _RayShards:
@@ -280,24 +320,30 @@ class _RayShards:
 
         await call_shard(shard, self._namespace, "record_results", results)
 
-    async def mark_running(self, shard: int, specs: list[TaskSpec]) -> None:
-        from actors.handles import call_shard
-
-        await call_shard(shard, self._namespace, "mark_running", specs)
-
 
 class DispatcherShell:
     """Builds the Dispatcher, then follows the pool's membership every
     ``membership_s`` and reconciles with executors every ``reconcile_s``;
     publishes itself in ZooKeeper when configured."""
 
-    def __init__(self, settings, reconcile_s: float = 2.0, membership_s: float = 0.5) -> None:
-        from actors.handles import POOL_NAME
+    def __init__(
+        self,
+        settings,
+        reconcile_s: float = 2.0,
+        membership_s: float = 0.5,
+        recover_s: float = 5.0,
+    ) -> None:
+        from actors.handles import pool_handle
+        from storage.engines import make_engine
+        from storage.sql import SqlTaskRepository
 
         self._settings = settings
-        self._pool = ray.get_actor(POOL_NAME, namespace=settings.namespace)
+        self._pool = pool_handle(settings.namespace)
+        self._repo = SqlTaskRepository(make_engine(settings.database_url, pool_size=2))
         self._reconcile_s = reconcile_s
         self._membership_s = membership_s
+        self._recover_s = recover_s
+        self._members_known = False  # the pool answered since this incarnation began
         self._dispatcher = Dispatcher(
             tiers=settings.tiers,
             executors=[],
@@ -327,10 +373,22 @@ class DispatcherShell:
         try:
             await self._follow_pool()
             await self._dispatcher.reconcile()
+            await self._recover()
         except Exception:
             log.warning("pool not reachable yet; following it from now on", exc_info=True)
         asyncio.ensure_future(self._every(self._membership_s, self._follow_pool))
         asyncio.ensure_future(self._every(self._reconcile_s, self._dispatcher.reconcile))
+        asyncio.ensure_future(self._every(self._recover_s, self._recover))
+
+    async def _recover(self) -> None:
+        """Running attempts no executor holds (their executor died, perhaps
+        with the whole cluster) are retried at once, not left to a lease."""
+        if not self._members_known:
+            return  # an empty membership would make every running attempt look orphaned
+        running = await asyncio.to_thread(
+            self._repo.running_specs, wheel=self._settings.wheel, limit=50_000
+        )
+        await self._dispatcher.recover_orphans(running)
 
     async def _follow_pool(self) -> None:
         infos = await asyncio.wait_for(self._pool.executors.remote(), timeout=5)
@@ -347,6 +405,7 @@ class DispatcherShell:
                 for i in infos
             ]
         )
+        self._members_known = True
         if self._mirror is not None:
             stats = self._dispatcher.stats()
             self._mirror.publish(

@@ -13,13 +13,15 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
 import ray
 
 from actors.batching import Outbox
-from actors.sandbox import SandboxLimits, kill_group, run_script
+from actors.sandbox import SandboxLimits, detect_isolation, kill_group, run_script
+from chronoray.errors import Unavailable
 from scheduling.clock import Clock, SystemClock, to_epoch
 from scheduling.lifecycle import classify
 from scheduling.models import FailureClass, RunResult, TaskSpec
@@ -40,7 +42,15 @@ class ScriptSource(Protocol):
 
 
 class ResultSink(Protocol):
-    async def report_results(self, results: list[RunResult]) -> None: ...
+    async def report_results(self, results: list[RunResult]) -> None:
+        """Returns once the owner shards have committed these results."""
+
+
+class StartGate(Protocol):
+    async def start(self, spec: TaskSpec) -> bool:
+        """Commit queued → running for exactly this attempt; False when the
+        attempt belongs to someone else (its script must not start).
+        Raises Unavailable when the database cannot say."""
 
 
 class ScriptCache:
@@ -65,7 +75,9 @@ class ScriptCache:
 
 class Executor:
     """Runs handed-over attempts, each at its due instant, at most ``slots``
-    at once, and reports results in batches."""
+    at once. An attempt's script starts only after its start gate committed
+    (so no attempt starts twice, whoever else was handed it), and its
+    result is kept and resent until the shard has committed it."""
 
     def __init__(
         self,
@@ -75,41 +87,57 @@ class Executor:
         slots: int,
         scripts: ScriptCache,
         sink: ResultSink,
+        gate: StartGate,
         clock: Clock | None = None,
         node_id: str = "",
         limits: SandboxLimits = SandboxLimits(),
+        gate_lead_s: float = 0.05,
+        patience_s: float = 60.0,
+        retry_s: float = 0.5,
     ) -> None:
         self.executor_id = executor_id
         self.tier = tier
         self.slots = slots
         self._scripts = scripts
+        self._gate = gate
         self._clock = clock or SystemClock()
         self._limits = limits
+        # The gate commits this long before the due instant, so its write is
+        # not in the fire lag; a loss before the gate never uses an attempt.
+        self._gate_lead_s = gate_lead_s
+        self._patience_s = patience_s  # how long to wait out a database outage
+        self._retry_s = retry_s
         self._node_id = node_id or socket.gethostname()
         self._slots = asyncio.Semaphore(slots)
         self._running: dict[tuple[int, int], tuple[TaskSpec, asyncio.Task]] = {}
         self.fenced = False  # lost contact with the pool: take no new work
         self._pids: dict[tuple[int, int], int] = {}  # running scripts' process groups
         self._fenced_keys: set[tuple[int, int]] = set()
+        self.refused_at_gate = 0  # attempts someone else owned: never started here
         self._outbox: Outbox[RunResult] = Outbox(
-            sink.report_results, name=f"executor {executor_id}"
+            sink.report_results, name=f"executor {executor_id}", retry_s=retry_s
         )
 
     async def run_batch(self, specs: Sequence[TaskSpec]) -> int:
-        """Start each attempt in the background; a replayed call is a no-op
+        """Take each attempt in the background; a replayed call is a no-op
         for attempts already here."""
         if self.fenced:
             raise ExecutorFenced(f"executor {self.executor_id} lost contact with its pool")
-        started = 0
+        taken = 0
         for spec in specs:
             if spec.key in self._running:
                 continue
             self._running[spec.key] = (spec, asyncio.ensure_future(self._run(spec)))
-            started += 1
-        return started
+            taken += 1
+        return taken
 
     async def running(self) -> list[TaskSpec]:
         return [spec for spec, _ in self._running.values()]
+
+    async def holding(self) -> list[tuple[int, int]]:
+        """Attempts this executor answers for: taken and not yet finished, or
+        finished with a result the shard has not committed yet."""
+        return [*self._running, *(r.key for r in self._outbox.pending())]
 
     @property
     def busy(self) -> int:
@@ -146,7 +174,8 @@ class Executor:
         try:
             async with self._slots:
                 result = await self._attempt(spec)
-            self._outbox.put([result])
+            if result is not None:
+                self._outbox.put([result])
         except asyncio.CancelledError:
             log.info("attempt %s cancelled", spec.key)
         finally:
@@ -154,10 +183,24 @@ class Executor:
             self._pids.pop(spec.key, None)
             self._fenced_keys.discard(spec.key)
 
-    async def _attempt(self, spec: TaskSpec) -> RunResult:
+    async def _patiently(self, step, spec: TaskSpec, what: str):
+        """``step()`` retried through database outages for ``patience_s``;
+        None if the database stayed away (the attempt stays queued, and its
+        shard hands it over again)."""
+        deadline = max(self._clock.now(), spec.due_at).timestamp() + self._patience_s
+        while True:
+            try:
+                return await step()
+            except Unavailable as exc:
+                if self._clock.now().timestamp() > deadline:
+                    log.warning("attempt %s: %s failed for good: %s", spec.key, what, exc)
+                    return None
+                await asyncio.sleep(self._retry_s)
+
+    async def _attempt(self, spec: TaskSpec) -> RunResult | None:
         try:
-            path = await self._scripts.path_for(spec)
-        except Exception as exc:
+            path = await self._patiently(lambda: self._scripts.path_for(spec), spec, "fetch")
+        except Exception as exc:  # the script itself is gone: the task's own failure
             log.exception("could not load script %s", spec.script_id)
             return self._result(
                 spec,
@@ -167,10 +210,17 @@ class Executor:
                 f"script unavailable: {exc}",
                 FailureClass.LAUNCH_ERROR,
             )
+        if path is None:
+            return None
         # Handed over early (prefire): hold the task until its instant.
-        delay = to_epoch(spec.due_at) - to_epoch(self._clock.now())
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await self._sleep_until(to_epoch(spec.due_at) - self._gate_lead_s)
+        if self.fenced:
+            return None  # not started: the task is still queued, and goes elsewhere
+        if not await self._patiently(lambda: self._gate.start(spec), spec, "start gate"):
+            self.refused_at_gate += 1
+            log.info("attempt %s not started: it is not ours to run", spec.key)
+            return None
+        await self._sleep_until(to_epoch(spec.due_at))
         if self.fenced:
             return self._result(
                 spec, None, self._clock.now(), None, FENCED, FailureClass.EXECUTOR_LOST
@@ -200,6 +250,11 @@ class Executor:
         return self._result(
             spec, outcome.started_at, outcome.finished_at, outcome.exit_code, text, failure
         )
+
+    async def _sleep_until(self, epoch_s: float) -> None:
+        delay = epoch_s - to_epoch(self._clock.now())
+        if delay > 0:
+            await asyncio.sleep(delay)
 
     def _result(self, spec, started_at, finished_at, exit_code, text, failure) -> RunResult:
         return RunResult.of(
@@ -419,53 +474,80 @@ class ExecutorPool:
 EXECUTOR_PREFIX = "chronoray-exec-"  # not a prefix of POOL_NAME
 
 
+REPORT_TIMEOUT_S = 30.0  # a dispatcher that takes longer is asked again (records are idempotent)
+
+
 class _DispatcherSink:
     """Results go back to the dispatcher, looked up by name so a restarted
-    dispatcher is found again."""
+    dispatcher is found again. Its answer means the shards committed them."""
 
     def __init__(self, namespace: str) -> None:
         self._namespace = namespace
-        self._handle = None
 
     async def report_results(self, results: list[RunResult]) -> None:
-        from actors.handles import DISPATCHER_NAME
+        from actors.handles import dispatcher_handle
 
-        if self._handle is None:
-            self._handle = ray.get_actor(DISPATCHER_NAME, namespace=self._namespace)
-        await self._handle.report_results.remote(results)
+        await asyncio.wait_for(
+            dispatcher_handle(self._namespace).report_results.remote(results),
+            timeout=REPORT_TIMEOUT_S,
+        )
 
 
-class _RepositoryScripts:
-    def __init__(self, database_url: str) -> None:
+class _RepositoryStore:
+    """The executor's own database work: script bodies, and the start gate
+    (group-committed: every attempt due together shares one transaction)."""
+
+    def __init__(self, settings) -> None:
+        from actors.batching import GroupCommitter
         from storage.engines import make_engine
         from storage.sql import SqlTaskRepository
 
-        self._repo = SqlTaskRepository(make_engine(database_url, pool_size=2))
+        self._repo = SqlTaskRepository(make_engine(settings.database_url, pool_size=2))
+        self._lease_grace_s = settings.lease_grace_s
+        self._gate: GroupCommitter[TaskSpec, bool] = GroupCommitter(self._start_many)
 
     def get_script_body(self, script_id: int) -> bytes:
         return self._repo.get_script_body(script_id)
 
+    async def start(self, spec: TaskSpec) -> bool:
+        [started] = await self._gate.submit([spec])
+        return started
 
-class ExecutorShell(Executor):
-    """An executor actor: heartbeats to the pool, fences itself when the
-    pool stops answering or says it was declared dead, and mirrors itself in
-    ZooKeeper when configured."""
+    async def _start_many(self, specs: list[TaskSpec]) -> list[bool]:
+        started = set(
+            await asyncio.to_thread(
+                self._repo.mark_running,
+                specs,
+                lease_grace_s=self._lease_grace_s,
+                now=datetime.now(timezone.utc),
+            )
+        )
+        return [spec.key in started for spec in specs]
+
+
+class ExecutorShell:
+    """An executor actor: builds the sandbox launcher before it says it is
+    alive, heartbeats to the pool, fences itself only when the pool says it
+    was declared dead (or after a long silence: a restarting pool must not
+    kill healthy work), and mirrors itself in ZooKeeper when configured."""
 
     def __init__(self, *, executor_id: str, tier: Tier, settings) -> None:
-        from actors.handles import POOL_NAME
+        from actors.handles import pool_handle
 
+        store = _RepositoryStore(settings)
         cache_dir = Path(tempfile.gettempdir()) / "chronoray-scripts" / executor_id
-        super().__init__(
+        self._executor = Executor(
             executor_id=executor_id,
             tier=tier.name,
             slots=tier.slots,
-            scripts=ScriptCache(_RepositoryScripts(settings.database_url), cache_dir),
+            scripts=ScriptCache(store, cache_dir),
             sink=_DispatcherSink(settings.namespace),
+            gate=store,
             node_id=ray.get_runtime_context().get_node_id(),
             limits=replace(settings.sandbox, memory_mb=tier.script_memory),
         )
         self._timing = settings.pool_timing
-        self._pool = ray.get_actor(POOL_NAME, namespace=settings.namespace)
+        self._pool = pool_handle(settings.namespace)
         self._tier = tier
         self._mirror = None
         if settings.zookeeper_hosts:
@@ -476,48 +558,75 @@ class ExecutorShell(Executor):
                 executor_path(tier.name, executor_id),
                 session_timeout_s=settings.zookeeper_session_timeout_s,
             )
-        self._beating = asyncio.ensure_future(self._heartbeat_forever())
+        self._beating = asyncio.ensure_future(self._live())
+
+    async def run_batch(self, specs: list[TaskSpec]) -> int:
+        return await self._executor.run_batch(specs)
+
+    async def running(self) -> list[TaskSpec]:
+        return await self._executor.running()
+
+    async def holding(self) -> list[tuple[int, int]]:
+        return await self._executor.holding()
+
+    async def cancel(self, keys: list[tuple[int, int]]) -> int:
+        return await self._executor.cancel(keys)
 
     async def ping(self) -> str:
-        return self.executor_id
+        return self._executor.executor_id
 
     async def info(self) -> dict[str, Any]:
         return self.describe(time.time())
 
     def describe(self, heartbeat_at: float) -> dict[str, Any]:
+        executor = self._executor
         return {
-            "executor_id": self.executor_id,
-            "tier": self.tier,
-            "node": self._node_id,
+            "executor_id": executor.executor_id,
+            "tier": executor.tier,
+            "node": ray.get_runtime_context().get_node_id(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "resources": self._tier.actor_options(),
-            "slots": self.slots,
-            "running": self.busy,
-            "fenced": self.fenced,
+            "slots": executor.slots,
+            "running": executor.busy,
+            "fenced": executor.fenced,
+            "refused_at_gate": executor.refused_at_gate,
             "last_heartbeat": heartbeat_at,
         }
 
+    async def _live(self) -> None:
+        # The first run would otherwise compile launch.c on the event loop
+        # and stall heartbeats past the death threshold (defect 11).
+        limits = self._executor._limits
+        await asyncio.to_thread(
+            detect_isolation, limits.run_as, limits.pid_namespace, limits.launcher
+        )
+        await self._heartbeat_forever()
+
     async def _heartbeat_forever(self) -> None:
         period = self._timing.heartbeat_s
+        executor = self._executor
         acknowledged = time.monotonic()
         while True:
             try:
                 alive = await asyncio.wait_for(
-                    self._pool.heartbeat.remote(self.executor_id, self.busy), timeout=period
+                    self._pool.heartbeat.remote(executor.executor_id, executor.busy),
+                    timeout=period,
                 )
             except Exception:
                 alive = None  # no answer: the pool may be restarting
             if alive:
                 acknowledged = time.monotonic()
-                self.regain_contact()
+                executor.regain_contact()
             elif alive is False:
-                self.lose_contact("the pool declared this executor dead")
+                executor.lose_contact("the pool declared this executor dead")
                 await self._outbox_flushed()
                 self._exit()
                 return
-            elif time.monotonic() - acknowledged > period * self._timing.misses:
-                self.lose_contact(f"no heartbeat acknowledged for {self._timing.misses} periods")
+            elif time.monotonic() - acknowledged > self._timing.fence_after_s:
+                executor.lose_contact(
+                    f"no heartbeat acknowledged for {self._timing.fence_after_s} s"
+                )
             if self._mirror is not None:
                 self._mirror.publish(self.describe(time.time()))
             await asyncio.sleep(period)

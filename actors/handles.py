@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 
 import ray
 from ray.exceptions import RayActorError
+
+from chronoray.errors import Unavailable
 
 DISPATCHER_NAME = "chronoray-dispatcher"
 POOL_NAME = "chronoray-executor-pool"
@@ -22,14 +25,28 @@ def shard_handle(index: int, namespace: str):
     return ray.get_actor(shard_name(index), namespace=namespace)
 
 
-async def call_shard(index: int, namespace: str, method: str, *args):
-    """Call a shard; if its handle is dead (the actor was removed and
-    deployed anew), look it up again once."""
+# No call between actors waits forever: a stopped or dead actor must not
+# stall its callers' loops. Each caller has a fallback (a retry, or the sweep).
+CALL_TIMEOUT_S = 10.0
+
+
+async def call_shard(
+    index: int, namespace: str, method: str, *args, timeout_s: float = CALL_TIMEOUT_S
+):
+    """Call a shard, within ``timeout_s``; if its handle is dead (the actor
+    was removed and deployed anew), look it up again once."""
     try:
-        return await getattr(shard_handle(index, namespace), method).remote(*args)
-    except RayActorError:
-        shard_handle.cache_clear()
-        return await getattr(shard_handle(index, namespace), method).remote(*args)
+        try:
+            return await asyncio.wait_for(
+                getattr(shard_handle(index, namespace), method).remote(*args), timeout=timeout_s
+            )
+        except RayActorError:
+            shard_handle.cache_clear()
+            return await asyncio.wait_for(
+                getattr(shard_handle(index, namespace), method).remote(*args), timeout=timeout_s
+            )
+    except asyncio.TimeoutError:
+        raise Unavailable(f"shard {index} did not answer {method} within {timeout_s} s") from None
 
 
 def call_shards_blocking(calls: list[tuple[int, str, str, tuple]]) -> list:

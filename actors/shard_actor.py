@@ -6,19 +6,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Protocol
 
 import ray
 
 from actors.batching import GroupCommitter
-from chronoray.errors import ChronorayError
+from chronoray.errors import ChronorayError, Unavailable
 from chronoray.metrics import ShardMetrics
 from chronoray.settings import Settings
 from scheduling.clock import Clock, SystemClock
 from scheduling.fire_timer import FireTimer
 from scheduling.models import NewTask, RunResult, SubmitResult, TaskSpec
-from storage.repository import TaskRepository, lost_result
+from storage.repository import TaskRepository
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Shard:
         self._committer: GroupCommitter[NewTask, SubmitResult | ChronorayError] = GroupCommitter(
             self._store
         )
+        self._unsent: list[TaskSpec] = []  # claimed, not yet taken by the dispatcher
         self.wake = asyncio.Event()
         self.metrics = ShardMetrics()
 
@@ -119,6 +121,7 @@ class Shard:
     async def fire_due(self) -> int:
         """Claim what is due (or within the prefire lead) and hand it over,
         no more than the dispatcher has room for."""
+        await self._hand_over()
         if self._room <= 0:
             self._room = await self._dispatcher.room()
             if self._room <= 0:
@@ -137,27 +140,75 @@ class Shard:
             lease_until=lease_until,
             now=now,
         )
+        self._unsent.extend(claimed.specs)
+        self.metrics.fired.inc(len(claimed.specs))
+        await self._route(claimed.follow_ups)
         if claimed.cancelled:  # a cancel_previous schedule stopped these attempts
             await self._dispatcher.cancel(claimed.cancelled)
-        if claimed.specs:
-            self._room = await self._dispatcher.submit(claimed.specs)
-            self.metrics.fired.inc(len(claimed.specs))
-        await self._route(claimed.follow_ups)
+        await self._hand_over()
         return len(claimed.specs)
 
-    # -- outcomes ------------------------------------------------------------
-    async def mark_running(self, specs: Sequence[TaskSpec]) -> int:
-        return await self._io(
-            self._repo.mark_running,
-            list(specs),
-            lease_grace_s=self._settings.lease_grace_s,
-            now=self._clock.now(),
-        )
+    async def _hand_over(self) -> None:
+        """Claimed attempts go to the dispatcher; a failed hand-over is kept
+        and tried again on the next turn of the loop (and, should this shard
+        die, the next incarnation hands over everything still queued)."""
+        batch, self._unsent = self._unsent, []
+        if batch:
+            try:
+                self._room = await self._dispatcher.submit(batch)
+            except BaseException:
+                self._unsent = batch + self._unsent
+                raise
 
+    # -- outcomes ------------------------------------------------------------
     async def record_results(self, results: Sequence[RunResult]) -> int:
+        """Commit these outcomes; returns how many tasks were put back to be
+        run again (retries). A batch the database refuses for one item's
+        sake is written item by item, and an item refused on its own is
+        recorded as its task's failure without its output: no bad item
+        holds up the others, and no batch is retried forever."""
+        try:
+            return await self._record(list(results))
+        except Unavailable:
+            raise  # an outage: the executor keeps the results and sends them again
+        except Exception:
+            if len(results) == 1:
+                return await self._record_stripped(results[0])
+            log.exception(
+                "shard %d: a batch of %d results failed; one by one", self.index, len(results)
+            )
+        recorded = 0
+        for result in results:
+            try:
+                recorded += await self._record([result])
+            except Unavailable:
+                raise
+            except Exception:
+                recorded += await self._record_stripped(result)
+        return recorded
+
+    async def _record_stripped(self, result: RunResult) -> int:
+        log.exception(
+            "shard %d: result of %s refused; stored without output",
+            self.index,
+            (result.task_id, result.attempt),
+        )
+        try:
+            return await self._record(
+                [replace(result, output_tail="(the output could not be stored)")]
+            )
+        except Unavailable:
+            raise
+        except Exception:
+            log.exception(
+                "shard %d: result of %s dropped", self.index, (result.task_id, result.attempt)
+            )
+            return 0
+
+    async def _record(self, results: list[RunResult]) -> int:  # -> tasks to watch again
         watch = await self._io(
             self._repo.record_results,
-            list(results),
+            results,
             policy=self._settings.retry,
             now=self._clock.now(),
             tiers=self._settings.tiers,
@@ -179,12 +230,19 @@ class Shard:
             limit=50_000,
         )
         await self.track(due)
-        expired = await self._io(
-            self._repo.expired_leases, wheel=self._wheel, shard=self.index, now=now, limit=10_000
+        stale = await self._io(
+            self._repo.stale_queued,
+            wheel=self._wheel,
+            shard=self.index,
+            now=now,
+            lease_until=now + timedelta(seconds=self._settings.queue_lease_s),
+            limit=10_000,
         )
-        if expired:
-            log.warning("shard %d: %d leases expired", self.index, len(expired))
-            await self.record_results([lost_result(spec, now=now) for spec in expired])
+        if stale:
+            # A hand-over that never arrived, or a task still waiting for a
+            # slot: offer it again (the dispatcher ignores what it holds).
+            log.warning("shard %d: %d queued tasks handed over again", self.index, len(stale))
+            self._room = await self._dispatcher.submit(stale)
         self._room = await self._dispatcher.room()
         incarnation = await self._dispatcher.hello()
         if incarnation != self._dispatcher_seen:
@@ -230,22 +288,36 @@ class Shard:
 
 
 class _RayDispatcher:
+    """Every call bounded: a dead or stopped dispatcher fails the loop
+    iteration (retried), never stalls it. A claim whose hand-over failed is
+    queued in the database and offered again when its queue lease ends."""
+
     def __init__(self, namespace: str) -> None:
         from actors.handles import dispatcher_handle
 
         self._handle = dispatcher_handle(namespace)
 
+    async def _call(self, method: str, *args):
+        from actors.handles import CALL_TIMEOUT_S
+
+        try:
+            return await asyncio.wait_for(
+                getattr(self._handle, method).remote(*args), timeout=CALL_TIMEOUT_S
+            )
+        except asyncio.TimeoutError:
+            raise Unavailable(f"the dispatcher did not answer {method}") from None
+
     async def hello(self) -> str:
-        return await self._handle.hello.remote()
+        return await self._call("hello")
 
     async def room(self) -> int:
-        return await self._handle.room.remote()
+        return await self._call("room")
 
     async def submit(self, specs: list[TaskSpec]) -> int:
-        return await self._handle.submit.remote(specs)
+        return await self._call("submit", specs)
 
     async def cancel(self, keys: list[tuple[int, int]]) -> None:
-        await self._handle.cancel.remote(keys)
+        await self._call("cancel", keys)
 
 
 class _RayPeers:
@@ -253,9 +325,14 @@ class _RayPeers:
         self._namespace = namespace
 
     async def track(self, shard: int, entries: list[tuple[int, datetime]]) -> None:
+        """A hint to the owner's timer; the owner's sweep finds the same
+        tasks, so a shard that does not answer is passed over."""
         from actors.handles import call_shard
 
-        await call_shard(shard, self._namespace, "track", entries)
+        try:
+            await call_shard(shard, self._namespace, "track", entries, timeout_s=2.0)
+        except Exception as exc:
+            log.warning("shard %d did not take %d tasks to watch: %s", shard, len(entries), exc)
 
 
 class ShardShell:
@@ -302,9 +379,6 @@ class ShardShell:
 
     async def track(self, entries: list[tuple[int, datetime]]) -> None:
         await (await self._ready()).track(entries)
-
-    async def mark_running(self, specs: list[TaskSpec]) -> int:
-        return await (await self._ready()).mark_running(specs)
 
     async def record_results(self, results: list[RunResult]) -> int:
         return await (await self._ready()).record_results(results)

@@ -92,11 +92,18 @@ def after_attempt(
     lost_count: int = 0,
     tiers: TierTable | None = None,
     rng: random.Random | None = None,
+    started: bool = True,
 ) -> Outcome:
+    """``started``: the script may have run (its RUNNING commit was made).
+    Only such a run may use one of the user's attempts: an infrastructure
+    loss before it is retried for free, and so is every loss after the
+    first, up to ``policy.max_free_losses`` (a script that kills its node
+    must still end)."""
     if failure is FailureClass.EXECUTOR_LOST:
         lost_count += 1
-        if 1 < lost_count <= policy.max_free_losses + 1:
-            max_attempts += 1  # only the first loss counts against the user
+        free = not started or lost_count > 1
+        if free and lost_count <= policy.max_free_losses + 1:
+            max_attempts += 1
     if failure is None or attempt >= max_attempts:
         return Outcome(
             status=TaskStatus.SUCCEEDED if failure is None else TaskStatus.DEAD,

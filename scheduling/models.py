@@ -177,6 +177,10 @@ class RunResult:
     def succeeded(self) -> bool:
         return self.failure is None
 
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.task_id, self.attempt)
+
     @classmethod
     def of(cls, spec: TaskSpec, **outcome) -> "RunResult":
         """The result of ``spec``'s attempt: identity copied from the spec,

@@ -41,6 +41,10 @@ class PoolTiming:
     placement_timeout_s: float = 30.0  # no first heartbeat by then: reported unplaceable
     idle_s: float = 60.0  # an executor idle this long may be removed (above the minimum)
     reap_after_s: float = 30.0  # a dead executor that did not exit by itself is killed
+    # An executor fences itself (kills its scripts) when the pool says it was
+    # declared dead, or after this long without an answer: far longer than a
+    # pool restart, so a restarting pool never kills healthy work.
+    fence_after_s: float = 60.0
 
 
 class TierTable:

@@ -375,8 +375,8 @@ class InMemoryTaskRepository:
 
     def mark_running(
         self, specs: Sequence[TaskSpec], *, lease_grace_s: float, now: datetime
-    ) -> int:
-        changed = 0
+    ) -> list[tuple[int, int]]:
+        started = []
         for spec in specs:
             task = self.tasks.get(spec.task_id)
             if self._matches(task, spec) and task.status is TaskStatus.QUEUED:
@@ -386,8 +386,8 @@ class InMemoryTaskRepository:
                     lease_expires_at=running_lease(spec, lease_grace_s=lease_grace_s, now=now),
                     updated_at=now,
                 )
-                changed += 1
-        return changed
+                started.append(spec.key)
+        return started
 
     def record_results(
         self,
@@ -412,6 +412,7 @@ class InMemoryTaskRepository:
                 now=now,
                 lost_count=task.lost_count,
                 tiers=tiers,
+                started=result.started_at is not None or task.status is TaskStatus.RUNNING,
             )
             task = self.tasks[task.task_id] = replace(
                 task,
@@ -445,15 +446,21 @@ class InMemoryTaskRepository:
                 on_outcome(result, outcome.status, task.schedule_id)
         return retried
 
-    def expired_leases(
-        self, *, wheel: Wheel, shard: int, now: datetime, limit: int
+    def stale_queued(
+        self, *, wheel: Wheel, shard: int, now: datetime, lease_until: datetime, limit: int
     ) -> list[TaskSpec]:
-        expired = [
+        stale = [
             t
             for t in self._owned(wheel, shard)
-            if t.status in IN_FLIGHT_STATUSES and t.lease_expires_at and t.lease_expires_at < now
-        ]
-        return [self._spec(t, shard) for t in expired[:limit]]
+            if t.status is TaskStatus.QUEUED and t.lease_expires_at and t.lease_expires_at < now
+        ][:limit]
+        for task in stale:
+            self.tasks[task.task_id] = replace(task, lease_expires_at=lease_until)
+        return [self._spec(t, shard) for t in stale]
+
+    def running_specs(self, *, wheel: Wheel, limit: int) -> list[TaskSpec]:
+        running = [t for t in self.tasks.values() if t.status is TaskStatus.RUNNING][:limit]
+        return [self._spec(t, wheel.shard_of_bucket(bucket_of(t.execute_at))) for t in running]
 
     def queued_specs(self, *, wheel: Wheel, shard: int, limit: int) -> list[TaskSpec]:
         queued = sorted(

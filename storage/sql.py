@@ -849,9 +849,13 @@ class SqlTaskRepository:
 
     def mark_running(
         self, specs: Sequence[TaskSpec], *, lease_grace_s: float, now: datetime
-    ) -> int:
+    ) -> list[tuple[int, int]]:
+        """The start gate: queued → running for exactly this (task, attempt,
+        epoch), one conditional update each in one transaction. Returns the
+        attempts that moved; any other attempt belongs to someone else (a
+        newer attempt, a cancel) and its script must not start."""
         if not specs:
-            return 0
+            return []
         statement = (
             update(tasks)
             .where(
@@ -866,17 +870,21 @@ class SqlTaskRepository:
                 updated_at=now,
             )
         )
-        rows = [
-            {
-                "b_task_id": spec.task_id,
-                "b_attempt": spec.attempt,
-                "b_epoch": spec.epoch,
-                "b_lease": running_lease(spec, lease_grace_s=lease_grace_s, now=now),
-            }
-            for spec in specs
-        ]
-        with self._begin() as conn:  # one executemany: the driver pipelines it
-            return conn.execute(statement, rows).rowcount
+        started = []
+        with self._begin() as conn:
+            for spec in specs:
+                changed = conn.execute(
+                    statement,
+                    {
+                        "b_task_id": spec.task_id,
+                        "b_attempt": spec.attempt,
+                        "b_epoch": spec.epoch,
+                        "b_lease": running_lease(spec, lease_grace_s=lease_grace_s, now=now),
+                    },
+                ).rowcount
+                if changed:
+                    started.append(spec.key)
+        return started
 
     def record_results(
         self,
@@ -901,6 +909,7 @@ class SqlTaskRepository:
                 for row in conn.execute(
                     select(
                         tasks.c.task_id,
+                        tasks.c.status,
                         tasks.c.max_attempts,
                         tasks.c.schedule_id,
                         tasks.c.lost_count,
@@ -920,6 +929,7 @@ class SqlTaskRepository:
                     now=now,
                     lost_count=row.lost_count,
                     tiers=tiers,
+                    started=_may_have_started(result, TaskStatus(row.status)),
                 )
                 values = {
                     "status": outcome.status.value,
@@ -1024,32 +1034,62 @@ class SqlTaskRepository:
             for r in rows
         ]
 
-    def expired_leases(
-        self, *, wheel: Wheel, shard: int, now: datetime, limit: int
+    def stale_queued(
+        self, *, wheel: Wheel, shard: int, now: datetime, lease_until: datetime, limit: int
     ) -> list[TaskSpec]:
+        """Queued attempts whose queue lease ran out (a hand-over that did not
+        arrive, or a task still waiting for a slot): lease them again and
+        return them, to be handed over again. No attempt is used: the
+        dispatcher ignores one it holds, and the start gate lets one start."""
         with self._begin() as conn:
-            rows = conn.execute(
-                select(*SPEC_COLUMNS)
-                .join(scripts, scripts.c.script_id == tasks.c.script_id)
-                .where(
-                    tasks.c.status.in_(IN_FLIGHT),
-                    tasks.c.lease_expires_at < now,
-                    self._owned_by(wheel, shard),
+            ids = (
+                conn.execute(
+                    update(tasks)
+                    .where(
+                        tasks.c.status == TaskStatus.QUEUED.value,
+                        tasks.c.lease_expires_at < now,
+                        self._owned_by(wheel, shard),
+                    )
+                    .values(lease_expires_at=lease_until)
+                    .returning(tasks.c.task_id)
                 )
-                .limit(limit)
-            ).all()
-        return [_spec(row, shard=shard) for row in rows]
+                .scalars()
+                .all()[:limit]
+            )
+            return self._specs(conn, tasks.c.task_id.in_(ids), wheel) if ids else []
 
     def queued_specs(self, *, wheel: Wheel, shard: int, limit: int) -> list[TaskSpec]:
         with self._begin() as conn:
-            rows = conn.execute(
-                select(*SPEC_COLUMNS)
-                .join(scripts, scripts.c.script_id == tasks.c.script_id)
-                .where(tasks.c.status == TaskStatus.QUEUED.value, self._owned_by(wheel, shard))
-                .order_by(tasks.c.execute_at)
-                .limit(limit)
-            ).all()
-        return [_spec(row, shard=shard) for row in rows]
+            return self._specs(
+                conn,
+                and_(tasks.c.status == TaskStatus.QUEUED.value, self._owned_by(wheel, shard)),
+                wheel,
+                limit=limit,
+            )
+
+    def running_specs(self, *, wheel: Wheel, limit: int) -> list[TaskSpec]:
+        """Every attempt the database says is running, on any shard: what a
+        dispatcher compares with what executors hold."""
+        with self._begin() as conn:
+            return self._specs(conn, tasks.c.status == TaskStatus.RUNNING.value, wheel, limit=limit)
+
+    @staticmethod
+    def _specs(conn: Connection, where, wheel: Wheel, *, limit: int | None = None):
+        rows = conn.execute(
+            select(*SPEC_COLUMNS)
+            .join(scripts, scripts.c.script_id == tasks.c.script_id)
+            .where(where)
+            .order_by(tasks.c.execute_at)
+            .limit(limit)
+        ).all()
+        return [_spec(row, shard=wheel.shard_of_bucket(row.bucket)) for row in rows]
+
+
+def _may_have_started(result: RunResult, status: TaskStatus) -> bool:
+    """A run whose script started says so; a loss reported by others (the
+    pool, a dispatcher's recovery) may have started once its start gate
+    committed (running), never while the task was still queued."""
+    return result.started_at is not None or status is TaskStatus.RUNNING
 
 
 def _run_values(result: RunResult) -> dict:

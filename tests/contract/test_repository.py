@@ -158,7 +158,8 @@ def claimed(repo, owner, **kw):
 
 def test_success_is_recorded_once_with_its_run(repo, owner):
     spec = claimed(repo, owner)
-    assert repo.mark_running([spec], lease_grace_s=5, now=T0) == 1
+    assert repo.mark_running([spec], lease_grace_s=5, now=T0) == [spec.key]
+    assert repo.mark_running([spec], lease_grace_s=5, now=T0) == []  # the gate opens once
     assert repo.get_task(spec.task_id).status is TaskStatus.RUNNING
     assert repo.record_results([result(spec)], policy=POLICY, now=T0) == []
     assert repo.record_results([result(spec)], policy=POLICY, now=T0) == []  # replay: no second run
@@ -199,14 +200,56 @@ def test_a_result_from_another_epoch_changes_nothing(repo, owner):
     assert repo.list_runs(spec.task_id) == []
 
 
-def test_expired_leases_and_queued_specs(repo, owner):
+def test_stale_queued_attempts_are_leased_again_without_using_an_attempt(repo, owner):
     spec = claimed(repo, owner)
-    assert repo.expired_leases(wheel=WHEEL, shard=0, now=T0 + timedelta(seconds=29), limit=10) == []
+    later = T0 + timedelta(seconds=31)
+    assert repo.stale_queued(wheel=WHEEL, shard=0, now=T0, lease_until=later, limit=10) == []
     assert [s.task_id for s in repo.queued_specs(wheel=WHEEL, shard=0, limit=10)] == [spec.task_id]
-    [expired] = repo.expired_leases(wheel=WHEEL, shard=0, now=T0 + timedelta(seconds=31), limit=10)
-    assert expired.key == spec.key
+    [stale] = repo.stale_queued(
+        wheel=WHEEL, shard=0, now=later, lease_until=later + timedelta(seconds=30), limit=10
+    )
+    assert stale == spec  # the same attempt, handed over again
+    assert repo.get_task(spec.task_id).lease_expires_at == later + timedelta(seconds=30)
+    assert repo.running_specs(wheel=WHEEL, limit=10) == []
     repo.mark_running([spec], lease_grace_s=5, now=T0)
     assert repo.queued_specs(wheel=WHEEL, shard=0, limit=10) == []
+    assert repo.running_specs(wheel=WHEEL, limit=10) == [spec]
+
+
+def test_the_start_gate_refuses_every_attempt_but_the_current_one(repo, owner):
+    """Defect 4: an executor starts a script only after its own queued →
+    running commit; a stale or repeated hand-over never passes."""
+    spec = claimed(repo, owner, max_attempts=3)
+    stale_epoch = replace(spec, epoch=spec.epoch + 1)
+    assert repo.mark_running([stale_epoch], lease_grace_s=5, now=T0) == []
+    repo.record_results([result(spec, failure=FailureClass.EXIT_CODE)], policy=POLICY, now=T0)
+    assert repo.mark_running([spec], lease_grace_s=5, now=T0) == []  # attempt 1 is over
+    epoch = repo.start_shard(0, now=T0)
+    [second] = repo.claim(
+        [spec.task_id], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=30), now=T0
+    ).specs
+    assert repo.mark_running([spec, second], lease_grace_s=5, now=T0) == [second.key]
+
+
+def test_a_loss_before_the_start_gate_never_uses_an_attempt(repo, owner):
+    """Defect 6: max_attempts=1 tasks lost before their script started
+    (queued) go back at once, and may still run."""
+    from storage.repository import lost_result
+
+    spec = claimed(repo, owner, max_attempts=1)
+    for attempt in (1, 2, 3):
+        epoch = repo.start_shard(0, now=T0)
+        [lost] = (
+            repo.claim(
+                [spec.task_id], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=30), now=T0
+            ).specs
+            if attempt > 1
+            else [spec]
+        )
+        repo.record_results([lost_result(lost, now=T0)], policy=POLICY, now=T0)
+        task = repo.get_task(spec.task_id)
+        assert task.status is TaskStatus.SCHEDULED, f"loss {attempt} used the only attempt"
+    assert (task.attempt, task.max_attempts, task.lost_count) == (4, 4, 3)
 
 
 def test_cancel_only_before_start(repo, owner):
@@ -251,6 +294,7 @@ def test_escalation_follows_the_tier_table_and_executor_losses_are_free_after_th
             [spec.task_id], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=30), now=T0
         ).specs
         assert lost.attempt == attempt
+        assert repo.mark_running([lost], lease_grace_s=5, now=T0) == [lost.key]  # it started
         repo.record_results([lost_result(lost, now=T0)], policy=POLICY, now=T0, tiers=tiers)
         task = repo.get_task(spec.task_id)
         # the first loss uses attempt 2 of 3; later ones are free

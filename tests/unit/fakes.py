@@ -71,6 +71,7 @@ class FakeExecutor:
     def __init__(self) -> None:
         self.batches: list[list[TaskSpec]] = []
         self.cancelled: list[tuple[int, int]] = []
+        self.holds: list[tuple[int, int]] = []
         self.fail = False
 
     async def run_batch(self, specs: list[TaskSpec]) -> int:
@@ -81,6 +82,11 @@ class FakeExecutor:
 
     async def running(self) -> list[TaskSpec]:
         return []
+
+    async def holding(self) -> list[tuple[int, int]]:
+        if self.fail:
+            raise ConnectionError("executor is gone")
+        return list(self.holds)
 
     async def cancel(self, keys: list[tuple[int, int]]) -> int:
         self.cancelled.extend(keys)
@@ -94,13 +100,12 @@ class FakeExecutor:
 class FakeShardLink:
     def __init__(self) -> None:
         self.results: dict[int, list[RunResult]] = {}
-        self.running: dict[int, list[TaskSpec]] = {}
+        self.fail = False
 
     async def record_results(self, shard: int, results: list[RunResult]) -> None:
+        if self.fail:
+            raise ConnectionError("shard is restarting")
         self.results.setdefault(shard, []).extend(results)
-
-    async def mark_running(self, shard: int, specs: list[TaskSpec]) -> None:
-        self.running.setdefault(shard, []).extend(specs)
 
 
 def processes_with(marker: str) -> list[int]:

@@ -78,9 +78,7 @@ def test_results_free_slots_reach_the_owner_shard_and_never_requeue():
         assert ex["small"].client.received == [1]
         await dispatcher.report_results([result(first, FailureClass.EXIT_CODE)])
         assert ex["small"].client.received == [1, 2]
-        await asyncio.sleep(0)  # let the outboxes send
-        assert [r.task_id for r in shards.results[3]] == [1]
-        assert [s.task_id for s in shards.running[3]] == [1]
+        assert [r.task_id for r in shards.results[3]] == [1]  # committed before the answer
         await dispatcher.submit([first])  # a restarted shard hands it over again
         await dispatcher.submit([second])  # still running: ignored too
         assert ex["small"].client.received == [1, 2]
@@ -112,5 +110,45 @@ def test_cancel_drops_waiting_attempts_and_kills_running_ones():
         assert ex["small"].client.received == [1, 3]  # 2 was dropped, 3 took the slot
         await dispatcher.submit([spec(2)])  # a late hand-over of a cancelled attempt
         assert dispatcher.stats()["queued"] == 0
+
+    asyncio.run(scenario())
+
+
+def test_an_executor_hears_back_only_after_the_shard_committed():
+    """Defect 2: results parked in a dispatcher's memory die with it."""
+
+    async def scenario():
+        dispatcher, ex, shards = build({"small": 1})
+        shards.fail = True
+        await dispatcher.submit([spec(1)])
+        try:
+            await dispatcher.report_results([result(spec(1))])
+        except ConnectionError:
+            pass
+        else:
+            raise AssertionError("acknowledged a result no shard committed")
+        assert dispatcher.stats()["executors"]["small-0"]["running"] == 0  # the slot is free
+        shards.fail = False
+        await dispatcher.report_results([result(spec(1))])  # the executor sends it again
+        assert [r.task_id for r in shards.results[0]] == [1]
+
+    asyncio.run(scenario())
+
+
+def test_running_attempts_no_executor_holds_are_lost_at_once():
+    """Defects 2 and 8: after a dispatcher or whole-cluster restart, running
+    rows whose executor is gone are retried now, not when a lease ends."""
+
+    async def scenario():
+        dispatcher, ex, shards = build({"small": 1, "medium": 1})
+        held, orphan = spec(1), spec(2)
+        ex["small"].client.holds = [held.key]
+        lost = await dispatcher.recover_orphans([held, orphan])
+        assert [(r.task_id, r.failure) for r in lost] == [(2, FailureClass.EXECUTOR_LOST)]
+        assert [r.task_id for r in shards.results[0]] == [2]
+        assert lost[0].started_at is None
+
+        ex["medium"].client.fail = True  # cannot tell what it holds: no verdict
+        assert await dispatcher.recover_orphans([spec(3)]) == []
 
     asyncio.run(scenario())

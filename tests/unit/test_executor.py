@@ -23,11 +23,29 @@ class Scripts:
 
 
 class Sink:
+    """The dispatcher's side: acknowledges (returns) once "committed"."""
+
     def __init__(self):
         self.results = []
+        self.refuse = 0  # refuse this many sends first (a restarting dispatcher)
 
     async def report_results(self, results):
+        if self.refuse:
+            self.refuse -= 1
+            raise ConnectionError("dispatcher restarting")
         self.results.extend(results)
+
+
+class Gate:
+    """The start gate over a set of attempts someone else already owns."""
+
+    def __init__(self, owned_elsewhere=()):
+        self.owned_elsewhere = set(owned_elsewhere)
+        self.asked = []
+
+    async def start(self, spec):
+        self.asked.append(spec.key)
+        return spec.key not in self.owned_elsewhere
 
 
 def test_runs_at_the_due_instant_and_reports(tmp_path):
@@ -40,6 +58,7 @@ def test_runs_at_the_due_instant_and_reports(tmp_path):
             slots=2,
             scripts=ScriptCache(scripts, tmp_path),
             sink=sink,
+            gate=Gate(),
             node_id="node",
         )
         due = datetime.now(timezone.utc) + timedelta(seconds=0.3)
@@ -79,6 +98,7 @@ def test_cancel_kills_the_running_script_and_reports_nothing(tmp_path):
             slots=1,
             scripts=ScriptCache(Slow(), tmp_path / "cache"),
             sink=sink,
+            gate=Gate(),
         )
         job = replace(spec(7), script_sha256="c" * 64, variables={"MARK": "cancel-check"})
         await executor.run_batch([job])
@@ -114,6 +134,7 @@ def test_losing_contact_fences_the_executor_and_kills_its_scripts(tmp_path):
             slots=2,
             scripts=ScriptCache(Slow(), tmp_path / "cache"),
             sink=sink,
+            gate=Gate(),
         )
         jobs = [
             replace(spec(i), script_sha256="d" * 64, variables={"MARK": "fence"}) for i in (1, 2)
@@ -138,5 +159,112 @@ def test_losing_contact_fences_the_executor_and_kills_its_scripts(tmp_path):
         }
         executor.regain_contact()
         assert await executor.run_batch([replace(jobs[0], task_id=4, script_sha256="e" * 64)]) == 1
+
+    asyncio.run(scenario())
+
+
+def test_an_attempt_refused_at_the_start_gate_never_starts(tmp_path):
+    """Defect 4: a spec handed over twice (a requeue after a send timeout,
+    a restarted dispatcher) starts only where its start gate committed."""
+    ledger = tmp_path / "ledger"
+    ledger.touch()
+    ledger.chmod(0o666)
+
+    class Ledger(Scripts):
+        def get_script_body(self, script_id):
+            return f"echo $CHRONORAY_TASK_ID >> {ledger}".encode()
+
+    sink, gate = Sink(), Gate(owned_elsewhere={(2, 1)})
+
+    async def scenario():
+        executor = Executor(
+            executor_id="e",
+            tier="small",
+            slots=2,
+            scripts=ScriptCache(Ledger(), tmp_path / "cache"),
+            sink=sink,
+            gate=gate,
+        )
+        mine, theirs = (replace(spec(i), script_sha256="f" * 64) for i in (1, 2))
+        await executor.run_batch([mine, theirs])
+        for _ in range(100):
+            if sink.results and not await executor.running():
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(gate.asked) == [(1, 1), (2, 1)]
+        assert ledger.read_text().split() == ["1"]
+        assert [r.task_id for r in sink.results] == [1]  # nothing to say about the other
+        assert executor.refused_at_gate == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_result_is_held_and_resent_until_acknowledged(tmp_path):
+    """Defect 2: a result is forgotten only after the shard committed it."""
+    sink = Sink()
+    sink.refuse = 2
+
+    async def scenario():
+        executor = Executor(
+            executor_id="e",
+            tier="small",
+            slots=1,
+            scripts=ScriptCache(Scripts(), tmp_path / "cache"),
+            sink=sink,
+            gate=Gate(),
+            retry_s=0.05,
+        )
+        job = replace(spec(1), script_sha256="a" * 64)
+        await executor.run_batch([job])
+        for _ in range(100):
+            if not await executor.running():
+                break
+            await asyncio.sleep(0.02)
+        if not sink.results:
+            assert await executor.holding() == [job.key]  # finished, not yet acknowledged
+        for _ in range(100):
+            if sink.results:
+                break
+            await asyncio.sleep(0.02)
+        assert [r.key for r in sink.results] == [job.key]
+        assert await executor.holding() == []
+
+    asyncio.run(scenario())
+
+
+def test_a_database_outage_at_the_gate_is_waited_out_not_charged(tmp_path):
+    """Defect 6: an outage before the start is no failure of the task."""
+    from chronoray.errors import Unavailable
+
+    class FlakyGate(Gate):
+        def __init__(self):
+            super().__init__()
+            self.outage = 3
+
+        async def start(self, spec):
+            if self.outage:
+                self.outage -= 1
+                raise Unavailable("database unavailable")
+            return await super().start(spec)
+
+    sink, gate = Sink(), FlakyGate()
+
+    async def scenario():
+        executor = Executor(
+            executor_id="e",
+            tier="small",
+            slots=1,
+            scripts=ScriptCache(Scripts(), tmp_path / "cache"),
+            sink=sink,
+            gate=gate,
+            retry_s=0.05,
+        )
+        await executor.run_batch([replace(spec(1), script_sha256="a" * 64)])
+        for _ in range(100):
+            if sink.results:
+                break
+            await asyncio.sleep(0.05)
+        [result] = sink.results
+        assert result.failure is None and gate.outage == 0
 
     asyncio.run(scenario())

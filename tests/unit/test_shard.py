@@ -2,6 +2,7 @@
 a manual clock: no Ray, no sleeping."""
 
 import asyncio
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -220,19 +221,77 @@ def test_a_retry_that_moves_to_another_range_is_handed_to_its_owner():
     run(scenario())
 
 
-def test_expired_lease_counts_as_executor_lost_and_retries():
+def test_a_stale_queue_lease_hands_the_same_attempt_over_again():
+    """Defect 6: a hand-over that never arrived (or a task still waiting for
+    a slot) is offered again; no attempt is used."""
     world = World(settings=SETTINGS.with_(queue_lease_s=10))
 
     async def scenario():
         shard = world.shard()
         await shard.start()
-        [submitted] = await shard.submit([world.new(0)])
+        [submitted] = await shard.submit([world.new(0, max_attempts=1)])
         await shard.fire_due()
+        [handed] = world.dispatcher.received
+        world.dispatcher.received.clear()  # the hand-over was lost on the way
         world.clock.advance(11)
         await shard.sweep()
+        assert world.dispatcher.received == [handed]
         task = world.repo.get_task(submitted.task.task_id)
-        assert (task.status, task.attempt) == (TaskStatus.SCHEDULED, 2)
-        [run_] = world.repo.list_runs(task.task_id)
-        assert run_.failure is FailureClass.EXECUTOR_LOST
+        assert (task.status, task.attempt) == (TaskStatus.QUEUED, 1)
+        assert world.repo.list_runs(task.task_id) == []
+
+    run(scenario())
+
+
+def test_a_failed_hand_over_is_sent_again_on_the_next_turn():
+    """Defect 7: a dispatcher that does not answer fails one turn of the
+    loop; the claimed attempts are kept and sent when it answers."""
+    world = World()
+
+    async def scenario():
+        shard = world.shard()
+        await shard.start()
+        await shard.submit([world.new(0)])
+        real_submit = world.dispatcher.submit
+
+        async def refuse(specs):
+            raise TimeoutError("the dispatcher did not answer")
+
+        world.dispatcher.submit = refuse
+        with pytest.raises(TimeoutError):
+            await shard.fire_due()
+        assert world.dispatcher.received == []
+        world.dispatcher.submit = real_submit
+        await shard.fire_due()
+        assert len(world.dispatcher.received) == 1
+
+    run(scenario())
+
+
+def test_a_result_the_database_refuses_is_isolated_to_its_task():
+    """Defect 1: one refused item must not hold up the rest of its batch."""
+    world = World()
+
+    async def scenario():
+        shard = world.shard()
+        await shard.start()
+        await shard.submit([world.new(0), world.new(0)])
+        await shard.fire_due()
+        bad, good = world.dispatcher.received
+        real = world.repo.record_results
+
+        def picky(results, **kw):
+            if any(r.output_tail == "poison" for r in results):
+                raise ValueError("invalid byte sequence")
+            return real(results, **kw)
+
+        world.repo.record_results = picky
+        now = world.clock.now()
+        poisoned = replace(result_for(bad, failure=None, now=now), output_tail="poison")
+        await shard.record_results([poisoned, result_for(good, failure=None, now=now)])
+        assert world.repo.get_task(good.task_id).status is TaskStatus.SUCCEEDED
+        assert world.repo.get_task(bad.task_id).status is TaskStatus.SUCCEEDED
+        [run_] = world.repo.list_runs(bad.task_id)
+        assert "could not be stored" in run_.output_tail
 
     run(scenario())
