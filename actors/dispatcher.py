@@ -460,5 +460,9 @@ class DispatcherShell:
         """How drivers (chronoray.Client) learn the deployment's settings."""
         return self._settings
 
+    async def pid(self) -> int:
+        """For operators and fault tests."""
+        return os.getpid()
+
 
 DispatcherActor = ray.remote(max_restarts=-1, max_task_retries=-1)(DispatcherShell)

@@ -704,5 +704,9 @@ class ExecutorPoolShell:
     async def status(self) -> dict:
         return self._pool.status()
 
+    async def pid(self) -> int:
+        """For operators and fault tests."""
+        return os.getpid()
+
 
 ExecutorPoolActor = ray.remote(max_restarts=-1, max_task_retries=-1)(ExecutorPoolShell)

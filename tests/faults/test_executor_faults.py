@@ -71,6 +71,9 @@ def test_sigkill_of_an_executor_mid_run(deployment, client, zookeeper, tmp_path)
     )
     victim = running_on(deployment, task.task_id)
     pid = wait_for(lambda: mirrored(zookeeper).get(victim), timeout_s=10, what="znode")["pid"]
+    # Kill mid-run: once the script has written its first line (a kill that
+    # lands before the start is a free retry, another test's subject).
+    wait_for(lambda: ledger.read_text().split() == ["1"], timeout_s=30, what="the script to start")
     os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
     wait_for(
