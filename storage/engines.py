@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy import Engine, create_engine, event
 
+CONNECT_TIMEOUT_S = 5
+STATEMENT_TIMEOUT_S = 60
+
 
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     """An engine with the settings chronoray relies on per backend.
@@ -26,4 +29,19 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=10, pool_pre_ping=True)
+    # A half-open connection must not hang a fire loop: bounded connects,
+    # TCP keepalives that notice a vanished server, bounded statements.
+    return create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=10,
+        pool_pre_ping=True,
+        connect_args={
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "options": f"-c statement_timeout={STATEMENT_TIMEOUT_S * 1000}",
+        },
+    )

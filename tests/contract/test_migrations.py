@@ -52,3 +52,21 @@ def test_upgrade_from_the_first_revision_keeps_tasks(engine):
     upgrade(engine)  # idempotent
     task = SqlTaskRepository(engine).get_task(1)
     assert task.execute_at == T and task.nominal_at == T and task.schedule_id is None
+
+
+@pytest.mark.postgres
+def test_postgres_connections_have_bounded_connects_and_statements():
+    """Defect 9: no connect, and no statement, may hang a fire loop."""
+    from storage.engines import STATEMENT_TIMEOUT_S
+    from tests.conftest import postgres_admin_url
+
+    engine = make_engine(postgres_admin_url())
+    try:
+        with engine.connect() as conn:
+            shown = conn.execute(
+                text("SELECT setting FROM pg_settings WHERE name = 'statement_timeout'")
+            ).scalar()
+            assert int(shown) == STATEMENT_TIMEOUT_S * 1000  # milliseconds
+            assert conn.connection.dbapi_connection.info.get_parameters()["connect_timeout"] == "5"
+    finally:
+        engine.dispose()
