@@ -483,14 +483,20 @@ class _DispatcherSink:
 
     def __init__(self, namespace: str) -> None:
         self._namespace = namespace
+        self._handle = None  # a restartable actor's handle outlives its restarts
 
     async def report_results(self, results: list[RunResult]) -> None:
         from actors.handles import dispatcher_handle
 
-        await asyncio.wait_for(
-            dispatcher_handle(self._namespace).report_results.remote(results),
-            timeout=REPORT_TIMEOUT_S,
-        )
+        if self._handle is None:
+            self._handle = dispatcher_handle(self._namespace)
+        try:
+            await asyncio.wait_for(
+                self._handle.report_results.remote(results), timeout=REPORT_TIMEOUT_S
+            )
+        except Exception:
+            self._handle = None  # removed and deployed anew: look it up again next time
+            raise
 
 
 class _RepositoryStore:

@@ -36,6 +36,18 @@ class Sink:
         self.results.extend(results)
 
 
+def new_executor(tmp_path, scripts, sink, gate, *, slots=1, **options):
+    return Executor(
+        executor_id="e",
+        tier="small",
+        slots=slots,
+        scripts=ScriptCache(scripts, tmp_path / "cache"),
+        sink=sink,
+        gate=gate,
+        **options,
+    )
+
+
 class Gate:
     """The start gate over a set of attempts someone else already owns."""
 
@@ -205,15 +217,7 @@ def test_a_result_is_held_and_resent_until_acknowledged(tmp_path):
     sink.refuse = 2
 
     async def scenario():
-        executor = Executor(
-            executor_id="e",
-            tier="small",
-            slots=1,
-            scripts=ScriptCache(Scripts(), tmp_path / "cache"),
-            sink=sink,
-            gate=Gate(),
-            retry_s=0.05,
-        )
+        executor = new_executor(tmp_path, Scripts(), sink, Gate(), slots=1, retry_s=0.05)
         job = replace(spec(1), script_sha256="a" * 64)
         await executor.run_batch([job])
         for _ in range(100):
@@ -250,15 +254,7 @@ def test_a_database_outage_at_the_gate_is_waited_out_not_charged(tmp_path):
     sink, gate = Sink(), FlakyGate()
 
     async def scenario():
-        executor = Executor(
-            executor_id="e",
-            tier="small",
-            slots=1,
-            scripts=ScriptCache(Scripts(), tmp_path / "cache"),
-            sink=sink,
-            gate=gate,
-            retry_s=0.05,
-        )
+        executor = new_executor(tmp_path, Scripts(), sink, gate, slots=1, retry_s=0.05)
         await executor.run_batch([replace(spec(1), script_sha256="a" * 64)])
         for _ in range(100):
             if sink.results:
