@@ -137,11 +137,12 @@ class Dispatcher:
         report a no-op, since records are conditional on the attempt."""
         if not running:
             return []
+        members = list(self._executors)  # sync_members may replace the list meanwhile
         answers = await asyncio.gather(
-            *(ex.client.holding() for ex in self._executors), return_exceptions=True
+            *(ex.client.holding() for ex in members), return_exceptions=True
         )
         held: set[tuple[int, int]] = set()
-        for ex, answer in zip(self._executors, answers, strict=True):
+        for ex, answer in zip(members, answers, strict=True):
             if isinstance(answer, BaseException):
                 log.info("executor %s did not say what it holds; no recovery now", ex.executor_id)
                 return []

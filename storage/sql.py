@@ -1041,20 +1041,24 @@ class SqlTaskRepository:
         arrive, or a task still waiting for a slot): lease them again and
         return them, to be handed over again. No attempt is used: the
         dispatcher ignores one it holds, and the start gate lets one start."""
+        stale = and_(
+            tasks.c.status == TaskStatus.QUEUED.value,
+            tasks.c.lease_expires_at < now,
+            self._owned_by(wheel, shard),
+        )
         with self._begin() as conn:
+            # Only what is handed over is leased again: the rest stays stale
+            # for the next sweep.
+            chosen = select(tasks.c.task_id).where(stale).limit(limit).scalar_subquery()
             ids = (
                 conn.execute(
                     update(tasks)
-                    .where(
-                        tasks.c.status == TaskStatus.QUEUED.value,
-                        tasks.c.lease_expires_at < now,
-                        self._owned_by(wheel, shard),
-                    )
+                    .where(tasks.c.task_id.in_(chosen), stale)
                     .values(lease_expires_at=lease_until)
                     .returning(tasks.c.task_id)
                 )
                 .scalars()
-                .all()[:limit]
+                .all()
             )
             return self._specs(conn, tasks.c.task_id.in_(ids), wheel) if ids else []
 

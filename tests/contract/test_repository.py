@@ -399,3 +399,17 @@ def test_a_retry_in_the_same_group_commit_as_its_original_is_not_a_conflict(repo
     assert isinstance(third, IdempotencyConflict)
     replayed, twice = repo.add_tasks([original, original], now=T0)
     assert replayed.task.task_id == twice.task.task_id == first.task.task_id
+
+
+def test_stale_queued_leases_again_only_what_it_hands_over(repo, owner):
+    first, second = claimed(repo, owner), claimed(repo, owner)
+    later = T0 + timedelta(seconds=31)
+    [handed] = repo.stale_queued(
+        wheel=WHEEL, shard=0, now=later, lease_until=later + timedelta(seconds=30), limit=1
+    )
+    [left] = {first.task_id, second.task_id} - {handed.task_id}
+    assert repo.get_task(left).lease_expires_at == T0 + timedelta(seconds=30)  # still stale
+    [next_turn] = repo.stale_queued(
+        wheel=WHEEL, shard=0, now=later, lease_until=later + timedelta(seconds=30), limit=1
+    )
+    assert next_turn.task_id == left
