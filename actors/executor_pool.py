@@ -542,6 +542,8 @@ class ExecutorShell:
 
         store = _RepositoryStore(settings)
         cache_dir = Path(tempfile.gettempdir()) / "chronoray-scripts" / executor_id
+        self._node_id = ray.get_runtime_context().get_node_id()
+        self._limits = replace(settings.sandbox, memory_mb=tier.script_memory)
         self._executor = Executor(
             executor_id=executor_id,
             tier=tier.name,
@@ -549,8 +551,8 @@ class ExecutorShell:
             scripts=ScriptCache(store, cache_dir),
             sink=_DispatcherSink(settings.namespace),
             gate=store,
-            node_id=ray.get_runtime_context().get_node_id(),
-            limits=replace(settings.sandbox, memory_mb=tier.script_memory),
+            node_id=self._node_id,
+            limits=self._limits,
         )
         self._timing = settings.pool_timing
         self._pool = pool_handle(settings.namespace)
@@ -589,7 +591,7 @@ class ExecutorShell:
         return {
             "executor_id": executor.executor_id,
             "tier": executor.tier,
-            "node": ray.get_runtime_context().get_node_id(),
+            "node": self._node_id,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "resources": self._tier.actor_options(),
@@ -603,7 +605,7 @@ class ExecutorShell:
     async def _live(self) -> None:
         # The first run would otherwise compile launch.c on the event loop
         # and stall heartbeats past the death threshold (defect 11).
-        limits = self._executor._limits
+        limits = self._limits
         await asyncio.to_thread(
             detect_isolation, limits.run_as, limits.pid_namespace, limits.launcher
         )

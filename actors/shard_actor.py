@@ -177,15 +177,7 @@ class Shard:
             log.exception(
                 "shard %d: a batch of %d results failed; one by one", self.index, len(results)
             )
-        recorded = 0
-        for result in results:
-            try:
-                recorded += await self._record([result])
-            except Unavailable:
-                raise
-            except Exception:
-                recorded += await self._record_stripped(result)
-        return recorded
+        return sum([await self.record_results([result]) for result in results])
 
     async def _record_stripped(self, result: RunResult) -> int:
         log.exception(

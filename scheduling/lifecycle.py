@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from scheduling.models import FailureClass, TaskStatus
+from scheduling.models import FailureClass, RunResult, TaskStatus
 from scheduling.tiers import TierTable
 
 # What scripts print when an allocation fails under the address-space limit.
@@ -35,6 +35,13 @@ def classify(
     if exit_code == -9 or any(sign in output_tail for sign in MEMORY_SIGNS):
         return FailureClass.MEMORY
     return FailureClass.EXIT_CODE
+
+
+def may_have_started(result: RunResult, status: TaskStatus) -> bool:
+    """A run whose script started says so; a loss reported by others (the
+    pool, a dispatcher's recovery) may have started once its start gate
+    committed (running), never while the task was still queued."""
+    return result.started_at is not None or status is TaskStatus.RUNNING
 
 
 @dataclass(frozen=True, kw_only=True)

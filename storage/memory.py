@@ -21,7 +21,7 @@ from chronoray.errors import (
     TokenNotFound,
     UserNotFound,
 )
-from scheduling.lifecycle import RetryPolicy, after_attempt
+from scheduling.lifecycle import RetryPolicy, after_attempt, may_have_started
 from scheduling.models import (
     IN_FLIGHT_STATUSES,
     ApiToken,
@@ -412,7 +412,7 @@ class InMemoryTaskRepository:
                 now=now,
                 lost_count=task.lost_count,
                 tiers=tiers,
-                started=result.started_at is not None or task.status is TaskStatus.RUNNING,
+                started=may_have_started(result, task.status),
             )
             task = self.tasks[task.task_id] = replace(
                 task,

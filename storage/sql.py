@@ -36,7 +36,7 @@ from chronoray.errors import (
     Unavailable,
     UserNotFound,
 )
-from scheduling.lifecycle import RetryPolicy, after_attempt
+from scheduling.lifecycle import RetryPolicy, after_attempt, may_have_started
 from scheduling.models import (
     FINAL_STATUSES,
     IN_FLIGHT_STATUSES,
@@ -929,7 +929,7 @@ class SqlTaskRepository:
                     now=now,
                     lost_count=row.lost_count,
                     tiers=tiers,
-                    started=_may_have_started(result, TaskStatus(row.status)),
+                    started=may_have_started(result, TaskStatus(row.status)),
                 )
                 values = {
                     "status": outcome.status.value,
@@ -1087,13 +1087,6 @@ class SqlTaskRepository:
             .limit(limit)
         ).all()
         return [_spec(row, shard=wheel.shard_of_bucket(row.bucket)) for row in rows]
-
-
-def _may_have_started(result: RunResult, status: TaskStatus) -> bool:
-    """A run whose script started says so; a loss reported by others (the
-    pool, a dispatcher's recovery) may have started once its start gate
-    committed (running), never while the task was still queued."""
-    return result.started_at is not None or status is TaskStatus.RUNNING
 
 
 def _run_values(result: RunResult) -> dict:
