@@ -35,6 +35,11 @@ class ShardPeers(Protocol):
     async def track(self, shard: int, entries: list[tuple[int, datetime]]) -> None: ...
 
 
+class Superseded(Exception):
+    """A newer incarnation of this shard started (a second owner on the same
+    database): this one's claims are fenced off until it starts again."""
+
+
 class Shard:
     """Plain class: the actor below wraps it. Every public method is safe to
     call twice (Ray replays calls to a restarted actor)."""
@@ -78,6 +83,11 @@ class Shard:
         log.info("shard %d started at epoch %d", self.index, self.epoch)
         await self.sweep()
         return self.epoch
+
+    async def _check_epoch(self) -> None:
+        current = await self._io(self._repo.shard_epoch, self.index)
+        if current != self.epoch:
+            raise Superseded(f"shard {self.index}: epoch {self.epoch} superseded by {current}")
 
     # -- submissions -----------------------------------------------------
     async def submit(self, new_tasks: Sequence[NewTask]) -> list[SubmitResult | ChronorayError]:
@@ -140,6 +150,8 @@ class Shard:
             lease_until=lease_until,
             now=now,
         )
+        if not (claimed.specs or claimed.follow_ups or claimed.cancelled):
+            await self._check_epoch()  # nothing claimed: taken by someone else, or fenced off?
         self._unsent.extend(claimed.specs)
         self.metrics.fired.inc(len(claimed.specs))
         await self._route(claimed.follow_ups)
@@ -213,6 +225,7 @@ class Shard:
     async def sweep(self) -> None:
         """Pick up what a fast path missed: due tasks not yet on the timer,
         expired leases, and queued tasks a restarted dispatcher forgot."""
+        await self._check_epoch()
         now = self._clock.now()
         due = await self._io(
             self._repo.due_tasks,
@@ -266,6 +279,8 @@ class Shard:
                 ).total_seconds() >= self._settings.sweep_interval_s:
                     last_sweep = self._clock.now()
                     await self.sweep()
+            except Superseded:
+                raise
             except Exception:
                 log.exception("shard %d: loop iteration failed", self.index)
                 await asyncio.sleep(0.5)
@@ -344,6 +359,7 @@ class ShardShell:
             peers=_RayPeers(settings.namespace),
             settings=settings,
         )
+        self._namespace = settings.namespace
         self._stop = asyncio.Event()
         # Ray runs __init__ inside the actor's event loop: start at once, so a
         # restarted shard fires its tasks without waiting to be called.
@@ -354,14 +370,41 @@ class ShardShell:
         return self._shard
 
     async def _start(self) -> None:
+        await self._new_epoch()
+        asyncio.ensure_future(self._run())
+
+    async def _new_epoch(self) -> None:
         while True:
             try:
                 await self._shard.start()
-                break
+                return
             except Exception:
                 log.exception("shard %d could not start; retrying", self._shard.index)
                 await asyncio.sleep(1.0)
-        asyncio.ensure_future(self._shard.run(self._stop))
+
+    async def _run(self) -> None:
+        """The loop; when another incarnation fenced this one off, the actor
+        registered under the shard's name takes the shard back and any other
+        (a process Ray already replaced) leaves."""
+        while True:
+            try:
+                return await self._shard.run(self._stop)
+            except Superseded as exc:
+                if not await asyncio.to_thread(self._holds_the_name):
+                    log.error("%s; this process is no longer the shard's actor: exiting", exc)
+                    ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                    return
+                log.warning("%s; taking the shard back", exc)
+                await self._new_epoch()
+
+    def _holds_the_name(self) -> bool:
+        from actors.handles import shard_name
+
+        try:
+            named = ray.get_actor(shard_name(self._shard.index), namespace=self._namespace)
+        except ValueError:
+            return False
+        return named == ray.get_runtime_context().current_actor
 
     async def ready(self) -> int:
         return (await self._ready()).epoch

@@ -301,6 +301,9 @@ class InMemoryTaskRepository:
         self.shard_epochs[shard] = self.shard_epochs.get(shard, 0) + 1
         return self.shard_epochs[shard]
 
+    def shard_epoch(self, shard: int) -> int | None:
+        return self.shard_epochs.get(shard)
+
     def _owned(self, wheel: Wheel, shard: int) -> list[Task]:
         return [
             t

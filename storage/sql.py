@@ -757,6 +757,12 @@ class SqlTaskRepository:
                 continue
         raise Unavailable(f"could not start shard {shard}")
 
+    def shard_epoch(self, shard: int) -> int | None:
+        """The newest incarnation's epoch: an owner holding an older one has
+        been superseded and claims nothing."""
+        with self._begin() as conn:
+            return conn.execute(select(shards.c.epoch).where(shards.c.shard == shard)).scalar()
+
     @staticmethod
     def _owned_by(wheel: Wheel, shard: int):
         return (tasks.c.bucket // wheel.range_s) % wheel.num_shards == shard

@@ -112,7 +112,9 @@ def test_claim_is_conditional_and_fenced_by_epoch(repo, owner):
     epoch = repo.start_shard(0, now=T0)
     due = repo.due_tasks(wheel=WHEEL, shard=0, before=T0 + timedelta(seconds=10), limit=100)
     assert [task_id for task_id, _ in due] == [tasks[0].task_id, tasks[1].task_id]
+    assert repo.shard_epoch(0) == epoch and repo.shard_epoch(1) is None
     assert repo.start_shard(0, now=T0) == epoch + 1
+    assert repo.shard_epoch(0) == epoch + 1  # what tells the old owner it was superseded
     stale = repo.claim(
         [t for t, _ in due], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=60), now=T0
     )

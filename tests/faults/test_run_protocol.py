@@ -237,3 +237,51 @@ def test_shard_sigkill_during_keyless_submissions_stores_each_answer_once(
         what="every acknowledged task to run",
     )
     assert_each_ran_once(ledger, answered)
+
+
+def test_two_owners_of_one_shard_never_start_an_attempt_twice(deployment, client, tmp_path):
+    """Scenario 10 at reduced size: the shard's actor is stopped (SIGSTOP), a
+    second owner starts on the same database and fires, then the first
+    wakes (SIGCONT). Epoch fencing keeps the first from claiming; the named
+    actor takes the shard back and the second owner leaves."""
+    from actors.shard_actor import ShardActor
+    from chronoray.deploy import control_plane_options
+
+    settings = deployment.settings
+    ledger = shared_file(tmp_path, "ledger")
+    ledger_script(client, "chaos-owners.sh", ledger)
+    start = time.time() + 3
+    owner = settings.wheel.shard_of(datetime.fromtimestamp(start, timezone.utc))
+    # 16 s of tasks, all due in the range of one shard's owner
+    due = [start + i * 0.2 for i in range(80)]
+    due = [
+        t for t in due if settings.wheel.shard_of(datetime.fromtimestamp(t, timezone.utc)) == owner
+    ]
+    tasks = client.submit_many(
+        [{"script": "chaos-owners.sh", "execute_at": t, "max_attempts": 1} for t in due]
+    )
+    first = shard_handle(owner, settings.namespace)
+    pid = ray.get(first.pid.remote(), timeout=30)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        second = ShardActor.options(
+            **{**control_plane_options(f"second-owner-{owner}", settings), "max_restarts": 0}
+        ).remote(owner, settings)
+        ray.get(second.ready.remote(), timeout=30)
+        time.sleep(max(0.0, start + 6 - time.time()))  # the second owner fires for a while
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    views = client.wait([t.task_id for t in tasks], timeout_s=90, poll_s=0.5)
+    assert Counter(v.task.status.value for v in views) == {"succeeded": len(tasks)}
+    assert {v.task.attempt for v in views} == {1}
+    assert_each_ran_once(ledger, [t.task_id for t in tasks])
+
+    def second_left() -> bool:
+        try:
+            ray.get(second.pid.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return True
+        return False
+
+    wait_for(second_left, timeout_s=30, interval_s=0.5, what="the second owner to leave")
+    assert ray.get(first.pid.remote(), timeout=10) == pid  # the named actor kept its shard

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from actors.shard_actor import Shard
+from actors.shard_actor import Shard, Superseded
 from chronoray.settings import Settings
 from scheduling.clock import ManualClock
 from scheduling.lifecycle import RetryPolicy
@@ -120,7 +120,8 @@ def test_a_restarted_shard_rebuilds_from_the_database_and_fences_the_old_one():
         new = world.shard()  # the restart: same index, fresh memory
         assert await new.start() == 2
         world.clock.advance(2)
-        assert await old.fire_due() == 0  # stale epoch claims nothing
+        with pytest.raises(Superseded):  # the stale epoch claims nothing
+            await old.fire_due()
         assert await new.fire_due() == 2
 
     run(scenario())
@@ -293,5 +294,35 @@ def test_a_result_the_database_refuses_is_isolated_to_its_task():
         assert world.repo.get_task(bad.task_id).status is TaskStatus.SUCCEEDED
         [run_] = world.repo.list_runs(bad.task_id)
         assert "could not be stored" in run_.output_tail
+
+    run(scenario())
+
+
+def test_a_superseded_owner_claims_nothing_and_says_so():
+    """Scenario 10 in miniature: a second owner starts on the same database
+    while the first is stopped; the first must notice, not fire beside it."""
+    world = World()
+
+    async def scenario():
+        first = world.shard()
+        await first.start()
+        [a] = await first.submit([world.new(5)])
+        second = world.shard()  # same index, same database: a newer epoch
+        await second.start()
+        assert second.epoch == first.epoch + 1
+        world.clock.advance(5)
+        with pytest.raises(Superseded):
+            await first.fire_due()  # its claim is fenced off
+        with pytest.raises(Superseded):
+            await first.sweep()
+        assert world.dispatcher.received == []
+        assert await second.fire_due() == 1
+        [b] = await first.submit([world.new(10)])  # submissions need no epoch
+        await first.start()  # taking the shard back fences the second
+        world.clock.advance(5)
+        with pytest.raises(Superseded):
+            await second.sweep()
+        assert await first.fire_due() == 1
+        assert [s.task_id for s in world.dispatcher.received] == [a.task.task_id, b.task.task_id]
 
     run(scenario())
