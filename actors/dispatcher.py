@@ -83,6 +83,7 @@ class Dispatcher:
         # executor hears back only after its results are committed.
         self._results: dict[int, GroupCommitter[RunResult, None]] = {}
         self.orphans_recovered = 0  # running in the database, held by no executor
+        self.draining = False  # `chronoray down`: nothing more is placed
 
     async def hello(self) -> str:
         """Shards compare this across calls: a new value means the heap was
@@ -158,6 +159,19 @@ class Dispatcher:
             self.orphans_recovered += len(lost)
             await self.report_results(lost)
         return lost
+
+    async def drain(self) -> int | None:
+        """Place nothing more (queued attempts stay queued in the database
+        for the next start) and say how many attempts executors still run or
+        hold unacknowledged results of; None if an executor did not answer."""
+        self.draining = True
+        members = list(self._executors)
+        answers = await asyncio.gather(
+            *(ex.client.holding() for ex in members), return_exceptions=True
+        )
+        if any(isinstance(answer, BaseException) for answer in answers):
+            return None
+        return sum(len(answer) for answer in answers)
 
     async def cancel(self, keys: Sequence[tuple[int, int]]) -> None:
         """Stop these attempts: drop them from the heap, kill them where they
@@ -270,6 +284,8 @@ class Dispatcher:
         return chosen
 
     async def _place(self) -> None:
+        if self.draining:
+            return
         placed = self._queue.take(self._choose)
         if not placed:
             return
@@ -449,6 +465,9 @@ class DispatcherShell:
 
     async def stats(self) -> dict:
         return (await self._ready()).stats()
+
+    async def drain(self) -> int | None:
+        return await (await self._ready()).drain()
 
     async def metrics(self) -> list:
         """Queue depth per priority and running attempts per tier (Prometheus)."""

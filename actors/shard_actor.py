@@ -73,6 +73,7 @@ class Shard:
         self._unsent: list[TaskSpec] = []  # claimed, not yet taken by the dispatcher
         self.wake = asyncio.Event()
         self.metrics = ShardMetrics()
+        self.accepting = True  # False once `chronoray down` began
 
     async def _io(self, fn, *args, **kwargs):
         """Blocking database calls leave the event loop free for timers."""
@@ -91,6 +92,8 @@ class Shard:
 
     # -- submissions -----------------------------------------------------
     async def submit(self, new_tasks: Sequence[NewTask]) -> list[SubmitResult | ChronorayError]:
+        if not self.accepting:
+            raise Unavailable(f"shard {self.index} is shutting down")
         return await self._committer.submit(list(new_tasks))
 
     async def _store(self, batch: list[NewTask]) -> list[SubmitResult | ChronorayError]:
@@ -423,6 +426,9 @@ class ShardShell:
         return (await self._ready()).metrics.families()
 
     async def stop(self) -> None:
+        """Take no more submissions and fire nothing more; results are still
+        recorded (what runs now can finish)."""
+        self._shard.accepting = False
         self._stop.set()
 
     async def pid(self) -> int:

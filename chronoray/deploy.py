@@ -153,16 +153,44 @@ def deploy(settings: Settings, *, http: bool = True) -> str | None:
     return url
 
 
-def teardown(settings: Settings) -> None:
+def drain_and_stop(settings: Settings, *, grace_s: float = 60.0, progress=None) -> int:
+    """``chronoray down``: stop taking work (the HTTP app goes, shards refuse
+    submissions and fire nothing more), let what runs finish and its results
+    commit (up to ``grace_s``), then remove the actors. Returns how many
+    attempts were still running or unacknowledged at the end (0: a clean
+    stop); those are resolved by the next start as ``executor_lost``. Queued
+    and future tasks stay in the database for the next ``up``.
+    ``progress(held)`` is called on each poll."""
+    from actors.handles import DISPATCHER_NAME, shard_name
+
+    _delete_http()
+    shards = [_actor(shard_name(i), settings) for i in range(settings.num_shards)]
+    stopping = [shard.stop.remote() for shard in shards if shard is not None]
+    ray.wait(stopping, num_returns=len(stopping), timeout=10)
+    dispatcher = _actor(DISPATCHER_NAME, settings)
+    held: int | None = 0
+    deadline = time.monotonic() + grace_s
+    while dispatcher is not None:
+        try:
+            held = ray.get(dispatcher.drain.remote(), timeout=10)
+        except Exception:
+            log.warning("the dispatcher did not answer drain", exc_info=True)
+            held = None
+        if progress is not None:
+            progress(held)
+        if held == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    teardown(settings, http=False)
+    return held if held is not None else -1
+
+
+def teardown(settings: Settings, *, http: bool = True) -> None:
     """Remove chronoray's actors and Serve app (not the Ray cluster)."""
     from actors.handles import DISPATCHER_NAME, POOL_NAME, shard_name
 
-    try:
-        from ray import serve
-
-        serve.delete(APP_NAME)
-    except Exception:
-        log.debug("no Serve app to delete", exc_info=True)
+    if http:
+        _delete_http()
     from actors.executor_pool import EXECUTOR_PREFIX
 
     executors = [
@@ -176,6 +204,15 @@ def teardown(settings: Settings) -> None:
         handle = _actor(name, settings)
         if handle is not None:
             ray.kill(handle, no_restart=True)
+
+
+def _delete_http() -> None:
+    try:
+        from ray import serve
+
+        serve.delete(APP_NAME)
+    except Exception:
+        log.debug("no Serve app to delete", exc_info=True)
 
 
 def _actor(name: str, settings: Settings):

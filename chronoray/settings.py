@@ -33,6 +33,12 @@ def local_token_file(env: Mapping[str, str] | None = None) -> Path:
     return data_dir_from(env) / "local-token"
 
 
+def up_state_file(data_dir: Path | None = None) -> Path:
+    """Where a running ``chronoray up`` records its pid and Ray address, for
+    ``chronoray down``."""
+    return (data_dir or data_dir_from()) / "up.json"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     database_url: str

@@ -285,3 +285,62 @@ def test_two_owners_of_one_shard_never_start_an_attempt_twice(deployment, client
 
     wait_for(second_left, timeout_s=30, interval_s=0.5, what="the second owner to leave")
     assert ray.get(first.pid.remote(), timeout=10) == pid  # the named actor kept its shard
+
+
+def test_down_lets_running_scripts_finish_and_the_next_start_runs_the_rest(
+    deployment, client, tmp_path
+):
+    """Defect 8 and scenario 6 at reduced size. `chronoray down` (drain and
+    stop) with short scripts running, long ones that outlive the grace, and
+    future tasks; then a new start: the short ones finished once, the long
+    ones are resolved at start (executor_lost, run again), the future ones
+    run once. Nothing stays running."""
+    from chronoray.deploy import deploy, drain_and_stop
+
+    ledger = shared_file(tmp_path, "ledger")
+    ledger_script(client, "chaos-down.sh", ledger, 'sleep "$NAP"')
+    now = time.time()
+    short = client.submit_many(
+        [
+            {
+                "script": "chaos-down.sh",
+                "execute_at": now,
+                "max_attempts": 1,
+                "variables": {"NAP": "3"},
+            }
+            for _ in range(6)
+        ]
+    )
+    long = client.submit_many(
+        [
+            {
+                "script": "chaos-down.sh",
+                "execute_at": now,
+                "max_attempts": 2,
+                "variables": {"NAP": "12"},
+            }
+            for _ in range(2)
+        ]
+    )
+    future = client.submit_many(
+        [
+            {"script": "chaos-down.sh", "execute_at": now + 20, "variables": {"NAP": "0"}}
+            for _ in range(10)
+        ]
+    )
+    wait_for(lambda: len(ledger_lines(ledger)) == 8, timeout_s=30, what="8 scripts to start")
+    held = drain_and_stop(deployment.settings, grace_s=6)
+    assert held == 2  # the long ones outlived the grace
+    views = client.wait([t.task_id for t in short], timeout_s=5)
+    assert [(v.task.status.value, v.task.attempt) for v in views] == [("succeeded", 1)] * 6
+
+    deploy(deployment.settings)
+    views = client.wait([t.task_id for t in long + future], timeout_s=90, poll_s=0.5)
+    assert Counter(v.task.status.value for v in views) == {"succeeded": 12}
+    assert [v.task.attempt for v in views[:2]] == [2, 2]
+    assert [v.runs[0].failure.value for v in views[:2]] == ["executor_lost"] * 2
+    lines = ledger_lines(ledger)
+    assert {(t.task_id, a): lines[(t.task_id, a)] for t in long for a in (1, 2)} == {
+        (t.task_id, a): 1 for t in long for a in (1, 2)
+    }
+    assert_each_ran_once(ledger, [t.task_id for t in short + future])

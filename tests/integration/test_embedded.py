@@ -1,5 +1,6 @@
 """`make run`'s command on SQLite: up within 60 s, the README's quick start
-works verbatim, Ctrl-C stops it."""
+works verbatim, `chronoray down` drains it (a running script finishes and
+its result is stored) and stops it."""
 
 import json
 import os
@@ -12,9 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
+from sqlalchemy import create_engine, select
 
-from tests.ray_cluster import free_port
+from storage.schema import tasks
+from tests.ray_cluster import free_port, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,6 +89,41 @@ def test_up_on_sqlite_serves_the_readme_quick_start(tmp_path):
         assert task["status"] == "succeeded", task
         assert task["output"] == "hello world\n"
         assert 0 <= task["fire_lag_ms"] < 100
+
+        base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
+        httpx.post(
+            f"{base}/v1/scripts",
+            json={"name": "slow.sh", "body": "sleep 3; echo drained"},
+            headers=auth,
+        ).raise_for_status()
+        slow = httpx.post(
+            f"{base}/v1/tasks", json={"script": "slow.sh", "execute_at": time.time()}, headers=auth
+        ).json()["task_id"]
+        wait_for(
+            lambda: (
+                httpx.get(f"{base}/v1/tasks/{slow}", headers=auth).json()["status"] == "running"
+            ),
+            timeout_s=30,
+            what="the slow script to start",
+        )
+        down = subprocess.run(
+            [str(Path(sys.executable).parent / "chronoray"), "down"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert up.wait(timeout=10) == 0
+        assert "every running script finished" in (tmp_path / "up.log").read_text()
+        assert not (tmp_path / "data" / "up.json").exists()
+        engine = create_engine(f"sqlite:///{tmp_path / 'data' / 'chronoray.db'}")
+        with engine.connect() as conn:
+            row = conn.execute(
+                select(tasks.c.status, tasks.c.attempt).where(tasks.c.task_id == slow)
+            ).one()
+        engine.dispose()
+        assert tuple(row) == ("succeeded", 1)
     finally:
         up.send_signal(signal.SIGINT)
         try:

@@ -152,3 +152,21 @@ def test_running_attempts_no_executor_holds_are_lost_at_once():
         assert await dispatcher.recover_orphans([spec(3)]) == []
 
     asyncio.run(scenario())
+
+
+def test_a_draining_dispatcher_places_nothing_and_counts_what_executors_hold():
+    """`chronoray down`: queued attempts stay queued; what runs may finish."""
+
+    async def scenario():
+        dispatcher, ex, _ = build({"small": 1})
+        ex["small"].client.holds = [(1, 1)]
+        assert await dispatcher.drain() == 1
+        await dispatcher.submit([spec(2)])
+        assert ex["small"].client.received == []
+        assert dispatcher.stats()["queued"] == 1
+        ex["small"].client.holds = []
+        assert await dispatcher.drain() == 0
+        ex["small"].client.fail = True
+        assert await dispatcher.drain() is None  # cannot tell: not done
+
+    asyncio.run(scenario())

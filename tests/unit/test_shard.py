@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 
 from actors.shard_actor import Shard, Superseded
+from chronoray.errors import Unavailable
 from chronoray.settings import Settings
 from scheduling.clock import ManualClock
 from scheduling.lifecycle import RetryPolicy
@@ -324,5 +325,19 @@ def test_a_superseded_owner_claims_nothing_and_says_so():
             await second.sweep()
         assert await first.fire_due() == 1
         assert [s.task_id for s in world.dispatcher.received] == [a.task.task_id, b.task.task_id]
+
+    run(scenario())
+
+
+def test_a_stopping_shard_refuses_submissions_with_unavailable():
+    world = World()
+
+    async def scenario():
+        shard = world.shard()
+        await shard.start()
+        shard.accepting = False
+        with pytest.raises(Unavailable):
+            await shard.submit([world.new(5)])
+        assert world.repo.tasks == {}
 
     run(scenario())
