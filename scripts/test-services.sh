@@ -22,12 +22,16 @@ start() {
   pg_port=$(free_port)
   zk_port=$(free_port)
 
-  # PostgreSQL: a fresh cluster with trust auth, fsync off (throwaway data)
+  # PostgreSQL: a fresh cluster with trust auth, fsync off (throwaway data);
+  # CHRONORAY_DURABLE=1 keeps PostgreSQL's durable defaults (the chaos harness
+  # restarts it with -m immediate and must not lose acknowledged commits).
+  local durability="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+  [ "${CHRONORAY_DURABLE:-0}" = 1 ] && durability="-c fsync=on -c synchronous_commit=on -c full_page_writes=on"
   mkdir -p "$dir/pg"
   [ "$(id -u)" = 0 ] && chown postgres "$dir/pg" && chmod 700 "$dir/pg" && chmod o+x "$dir"
   as_postgres "$PG_BIN/initdb" -D "$dir/pg/data" -U postgres -A trust --no-sync >"$dir/pg-initdb.log" 2>&1
   as_postgres "$PG_BIN/pg_ctl" -D "$dir/pg/data" -l "$dir/pg/server.log" -w -t 60 start \
-    -o "-p $pg_port -k $dir/pg -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
+    -o "-p $pg_port -k $dir/pg -c listen_addresses=127.0.0.1 $durability -c max_connections=300" \
     >"$dir/pg-start.log" 2>&1 || { cat "$dir/pg/server.log" >&2; exit 1; }
 
   # ZooKeeper: standalone, its own data folder
