@@ -6,7 +6,7 @@ import asyncio
 import functools
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from chronoray.errors import Unavailable
 
@@ -49,17 +49,24 @@ async def call_shard(
         raise Unavailable(f"shard {index} did not answer {method} within {timeout_s} s") from None
 
 
-def call_shards_blocking(calls: list[tuple[int, str, str, tuple]]) -> list:
-    """The same for drivers outside an event loop: [(index, namespace, method, args)]."""
+def call_shards_blocking(
+    calls: list[tuple[int, str, str, tuple]], *, timeout_s: float = 3 * CALL_TIMEOUT_S
+) -> list:
+    """The same for drivers outside an event loop: [(index, namespace, method,
+    args)]. A driver waits longer than an actor (a restarting shard replays
+    the call), but not forever: past ``timeout_s`` it gets ``Unavailable``."""
 
     def send():
         return [getattr(shard_handle(i, ns), m).remote(*a) for i, ns, m, a in calls]
 
     try:
-        return ray.get(send())
-    except RayActorError:
-        shard_handle.cache_clear()
-        return ray.get(send())
+        try:
+            return ray.get(send(), timeout=timeout_s)
+        except RayActorError:
+            shard_handle.cache_clear()
+            return ray.get(send(), timeout=timeout_s)
+    except GetTimeoutError:
+        raise Unavailable(f"the shards did not answer within {timeout_s} s") from None
 
 
 def dispatcher_handle(namespace: str):

@@ -63,7 +63,7 @@ def up(
 
     import ray
 
-    from chronoray.deploy import deploy, drain_and_stop, local_token, start_local_ray
+    from chronoray.deploy import deploy, local_token, start_local_ray
     from chronoray.settings import Settings, local_token_file, up_state_file
 
     logging.basicConfig(
@@ -103,19 +103,22 @@ def up(
         stop.wait()
     finally:
         try:
-            with console.status("draining: no new work; waiting for running scripts …") as shown:
-                held = drain_and_stop(
-                    settings,
-                    grace_s=grace_s,
-                    progress=lambda n: shown.update(f"draining: {n} attempts still running …"),
-                )
-            _report_drain(held, grace_s)
+            _drain(settings, grace_s)
         finally:
             state_file.unlink(missing_ok=True)
             ray.shutdown()
 
 
-def _report_drain(held: int, grace_s: float) -> None:
+def _drain(settings, grace_s: float) -> None:
+    """Drain and stop, showing how many attempts are still running."""
+    from chronoray.deploy import drain_and_stop
+
+    with console.status("draining: no new work; waiting for running scripts …") as shown:
+        held = drain_and_stop(
+            settings,
+            grace_s=grace_s,
+            progress=lambda n: shown.update(f"draining: {n} attempts still running …"),
+        )
     if held == 0:
         err.print("stopped: every running script finished and its result is stored")
     elif held > 0:
@@ -164,18 +167,10 @@ def down(
         return
     import ray
 
-    from chronoray.deploy import drain_and_stop
-
     settings = Settings.from_env(data_dir=data_dir)
     ray.init(address=address, namespace=settings.namespace, log_to_driver=False)
     try:
-        with console.status("draining: no new work; waiting for running scripts …") as shown:
-            held = drain_and_stop(
-                settings,
-                grace_s=grace_s,
-                progress=lambda n: shown.update(f"draining: {n} attempts still running …"),
-            )
-        _report_drain(held, grace_s)
+        _drain(settings, grace_s)
     finally:
         ray.shutdown()
 
