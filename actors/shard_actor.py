@@ -71,6 +71,7 @@ class Shard:
             self._store
         )
         self._unsent: list[TaskSpec] = []  # claimed, not yet taken by the dispatcher
+        self._claims_in_doubt = False  # a claim failed: it may have committed
         self.wake = asyncio.Event()
         self.metrics = ShardMetrics()
         self.accepting = True  # False once `chronoray down` began
@@ -145,14 +146,20 @@ class Shard:
         if not due:
             return 0
         lease_until = now + timedelta(seconds=self._settings.queue_lease_s)
-        claimed = await self._io(
-            self._repo.claim,
-            due,
-            shard=self.index,
-            epoch=self.epoch,
-            lease_until=lease_until,
-            now=now,
-        )
+        try:
+            claimed = await self._io(
+                self._repo.claim,
+                due,
+                shard=self.index,
+                epoch=self.epoch,
+                lease_until=lease_until,
+                now=now,
+            )
+        except Exception:
+            # Committed, with the answer lost (a database restart)? Then these
+            # are queued with no one to hand them over: the next sweep does.
+            self._claims_in_doubt = True
+            raise
         if not (claimed.specs or claimed.follow_ups or claimed.cancelled):
             await self._check_epoch()  # nothing claimed: taken by someone else, or fenced off?
         self._unsent.extend(claimed.specs)
@@ -253,22 +260,22 @@ class Shard:
             self._room = await self._dispatcher.submit(stale)
         self._room = await self._dispatcher.room()
         incarnation = await self._dispatcher.hello()
-        if incarnation != self._dispatcher_seen:
+        new_dispatcher = incarnation != self._dispatcher_seen and (
+            self._dispatcher_seen is not None or self.epoch > 1
+        )
+        if new_dispatcher or self._claims_in_doubt:
             # A new dispatcher lost its heap; a restarted shard may have died
-            # between a claim and its hand-over. Either way the dispatcher
-            # ignores attempts it already holds or has finished.
-            if self._dispatcher_seen is not None or self.epoch > 1:
-                queued = await self._io(
-                    self._repo.queued_specs, wheel=self._wheel, shard=self.index, limit=50_000
-                )
-                if queued:
-                    log.info(
-                        "shard %d: handing %d queued tasks to a new dispatcher",
-                        self.index,
-                        len(queued),
-                    )
-                    self._room = await self._dispatcher.submit(queued)
-            self._dispatcher_seen = incarnation
+            # between a claim and its hand-over; a claim may have committed
+            # with its answer lost. Either way the dispatcher ignores
+            # attempts it already holds or has finished.
+            queued = await self._io(
+                self._repo.queued_specs, wheel=self._wheel, shard=self.index, limit=50_000
+            )
+            if queued:
+                log.info("shard %d: handing %d queued tasks over again", self.index, len(queued))
+                self._room = await self._dispatcher.submit(queued)
+            self._claims_in_doubt = False
+        self._dispatcher_seen = incarnation
 
     async def run(self, stop: asyncio.Event) -> None:
         """The timer loop and the periodic sweep, until ``stop`` is set."""

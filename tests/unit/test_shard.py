@@ -341,3 +341,37 @@ def test_a_stopping_shard_refuses_submissions_with_unavailable():
         assert world.repo.tasks == {}
 
     run(scenario())
+
+
+def test_a_claim_that_committed_with_its_answer_lost_is_handed_over_by_the_next_sweep():
+    """Found by the chaos harness (scenario 5, PostgreSQL restarted with -m
+    immediate): the claim's commit landed, its answer did not, and the
+    attempts sat queued with no one to hand them over until the queue lease
+    (10 minutes) ran out."""
+    world = World()
+
+    class AnswerLost(InMemoryTaskRepository):
+        lose_next = True
+
+        def claim(self, *args, **kwargs):
+            claimed = super().claim(*args, **kwargs)
+            if self.lose_next:
+                self.lose_next = False
+                raise Unavailable("server closed the connection unexpectedly")
+            return claimed
+
+    world.repo.__class__ = AnswerLost
+
+    async def scenario():
+        shard = world.shard()
+        await shard.start()
+        [result] = await shard.submit([world.new(1)])
+        world.clock.advance(1)
+        with pytest.raises(Unavailable):
+            await shard.fire_due()
+        assert world.repo.get_task(result.task.task_id).status is TaskStatus.QUEUED
+        assert world.dispatcher.received == []
+        await shard.sweep()
+        assert [s.task_id for s in world.dispatcher.received] == [result.task.task_id]
+
+    run(scenario())
