@@ -599,6 +599,8 @@ class ExecutorShell:
             "running": executor.busy,
             "fenced": executor.fenced,
             "refused_at_gate": executor.refused_at_gate,
+            # the sandbox probe (and the launcher build) ran: no run pays for it
+            "sandbox_ready": detect_isolation.cache_info().currsize > 0,
             "last_heartbeat": heartbeat_at,
         }
 

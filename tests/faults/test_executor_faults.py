@@ -183,3 +183,36 @@ def test_zookeeper_down_for_a_minute(deployment, client, zookeeper, tmp_path):
     body = json.loads(listed.stdout)
     assert {e["executor_id"] for e in body["executors"]} == live_executor_ids(deployment)
     assert all(e["pid"] > 0 and e["slots"] == 8 for e in body["executors"])
+
+
+def test_a_new_executor_builds_its_sandbox_before_its_first_heartbeat(deployment):
+    """Defect 11: the first run built actors/launch.c on the event loop and
+    could stall heartbeats past the death threshold. A replacement executor
+    that has heartbeated has run the sandbox probe already."""
+    from actors.executor_pool import EXECUTOR_PREFIX
+
+    pool = actor(deployment, POOL_NAME)
+
+    def small(status):
+        return {e["executor_id"]: e for e in status["executors"] if e["tier"] == "small"}
+
+    before = small(ray.get(pool.status.remote()))
+    victim = next(e for e, entry in sorted(before.items()) if entry["state"] == "live")
+    os.kill(
+        ray.get(actor(deployment, EXECUTOR_PREFIX + victim).info.remote())["pid"], signal.SIGKILL
+    )
+
+    def heartbeating_newcomer():
+        now = small(ray.get(pool.status.remote()))
+        return next(
+            (
+                e
+                for e, entry in now.items()
+                if e not in before and entry["heartbeat_age_s"] is not None
+            ),
+            None,
+        )
+
+    newcomer = wait_for(heartbeating_newcomer, timeout_s=60, what="a replacement executor")
+    info = ray.get(actor(deployment, EXECUTOR_PREFIX + newcomer).info.remote())
+    assert info["sandbox_ready"] and info["running"] == 0
