@@ -1063,13 +1063,13 @@ def main() -> None:
             print(table([outcome]).splitlines()[-2], flush=True)
             for problem in outcome.problems:
                 print(f"  problem: {problem}", flush=True)
+        print(f"\nmake chaos on {datetime.now(UTC):%Y-%m-%d} (scale {args.scale}):\n")
+        print(table(outcomes))
+        for o in outcomes:
+            for problem in o.problems:
+                print(f"- {o.scenario}: {problem}")
     finally:
         harness.stop()
-    print(f"\nmake chaos on {datetime.now(UTC):%Y-%m-%d} (scale {args.scale}):\n")
-    print(table(outcomes))
-    for o in outcomes:
-        for problem in o.problems:
-            print(f"- {o.scenario}: {problem}")
     raise SystemExit(0 if all(o.passed for o in outcomes) else 1)
 
 

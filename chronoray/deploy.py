@@ -206,13 +206,25 @@ def teardown(settings: Settings, *, http: bool = True) -> None:
             ray.kill(handle, no_restart=True)
 
 
-def _delete_http() -> None:
-    try:
-        from ray import serve
+def _delete_http(timeout_s: float = 60.0) -> None:
+    """Delete the Serve app, waiting ``timeout_s`` at most: a Serve whose
+    proxies are still restarting can keep the deletion waiting for minutes,
+    and stopping must not hang on it."""
+    import threading
 
-        serve.delete(APP_NAME)
-    except Exception:
-        log.debug("no Serve app to delete", exc_info=True)
+    def delete() -> None:
+        try:
+            from ray import serve
+
+            serve.delete(APP_NAME)
+        except Exception:
+            log.debug("no Serve app to delete", exc_info=True)
+
+    deleting = threading.Thread(target=delete, name="serve-delete", daemon=True)
+    deleting.start()
+    deleting.join(timeout_s)
+    if deleting.is_alive():
+        log.warning("the Serve app was not deleted within %.0f s; going on", timeout_s)
 
 
 def _actor(name: str, settings: Settings):
