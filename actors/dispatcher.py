@@ -177,16 +177,21 @@ class Dispatcher:
         """Stop these attempts: drop them from the heap, kill them where they
         run (their rows are already final, so late results change nothing)."""
         wanted = {tuple(k) for k in keys}
-        self._queue.remove(wanted)
+        waiting = {key for key in wanted if self._queue.remove({key})}
+        placed = {key for ex in self._executors for key in ex.in_flight}
+        # Neither waiting nor placed here: running where this dispatcher does
+        # not know (it restarted, or a reconcile is catching up), or done.
+        # Every executor is asked; one that does not hold it ignores it.
+        unknown = wanted - waiting - placed
         for ex in self._executors:
-            mine = [k for k in wanted if k in ex.in_flight]
+            mine = [k for k in wanted if k in ex.in_flight] + sorted(unknown)
             if mine:
                 try:
                     await ex.client.cancel(mine)
                 except Exception:
                     log.warning("executor %s did not take a cancel", ex.executor_id, exc_info=True)
                 for key in mine:
-                    del ex.in_flight[key]
+                    ex.in_flight.pop(key, None)
         self._finished.update(dict.fromkeys(wanted))
         await self._place()
 
@@ -265,12 +270,21 @@ class Dispatcher:
         dispatcher learns what is still running; an attempt an executor no
         longer has (it was fenced) is left to its lease."""
         for ex in self._executors:
+            before = dict(ex.in_flight)
             try:
                 actual = await ex.client.running()
             except Exception:
                 log.warning("executor %s did not answer", ex.executor_id)
                 continue
-            ex.in_flight = {spec.key: spec for spec in actual}
+            # What changed while the executor answered stays changed: an
+            # attempt placed meanwhile is kept, one finished meanwhile is not
+            # brought back.
+            placed_meanwhile = {k: s for k, s in ex.in_flight.items() if k not in before}
+            ex.in_flight = {
+                spec.key: spec
+                for spec in actual
+                if spec.key in ex.in_flight or spec.key not in before
+            } | placed_meanwhile
         await self._place()
 
     def _choose(self, spec: TaskSpec) -> ExecutorSlots | None:
