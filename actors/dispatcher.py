@@ -138,16 +138,9 @@ class Dispatcher:
         report a no-op, since records are conditional on the attempt."""
         if not running:
             return []
-        members = list(self._executors)  # sync_members may replace the list meanwhile
-        answers = await asyncio.gather(
-            *(ex.client.holding() for ex in members), return_exceptions=True
-        )
-        held: set[tuple[int, int]] = set()
-        for ex, answer in zip(members, answers, strict=True):
-            if isinstance(answer, BaseException):
-                log.info("executor %s did not say what it holds; no recovery now", ex.executor_id)
-                return []
-            held.update(tuple(key) for key in answer)
+        held = await self._held()
+        if held is None:
+            return []
         now = self._clock.now()
         lost = [
             lost_result(spec, now=now, reason="running, but no live executor holds it")
@@ -165,19 +158,29 @@ class Dispatcher:
         for the next start) and say how many attempts executors still run or
         hold unacknowledged results of; None if an executor did not answer."""
         self.draining = True
-        members = list(self._executors)
+        held = await self._held()
+        return None if held is None else len(held)
+
+    async def _held(self) -> set[tuple[int, int]] | None:
+        """Every attempt the executors hold (running, or a result not yet
+        acknowledged); None if any executor did not answer."""
+        members = list(self._executors)  # sync_members may replace the list meanwhile
         answers = await asyncio.gather(
             *(ex.client.holding() for ex in members), return_exceptions=True
         )
-        if any(isinstance(answer, BaseException) for answer in answers):
-            return None
-        return sum(len(answer) for answer in answers)
+        held: set[tuple[int, int]] = set()
+        for ex, answer in zip(members, answers, strict=True):
+            if isinstance(answer, BaseException):
+                log.info("executor %s did not say what it holds", ex.executor_id)
+                return None
+            held.update(tuple(key) for key in answer)
+        return held
 
     async def cancel(self, keys: Sequence[tuple[int, int]]) -> None:
         """Stop these attempts: drop them from the heap, kill them where they
         run (their rows are already final, so late results change nothing)."""
         wanted = {tuple(k) for k in keys}
-        waiting = {key for key in wanted if self._queue.remove({key})}
+        waiting = self._queue.remove(wanted)
         placed = {key for ex in self._executors for key in ex.in_flight}
         # Neither waiting nor placed here: running where this dispatcher does
         # not know (it restarted, or a reconcile is catching up), or done.

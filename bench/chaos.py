@@ -40,6 +40,7 @@ import ray
 from sqlalchemy import create_engine, func, select, text
 
 from storage.schema import runs, schedules, scripts, tasks
+from tests.conftest import shared_file
 from tests.ray_cluster import wait_for
 
 UTC = timezone.utc
@@ -68,14 +69,6 @@ def ledger_entries(ledger: Path) -> list[tuple[int, int, float, str]]:
 def ledger_lines(ledger: Path) -> Counter:
     """(task, attempt) -> how many times that attempt's script started."""
     return Counter((task, attempt) for task, attempt, _, _ in ledger_entries(ledger))
-
-
-def new_ledger(directory: Path, name: str) -> Path:
-    """Scripts run under uids of their own: the ledger must be writable by all."""
-    path = directory / name
-    path.touch()
-    path.chmod(0o666)
-    return path
 
 
 # -- one scenario's verdict ---------------------------------------------------------------
@@ -410,7 +403,7 @@ def send_keyed_batch(session: httpx.Client, batch: list[dict], refused: Counter,
 
 def s1_dispatcher_kills(h: Harness, out: Outcome, scale: float) -> None:
     """SIGKILL the dispatcher 3 times during 2,000 tasks over 60 s (0.2-2 s each)."""
-    ledger = new_ledger(h.ledgers, "s1")
+    ledger = shared_file(h.ledgers, "s1")
     h.script("s1.sh", ledger, 'sleep "$NAP"')
     rng = random.Random(1)
     count, over = int(2000 * scale), 60 * scale
@@ -439,7 +432,7 @@ def s1_dispatcher_kills(h: Harness, out: Outcome, scale: float) -> None:
 def s2_shard_kills_during_submission(h: Harness, out: Outcome, scale: float) -> None:
     """SIGKILL the owner of the current range every 10 s while 16 clients
     submit keyless tasks due 5-20 s later: rows = 2xx; tasks fire within 5 s."""
-    ledger = new_ledger(h.ledgers, "s2")
+    ledger = shared_file(h.ledgers, "s2")
     h.script("s2.sh", ledger)
     answered: dict[int, float] = {}
     refused = Counter()
@@ -476,7 +469,7 @@ def s2_shard_kills_during_submission(h: Harness, out: Outcome, scale: float) -> 
 
 def s3_pool_kill(h: Harness, out: Outcome, scale: float) -> None:
     """SIGKILL the pool while 40 `sleep 8` tasks run with max_attempts=1."""
-    ledger = new_ledger(h.ledgers, "s3")
+    ledger = shared_file(h.ledgers, "s3")
     h.script("s3.sh", ledger, "sleep 8")
     count = max(8, int(40 * scale))
     due = h.submit([{"script": "s3.sh", "execute_at": time.time() + 2, "max_attempts": 1}] * count)
@@ -492,7 +485,7 @@ def s3_pool_kill(h: Harness, out: Outcome, scale: float) -> None:
 def s4_poison_output(h: Harness, out: Outcome, scale: float) -> None:
     """A NUL-, an invalid-UTF-8- and a 10 MB-printing task among 200 normal
     ones: all finish within 60 s."""
-    ledger = new_ledger(h.ledgers, "s4")
+    ledger = shared_file(h.ledgers, "s4")
     h.script("s4.sh", ledger)
     h.script("s4-nul.sh", ledger, r"printf 'before\0after'")
     h.script("s4-utf8.sh", ledger, r"printf 'bad \xff\xfe bytes'")
@@ -516,7 +509,7 @@ def s5_postgres_restarts(h: Harness, out: Outcome, scale: float) -> None:
     """PostgreSQL restarted (fast, then immediate), then stopped 30 s, under
     50 keyed submissions/s: one row per key answered 2xx, refusals 503 with
     Retry-After, tasks due during the outage run within 10 s of recovery."""
-    ledger = new_ledger(h.ledgers, "s5")
+    ledger = shared_file(h.ledgers, "s5")
     h.script("s5.sh", ledger)
     answered: dict[str, tuple[int, float]] = {}
     refusals = Counter()
@@ -596,7 +589,7 @@ def s6_down_up_and_cluster_kill(h: Harness, out: Outcome, scale: float) -> None:
     left running 60 s after `up`."""
     from chronoray.deploy import drain_and_stop
 
-    ledger = new_ledger(h.ledgers, "s6")
+    ledger = shared_file(h.ledgers, "s6")
     h.script("s6.sh", ledger, 'sleep "$NAP"')
     every = []
     for how in ("down", "kill"):
@@ -641,7 +634,7 @@ def s7_cron_under_alternating_kills(h: Harness, out: Outcome, scale: float) -> N
     """10 schedules every 2 s while shard and dispatcher are killed
     alternately every 7 s for 2 minutes: each nominal time runs exactly once,
     missed_fires and skipped_fires stay 0."""
-    ledger = new_ledger(h.ledgers, "s7")
+    ledger = shared_file(h.ledgers, "s7")
     h.script("s7.sh", ledger)
     ids = [h.client.create_schedule("s7.sh", "*/2 * * * * *").schedule_id for _ in range(10)]
     began = time.time()
@@ -682,7 +675,7 @@ def s7_cron_under_alternating_kills(h: Harness, out: Outcome, scale: float) -> N
 def s8_executors_killed_before_due(h: Harness, out: Outcome, scale: float) -> None:
     """SIGKILL executors 100 ms before 100 max_attempts=1 tasks are due (the
     attempts were handed over early): none ends dead."""
-    ledger = new_ledger(h.ledgers, "s8")
+    ledger = shared_file(h.ledgers, "s8")
     h.script("s8.sh", ledger)
     from actors.executor_pool import EXECUTOR_PREFIX
 
@@ -735,7 +728,7 @@ def s9_backlog_beyond_the_queue_lease(h: Harness, out: Outcome, scale: float) ->
     small = TierTable([slot_tier("small", 0, executors=1, max_executors=1, slots=2)])
     h.start(original.with_(queue_lease_s=20.0, tiers=small))
     try:
-        ledger = new_ledger(h.ledgers, "s9")
+        ledger = shared_file(h.ledgers, "s9")
         h.script("s9.sh", ledger, "sleep 3")
         due = h.submit([{"script": "s9.sh", "execute_at": time.time() + 2}] * 50)
         h.audit(out, ledger, due, timeout_s=180)
@@ -753,7 +746,7 @@ def s10_two_owners(h: Harness, out: Outcome, scale: float) -> None:
     from actors.shard_actor import ShardActor
     from chronoray.deploy import control_plane_options
 
-    ledger = new_ledger(h.ledgers, "s10")
+    ledger = shared_file(h.ledgers, "s10")
     h.script("s10.sh", ledger)
     start = time.time() + 3
     owner = h.owner_of(start + 5)  # the shard whose tasks fall due while it is stopped
@@ -790,7 +783,7 @@ def s10_two_owners(h: Harness, out: Outcome, scale: float) -> None:
 def s11_serve_kills(h: Harness, out: Outcome, scale: float) -> None:
     """SIGKILL the Serve replica and proxy during keyed batch submissions and
     schedule creation: every 2xx stored once, nothing duplicated."""
-    ledger = new_ledger(h.ledgers, "s11")
+    ledger = shared_file(h.ledgers, "s11")
     h.script("s11.sh", ledger)
     h.client.register_script("s11-cron.sh", "true")
     answered: dict[int, float] = {}
@@ -876,7 +869,7 @@ def s12_soak(h: Harness, out: Outcome, scale: float, soak_s: float, every_s: flo
     pool, executor, Serve replica or proxy, and now and then restart
     ZooKeeper or PostgreSQL, under a steady 20 tasks/s: none lost, none
     started twice."""
-    ledger = new_ledger(h.ledgers, "s12")
+    ledger = shared_file(h.ledgers, "s12")
     h.script("s12.sh", ledger, 'sleep "$NAP"')
     due: dict[int, float] = {}
     refused = Counter()

@@ -87,16 +87,7 @@ def up(
             url = deploy(settings)
         token_file = (data_dir / "local-token") if data_dir else local_token_file()
         user_id, token = local_token(settings, token_file)
-        state_file.write_text(
-            json.dumps(
-                {
-                    "pid": os.getpid(),
-                    "ray_address": ray.get_runtime_context().gcs_address,
-                    "namespace": settings.namespace,
-                    "url": url,
-                }
-            )
-        )
+        state_file.write_text(json.dumps({"pid": os.getpid()}))
         console.print(f"local user {user_id}; its API token is kept in {token_file}")
         console.print(f"export CHRONORAY_TOKEN={token}", soft_wrap=True, highlight=False)
         console.print(f"chronoray is up at [bold]{url}[/bold]  (Ctrl-C stops it)")

@@ -34,8 +34,7 @@ def local_token_file(env: Mapping[str, str] | None = None) -> Path:
 
 
 def up_state_file(data_dir: Path | None = None) -> Path:
-    """Where a running ``chronoray up`` records its pid and Ray address, for
-    ``chronoray down``."""
+    """Where a running ``chronoray up`` records its pid, for ``chronoray down``."""
     return (data_dir or data_dir_from()) / "up.json"
 
 

@@ -52,8 +52,8 @@ class ReadyQueue:
     def push_many(self, specs: Iterable[TaskSpec]) -> int:
         return sum(self.push(spec) for spec in specs)
 
-    def remove(self, keys: set[tuple[int, int]]) -> int:
-        """Drop these attempts if they are waiting here."""
+    def remove(self, keys: set[tuple[int, int]]) -> set[tuple[int, int]]:
+        """Drop these attempts if they are waiting here; returns those that were."""
         present = keys & self._keys
         if present:
             for entry in self._heap:
@@ -62,7 +62,7 @@ class ReadyQueue:
             self._heap = [entry for entry in self._heap if entry[2].key not in present]
             heapq.heapify(self._heap)
             self._keys -= present
-        return len(present)
+        return present
 
     def take(
         self, place: Callable[[TaskSpec], Slot | None], *, scan_limit: int = 1000

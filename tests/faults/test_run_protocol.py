@@ -58,34 +58,14 @@ def test_down_lets_running_scripts_finish_and_the_next_start_runs_the_rest(
     ledger = shared_file(tmp_path, "ledger")
     ledger_script(client, "chaos-down.sh", ledger, 'sleep "$NAP"')
     now = time.time()
-    short = client.submit_many(
-        [
-            {
-                "script": "chaos-down.sh",
-                "execute_at": now,
-                "max_attempts": 1,
-                "variables": {"NAP": "3"},
-            }
-            for _ in range(6)
-        ]
-    )
-    long = client.submit_many(
-        [
-            {
-                "script": "chaos-down.sh",
-                "execute_at": now,
-                "max_attempts": 2,
-                "variables": {"NAP": "12"},
-            }
-            for _ in range(2)
-        ]
-    )
-    future = client.submit_many(
-        [
-            {"script": "chaos-down.sh", "execute_at": now + 20, "variables": {"NAP": "0"}}
-            for _ in range(10)
-        ]
-    )
+
+    def sleepers(count: int, at: float, nap: str, **fields):
+        request = {"script": "chaos-down.sh", "execute_at": at, "variables": {"NAP": nap}}
+        return client.submit_many([{**request, **fields}] * count)
+
+    short = sleepers(6, now, "3", max_attempts=1)
+    long = sleepers(2, now, "12", max_attempts=2)
+    future = sleepers(10, now + 20, "0")
     wait_for(lambda: len(ledger_lines(ledger)) == 8, timeout_s=30, what="8 scripts to start")
     held = drain_and_stop(deployment.settings, grace_s=6)
     assert held == 2  # the long ones outlived the grace
