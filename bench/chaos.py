@@ -585,8 +585,24 @@ def s5_postgres_restarts(h: Harness, out: Outcome, scale: float) -> None:
 
 def s6_down_up_and_cluster_kill(h: Harness, out: Outcome, scale: float) -> None:
     """`chronoray down`/`up`, then a SIGKILL of the whole Ray cluster and
-    `up`, each with ~30 running, ~100 queued and 100 future tasks: no attempt
+    `up`, each with 30 running, 100 queued and 100 future tasks: no attempt
     left running 60 s after `up`."""
+    from chronoray.deploy import teardown
+    from scheduling.tiers import TierTable, slot_tier
+
+    original = h.settings
+    teardown(original)
+    # 30 slots: of 130 tasks due at once, 30 run and 100 wait queued
+    thirty = TierTable([slot_tier("small", 0, executors=3, max_executors=3, slots=10)])
+    h.start(original.with_(tiers=thirty))
+    try:
+        restarts(h, out)
+    finally:
+        h.stop()  # the last head offers only the 30-slot tier's resources
+        h.start(original)
+
+
+def restarts(h: Harness, out: Outcome) -> None:
     from chronoray.deploy import drain_and_stop
 
     ledger = shared_file(h.ledgers, "s6")
@@ -596,7 +612,7 @@ def s6_down_up_and_cluster_kill(h: Harness, out: Outcome, scale: float) -> None:
         now = time.time()
         load = [
             {"script": "s6.sh", "execute_at": now + 1, "variables": {"NAP": "8"}, "priority": 0}
-            for _ in range(130)  # 48 slots: the rest waits queued
+            for _ in range(130)
         ] + [
             {"script": "s6.sh", "execute_at": t, "variables": {"NAP": "1"}}
             for t in spread(now + 40, 100, 10)
@@ -604,6 +620,15 @@ def s6_down_up_and_cluster_kill(h: Harness, out: Outcome, scale: float) -> None:
         due = h.submit(load)
         every.append(due)
         wait_for(lambda: len(ledger_entries(ledger)) >= 30, timeout_s=30, what="30 to start")
+        with h.engine.connect() as conn:
+            states = dict(
+                conn.execute(
+                    select(tasks.c.status, func.count())
+                    .where(tasks.c.task_id.in_(list(due)))
+                    .group_by(tasks.c.status)
+                ).all()
+            )
+        print(f"  before {how}: {states}")
         if how == "down":
             drain_and_stop(h.settings, grace_s=5)
             ray.shutdown()
@@ -864,11 +889,26 @@ def s11_serve_kills(h: Harness, out: Outcome, scale: float) -> None:
     h.audit(out, ledger, answered, timeout_s=120)
 
 
+DRIVER_RATE, HTTP_RATE = 20, 5  # tasks/s
+
+
+def paced(stop: threading.Event, per_s: float, catch_up_s: float = 10.0):
+    """Yield ``per_s`` times a second until ``stop``; a turn that ran late is
+    made up at once (up to ``catch_up_s`` of them), so a stall does not lower
+    the average rate."""
+    interval = 1.0 / per_s
+    next_at = time.monotonic()
+    while not stop.is_set():
+        yield
+        next_at = max(next_at + interval, time.monotonic() - catch_up_s)
+        stop.wait(max(0.0, next_at - time.monotonic()))
+
+
 def s12_soak(h: Harness, out: Outcome, scale: float, soak_s: float, every_s: float) -> None:
     """Every ``every_s`` for ``soak_s`` SIGKILL a random shard, dispatcher,
     pool, executor, Serve replica or proxy, and now and then restart
-    ZooKeeper or PostgreSQL, under a steady 20 tasks/s: none lost, none
-    started twice."""
+    ZooKeeper or PostgreSQL, under a steady 20 tasks/s through the driver
+    (plus 5/s over HTTP): none lost, none started twice."""
     ledger = shared_file(h.ledgers, "s12")
     h.script("s12.sh", ledger, 'sleep "$NAP"')
     due: dict[int, float] = {}
@@ -887,27 +927,30 @@ def s12_soak(h: Harness, out: Outcome, scale: float, soak_s: float, every_s: flo
             for _ in range(10)
         ]
 
-    def over_http() -> None:
-        rng = random.Random(12)
-        while not stop.is_set():
-            began = time.monotonic()
-            due.update(send_keyed_batch(h.http, requests(rng), refused, tries=30))
-            time.sleep(max(0.0, 1.0 - (time.monotonic() - began)))
+    sent, per_second = Counter(), Counter()
 
-    def through_the_driver() -> None:  # goes on while a Serve proxy restarts
+    def over_http() -> None:  # on top; stalls ~20 s while a Serve proxy restarts
+        rng = random.Random(12)
+        for _ in paced(stop, per_s=HTTP_RATE / 10):
+            stored = send_keyed_batch(h.http, requests(rng), refused, tries=30)
+            due.update(stored)
+            sent["http"] += len(stored)
+            per_second[int(time.time())] += len(stored)
+
+    def through_the_driver() -> None:  # the steady load: no proxy in the way
         rng = random.Random(13)
-        while not stop.is_set():
-            began = time.monotonic()
+        for _ in paced(stop, per_s=DRIVER_RATE / 10):
             batch = requests(rng)
             try:
                 stored = h.client.submit_many(batch)
             except Exception as exc:  # not acknowledged: not counted
                 refused[f"driver {type(exc).__name__}"] += 1
-            else:
-                now = time.time()
-                for item, task in zip(batch, stored, strict=True):
-                    due[task.task_id] = max(item["execute_at"], now)
-            time.sleep(max(0.0, 1.0 - (time.monotonic() - began)))
+                continue
+            now = time.time()
+            for item, task in zip(batch, stored, strict=True):
+                due[task.task_id] = max(item["execute_at"], now)
+            sent["driver"] += len(stored)
+            per_second[int(time.time())] += len(stored)
 
     rng = random.Random(2026)
     kinds = ["shard", "dispatcher", "pool", "executor", "replica", "proxy"]
@@ -936,7 +979,15 @@ def s12_soak(h: Harness, out: Outcome, scale: float, soak_s: float, every_s: flo
                 faults[kind] += 1
             except Exception as exc:  # a target mid-restart: another one next turn
                 missed[f"{kind}: {type(exc).__name__}"] += 1
+    took = time.time() - began
     out.faults += sum(faults.values())
+    seconds = range(int(began), int(began + took) - 10)
+    slowest = min((sum(per_second[t + i] for i in range(10)) / 10 for t in seconds), default=0)
+    print(
+        f"  soak load: {sent['driver'] / took:.1f} tasks/s through the driver, "
+        f"{sent['http'] / took:.1f} tasks/s over HTTP, over {took:.0f} s; "
+        f"slowest 10 s: {slowest:.1f} tasks/s acknowledged"
+    )
     print(f"  soak faults: {dict(faults)}; not reached: {dict(missed)}")
     print(f"  refusals seen by the load: {dict(refused)}")
     h.audit(out, ledger, dict(due), timeout_s=240)
