@@ -220,14 +220,19 @@ class Shard:
             return 0
 
     async def _record(self, results: list[RunResult]) -> int:  # -> tasks to watch again
+        # The repository reports outcomes inside its transaction; they are
+        # counted once it committed, so a batch retried item by item counts once.
+        outcomes: list[tuple] = []
         watch = await self._io(
             self._repo.record_results,
             results,
             policy=self._settings.retry,
             now=self._clock.now(),
             tiers=self._settings.tiers,
-            on_outcome=self.metrics.outcome,
+            on_outcome=lambda *outcome: outcomes.append(outcome),
         )
+        for outcome in outcomes:
+            self.metrics.outcome(*outcome)
         await self._route(watch)
         return len(watch)
 

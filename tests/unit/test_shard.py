@@ -282,10 +282,12 @@ def test_a_result_the_database_refuses_is_isolated_to_its_task():
         bad, good = world.dispatcher.received
         real = world.repo.record_results
 
-        def picky(results, **kw):
+        def picky(results, *, on_outcome, **kw):
             if any(r.output_tail == "poison" for r in results):
+                for result in results:  # as SQL does: outcomes seen, then the commit fails
+                    on_outcome(result, TaskStatus.SUCCEEDED, None)
                 raise ValueError("invalid byte sequence")
-            return real(results, **kw)
+            return real(results, on_outcome=on_outcome, **kw)
 
         world.repo.record_results = picky
         now = world.clock.now()
@@ -295,6 +297,9 @@ def test_a_result_the_database_refuses_is_isolated_to_its_task():
         assert world.repo.get_task(bad.task_id).status is TaskStatus.SUCCEEDED
         [run_] = world.repo.list_runs(bad.task_id)
         assert "could not be stored" in run_.output_tail
+        [lag] = [f for f in shard.metrics.families() if f.name == "chronoray_fire_lag_seconds"]
+        [count] = [s.value for s in lag.samples if s.name.endswith("_count")]
+        assert count == 2  # the failed batch's outcomes are not counted
 
     run(scenario())
 
