@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
-from chronoray.errors import Unavailable
+from scheduling.errors import Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import ray
 
 from actors.batching import Outbox
 from actors.sandbox import SandboxLimits, detect_isolation, kill_group, run_script
-from chronoray.errors import Unavailable
 from scheduling.clock import Clock, SystemClock, to_epoch
+from scheduling.errors import Unavailable
 from scheduling.lifecycle import classify
 from scheduling.models import FailureClass, RunResult, TaskSpec
 from scheduling.tiers import PoolTiming, Tier, TierTable

@@ -8,7 +8,7 @@ import functools
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from chronoray.errors import Unavailable
+from scheduling.errors import Unavailable
 
 DISPATCHER_NAME = "chronoray-dispatcher"
 POOL_NAME = "chronoray-executor-pool"

@@ -13,10 +13,10 @@ from typing import Protocol
 import ray
 
 from actors.batching import GroupCommitter
-from chronoray.errors import ChronorayError, Unavailable
 from chronoray.metrics import ShardMetrics
 from chronoray.settings import Settings
 from scheduling.clock import Clock, SystemClock
+from scheduling.errors import ChronorayError, Unavailable
 from scheduling.fire_timer import FireTimer
 from scheduling.models import NewTask, RunResult, SubmitResult, TaskSpec
 from storage.repository import TaskRepository

@@ -4,7 +4,7 @@ The package stays import-light (no Ray at import time) so the pure scheduling
 code and storage can use its errors and settings; `Client` is loaded lazily.
 """
 
-from chronoray.errors import ChronorayError
+from scheduling.errors import ChronorayError
 
 __all__ = ["ChronorayError", "Client"]
 

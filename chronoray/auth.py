@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from chronoray.errors import Forbidden, RateLimited, Unauthorized
+from scheduling.errors import Forbidden, RateLimited, Unauthorized
 from scheduling.models import ApiToken
 
 TOKEN_PREFIX = "cr_"

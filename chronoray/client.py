@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from chronoray.errors import ChronorayError, InvalidInput
+from scheduling.errors import ChronorayError, InvalidInput
 from scheduling.models import ApiToken, Interpreter, Run, Script, Task, User
 from scheduling.schedules import Schedule
 from serve_app.operations import check_caps
@@ -115,7 +115,7 @@ class Client:
     # -- users and tokens (the admin token) --------------------------------------
     def _require_admin(self) -> None:
         if not self._admin:
-            from chronoray.errors import Forbidden
+            from scheduling.errors import Forbidden
 
             raise Forbidden("needs the admin token: Client(admin_token=...)")
 

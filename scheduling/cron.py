@@ -20,8 +20,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadCronError, CroniterBadDateError, CroniterError, croniter
 
-from chronoray.errors import InvalidInput
 from scheduling.clock import require_aware
+from scheduling.errors import InvalidInput
 
 ALIASES = {
     "@yearly": "0 0 1 1 *",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from chronoray.errors import InvalidInput, TooLarge
+from scheduling.errors import InvalidInput, TooLarge
 
 VARIABLE_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
 # Names that would let a task change how the interpreter or loader behaves.

@@ -16,15 +16,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import GaugeMetricFamily
 
 from chronoray.auth import Authenticator, Caller, RateLimiter, issue_token
-from chronoray.errors import (
+from chronoray.metrics import ApiMetrics, exposition
+from chronoray.settings import Settings
+from scheduling.cron import validate_schedule
+from scheduling.errors import (
     ChronorayError,
     InvalidInput,
     Unauthorized,
     UnsupportedMediaType,
 )
-from chronoray.metrics import ApiMetrics, exposition
-from chronoray.settings import Settings
-from scheduling.cron import validate_schedule
 from scheduling.models import Interpreter, NewTask, SubmitResult, TaskStatus
 from scheduling.validation import validate_script_name
 from serve_app.errors import ERROR_RESPONSES, install_error_handlers

@@ -10,8 +10,8 @@ from datetime import datetime
 
 from ray import serve
 
-from chronoray.errors import ChronorayError, Unavailable
 from chronoray.settings import Settings
+from scheduling.errors import ChronorayError, Unavailable
 from scheduling.models import NewTask, SubmitResult
 
 LOCAL_USER = ("local", "user")

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from chronoray.errors import (
+from scheduling.errors import (
     ChronorayError,
     Conflict,
     Forbidden,

@@ -9,7 +9,7 @@ import re
 from fastapi import Request
 from fastapi.routing import APIRoute
 
-from chronoray.errors import InvalidInput, UnknownField, UnsupportedMediaType
+from scheduling.errors import InvalidInput, UnknownField, UnsupportedMediaType
 
 
 class BodySizeLimit:

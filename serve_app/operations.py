@@ -8,7 +8,9 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from chronoray.errors import (
+from chronoray.settings import Settings
+from scheduling.cron import validate_schedule
+from scheduling.errors import (
     BatchRejected,
     ChronorayError,
     InvalidInput,
@@ -17,8 +19,6 @@ from chronoray.errors import (
     TooLarge,
     in_batch,
 )
-from chronoray.settings import Settings
-from scheduling.cron import validate_schedule
 from scheduling.models import Interpreter, NewTask, Run, Script, Task
 from scheduling.schedules import MisfirePolicy, NewSchedule, OverlapPolicy, first_fire
 from scheduling.validation import validate_script_name

@@ -23,7 +23,7 @@ from pydantic import (
 )
 from typing_extensions import Self
 
-from chronoray.errors import InvalidInput
+from scheduling.errors import InvalidInput
 from scheduling.models import ApiToken, Interpreter, Run, Script, Task, TaskStatus, User
 from scheduling.schedules import MisfirePolicy, OverlapPolicy, Schedule
 from scheduling.validation import validate_script_name, validate_variables

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 
-from chronoray.errors import (
+from scheduling.errors import (
     BatchRejected,
     ChronorayError,
     IdempotencyConflict,

@@ -16,7 +16,7 @@ from datetime import datetime
 from sqlalchemy import Connection, and_, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from chronoray.errors import NotFound, ScriptNotFound
+from scheduling.errors import ScheduleNotFound, ScriptNotFound
 from scheduling.models import IN_FLIGHT_STATUSES, TaskStatus
 from scheduling.schedules import (
     Action,
@@ -33,10 +33,6 @@ from scheduling.timeline import bucket_of
 from storage.schema import newest_script, schedules, scripts, shards, tasks
 
 IN_FLIGHT = [s.value for s in IN_FLIGHT_STATUSES]
-
-
-class ScheduleNotFound(NotFound):
-    code = "schedule_not_found"
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from chronoray.errors import ChronorayError
+from scheduling.errors import ChronorayError
 from scheduling.lifecycle import RetryPolicy
 from scheduling.models import (
     ApiToken,

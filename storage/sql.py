@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
-from chronoray.errors import (
+from scheduling.errors import (
     BatchRejected,
     ChronorayError,
     IdempotencyConflict,
@@ -39,7 +39,6 @@ from chronoray.errors import (
 from scheduling.lifecycle import RetryPolicy, after_attempt, may_have_started
 from scheduling.models import (
     FINAL_STATUSES,
-    IN_FLIGHT_STATUSES,
     ApiToken,
     FailureClass,
     Interpreter,
@@ -57,6 +56,7 @@ from scheduling.schedules import MisfireRules, NewSchedule, Schedule
 from scheduling.tiers import TierTable
 from scheduling.timeline import Wheel, bucket_of
 from storage import occurrences
+from storage.occurrences import IN_FLIGHT
 from storage.repository import Claimed, OutcomeHook, TaskQuery, running_lease, sha256_hex, tail
 from storage.schema import (
     api_tokens,
@@ -72,7 +72,6 @@ from storage.schema import (
 log = logging.getLogger(__name__)
 REPLICA_PAUSE_S = 5.0  # an unreachable replica is skipped this long before it is tried again
 
-IN_FLIGHT = [s.value for s in IN_FLIGHT_STATUSES]
 ACTIVE = [s.value for s in TaskStatus if s not in FINAL_STATUSES]
 TASK_COLUMNS = [*tasks.c, scripts.c.name.label("script_name")]
 

@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 
 from chronoray.auth import issue_token, token_hash
-from chronoray.errors import ScriptInUse, ScriptNotFound, TokenNotFound, UserNotFound
+from scheduling.errors import ScriptInUse, ScriptNotFound, TokenNotFound, UserNotFound
 from scheduling.models import Interpreter, NewTask, SubmitResult
 from tests.conftest import T0
 

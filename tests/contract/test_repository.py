@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import inspect
 
-from chronoray.errors import IdempotencyConflict, ScriptNotFound, TaskNotCancellable, TaskNotFound
+from scheduling.errors import IdempotencyConflict, ScriptNotFound, TaskNotCancellable, TaskNotFound
 from scheduling.lifecycle import RetryPolicy
 from scheduling.models import (
     FailureClass,
@@ -306,7 +306,7 @@ def test_escalation_follows_the_tier_table_and_executor_losses_are_free_after_th
 
 
 def test_dead_tasks_are_listed_and_can_be_redriven(repo, owner):
-    from chronoray.errors import TaskNotRetryable
+    from scheduling.errors import TaskNotRetryable
 
     spec = claimed(repo, owner, max_attempts=1)
     repo.record_results([result(spec, failure=FailureClass.EXIT_CODE)], policy=POLICY, now=T0)
@@ -346,7 +346,7 @@ def test_list_tasks_filters_newest_first_and_keeps_owners_apart(repo, owner):
 
 
 def test_an_atomic_batch_stores_all_or_nothing(repo, owner):
-    from chronoray.errors import BatchRejected
+    from scheduling.errors import BatchRejected
 
     good = [new(owner, seconds=i) for i in range(3)]
     bad = NewTask(owner_id=owner, script_name="missing.sh", execute_at=T0)

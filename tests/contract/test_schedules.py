@@ -7,11 +7,10 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import func, select
 
-from chronoray.errors import ScriptNotFound
+from scheduling.errors import ScheduleNotFound, ScriptNotFound
 from scheduling.lifecycle import RetryPolicy
 from scheduling.models import Interpreter, RunResult, TaskStatus
 from scheduling.schedules import MisfirePolicy, MisfireRules, NewSchedule, OverlapPolicy
-from storage.occurrences import ScheduleNotFound
 from storage.schema import tasks
 
 UTC = timezone.utc

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from chronoray import Client
-from chronoray.errors import (
+from scheduling.errors import (
     Forbidden,
     ScriptInUse,
     ScriptNotFound,

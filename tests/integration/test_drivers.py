@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from chronoray.errors import InvalidInput, ScriptNotFound
+from scheduling.errors import InvalidInput, ScriptNotFound
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres]
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ from sqlalchemy import insert, text
 from sqlalchemy.exc import InternalError, OperationalError
 
 from chronoray.auth import issue_token
-from chronoray.errors import TaskNotFound, Unavailable
+from scheduling.errors import TaskNotFound, Unavailable
 from scheduling.models import Interpreter, NewTask
 from serve_app.app import Backend, create_api
 from storage.engines import make_engine

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from chronoray.errors import ChronorayError
+from scheduling.errors import ChronorayError
 from scheduling.models import NewTask, RunResult, SubmitResult, TaskSpec
 
 

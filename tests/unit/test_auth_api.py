@@ -6,8 +6,8 @@ import time
 import pytest
 
 from chronoray.auth import RateLimiter
-from chronoray.errors import RateLimited
 from chronoray.settings import Settings
+from scheduling.errors import RateLimited
 from storage.memory import InMemoryTaskRepository
 from tests.unit.fakes import user_api
 

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from actors.batching import GroupCommitter
-from chronoray.errors import Unavailable
+from scheduling.errors import Unavailable
 
 
 class Refused(ValueError):

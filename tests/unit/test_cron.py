@@ -5,8 +5,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from chronoray.errors import InvalidInput
 from scheduling.cron import CronSchedule, validate_schedule, wall_to_instant
+from scheduling.errors import InvalidInput
 
 UTC = timezone.utc
 

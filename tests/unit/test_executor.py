@@ -238,7 +238,7 @@ def test_a_result_is_held_and_resent_until_acknowledged(tmp_path):
 
 def test_a_database_outage_at_the_gate_is_waited_out_not_charged(tmp_path):
     """Defect 6: an outage before the start is no failure of the task."""
-    from chronoray.errors import Unavailable
+    from scheduling.errors import Unavailable
 
     class FlakyGate(Gate):
         def __init__(self):

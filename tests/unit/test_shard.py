@@ -8,9 +8,9 @@ from datetime import timedelta
 import pytest
 
 from actors.shard_actor import Shard, Superseded
-from chronoray.errors import Unavailable
 from chronoray.settings import Settings
 from scheduling.clock import ManualClock
+from scheduling.errors import Unavailable
 from scheduling.lifecycle import RetryPolicy
 from scheduling.models import FailureClass, Interpreter, NewTask, RunResult, TaskStatus
 from storage.memory import InMemoryTaskRepository
