@@ -124,6 +124,7 @@ class Settings:
             "rate_limit_burst": int,
             "max_active_tasks": int,
             "max_schedules": int,
+            "token_cache_s": float,
         }
         values: dict = {"database_url": url}
         for name, kind in numbers.items():

@@ -1,0 +1,69 @@
+"""The README's configuration table and Settings.from_env say the same."""
+
+import re
+from pathlib import Path
+
+from chronoray.settings import Settings
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+# a value for each variable, and where it lands
+SAMPLES = {
+    "CHRONORAY_DATABASE_URL": ("postgresql://u@h/db", lambda s: s.database_url),
+    "CHRONORAY_HTTP_HOST": ("0.0.0.0", lambda s: s.http_host),
+    "CHRONORAY_HTTP_PORT": ("9001", lambda s: s.http_port),
+    "CHRONORAY_NUM_SHARDS": ("4", lambda s: s.num_shards),
+    "CHRONORAY_RANGE_S": ("120", lambda s: s.range_s),
+    "CHRONORAY_PREFIRE_MS": ("100", lambda s: s.prefire_ms),
+    "CHRONORAY_LOOKAHEAD_S": ("30", lambda s: s.lookahead_s),
+    "CHRONORAY_SWEEP_INTERVAL_S": ("2", lambda s: s.sweep_interval_s),
+    "CHRONORAY_QUEUE_LEASE_S": ("20", lambda s: s.queue_lease_s),
+    "CHRONORAY_LEASE_GRACE_S": ("15", lambda s: s.lease_grace_s),
+    "CHRONORAY_DISPATCHER_MAX_QUEUED": ("500", lambda s: s.dispatcher_max_queued),
+    "CHRONORAY_NAMESPACE": ("other", lambda s: s.namespace),
+    "CHRONORAY_MAX_SCRIPT_BYTES": ("1024", lambda s: s.max_script_bytes),
+    "CHRONORAY_SERVE_REPLICAS": ("2", lambda s: s.serve_replicas),
+    "CHRONORAY_TOKEN_CACHE_S": ("0", lambda s: s.token_cache_s),
+    "CHRONORAY_RETRY_BACKOFF_S": ("4", lambda s: s.retry.backoff_base_s),
+    "CHRONORAY_MIN_SCHEDULE_INTERVAL_S": ("10", lambda s: s.min_schedule_interval_s),
+    "CHRONORAY_MAX_BATCH_TASKS": ("10", lambda s: s.max_batch_tasks),
+    "CHRONORAY_AGING_S": ("5", lambda s: s.aging_s),
+    "CHRONORAY_ZOOKEEPER_HOSTS": ("zk:2181", lambda s: s.zookeeper_hosts),
+    "CHRONORAY_ZOOKEEPER_SESSION_TIMEOUT_S": ("3", lambda s: s.zookeeper_session_timeout_s),
+    "CHRONORAY_CONTROL_PLANE_RESOURCE": ("head", lambda s: dict(s.control_plane_resources)),
+    "CHRONORAY_ADMIN_TOKEN": ("secret", lambda s: s.admin_token),
+    "CHRONORAY_DATABASE_REPLICA_URLS": ("postgresql://r1/db", lambda s: s.database_replica_urls),
+    "CHRONORAY_RATE_LIMIT_PER_S": ("7", lambda s: s.rate_limit_per_s),
+    "CHRONORAY_RATE_LIMIT_BURST": ("9", lambda s: s.rate_limit_burst),
+    "CHRONORAY_MAX_ACTIVE_TASKS": ("11", lambda s: s.max_active_tasks),
+    "CHRONORAY_MAX_SCHEDULES": ("12", lambda s: s.max_schedules),
+    "CHRONORAY_SANDBOX_USER": ("daemon", lambda s: s.sandbox.run_as),
+}
+READ_ELSEWHERE = {"CHRONORAY_DATA_DIR"}  # where the SQLite file goes: the URL shows it
+
+
+def documented() -> set[str]:
+    section = README.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    names = set()
+    for row in re.findall(r"^\| `(CHRONORAY_[A-Z_]+)`(?: / `(_[A-Z_]+)`)?", section, re.M):
+        first, second = row
+        names.add(first)
+        if second:
+            names.add("CHRONORAY" + second)
+    return names
+
+
+def test_every_documented_variable_is_read_and_every_read_one_documented():
+    assert documented() == set(SAMPLES) | READ_ELSEWHERE
+
+
+def test_each_variable_changes_its_setting(tmp_path):
+    default = Settings.from_env({}, data_dir=tmp_path)
+    for name, (value, where) in SAMPLES.items():
+        changed = Settings.from_env({name: value}, data_dir=tmp_path)
+        assert where(changed) != where(default), name
+
+
+def test_data_dir_places_the_embedded_database(tmp_path):
+    settings = Settings.from_env({"CHRONORAY_DATA_DIR": str(tmp_path / "d")})
+    assert settings.database_url == f"sqlite:///{tmp_path / 'd' / 'chronoray.db'}"
