@@ -45,6 +45,7 @@ test: install system-deps lint
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: install system-deps
 	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)

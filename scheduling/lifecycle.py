@@ -56,7 +56,7 @@ class RetryPolicy:
 
     def backoff_s(self, failed_attempt: int, *, rng: random.Random | None = None) -> float:
         """Exponential: base, 2·base, 4·base … after attempts 1, 2, 3 …"""
-        ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** (failed_attempt - 1))
+        ceiling = min(self.backoff_max_s, self.backoff_base_s * 2.0 ** (failed_attempt - 1))
         if self.jitter:
             return (rng or random).uniform(0, ceiling)
         return ceiling

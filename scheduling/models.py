@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from scheduling.clock import require_aware
 
@@ -182,7 +183,7 @@ class RunResult:
         return (self.task_id, self.attempt)
 
     @classmethod
-    def of(cls, spec: TaskSpec, **outcome) -> "RunResult":
+    def of(cls, spec: TaskSpec, **outcome: Any) -> "RunResult":
         """The result of ``spec``'s attempt: identity copied from the spec,
         ``outcome`` gives executor, tier, node, times, exit code, output and
         failure."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,9 +27,9 @@ class Tier:
     def most_executors(self) -> int:
         return max(self.executors, self.max_executors)
 
-    def actor_options(self) -> dict:
+    def actor_options(self) -> dict[str, Any]:
         """Ray actor options that place an executor of this tier."""
-        options: dict = {"num_cpus": self.num_cpus, "resources": dict(self.resources)}
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "resources": dict(self.resources)}
         if self.memory_mb:
             options["memory"] = self.memory_mb * 1024 * 1024
         return options
@@ -94,7 +95,7 @@ class TierTable:
                 return tier
         raise KeyError(name)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Tier]:
         return iter(self.tiers)
 
 

@@ -791,7 +791,7 @@ class SqlTaskRepository:
         epoch: int,
         lease_until: datetime,
         now: datetime,
-    ) -> list[TaskSpec]:
+    ) -> Claimed:
         """scheduled → queued, fenced by the shard's epoch: a superseded
         incarnation claims nothing. One-shot tasks in one conditional update;
         schedule occurrences one by one under their policies."""
