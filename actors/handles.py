@@ -1,17 +1,24 @@
-"""Names of the detached actors and how to reach them."""
+"""Names of the detached actors and how to reach them: every call from
+outside the actors (the API, chronoray.Client) goes through ShardRouter."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+from collections.abc import Sequence
+from datetime import datetime
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import RayActorError
 
-from scheduling.errors import Unavailable
+from scheduling.errors import ChronorayError, Unavailable
+from scheduling.models import NewTask, SubmitResult
+from scheduling.timeline import Wheel
 
 DISPATCHER_NAME = "chronoray-dispatcher"
 POOL_NAME = "chronoray-executor-pool"
+log = logging.getLogger(__name__)
 
 
 def shard_name(index: int) -> str:
@@ -28,6 +35,13 @@ def shard_handle(index: int, namespace: str):
 # No call between actors waits forever: a stopped or dead actor must not
 # stall its callers' loops. Each caller has a fallback (a retry, or the sweep).
 CALL_TIMEOUT_S = 10.0
+PROBE_TIMEOUT_S = 2.0  # readiness and metrics: an actor slower than this counts as down
+POOL_TIMEOUT_S = 5.0
+
+
+# A driver (chronoray.Client) waits longer than an actor: a restarting shard
+# replays the call, and a driver has no loop of its own to keep turning.
+DRIVER_CALL_TIMEOUT_S = 3 * CALL_TIMEOUT_S
 
 
 async def call_shard(
@@ -49,29 +63,94 @@ async def call_shard(
         raise Unavailable(f"shard {index} did not answer {method} within {timeout_s} s") from None
 
 
-def call_shards_blocking(
-    calls: list[tuple[int, str, str, tuple]], *, timeout_s: float = 3 * CALL_TIMEOUT_S
-) -> list:
-    """The same for drivers outside an event loop: [(index, namespace, method,
-    args)]. A driver waits longer than an actor (a restarting shard replays
-    the call), but not forever: past ``timeout_s`` it gets ``Unavailable``."""
-
-    def send():
-        return [getattr(shard_handle(i, ns), m).remote(*a) for i, ns, m, a in calls]
-
-    try:
-        try:
-            return ray.get(send(), timeout=timeout_s)
-        except RayActorError:
-            shard_handle.cache_clear()
-            return ray.get(send(), timeout=timeout_s)
-    except GetTimeoutError:
-        raise Unavailable(f"the shards did not answer within {timeout_s} s") from None
-
-
 def dispatcher_handle(namespace: str):
     return ray.get_actor(DISPATCHER_NAME, namespace=namespace)
 
 
 def pool_handle(namespace: str):
     return ray.get_actor(POOL_NAME, namespace=namespace)
+
+
+class ShardRouter:
+    """Sends work to the shard that owns its time range, all shards at once
+    (each group-commits what it receives), and asks the dispatcher and the
+    pool what they know. Every call is bounded by ``timeout_s``."""
+
+    def __init__(self, *, wheel: Wheel, namespace: str, timeout_s: float = CALL_TIMEOUT_S):
+        self._wheel = wheel
+        self._namespace = namespace
+        self._timeout_s = timeout_s
+
+    async def _call(self, shard: int, method: str, *args):
+        return await call_shard(shard, self._namespace, method, *args, timeout_s=self._timeout_s)
+
+    async def submit(self, new_tasks: Sequence[NewTask]) -> list[SubmitResult | ChronorayError]:
+        groups: dict[int, list[int]] = {}
+        for position, new in enumerate(new_tasks):
+            groups.setdefault(self._wheel.shard_of(new.execute_at), []).append(position)
+        answers = await asyncio.gather(
+            *(
+                self._call(shard, "submit", [new_tasks[i] for i in positions])
+                for shard, positions in groups.items()
+            )
+        )
+        results: list = [None] * len(new_tasks)
+        for positions, answer in zip(groups.values(), answers, strict=True):
+            for position, result in zip(positions, answer, strict=True):
+                results[position] = result
+        return results
+
+    async def track(self, entries: Sequence[tuple[int, datetime]]) -> None:
+        """Tell the owner shards about tasks stored outside them."""
+        by_shard: dict[int, list] = {}
+        for task_id, at in entries:
+            by_shard.setdefault(self._wheel.shard_of(at), []).append((task_id, at))
+        await asyncio.gather(*(self._call(s, "track", owned) for s, owned in by_shard.items()))
+
+    async def probe(self) -> dict[str, str]:
+        """Which actors answer: {"dispatcher": "ok", "shard-0": "ok", …}."""
+
+        async def answer(name, call):
+            try:
+                await asyncio.wait_for(call, timeout=PROBE_TIMEOUT_S)
+                return name, "ok"
+            except Exception as exc:  # not ready: say which and why
+                return name, f"unavailable: {type(exc).__name__}"
+
+        checks = [answer("dispatcher", dispatcher_handle(self._namespace).hello.remote())]
+        checks += [
+            answer(f"shard-{i}", call_shard(i, self._namespace, "ready"))
+            for i in range(self._wheel.num_shards)
+        ]
+        return dict(await asyncio.gather(*checks))
+
+    async def executors(self) -> dict:
+        """The executor pool's status: per tier and per executor."""
+        try:
+            pool = pool_handle(self._namespace)
+            return await asyncio.wait_for(pool.status.remote(), timeout=POOL_TIMEOUT_S)
+        except Exception as exc:
+            raise Unavailable(f"executor pool not reachable: {type(exc).__name__}") from None
+
+    async def metrics(self) -> dict[str, list | None]:
+        """Every actor's Prometheus metric families, by source; a source that
+        does not answer within 2 s is None (shown as down)."""
+        from chronoray.metrics import pool_families
+
+        namespace = self._namespace
+
+        async def pool():
+            return pool_families(await pool_handle(namespace).status.remote())
+
+        calls = {"dispatcher": dispatcher_handle(namespace).metrics.remote(), "pool": pool()}
+        for i in range(self._wheel.num_shards):
+            calls[f"shard-{i}"] = call_shard(i, namespace, "metrics")
+
+        async def gather(source, call):
+            try:
+                return source, await asyncio.wait_for(call, timeout=PROBE_TIMEOUT_S)
+            except Exception:  # a source down is shown as down, not as an error
+                log.warning("metrics of %s unavailable", source, exc_info=True)
+                return source, None
+
+        return dict(await asyncio.gather(*(gather(s, c) for s, c in calls.items())))

@@ -139,9 +139,9 @@ class Harness:
     def start(self, settings=None) -> None:
         from actors.handles import shard_handle
         from chronoray import Client
-        from chronoray.auth import issue_token
         from chronoray.deploy import deploy, prepare_database
         from scheduling.tiers import local_node_resources
+        from service.auth import issue_token
         from tests.ray_cluster import RayHead
 
         self.settings = settings or self.settings

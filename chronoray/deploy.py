@@ -34,7 +34,7 @@ def start_local_ray(settings: Settings, *, num_cpus: int | None = None, **init_k
 
 def prepare_database(settings: Settings) -> int:
     """Migrate to the newest schema; returns the local user's id."""
-    from serve_app.deployment import LOCAL_USER
+    from service.core import LOCAL_USER
     from storage.engines import make_engine
     from storage.migrate import upgrade
     from storage.sql import SqlTaskRepository
@@ -53,7 +53,7 @@ def local_token(settings: Settings, token_file: Path) -> tuple[int, str]:
     """The local user's id and API token, for the embedded default: the
     token kept in ``token_file`` while it still works, else a new one
     (written there, readable by this OS user only)."""
-    from chronoray.auth import issue_token, token_hash
+    from service.auth import issue_token, token_hash
     from storage.engines import make_engine
     from storage.sql import SqlTaskRepository
 

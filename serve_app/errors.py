@@ -21,9 +21,9 @@ from scheduling.errors import (
     TooLarge,
     Unauthorized,
     Unavailable,
-    UnknownField,
     UnsupportedMediaType,
 )
+from service.requests import error_from_validation
 
 log = logging.getLogger(__name__)
 
@@ -40,26 +40,6 @@ STATUS_BY_ERROR: list[tuple[type[ChronorayError], int]] = [
     (Unavailable, 503),
 ]
 RETRY_AFTER_S = {503: 5}
-# What a client may never set; named in the error so it is not taken for a typo.
-SERVER_FIELDS = frozenset(
-    {
-        "owner",
-        "owner_id",
-        "user_id",
-        "status",
-        "attempt",
-        "task_id",
-        "script_id",
-        "schedule_id",
-        "run_id",
-        "epoch",
-        "created_at",
-        "updated_at",
-        "lease_expires_at",
-        "lost_count",
-        "bucket",
-    }
-)
 
 
 class ErrorOut(BaseModel):
@@ -113,24 +93,6 @@ def error_response(error: ChronorayError) -> JSONResponse:
     status = status_for(error)
     headers = error_headers(error, status)
     return JSONResponse(error_body(error.code, error.detail, error.field), status, headers=headers)
-
-
-def error_from_validation(errors: list[dict]) -> ChronorayError:
-    """The first pydantic error as a domain error naming its field."""
-    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": ""}
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    field = ".".join(location) or "body"
-    kind = first.get("type")
-    if kind == "json_invalid":
-        return MalformedJson("request body is not valid JSON", "body")
-    if kind == "extra_forbidden":
-        if location and location[-1] in SERVER_FIELDS:
-            return UnknownField(f"{field!r} is set by the server, not the client", field)
-        return UnknownField(f"unknown field {field!r}", field)
-    ctx_error = (first.get("ctx") or {}).get("error")
-    if isinstance(ctx_error, ChronorayError):  # raised by our own validators
-        return type(ctx_error)(ctx_error.detail, ctx_error.field or field)
-    return InvalidInput(str(first.get("msg", "invalid value")), field)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.routing import APIRoute
 
 from scheduling.errors import InvalidInput, UnknownField, UnsupportedMediaType
+from service.requests import media_type
 
 
 class BodySizeLimit:
@@ -114,11 +115,6 @@ def check_json_body(body: bytes) -> None:
         )
     except json.JSONDecodeError:
         return  # malformed: FastAPI answers 400
-
-
-def media_type(content_type: str) -> str:
-    """``text/plain; charset=utf-8`` → ``text/plain``."""
-    return content_type.split(";", 1)[0].strip().lower()
 
 
 def is_json(content_type: str) -> bool:

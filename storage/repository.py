@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from scheduling.errors import ChronorayError
 from scheduling.lifecycle import RetryPolicy
@@ -29,6 +29,7 @@ from scheduling.models import (
     TaskStatus,
     User,
 )
+from scheduling.schedules import NewSchedule, Schedule
 from scheduling.tiers import TierTable
 from scheduling.timeline import Wheel
 
@@ -148,6 +149,30 @@ class TaskRepository(Protocol):
     ) -> list[TaskSpec]: ...
     def queued_specs(self, *, wheel: Wheel, shard: int, limit: int) -> list[TaskSpec]: ...
     def running_specs(self, *, wheel: Wheel, limit: int) -> list[TaskSpec]: ...
+
+
+class ScheduleStore(Protocol):
+    """Schedules as the API uses them (SQL only; storage/occurrences.py)."""
+
+    def add_schedule(
+        self, new: NewSchedule, *, now: datetime
+    ) -> tuple[Schedule, tuple[int, datetime] | None]: ...
+    def get_schedule(self, schedule_id: int, *, owner_id: int | None) -> Schedule: ...
+    def list_schedules(self, *, owner_id: int) -> list[Schedule]: ...
+    def change_schedule(
+        self, schedule_id: int, *, owner_id: int, changes: dict[str, Any], now: datetime
+    ) -> tuple[Schedule, tuple[int, datetime] | None]: ...
+    def delete_schedule(self, schedule_id: int, *, owner_id: int, now: datetime) -> None: ...
+    def trigger_schedule(
+        self, schedule_id: int, *, owner_id: int, now: datetime
+    ) -> tuple[int, datetime]: ...
+    def schedule_history(
+        self, schedule_id: int, *, owner_id: int, limit: int = 100
+    ) -> list[dict[str, Any]]: ...
+
+
+class Repository(TaskRepository, ScheduleStore, Protocol):
+    """Everything the service asks of storage."""
 
 
 def sha256_hex(body: bytes) -> str:

@@ -56,6 +56,7 @@ from scheduling.schedules import MisfireRules, NewSchedule, Schedule
 from scheduling.tiers import TierTable
 from scheduling.timeline import Wheel, bucket_of
 from storage import occurrences
+from storage.engines import make_engine
 from storage.occurrences import IN_FLIGHT
 from storage.repository import Claimed, OutcomeHook, TaskQuery, running_lease, sha256_hex, tail
 from storage.schema import (
@@ -209,6 +210,16 @@ class SqlTaskRepository:
         self._written: dict[int, str] = {}  # owner: primary WAL position after their last write
         self._turn = itertools.count()
         self._replica_down_until: dict[int, float] = {}  # id(engine): monotonic time
+
+    @classmethod
+    def connect(
+        cls, url: str, replica_urls: Sequence[str] = (), *, pool_size: int = 5
+    ) -> SqlTaskRepository:
+        """On the primary at ``url``; get and list queries on the replicas."""
+        return cls(
+            make_engine(url, pool_size=pool_size),
+            read_engines=[make_engine(u, pool_size=pool_size) for u in replica_urls],
+        )
 
     def note_write(self, owner_id: int) -> None:
         """Remember where the primary's log stands after this owner's write."""

@@ -166,8 +166,8 @@ class Deployment:
 
 
 def deploy_for_tests(database_url: str) -> Deployment:
-    from chronoray.auth import issue_token
     from chronoray.deploy import deploy, prepare_database
+    from service.auth import issue_token
 
     settings = settings_for_tests(database_url)
     head = RayHead.start(local_node_resources(settings.tiers))

@@ -5,9 +5,9 @@ from datetime import timedelta
 
 import pytest
 
-from chronoray.auth import issue_token, token_hash
 from scheduling.errors import ScriptInUse, ScriptNotFound, TokenNotFound, UserNotFound
 from scheduling.models import Interpreter, NewTask, SubmitResult
+from service.auth import issue_token, token_hash
 from tests.conftest import T0
 
 

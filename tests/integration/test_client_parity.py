@@ -14,6 +14,7 @@ from scheduling.errors import (
     Unauthorized,
 )
 from scheduling.models import Run, Script, Task, User
+from service.core import Service
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres]
 
@@ -61,6 +62,27 @@ def test_every_http_operation_has_a_client_method(http):
     assert operations - HTTP_ONLY == set(CLIENT_FOR)
     missing = [name for name in CLIENT_FOR.values() if not callable(getattr(Client, name, None))]
     assert missing == []
+
+
+def test_every_http_operation_is_named_after_the_service_method_it_calls(http):
+    """One service method per operation, and its name is the operation id
+    (a generated client gets ``submit_task``, not ``submit_v1_tasks_post``)."""
+    document = http.get("/openapi.json").json()
+    ids = {
+        (method, path): operation["operationId"]
+        for path, ops in document["paths"].items()
+        for method, operation in ops.items()
+        if (method, path) not in HTTP_ONLY
+    }
+    assert [i for i in ids.values() if not callable(getattr(Service, i, None))] == []
+    assert len(set(ids.values())) == len(ids)
+    untagged = [
+        key
+        for path, ops in document["paths"].items()
+        for key, operation in ops.items()
+        if not operation.get("tags")
+    ]
+    assert untagged == []
 
 
 def test_tokens_decide_whose_work_a_client_sees(deployment):

@@ -10,17 +10,18 @@ from fastapi.testclient import TestClient
 from sqlalchemy import insert, text
 from sqlalchemy.exc import InternalError, OperationalError
 
-from chronoray.auth import issue_token
 from scheduling.errors import TaskNotFound, Unavailable
 from scheduling.models import Interpreter, NewTask
-from serve_app.app import Backend, create_api
+from serve_app.app import create_api
+from service.auth import issue_token
+from service.core import Service
 from storage.engines import make_engine
 from storage.migrate import upgrade
 from storage.repository import TaskQuery
 from storage.schema import users
 from storage.sql import SqlTaskRepository
 from tests.pg_cluster import PgServer, wait_until
-from tests.unit.fakes import RepoSubmitter
+from tests.unit.fakes import RepoRouter
 
 pytestmark = [pytest.mark.postgres]
 
@@ -118,9 +119,9 @@ def test_get_after_create_over_http_is_consistent_with_a_lagging_replica(primary
 
     api = TestClient(
         create_api(
-            Backend(
+            Service(
                 repo=repo,
-                submitter=RepoSubmitter(repo, now),
+                router=RepoRouter(repo, now),
                 settings=Settings(database_url=primary.url),
             )
         ),
@@ -167,7 +168,7 @@ def test_reads_go_to_the_primary_while_the_replica_is_down(primary_and_replica):
 def test_readyz_is_503_within_5_s_of_postgres_stopping_and_200_after(deployment):
     """The real actors of the session deployment, and a PostgreSQL of this
     test's own that it stops and starts."""
-    from serve_app.deployment import ShardSubmitter
+    from actors.handles import ShardRouter
 
     server = PgServer.primary()
     try:
@@ -176,9 +177,11 @@ def test_readyz_is_503_within_5_s_of_postgres_stopping_and_200_after(deployment)
         repo = SqlTaskRepository(engine)
         api = TestClient(
             create_api(
-                Backend(
+                Service(
                     repo=repo,
-                    submitter=ShardSubmitter(deployment.settings),
+                    router=ShardRouter(
+                        wheel=deployment.settings.wheel, namespace=deployment.settings.namespace
+                    ),
                     settings=deployment.settings.with_(database_url=server.url),
                 )
             )

@@ -40,7 +40,7 @@ class FakePeers:
         self.tracked.setdefault(shard, []).extend(entries)
 
 
-class RepoSubmitter:
+class RepoRouter:
     """Stores straight into a repository (the shard hop, without Ray)."""
 
     def __init__(self, repo, now) -> None:
@@ -124,22 +124,23 @@ def processes_with(marker: str) -> list[int]:
     return found
 
 
-def user_api(repo, settings, submitter=None, *, name: str = "local"):
+def user_api(repo, settings, router=None, *, name: str = "local"):
     """A TestClient of the API that speaks as a user of ``repo`` (made if
     missing) through a real token; ``.owner_id`` is that user."""
     from datetime import timezone
 
     from fastapi.testclient import TestClient
 
-    from chronoray.auth import issue_token
-    from serve_app.app import Backend, create_api
+    from serve_app.app import create_api
+    from service.auth import issue_token
+    from service.core import Service
 
     now = datetime.now(timezone.utc)
     owner = repo.ensure_user(first_name=name, last_name="user", now=now)
     _, token = issue_token(repo, user_id=owner, label="test", now=now)
-    submitter = submitter or RepoSubmitter(repo, lambda: datetime.now(timezone.utc))
+    router = router or RepoRouter(repo, lambda: datetime.now(timezone.utc))
     api = TestClient(
-        create_api(Backend(repo=repo, submitter=submitter, settings=settings)),
+        create_api(Service(repo=repo, router=router, settings=settings)),
         headers={"Authorization": f"Bearer {token}"},
     )
     api.owner_id = owner

@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from chronoray.auth import RateLimiter
 from chronoray.settings import Settings
 from scheduling.errors import RateLimited
+from service.auth import RateLimiter
 from storage.memory import InMemoryTaskRepository
 from tests.unit.fakes import user_api
 

@@ -9,12 +9,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from chronoray.settings import Settings
-from serve_app.app import Backend, create_api
+from serve_app.app import create_api
+from service.core import Service
 from storage.engines import make_engine
 from storage.migrate import upgrade
 from storage.schema import schedules, tasks
 from storage.sql import SqlTaskRepository
-from tests.unit.fakes import RepoSubmitter, user_api
+from tests.unit.fakes import RepoRouter, user_api
 
 SETTINGS = Settings(database_url="sqlite://", min_schedule_interval_s=2)
 
@@ -29,7 +30,7 @@ def repo(tmp_path):
 
 @pytest.fixture
 def submitter(repo):
-    return RepoSubmitter(repo, lambda: datetime.now(timezone.utc))
+    return RepoRouter(repo, lambda: datetime.now(timezone.utc))
 
 
 @pytest.fixture
@@ -161,7 +162,7 @@ def test_readyz_is_503_with_retry_after_when_a_dependency_is_down(client, submit
 
 def test_readyz_names_an_unreachable_database(submitter):
     broken = SqlTaskRepository(make_engine("sqlite:////nonexistent/dir/chronoray.db"))
-    api = TestClient(create_api(Backend(repo=broken, submitter=submitter, settings=SETTINGS)))
+    api = TestClient(create_api(Service(repo=broken, router=submitter, settings=SETTINGS)))
     response = api.get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"]["database"] == "unavailable: Unavailable"

@@ -17,6 +17,7 @@ from datetime import datetime
 
 from scheduling.errors import Forbidden, RateLimited, Unauthorized
 from scheduling.models import ApiToken
+from storage.repository import TaskRepository
 
 TOKEN_PREFIX = "cr_"
 
@@ -29,7 +30,9 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def issue_token(repo, *, user_id: int, label: str, now: datetime) -> tuple[ApiToken, str]:
+def issue_token(
+    repo: TaskRepository, *, user_id: int, label: str, now: datetime
+) -> tuple[ApiToken, str]:
     """A new token for a user: its record and the secret (never stored)."""
     token = new_token()
     record = repo.add_token(user_id=user_id, token_hash=token_hash(token), label=label, now=now)

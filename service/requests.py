@@ -1,4 +1,6 @@
-"""Request and response bodies. Unknown fields are refused."""
+"""What callers send: request models and the parsing every caller shares
+(HTTP routes, chronoray.Client, the console). Unknown fields are refused;
+a validation failure is a domain error naming its field."""
 
 from __future__ import annotations
 
@@ -6,8 +8,7 @@ import base64
 import hashlib
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -19,13 +20,15 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    ValidationError,
+    ValidationInfo,
     field_validator,
 )
 from typing_extensions import Self
 
-from scheduling.errors import InvalidInput
-from scheduling.models import ApiToken, Interpreter, Run, Script, Task, TaskStatus, User
-from scheduling.schedules import MisfirePolicy, OverlapPolicy, Schedule
+from scheduling.errors import ChronorayError, InvalidInput, MalformedJson, UnknownField
+from scheduling.models import Interpreter, TaskStatus
+from scheduling.schedules import MisfirePolicy, OverlapPolicy
 from scheduling.validation import validate_script_name, validate_variables
 from storage.repository import TaskQuery
 
@@ -37,6 +40,10 @@ def parse_instant(value: Any, field: str = "execute_at") -> datetime:
     because the server's zone is no business of the caller's."""
     if isinstance(value, bool):
         raise InvalidInput("must be an ISO 8601 time with offset or epoch seconds", field)
+    if isinstance(value, datetime):  # from Python callers (chronoray.Client)
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InvalidInput("time has no UTC offset (add a tzinfo)", field)
+        return value.astimezone(timezone.utc)
     if isinstance(value, (int, float)):
         if not math.isfinite(value) or not 0 <= value <= MAX_EPOCH_S:
             raise InvalidInput("epoch seconds out of range", field)
@@ -50,6 +57,11 @@ def parse_instant(value: Any, field: str = "execute_at") -> datetime:
             raise InvalidInput("time has no UTC offset (add Z or +HH:MM)", field)
         return parsed.astimezone(timezone.utc)
     raise InvalidInput("must be an ISO 8601 time with offset or epoch seconds", field)
+
+
+def media_type(content_type: str) -> str:
+    """``text/plain; charset=utf-8`` → ``text/plain``."""
+    return content_type.split(";", 1)[0].strip().lower()
 
 
 def encode_cursor(task_id: int) -> str:
@@ -110,30 +122,59 @@ def task_query(
     )
 
 
-def task_page(repo, query: TaskQuery) -> tuple[list[Task], str | None]:
-    """One page for ``query`` and the cursor of the next (``None`` at the
-    end): one row more than the page says whether there is a next."""
-    rows = repo.list_tasks(replace(query, limit=query.limit + 1))
-    page = rows[: query.limit]
-    more = len(rows) > query.limit
-    return page, encode_cursor(page[-1].task_id) if more else None
+# What a client may never set; named in the error so it is not taken for a typo.
+SERVER_FIELDS = frozenset(
+    {
+        "owner",
+        "owner_id",
+        "user_id",
+        "status",
+        "attempt",
+        "task_id",
+        "script_id",
+        "schedule_id",
+        "run_id",
+        "epoch",
+        "created_at",
+        "updated_at",
+        "lease_expires_at",
+        "lost_count",
+        "bucket",
+    }
+)
+
+
+def error_from_validation(errors: Sequence[Mapping[str, Any]]) -> ChronorayError:
+    """The first pydantic error as a domain error naming its field."""
+    first: Mapping[str, Any] = (
+        errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": ""}
+    )
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    field = ".".join(location) or "body"
+    kind = first.get("type")
+    if kind == "json_invalid":
+        return MalformedJson("request body is not valid JSON", "body")
+    if kind == "extra_forbidden":
+        if location and location[-1] in SERVER_FIELDS:
+            return UnknownField(f"{field!r} is set by the server, not the client", field)
+        return UnknownField(f"unknown field {field!r}", field)
+    ctx_error = (first.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, ChronorayError):  # raised by our own validators
+        return type(ctx_error)(ctx_error.detail, ctx_error.field or field)
+    return InvalidInput(str(first.get("msg", "invalid value")), field)
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     @classmethod
-    def parse(cls, fields: dict) -> Self:
+    def parse(cls, fields: Mapping[str, Any]) -> Self:
         """For callers without FastAPI (chronoray.Client): the same rules,
         the same domain errors."""
-        from pydantic import ValidationError
-
-        from serve_app.errors import error_from_validation
-
         try:
             return cls(**fields)
         except ValidationError as exc:
-            raise error_from_validation(exc.errors()) from None
+            raise error_from_validation(list(exc.errors())) from None
 
 
 class UserIn(Strict):
@@ -143,25 +184,6 @@ class UserIn(Strict):
 
 class TokenIn(Strict):
     label: StrictStr = Field(default="", max_length=100, pattern=r"^[^\x00-\x1f\x7f]*$")
-
-
-def user_out(user: User) -> dict:
-    return {
-        "user_id": user.user_id,
-        "first_name": user.first_name,
-        "last_name": user.last_name,
-        "created_at": _iso(user.created_at),
-    }
-
-
-def token_out(token: ApiToken) -> dict:
-    return {
-        "token_id": token.token_id,
-        "user_id": token.user_id,
-        "label": token.label,
-        "created_at": _iso(token.created_at),
-        "revoked_at": _iso(token.revoked_at),
-    }
 
 
 class ScriptIn(Strict):
@@ -191,7 +213,7 @@ class TaskIn(Strict):
 
     @field_validator("execute_at", mode="before")
     @classmethod
-    def _execute_at(cls, value):
+    def _execute_at(cls, value: Any) -> Any:
         if value is not None:  # None: checked where it is used (sendTask takes cron instead)
             parse_instant(value)  # raised InvalidInput becomes a 422 naming the field
         return value
@@ -205,63 +227,6 @@ class TaskIn(Strict):
         """Tells a replay (same body) from a reuse of the key (other body)."""
         fields = self.model_dump(mode="json", exclude={"idempotency_key"})
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
-
-
-def script_out(script: Script) -> dict:
-    return {
-        "script_id": script.script_id,
-        "name": script.name,
-        "version": script.version,
-        "sha256": script.sha256,
-        "interpreter": script.interpreter.value,
-        "size_bytes": script.size_bytes,
-        "created_at": _iso(script.created_at),
-    }
-
-
-def run_out(run: Run) -> dict:
-    return {
-        "attempt": run.attempt,
-        "priority": run.priority,
-        "status": "succeeded" if run.failure is None else "failed",
-        "failure": run.failure.value if run.failure else None,
-        "exit_code": run.exit_code,
-        "executor_id": run.executor_id,
-        "tier": run.tier,
-        "node_id": run.node_id,
-        "due_at": _iso(run.due_at),
-        "started_at": _iso(run.started_at),
-        "finished_at": _iso(run.finished_at),
-        "fire_lag_ms": None if run.fire_lag_ms is None else round(run.fire_lag_ms, 3),
-        "output": run.output_tail,
-    }
-
-
-def task_out(task: Task, runs: list[Run] | None = None) -> dict:
-    body = {
-        "task_id": task.task_id,
-        "status": task.status.value,
-        "script": task.script_name,
-        "execute_at": _iso(task.execute_at),
-        "priority": task.priority,
-        "attempt": task.attempt,
-        "max_attempts": task.max_attempts,
-        "timeout_s": task.timeout_s,
-        "variables": dict(task.variables),
-        "idempotency_key": task.idempotency_key,
-        "created_at": _iso(task.created_at),
-        "updated_at": _iso(task.updated_at),
-    }
-    if runs is not None:
-        body["runs"] = [run_out(r) for r in runs]
-        last = runs[-1] if runs else None
-        body["output"] = last.output_tail if last else None
-        body["fire_lag_ms"] = run_out(last)["fire_lag_ms"] if last else None
-    return body
 
 
 class TaskBatchIn(Strict):
@@ -293,14 +258,14 @@ class ScheduleFields(Strict):
 
     @field_validator("variables")
     @classmethod
-    def _variables(cls, value):
+    def _variables(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         return None if value is None else validate_variables(value)
 
     @field_validator("start_at", "end_at", mode="before")
     @classmethod
-    def _bounds(cls, value, info):
+    def _bounds(cls, value: Any, info: ValidationInfo) -> Any:
         if value is not None:
-            parse_instant(value, info.field_name)
+            parse_instant(value, info.field_name or "time")
         return value
 
 
@@ -327,54 +292,3 @@ class SendTaskIn(TaskIn):
     execute_at: Any = None
     cron: StrictStr | None = None
     timezone: StrictStr | None = None
-
-
-def schedule_out(schedule: Schedule) -> dict:
-    zone = schedule.cron_schedule.zone
-    return {
-        "schedule_id": schedule.schedule_id,
-        "script": schedule.script_name,
-        "cron": schedule.cron,
-        "timezone": schedule.timezone,
-        "variables": dict(schedule.variables),
-        "priority": schedule.priority,
-        "max_attempts": schedule.max_attempts,
-        "timeout_s": schedule.timeout_s,
-        "misfire_policy": schedule.misfire_policy.value,
-        "overlap_policy": schedule.overlap_policy.value,
-        "jitter_s": schedule.jitter_s,
-        "start_at": _iso(schedule.start_at),
-        "end_at": _iso(schedule.end_at),
-        "paused": schedule.paused,
-        "next_fire_at": _iso(schedule.next_fire_at),
-        "next_fire_local": _iso(schedule.next_fire_at.astimezone(zone))
-        if schedule.next_fire_at
-        else None,
-        "missed_fires": schedule.missed_fires,
-        "skipped_fires": schedule.skipped_fires,
-        "created_at": _iso(schedule.created_at),
-        "updated_at": _iso(schedule.updated_at),
-    }
-
-
-def history_out(entry: dict) -> dict:
-    return {
-        "task_id": entry["task_id"],
-        "nominal_at": _iso(entry["nominal_at"]),
-        "status": entry["status"].value,
-        "attempt": entry["attempt"],
-        "runs": [
-            {
-                "attempt": run.attempt,
-                "status": "succeeded" if run.failure is None else "failed",
-                "failure": run.failure.value if run.failure else None,
-                "started_at": _iso(run.started_at),
-                "finished_at": _iso(run.finished_at),
-                "lag_ms": None
-                if run.started_at is None
-                else round((run.started_at - entry["nominal_at"]).total_seconds() * 1000, 3),
-                "exit_code": run.exit_code,
-            }
-            for run in entry["runs"]
-        ],
-    }

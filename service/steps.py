@@ -1,10 +1,10 @@
-"""What a request does, apart from HTTP: validation, caps and the shared
-steps of each operation. The FastAPI routes (serve_app/app.py) and
-chronoray.Client both call these, so the two answer alike."""
+"""The steps operations share: validation against the settings, caps,
+batches. Pure or over the repository; the Service composes them."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -19,11 +19,11 @@ from scheduling.errors import (
     TooLarge,
     in_batch,
 )
-from scheduling.models import Interpreter, NewTask, Run, Script, Task
-from scheduling.schedules import MisfirePolicy, NewSchedule, OverlapPolicy, first_fire
+from scheduling.models import Interpreter, NewTask, Run, Script, SubmitResult, Task
+from scheduling.schedules import MisfirePolicy, NewSchedule, OverlapPolicy, Schedule, first_fire
 from scheduling.validation import validate_script_name
-from serve_app.schemas import ScheduleFields, ScheduleIn, TaskIn, parse_instant
-from storage.repository import TaskRepository
+from service.requests import ScheduleFields, ScheduleIn, TaskIn, encode_cursor, parse_instant
+from storage.repository import TaskQuery, TaskRepository
 
 CAP_RETRY_AFTER_S = 30.0  # active work drains in about this long; a guess to space retries
 
@@ -71,7 +71,7 @@ def task_runs(repo: TaskRepository, task_id: int, *, owner_id: int) -> list[Run]
     return repo.list_runs(task_id)
 
 
-def upcoming_fires(schedule, count: int) -> list[datetime]:
+def upcoming_fires(schedule: Schedule, count: int) -> list[datetime]:
     """The next ``count`` fire times of a schedule (none while paused or ended)."""
     if schedule.next_fire_at is None:
         return []
@@ -124,14 +124,22 @@ def new_batch(items: Sequence[Any], *, owner_id: int, settings: Settings) -> lis
     return news
 
 
-def store_batch(repo: TaskRepository, news: Sequence[NewTask], *, now: datetime) -> list:
+def store_batch(
+    repo: TaskRepository, news: Sequence[NewTask], *, now: datetime
+) -> list[SubmitResult]:
     """One transaction: every task, or none (the first failure is raised,
     naming its item)."""
     try:
-        return repo.add_tasks(news, now=now, atomic=True)
+        results = repo.add_tasks(news, now=now, atomic=True)
     except BatchRejected as rejected:
         index, error = rejected.failures[0]
         raise in_batch(error, index) from None
+    stored = []
+    for index, result in enumerate(results):  # atomic: an error was raised above
+        if isinstance(result, ChronorayError):
+            raise in_batch(result, index)
+        stored.append(result)
+    return stored
 
 
 def new_task(body: TaskIn, *, owner_id: int, settings: Settings) -> NewTask:
@@ -166,7 +174,7 @@ SCHEDULE_DEFAULTS = {
 }
 
 
-def schedule_changes(body: ScheduleFields, *, settings: Settings, now: datetime) -> dict:
+def schedule_changes(body: ScheduleFields, *, settings: Settings, now: datetime) -> dict[str, Any]:
     """Validated, explicitly set fields of a create or change request."""
     changes = body.model_dump(exclude_unset=True, exclude_none=True)
     if "priority" in changes and changes["priority"] > settings.max_priority:
@@ -190,7 +198,7 @@ def schedule_changes(body: ScheduleFields, *, settings: Settings, now: datetime)
 def new_schedule(
     body: ScheduleIn, *, owner_id: int, settings: Settings, now: datetime
 ) -> NewSchedule:
-    fields = {**SCHEDULE_DEFAULTS, "timeout_s": settings.default_timeout_s}
+    fields: dict[str, Any] = {**SCHEDULE_DEFAULTS, "timeout_s": settings.default_timeout_s}
     fields.update(schedule_changes(body, settings=settings, now=now))
     for identity in ("script", "cron", "timezone"):
         fields.pop(identity, None)
@@ -203,3 +211,12 @@ def new_schedule(
     if first_fire(new, now=now) is None:
         raise InvalidInput("the schedule never fires between start_at and end_at", "end_at")
     return new
+
+
+def task_page(repo: TaskRepository, query: TaskQuery) -> tuple[list[Task], str | None]:
+    """One page for ``query`` and the cursor of the next (``None`` at the
+    end): one row more than the page says whether there is a next."""
+    rows = repo.list_tasks(replace(query, limit=query.limit + 1))
+    page = rows[: query.limit]
+    more = len(rows) > query.limit
+    return page, encode_cursor(page[-1].task_id) if more else None

@@ -1,0 +1,135 @@
+"""Response bodies: domain objects as the JSON the API answers with."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from scheduling.models import ApiToken, Run, Script, Task, User
+from scheduling.schedules import Schedule
+
+
+def user_out(user: User) -> dict:
+    return {
+        "user_id": user.user_id,
+        "first_name": user.first_name,
+        "last_name": user.last_name,
+        "created_at": _iso(user.created_at),
+    }
+
+
+def token_out(token: ApiToken) -> dict:
+    return {
+        "token_id": token.token_id,
+        "user_id": token.user_id,
+        "label": token.label,
+        "created_at": _iso(token.created_at),
+        "revoked_at": _iso(token.revoked_at),
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def script_out(script: Script) -> dict:
+    return {
+        "script_id": script.script_id,
+        "name": script.name,
+        "version": script.version,
+        "sha256": script.sha256,
+        "interpreter": script.interpreter.value,
+        "size_bytes": script.size_bytes,
+        "created_at": _iso(script.created_at),
+    }
+
+
+def run_out(run: Run) -> dict:
+    return {
+        "attempt": run.attempt,
+        "priority": run.priority,
+        "status": "succeeded" if run.failure is None else "failed",
+        "failure": run.failure.value if run.failure else None,
+        "exit_code": run.exit_code,
+        "executor_id": run.executor_id,
+        "tier": run.tier,
+        "node_id": run.node_id,
+        "due_at": _iso(run.due_at),
+        "started_at": _iso(run.started_at),
+        "finished_at": _iso(run.finished_at),
+        "fire_lag_ms": None if run.fire_lag_ms is None else round(run.fire_lag_ms, 3),
+        "output": run.output_tail,
+    }
+
+
+def task_out(task: Task, runs: list[Run] | None = None) -> dict:
+    body = {
+        "task_id": task.task_id,
+        "status": task.status.value,
+        "script": task.script_name,
+        "execute_at": _iso(task.execute_at),
+        "priority": task.priority,
+        "attempt": task.attempt,
+        "max_attempts": task.max_attempts,
+        "timeout_s": task.timeout_s,
+        "variables": dict(task.variables),
+        "idempotency_key": task.idempotency_key,
+        "created_at": _iso(task.created_at),
+        "updated_at": _iso(task.updated_at),
+    }
+    if runs is not None:
+        body["runs"] = [run_out(r) for r in runs]
+        last = runs[-1] if runs else None
+        body["output"] = last.output_tail if last else None
+        body["fire_lag_ms"] = run_out(last)["fire_lag_ms"] if last else None
+    return body
+
+
+def schedule_out(schedule: Schedule) -> dict:
+    zone = schedule.cron_schedule.zone
+    return {
+        "schedule_id": schedule.schedule_id,
+        "script": schedule.script_name,
+        "cron": schedule.cron,
+        "timezone": schedule.timezone,
+        "variables": dict(schedule.variables),
+        "priority": schedule.priority,
+        "max_attempts": schedule.max_attempts,
+        "timeout_s": schedule.timeout_s,
+        "misfire_policy": schedule.misfire_policy.value,
+        "overlap_policy": schedule.overlap_policy.value,
+        "jitter_s": schedule.jitter_s,
+        "start_at": _iso(schedule.start_at),
+        "end_at": _iso(schedule.end_at),
+        "paused": schedule.paused,
+        "next_fire_at": _iso(schedule.next_fire_at),
+        "next_fire_local": _iso(schedule.next_fire_at.astimezone(zone))
+        if schedule.next_fire_at
+        else None,
+        "missed_fires": schedule.missed_fires,
+        "skipped_fires": schedule.skipped_fires,
+        "created_at": _iso(schedule.created_at),
+        "updated_at": _iso(schedule.updated_at),
+    }
+
+
+def history_out(entry: dict) -> dict:
+    return {
+        "task_id": entry["task_id"],
+        "nominal_at": _iso(entry["nominal_at"]),
+        "status": entry["status"].value,
+        "attempt": entry["attempt"],
+        "runs": [
+            {
+                "attempt": run.attempt,
+                "status": "succeeded" if run.failure is None else "failed",
+                "failure": run.failure.value if run.failure else None,
+                "started_at": _iso(run.started_at),
+                "finished_at": _iso(run.finished_at),
+                "lag_ms": None
+                if run.started_at is None
+                else round((run.started_at - entry["nominal_at"]).total_seconds() * 1000, 3),
+                "exit_code": run.exit_code,
+            }
+            for run in entry["runs"]
+        ],
+    }

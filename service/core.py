@@ -1,0 +1,395 @@
+"""The service: one method per API operation, holding its whole sequence
+(validate, caps, store, tell the owner shards) and returning domain objects.
+HTTP routes (serve_app), chronoray.Client and the console are its callers;
+none of them repeats a step. Blocking repository calls run off the loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
+
+from chronoray.settings import Settings
+from scheduling.clock import Clock, SystemClock
+from scheduling.cron import validate_schedule
+from scheduling.errors import ChronorayError, InvalidInput, UnsupportedMediaType
+from scheduling.models import (
+    ApiToken,
+    Interpreter,
+    NewTask,
+    Run,
+    Script,
+    SubmitResult,
+    Task,
+    TaskStatus,
+    User,
+)
+from scheduling.schedules import Schedule
+from scheduling.validation import validate_script_name
+from service.auth import Authenticator, Caller, issue_token
+from service.requests import (
+    ScheduleIn,
+    SchedulePatch,
+    SendTaskIn,
+    TaskIn,
+    TokenIn,
+    UserIn,
+    media_type,
+    task_query,
+)
+from service.steps import (
+    check_caps,
+    new_batch,
+    new_schedule,
+    new_task,
+    redrive,
+    run_of,
+    schedule_changes,
+    store_batch,
+    store_script,
+    task_page,
+    task_runs,
+    upcoming_fires,
+)
+from storage.repository import Repository
+
+T = TypeVar("T")
+LOCAL_USER = ("local", "user")  # whom the embedded default acts for without a token
+RAW_SCRIPT_TYPES = frozenset(
+    {
+        "text/plain",
+        "application/octet-stream",
+        "text/x-shellscript",
+        "text/x-sh",
+        "application/x-sh",
+        "text/x-python",
+        "text/x-script.python",
+    }
+)
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """A task and every attempt of it so far."""
+
+    task: Task
+    runs: list[Run]
+
+
+class Router(Protocol):
+    """Reaches the actors: actors.handles.ShardRouter, or a fake in unit tests."""
+
+    async def submit(self, new_tasks: Sequence[NewTask]) -> list[SubmitResult | ChronorayError]: ...
+
+    async def track(self, entries: Sequence[tuple[int, datetime]]) -> None: ...
+
+    async def probe(self) -> dict[str, str]: ...
+
+    async def executors(self) -> dict[str, Any]: ...
+
+    async def metrics(self) -> dict[str, list[Any] | None]: ...
+
+
+def _bounded(value: int, low: int, high: int, field: str) -> int:
+    if not low <= value <= high:
+        raise InvalidInput(f"must be between {low} and {high}", field)
+    return value
+
+
+class Service:
+    def __init__(
+        self,
+        *,
+        repo: Repository,
+        router: Router,
+        settings: Settings,
+        clock: Clock | None = None,
+    ) -> None:
+        self.repo, self.router, self.settings = repo, router, settings
+        self.clock = clock or SystemClock()
+        self.auth = Authenticator(
+            repo.user_for_token, admin_token=settings.admin_token, cache_s=settings.token_cache_s
+        )
+
+    async def _io(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.to_thread(call, *args, **kwargs)
+
+    # -- who calls ------------------------------------------------------------
+    async def caller(self, token: str) -> Caller:
+        known = self.auth.cached(token)
+        return known if known is not None else await self._io(self.auth.authenticate, token)
+
+    async def local_user(self) -> int:
+        first, last = LOCAL_USER
+        return await self._io(
+            self.repo.ensure_user, first_name=first, last_name=last, now=self.clock.now()
+        )
+
+    # -- users and tokens (admin) ----------------------------------------------
+    async def create_user(self, body: UserIn) -> User:
+        return await self._io(
+            self.repo.add_user,
+            first_name=body.first_name,
+            last_name=body.last_name,
+            now=self.clock.now(),
+        )
+
+    async def list_users(self) -> list[User]:
+        return await self._io(self.repo.list_users)
+
+    async def get_user(self, user_id: int) -> User:
+        return await self._io(self.repo.get_user, user_id)
+
+    async def issue_token(self, user_id: int, body: TokenIn) -> tuple[ApiToken, str]:
+        """The record and the secret; the secret is never stored."""
+        return await self._io(
+            issue_token, self.repo, user_id=user_id, label=body.label, now=self.clock.now()
+        )
+
+    async def revoke_token(self, token_id: int) -> ApiToken:
+        record = await self._io(self.repo.revoke_token, token_id, now=self.clock.now())
+        self.auth.forget()
+        return record
+
+    async def me(self, owner: int) -> User:
+        return await self.get_user(owner)
+
+    # -- scripts ---------------------------------------------------------------
+    async def upload_script(
+        self, owner: int, name: str, body: bytes, interpreter: Interpreter = Interpreter.BASH
+    ) -> tuple[Script, bool]:
+        """A script, or a new version of it: (the version, whether it is new)."""
+        return await self._io(
+            store_script,
+            self.repo,
+            self.settings,
+            owner_id=owner,
+            name=name,
+            interpreter=interpreter,
+            body=body,
+            now=self.clock.now(),
+        )
+
+    register_script = upload_script  # JSON or raw body: one operation underneath
+
+    @staticmethod
+    def check_raw_upload(name: str, content_type: str) -> None:
+        """Before a raw body is read: the name and the content type."""
+        validate_script_name(name, "name")
+        if media_type(content_type) not in RAW_SCRIPT_TYPES:
+            raise UnsupportedMediaType(
+                f"send the script as text/plain or application/octet-stream, "
+                f"not {content_type[:64]!r}",
+                "content-type",
+            )
+
+    async def list_scripts(self, owner: int) -> list[Script]:
+        return await self._io(self.repo.list_scripts, owner_id=owner)
+
+    async def get_script(self, owner: int, name: str, version: int | None = None) -> Script:
+        return await self._io(self.repo.get_script, owner_id=owner, name=name, version=version)
+
+    async def script_versions(self, owner: int, name: str) -> list[Script]:
+        return await self._io(self.repo.script_versions, owner_id=owner, name=name)
+
+    async def script_body(self, owner: int, name: str, version: int | None = None) -> bytes:
+        script = await self.get_script(owner, name, version)
+        return await self._io(self.repo.get_script_body, script.script_id)
+
+    async def delete_script(self, owner: int, name: str) -> int:
+        """Every version; a Conflict while a pending task or a schedule uses it."""
+        return await self._io(
+            self.repo.delete_script, owner_id=owner, name=name, now=self.clock.now()
+        )
+
+    # -- tasks -----------------------------------------------------------------
+    async def submit_tasks(
+        self, owner: int, bodies: Sequence[TaskIn]
+    ) -> list[SubmitResult | ChronorayError]:
+        """Each to the shard owning its time; one result (or error) each."""
+        news = [new_task(body, owner_id=owner, settings=self.settings) for body in bodies]
+        await self._io(check_caps, self.repo, self.settings, owner, tasks=len(news))
+        return await self.router.submit(news)
+
+    async def submit_task(self, owner: int, body: TaskIn) -> SubmitResult:
+        [result] = await self.submit_tasks(owner, [body])
+        if isinstance(result, ChronorayError):
+            raise result
+        return result
+
+    async def submit_batch(self, owner: int, items: Sequence[Any]) -> list[SubmitResult]:
+        """All or nothing, in one transaction; an error names its item."""
+        news = new_batch(items, owner_id=owner, settings=self.settings)
+        await self._io(check_caps, self.repo, self.settings, owner, tasks=len(news))
+        results = await self._io(store_batch, self.repo, news, now=self.clock.now())
+        await self.router.track([(r.task.task_id, r.task.execute_at) for r in results])
+        return results
+
+    async def send_task(self, owner: int, body: SendTaskIn) -> SubmitResult | Schedule:
+        """The original API: once at ``execute_at``, or on a ``cron``."""
+        if body.cron is None:
+            if body.timezone is not None:
+                raise InvalidInput("timezone goes with cron", "timezone")
+            fields = body.model_dump(exclude={"cron", "timezone"})
+            return await self.submit_task(owner, TaskIn.parse(fields))
+        if body.execute_at is not None:
+            raise InvalidInput("give execute_at or cron, not both", "cron")
+        fields = body.model_dump(exclude_unset=True, exclude={"execute_at", "idempotency_key"})
+        return await self.create_schedule(owner, ScheduleIn.parse(fields))
+
+    async def get_task(self, owner: int, task_id: int) -> TaskView:
+        task = await self._io(self.repo.get_task, task_id, owner_id=owner)
+        return TaskView(task, await self._io(self.repo.list_runs, task_id))
+
+    async def cancel_task(self, owner: int, task_id: int) -> Task:
+        return await self._io(self.repo.cancel_task, task_id, owner_id=owner, now=self.clock.now())
+
+    async def list_tasks(
+        self,
+        owner: int,
+        *,
+        status: Sequence[str] = (),
+        script: str | None = None,
+        schedule_id: int | None = None,
+        due_from: str | float | None = None,
+        due_before: str | float | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[Task], str | None]:
+        """One page, newest first, and the cursor of the next (None at the end)."""
+        query = task_query(
+            owner_id=owner,
+            status=status,
+            script=script,
+            schedule_id=schedule_id,
+            due_from=None if due_from is None else str(due_from),
+            due_before=None if due_before is None else str(due_before),
+            limit=_bounded(limit, 1, 1000, "limit"),
+            cursor=cursor,
+        )
+        return await self._io(task_page, self.repo, query)
+
+    async def list_runs(self, owner: int, task_id: int) -> list[Run]:
+        return await self._io(task_runs, self.repo, task_id, owner_id=owner)
+
+    async def run_output(self, owner: int, task_id: int, attempt: int) -> str:
+        return run_of(await self.list_runs(owner, task_id), task_id, attempt).output_tail
+
+    async def wait_final(
+        self, owner: int, task_ids: Sequence[int], timeout_s: float, poll_s: float
+    ) -> list[TaskView]:
+        """Until every task is final (succeeded, dead, cancelled), in the order given."""
+        done: dict[int, TaskView] = {}
+        deadline = self.clock.now().timestamp() + timeout_s
+        while True:
+            for task_id in [t for t in task_ids if t not in done]:
+                view = await self.get_task(owner, task_id)
+                if view.task.status.is_final:
+                    done[task_id] = view
+            if len(done) == len(set(task_ids)):
+                return [done[t] for t in task_ids]
+            if self.clock.now().timestamp() > deadline:
+                missing = len(set(task_ids)) - len(done)
+                raise TimeoutError(f"{missing} tasks not final after {timeout_s} s")
+            await asyncio.sleep(poll_s)
+
+    async def list_dead(self, owner: int, limit: int = 100) -> list[Task]:
+        page, _ = await self.list_tasks(owner, status=[TaskStatus.DEAD.value], limit=limit)
+        return page
+
+    async def retry_task(self, owner: int, task_id: int, attempts: int = 1) -> Task:
+        """A dead task, due now with ``attempts`` more attempts."""
+        task = await self._io(
+            redrive,
+            self.repo,
+            self.settings,
+            task_id,
+            owner_id=owner,
+            attempts=attempts,
+            now=self.clock.now(),
+        )
+        await self.router.track([(task.task_id, task.execute_at)])
+        return task
+
+    # -- schedules -------------------------------------------------------------
+    async def _follow(self, follow_up: tuple[int, datetime] | None) -> None:
+        if follow_up is not None:  # an occurrence stored outside its shard
+            await self.router.track([follow_up])
+
+    async def create_schedule(self, owner: int, body: ScheduleIn) -> Schedule:
+        now = self.clock.now()
+        new = new_schedule(body, owner_id=owner, settings=self.settings, now=now)
+        await self._io(check_caps, self.repo, self.settings, owner, schedules=1)
+        schedule, follow_up = await self._io(self.repo.add_schedule, new, now=now)
+        await self._follow(follow_up)
+        return schedule
+
+    async def list_schedules(self, owner: int) -> list[Schedule]:
+        return await self._io(self.repo.list_schedules, owner_id=owner)
+
+    async def get_schedule(self, owner: int, schedule_id: int) -> Schedule:
+        return await self._io(self.repo.get_schedule, schedule_id, owner_id=owner)
+
+    async def change_schedule(self, owner: int, schedule_id: int, patch: SchedulePatch) -> Schedule:
+        now = self.clock.now()
+        current = await self.get_schedule(owner, schedule_id)
+        changes = schedule_changes(patch, settings=self.settings, now=now)
+        if "cron" in changes or "timezone" in changes:
+            validate_schedule(
+                changes.get("cron", current.cron),
+                changes.get("timezone", current.timezone),
+                now=now,
+                min_interval_s=self.settings.min_schedule_interval_s,
+            )
+        schedule, follow_up = await self._io(
+            self.repo.change_schedule, schedule_id, owner_id=owner, changes=changes, now=now
+        )
+        await self._follow(follow_up)
+        return schedule
+
+    async def delete_schedule(self, owner: int, schedule_id: int) -> None:
+        await self._io(self.repo.delete_schedule, schedule_id, owner_id=owner, now=self.clock.now())
+
+    async def trigger_schedule(self, owner: int, schedule_id: int) -> tuple[int, datetime]:
+        """An occurrence now, beside the plan: (its task, its nominal time)."""
+        task_id, at = await self._io(
+            self.repo.trigger_schedule, schedule_id, owner_id=owner, now=self.clock.now()
+        )
+        await self._follow((task_id, at))
+        return task_id, at
+
+    async def preview_schedule(
+        self, owner: int, schedule_id: int, count: int = 10
+    ) -> tuple[Schedule, list[datetime]]:
+        schedule = await self.get_schedule(owner, schedule_id)
+        return schedule, upcoming_fires(schedule, _bounded(count, 1, 100, "count"))
+
+    async def schedule_history(
+        self, owner: int, schedule_id: int, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        return await self._io(
+            self.repo.schedule_history,
+            schedule_id,
+            owner_id=owner,
+            limit=_bounded(limit, 1, 1000, "limit"),
+        )
+
+    # -- operations ------------------------------------------------------------
+    async def list_executors(self) -> dict[str, Any]:
+        return await self.router.executors()
+
+    async def readiness(self, timeout_s: float = 2.0) -> dict[str, str]:
+        """ "ok" or why not, for the database and every actor."""
+        checks: dict[str, str] = {}
+        try:
+            await asyncio.wait_for(self._io(self.repo.ping), timeout=timeout_s)
+            checks["database"] = "ok"
+        except Exception as exc:  # any failure means not ready, and says which
+            checks["database"] = f"unavailable: {type(exc).__name__}"
+        checks.update(await self.router.probe())
+        return checks
+
+    async def metrics_by_source(self) -> dict[str, list[Any] | None]:
+        return await self.router.metrics()
