@@ -7,15 +7,16 @@ from scheduling.models import Interpreter
 from serve_app.deps import AGAIN, Owner, Svc
 from serve_app.limits import StrictJsonRoute
 from serve_app.render import script_out
-from service.core import RAW_SCRIPT_TYPES
 from service.requests import ScriptIn
 
 router = APIRouter(tags=["scripts"], route_class=StrictJsonRoute)
 Version = Query(None, ge=1, le=2**31 - 1)
+# Documented as bytes only, which client generators understand; the route
+# also takes the text types in RAW_SCRIPT_TYPES (text/plain, text/x-sh, …).
 RAW_SCRIPT_BODY = {
     "requestBody": {
         "required": True,
-        "content": {kind: {"schema": {"type": "string"}} for kind in sorted(RAW_SCRIPT_TYPES)},
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
 }
 BYTES_ANSWER = {
@@ -48,8 +49,9 @@ async def upload_script(
     request: Request,
     interpreter: Interpreter = Interpreter.BASH,
 ) -> JSONResponse:
-    """Upload a script as the raw request body (text/plain or
-    application/octet-stream); a changed body is a new version."""
+    """Upload a script as the raw request body (application/octet-stream,
+    or text/plain, text/x-sh, text/x-shellscript, application/x-sh,
+    text/x-python, text/x-script.python); a changed body is a new version."""
     service.check_raw_upload(name, request.headers.get("content-type", ""))
     body = await request.body()
     return _stored(await service.upload_script(owner, name, body, interpreter=interpreter))
