@@ -16,10 +16,10 @@ import ray
 
 from actors.batching import GroupCommitter
 from scheduling.clock import Clock, SystemClock
+from scheduling.lifecycle import lost_result
 from scheduling.models import RunResult, TaskSpec
 from scheduling.ready_queue import ReadyQueue
 from scheduling.tiers import TierTable
-from storage.repository import lost_result
 
 log = logging.getLogger(__name__)
 

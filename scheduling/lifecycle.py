@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from scheduling.models import FailureClass, RunResult, TaskStatus
+from scheduling.models import FailureClass, RunResult, TaskSpec, TaskStatus
 from scheduling.tiers import TierTable
 
 # What scripts print when an allocation fails under the address-space limit.
@@ -128,3 +128,33 @@ def after_attempt(
         lost_count=lost_count,
         execute_at=now + timedelta(seconds=delay),
     )
+
+
+def lost_result(
+    spec: TaskSpec,
+    *,
+    now: datetime,
+    executor_id: str = "",
+    tier: str = "",
+    reason: str = "lease expired without a result",
+) -> RunResult:
+    """The result recorded for an attempt whose executor was lost: declared
+    dead by the pool, or silent until the lease ran out."""
+    return RunResult.of(
+        spec,
+        executor_id=executor_id,
+        tier=tier,
+        node_id="",
+        started_at=None,
+        finished_at=now,
+        exit_code=None,
+        output_tail=reason,
+        failure=FailureClass.EXECUTOR_LOST,
+    )
+
+
+def running_lease(spec: TaskSpec, *, lease_grace_s: float, now: datetime) -> datetime:
+    """A running attempt's lease: its start plus timeout plus a grace period
+    (the executor kills the script at the timeout, so a result comes before)."""
+    start = max(now, spec.due_at)
+    return start + timedelta(seconds=spec.timeout_s + lease_grace_s)

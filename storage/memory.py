@@ -21,7 +21,7 @@ from scheduling.errors import (
     TokenNotFound,
     UserNotFound,
 )
-from scheduling.lifecycle import RetryPolicy, after_attempt, may_have_started
+from scheduling.lifecycle import RetryPolicy, after_attempt, may_have_started, running_lease
 from scheduling.models import (
     IN_FLIGHT_STATUSES,
     ApiToken,
@@ -38,7 +38,7 @@ from scheduling.models import (
 )
 from scheduling.tiers import TierTable
 from scheduling.timeline import Wheel, bucket_of
-from storage.repository import Claimed, OutcomeHook, TaskQuery, running_lease, sha256_hex, tail
+from storage.repository import Claimed, OutcomeHook, TaskQuery, sha256_hex, tail
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 

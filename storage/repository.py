@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Protocol
 
 from scheduling.errors import ChronorayError
 from scheduling.lifecycle import RetryPolicy
 from scheduling.models import (
     ApiToken,
-    FailureClass,
     Interpreter,
     NewTask,
     Run,
@@ -185,33 +184,3 @@ def tail(text: str, limit: int = MAX_OUTPUT_TAIL_CHARS) -> str:
     and lone surrogates (one refused row would fail its whole batch)."""
     text = text[-limit:].encode("utf-8", "surrogatepass").decode("utf-8", "replace")
     return text.replace("\x00", "\u2400")  # the visible symbol for NUL
-
-
-def lost_result(
-    spec: TaskSpec,
-    *,
-    now: datetime,
-    executor_id: str = "",
-    tier: str = "",
-    reason: str = "lease expired without a result",
-) -> RunResult:
-    """The result recorded for an attempt whose executor was lost: declared
-    dead by the pool, or silent until the lease ran out."""
-    return RunResult.of(
-        spec,
-        executor_id=executor_id,
-        tier=tier,
-        node_id="",
-        started_at=None,
-        finished_at=now,
-        exit_code=None,
-        output_tail=reason,
-        failure=FailureClass.EXECUTOR_LOST,
-    )
-
-
-def running_lease(spec: TaskSpec, *, lease_grace_s: float, now: datetime) -> datetime:
-    """A running attempt's lease: its start plus timeout plus a grace period
-    (the executor kills the script at the timeout, so a result comes before)."""
-    start = max(now, spec.due_at)
-    return start + timedelta(seconds=spec.timeout_s + lease_grace_s)

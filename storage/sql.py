@@ -36,7 +36,7 @@ from scheduling.errors import (
     Unavailable,
     UserNotFound,
 )
-from scheduling.lifecycle import RetryPolicy, after_attempt, may_have_started
+from scheduling.lifecycle import RetryPolicy, after_attempt, may_have_started, running_lease
 from scheduling.models import (
     FINAL_STATUSES,
     ApiToken,
@@ -58,7 +58,7 @@ from scheduling.timeline import Wheel, bucket_of
 from storage import occurrences
 from storage.engines import make_engine
 from storage.occurrences import IN_FLIGHT
-from storage.repository import Claimed, OutcomeHook, TaskQuery, running_lease, sha256_hex, tail
+from storage.repository import Claimed, OutcomeHook, TaskQuery, sha256_hex, tail
 from storage.schema import (
     api_tokens,
     newest_script,

@@ -236,7 +236,7 @@ def test_the_start_gate_refuses_every_attempt_but_the_current_one(repo, owner):
 def test_a_loss_before_the_start_gate_never_uses_an_attempt(repo, owner):
     """Defect 6: max_attempts=1 tasks lost before their script started
     (queued) go back at once, and may still run."""
-    from storage.repository import lost_result
+    from scheduling.lifecycle import lost_result
 
     spec = claimed(repo, owner, max_attempts=1)
     for attempt in (1, 2, 3):
@@ -280,8 +280,8 @@ def test_sql_schema_matches_the_migrations(sql_repo):
 def test_escalation_follows_the_tier_table_and_executor_losses_are_free_after_the_first(
     repo, owner
 ):
+    from scheduling.lifecycle import lost_result
     from scheduling.tiers import local_tiers
-    from storage.repository import lost_result
 
     spec = claimed(repo, owner, max_attempts=3)
     tiers = local_tiers()  # small 0-2, medium 3-5, large 6+
