@@ -1,276 +1,24 @@
-"""Executors run scripts; the pool creates them per tier with the Ray
-resources their tier names, so Ray places each only where it fits."""
+"""The pool creates executors per tier with the Ray resources their tier
+names, so Ray places each only where it fits; it watches their heartbeats,
+declares the silent ones dead and sizes each tier (scheduling.tiers.plan_size)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
-import socket
-import tempfile
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Protocol
 
 import ray
 
-from actors.batching import Outbox
-from actors.sandbox import SandboxLimits, detect_isolation, kill_group, run_script
-from scheduling.clock import Clock, SystemClock, to_epoch
-from scheduling.errors import Unavailable
-from scheduling.lifecycle import classify
-from scheduling.models import FailureClass, RunResult, TaskSpec
-from scheduling.tiers import PoolTiming, Tier, TierTable
+from actors.executor import EXECUTOR_PREFIX, ExecutorActor
+from scheduling.tiers import MemberView, PoolTiming, Tier, TierTable, plan_size
 
 log = logging.getLogger(__name__)
-
-
-FENCED = "the executor lost contact with its pool and killed the script"
-
-
-class ExecutorFenced(RuntimeError):
-    """Refused work: this executor lost contact with its pool."""
-
-
-class ScriptSource(Protocol):
-    def get_script_body(self, script_id: int) -> bytes: ...
-
-
-class ResultSink(Protocol):
-    async def report_results(self, results: list[RunResult]) -> None:
-        """Returns once the owner shards have committed these results."""
-
-
-class StartGate(Protocol):
-    async def start(self, spec: TaskSpec) -> bool:
-        """Commit queued → running for exactly this attempt; False when the
-        attempt belongs to someone else (its script must not start).
-        Raises Unavailable when the database cannot say."""
-
-
-class ScriptCache:
-    """Script files on local disk named by content hash, written once."""
-
-    def __init__(self, source: ScriptSource, directory: Path) -> None:
-        self._source = source
-        self._directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        directory.chmod(0o755)  # scripts run as an unprivileged user
-
-    async def path_for(self, spec: TaskSpec) -> Path:
-        path = self._directory / spec.script_sha256
-        if not path.exists():
-            body = await asyncio.to_thread(self._source.get_script_body, spec.script_id)
-            partial = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-            partial.write_bytes(body)
-            partial.chmod(0o555)
-            os.replace(partial, path)
-        return path
-
-
-class Executor:
-    """Runs handed-over attempts, each at its due instant, at most ``slots``
-    at once. An attempt's script starts only after its start gate committed
-    (so no attempt starts twice, whoever else was handed it), and its
-    result is kept and resent until the shard has committed it."""
-
-    def __init__(
-        self,
-        *,
-        executor_id: str,
-        tier: str,
-        slots: int,
-        scripts: ScriptCache,
-        sink: ResultSink,
-        gate: StartGate,
-        clock: Clock | None = None,
-        node_id: str = "",
-        limits: SandboxLimits = SandboxLimits(),
-        gate_lead_s: float = 0.05,
-        patience_s: float = 60.0,
-        retry_s: float = 0.5,
-    ) -> None:
-        self.executor_id = executor_id
-        self.tier = tier
-        self.slots = slots
-        self._scripts = scripts
-        self._gate = gate
-        self._clock = clock or SystemClock()
-        self._limits = limits
-        # The gate commits this long before the due instant, so its write is
-        # not in the fire lag; a loss before the gate never uses an attempt.
-        self._gate_lead_s = gate_lead_s
-        self._patience_s = patience_s  # how long to wait out a database outage
-        self._retry_s = retry_s
-        self._node_id = node_id or socket.gethostname()
-        self._slots = asyncio.Semaphore(slots)
-        self._running: dict[tuple[int, int], tuple[TaskSpec, asyncio.Task]] = {}
-        self.fenced = False  # lost contact with the pool: take no new work
-        self._pids: dict[tuple[int, int], int] = {}  # running scripts' process groups
-        self._fenced_keys: set[tuple[int, int]] = set()
-        self.refused_at_gate = 0  # attempts someone else owned: never started here
-        self._outbox: Outbox[RunResult] = Outbox(
-            sink.report_results, name=f"executor {executor_id}", retry_s=retry_s
-        )
-
-    async def run_batch(self, specs: Sequence[TaskSpec]) -> int:
-        """Take each attempt in the background; a replayed call is a no-op
-        for attempts already here."""
-        if self.fenced:
-            raise ExecutorFenced(f"executor {self.executor_id} lost contact with its pool")
-        taken = 0
-        for spec in specs:
-            if spec.key in self._running:
-                continue
-            self._running[spec.key] = (spec, asyncio.ensure_future(self._run(spec)))
-            taken += 1
-        return taken
-
-    async def running(self) -> list[TaskSpec]:
-        return [spec for spec, _ in self._running.values()]
-
-    async def holding(self) -> list[tuple[int, int]]:
-        """Attempts this executor answers for: taken and not yet finished, or
-        finished with a result the shard has not committed yet."""
-        return [*self._running, *(r.key for r in self._outbox.pending())]
-
-    @property
-    def busy(self) -> int:
-        return len(self._running)
-
-    async def cancel(self, keys: Sequence[tuple[int, int]]) -> int:
-        """Kill these attempts' scripts; no result is reported for them."""
-        cancelled = 0
-        for key in keys:
-            entry = self._running.get(tuple(key))
-            if entry is not None:
-                entry[1].cancel()
-                cancelled += 1
-        return cancelled
-
-    def lose_contact(self, reason: str) -> int:
-        """Fence this executor: take no new work and kill every running
-        script, so that an executor the pool gave up on cannot finish an
-        attempt that now runs elsewhere. Each killed attempt still reports
-        (as ``executor_lost``), as does one that had finished: a shard keeps
-        whichever result still matches the task and ignores the rest."""
-        if not self.fenced:
-            log.warning("executor %s fenced: %s", self.executor_id, reason)
-        self.fenced = True
-        for key, pid in list(self._pids.items()):
-            self._fenced_keys.add(key)
-            kill_group(pid)
-        return len(self._fenced_keys)
-
-    def regain_contact(self) -> None:
-        self.fenced = False
-
-    async def _run(self, spec: TaskSpec) -> None:
-        try:
-            async with self._slots:
-                result = await self._attempt(spec)
-            if result is not None:
-                self._outbox.put([result])
-        except asyncio.CancelledError:
-            log.info("attempt %s cancelled", spec.key)
-        finally:
-            self._running.pop(spec.key, None)
-            self._pids.pop(spec.key, None)
-            self._fenced_keys.discard(spec.key)
-
-    async def _patiently(self, step, spec: TaskSpec, what: str):
-        """``step()`` retried through database outages for ``patience_s``;
-        None if the database stayed away (the attempt stays queued, and its
-        shard hands it over again)."""
-        deadline = max(self._clock.now(), spec.due_at).timestamp() + self._patience_s
-        while True:
-            try:
-                return await step()
-            except Unavailable as exc:
-                if self._clock.now().timestamp() > deadline:
-                    log.warning("attempt %s: %s failed for good: %s", spec.key, what, exc)
-                    return None
-                await asyncio.sleep(self._retry_s)
-
-    async def _attempt(self, spec: TaskSpec) -> RunResult | None:
-        try:
-            path = await self._patiently(lambda: self._scripts.path_for(spec), spec, "fetch")
-        except Exception as exc:  # the script itself is gone: the task's own failure
-            log.exception("could not load script %s", spec.script_id)
-            return self._result(
-                spec,
-                None,
-                self._clock.now(),
-                None,
-                f"script unavailable: {exc}",
-                FailureClass.LAUNCH_ERROR,
-            )
-        if path is None:
-            return None
-        # Handed over early (prefire): hold the task until its instant.
-        await self._sleep_until(to_epoch(spec.due_at) - self._gate_lead_s)
-        if self.fenced:
-            return None  # not started: the task is still queued, and goes elsewhere
-        if not await self._patiently(lambda: self._gate.start(spec), spec, "start gate"):
-            self.refused_at_gate += 1
-            log.info("attempt %s not started: it is not ours to run", spec.key)
-            return None
-        await self._sleep_until(to_epoch(spec.due_at))
-        if self.fenced:
-            return self._result(
-                spec, None, self._clock.now(), None, FENCED, FailureClass.EXECUTOR_LOST
-            )
-        outcome = await run_script(
-            script_path=path,
-            interpreter=spec.interpreter,
-            variables={
-                **spec.variables,
-                "CHRONORAY_TASK_ID": str(spec.task_id),
-                "CHRONORAY_ATTEMPT": str(spec.attempt),
-                "CHRONORAY_FIRE_TIME": spec.fire_time.isoformat(),
-            },
-            timeout_s=spec.timeout_s,
-            limits=self._limits,
-            on_start=lambda pid: self._pids.__setitem__(spec.key, pid),
-        )
-        failure = classify(
-            exit_code=outcome.exit_code,
-            timed_out=outcome.timed_out,
-            output_tail=outcome.output_tail,
-            launch_error=outcome.launch_error,
-        )
-        text = outcome.launch_error or outcome.output_tail
-        if spec.key in self._fenced_keys and outcome.exit_code == -9:
-            failure, text = FailureClass.EXECUTOR_LOST, FENCED + "\n" + text
-        return self._result(
-            spec, outcome.started_at, outcome.finished_at, outcome.exit_code, text, failure
-        )
-
-    async def _sleep_until(self, epoch_s: float) -> None:
-        delay = epoch_s - to_epoch(self._clock.now())
-        if delay > 0:
-            await asyncio.sleep(delay)
-
-    def _result(self, spec, started_at, finished_at, exit_code, text, failure) -> RunResult:
-        return RunResult.of(
-            spec,
-            executor_id=self.executor_id,
-            tier=self.tier,
-            node_id=self._node_id,
-            started_at=started_at,
-            finished_at=finished_at,
-            exit_code=exit_code,
-            output_tail=text,
-            failure=failure,
-        )
-
-
-# -- the pool ----------------------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -417,26 +165,25 @@ class ExecutorPool:
         return dead
 
     def _size(self, tier: Tier, demand: int, now: float) -> None:
-        members = [m for m in self._of(tier) if not m.draining]
-        wanted = min(max(tier.executors, math.ceil(demand / tier.slots)), tier.most_executors)
-        pending = any(not m.placed for m in members)
-        if len(members) < wanted and not (pending and tier.name in self._unplaceable):
-            for _ in range(wanted - len(members)):
-                self._start(tier, now)
-        elif len(members) > wanted:
-            idle = [
-                m
-                for m in members
-                if m.placed and m.running == 0 and now - m.idle_since >= self._timing.idle_s
-            ]
-            for member in idle[: len(members) - wanted]:
-                member.draining = True
-                log.info("executor %s idle: draining", member.info.executor_id)
-        for member in [m for m in self._of(tier) if m.draining and m.running == 0]:
-            # Drained and idle for a heartbeat since: nothing more will come.
-            if now - member.idle_since >= self._timing.idle_s + self._timing.heartbeat_s * 2:
-                del self._members[member.info.executor_id]
-                self._factory.destroy(member.info.handle)
+        views = [
+            MemberView(
+                executor_id=m.info.executor_id,
+                placed=m.placed,
+                running=m.running,
+                idle_for_s=now - m.idle_since,
+                draining=m.draining,
+            )
+            for m in self._of(tier)
+        ]
+        unplaceable = tier.name in self._unplaceable
+        plan = plan_size(tier, demand, views, unplaceable=unplaceable, timing=self._timing)
+        for _ in range(plan.start):
+            self._start(tier, now)
+        for executor_id in plan.drain:
+            self._members[executor_id].draining = True
+            log.info("executor %s idle: draining", executor_id)
+        for executor_id in plan.remove:
+            self._factory.destroy(self._members.pop(executor_id).info.handle)
 
     def _declare_dead(self, member: Member, now: float, why: str) -> None:
         log.warning("executor %s declared dead: %s", member.info.executor_id, why)
@@ -470,187 +217,6 @@ class ExecutorPool:
 
 
 # -- Ray shells ------------------------------------------------------------
-
-EXECUTOR_PREFIX = "chronoray-exec-"  # not a prefix of POOL_NAME
-
-
-REPORT_TIMEOUT_S = 30.0  # a dispatcher that takes longer is asked again (records are idempotent)
-
-
-class _DispatcherSink:
-    """Results go back to the dispatcher, looked up by name so a restarted
-    dispatcher is found again. Its answer means the shards committed them."""
-
-    def __init__(self, namespace: str) -> None:
-        self._namespace = namespace
-        self._handle = None  # a restartable actor's handle outlives its restarts
-
-    async def report_results(self, results: list[RunResult]) -> None:
-        from actors.handles import dispatcher_handle
-
-        if self._handle is None:
-            self._handle = dispatcher_handle(self._namespace)
-        try:
-            await asyncio.wait_for(
-                self._handle.report_results.remote(results), timeout=REPORT_TIMEOUT_S
-            )
-        except Exception:
-            self._handle = None  # removed and deployed anew: look it up again next time
-            raise
-
-
-class _RepositoryStore:
-    """The executor's own database work: script bodies, and the start gate
-    (group-committed: every attempt due together shares one transaction)."""
-
-    def __init__(self, settings) -> None:
-        from actors.batching import GroupCommitter
-        from storage.engines import make_engine
-        from storage.sql import SqlTaskRepository
-
-        self._repo = SqlTaskRepository(make_engine(settings.database_url, pool_size=2))
-        self._lease_grace_s = settings.lease_grace_s
-        self._gate: GroupCommitter[TaskSpec, bool] = GroupCommitter(self._start_many)
-
-    def get_script_body(self, script_id: int) -> bytes:
-        return self._repo.get_script_body(script_id)
-
-    async def start(self, spec: TaskSpec) -> bool:
-        [started] = await self._gate.submit([spec])
-        return started
-
-    async def _start_many(self, specs: list[TaskSpec]) -> list[bool]:
-        started = set(
-            await asyncio.to_thread(
-                self._repo.mark_running,
-                specs,
-                lease_grace_s=self._lease_grace_s,
-                now=datetime.now(timezone.utc),
-            )
-        )
-        return [spec.key in started for spec in specs]
-
-
-class ExecutorShell:
-    """An executor actor: builds the sandbox launcher before it says it is
-    alive, heartbeats to the pool, fences itself only when the pool says it
-    was declared dead (or after a long silence: a restarting pool must not
-    kill healthy work), and mirrors itself in ZooKeeper when configured."""
-
-    def __init__(self, *, executor_id: str, tier: Tier, settings) -> None:
-        from actors.handles import pool_handle
-
-        store = _RepositoryStore(settings)
-        cache_dir = Path(tempfile.gettempdir()) / "chronoray-scripts" / executor_id
-        self._node_id = ray.get_runtime_context().get_node_id()
-        self._limits = replace(settings.sandbox, memory_mb=tier.script_memory)
-        self._executor = Executor(
-            executor_id=executor_id,
-            tier=tier.name,
-            slots=tier.slots,
-            scripts=ScriptCache(store, cache_dir),
-            sink=_DispatcherSink(settings.namespace),
-            gate=store,
-            node_id=self._node_id,
-            limits=self._limits,
-        )
-        self._timing = settings.pool_timing
-        self._pool = pool_handle(settings.namespace)
-        self._tier = tier
-        self._mirror = None
-        if settings.zookeeper_hosts:
-            from actors.zk_mirror import ZnodeMirror, executor_path
-
-            self._mirror = ZnodeMirror(
-                settings.zookeeper_hosts,
-                executor_path(tier.name, executor_id),
-                session_timeout_s=settings.zookeeper_session_timeout_s,
-            )
-        self._beating = asyncio.ensure_future(self._live())
-
-    async def run_batch(self, specs: list[TaskSpec]) -> int:
-        return await self._executor.run_batch(specs)
-
-    async def running(self) -> list[TaskSpec]:
-        return await self._executor.running()
-
-    async def holding(self) -> list[tuple[int, int]]:
-        return await self._executor.holding()
-
-    async def cancel(self, keys: list[tuple[int, int]]) -> int:
-        return await self._executor.cancel(keys)
-
-    async def ping(self) -> str:
-        return self._executor.executor_id
-
-    async def info(self) -> dict[str, Any]:
-        return self.describe(time.time())
-
-    def describe(self, heartbeat_at: float) -> dict[str, Any]:
-        executor = self._executor
-        return {
-            "executor_id": executor.executor_id,
-            "tier": executor.tier,
-            "node": self._node_id,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "resources": self._tier.actor_options(),
-            "slots": executor.slots,
-            "running": executor.busy,
-            "fenced": executor.fenced,
-            "refused_at_gate": executor.refused_at_gate,
-            # the sandbox probe (and the launcher build) ran: no run pays for it
-            "sandbox_ready": detect_isolation.cache_info().currsize > 0,
-            "last_heartbeat": heartbeat_at,
-        }
-
-    async def _live(self) -> None:
-        # The first run would otherwise compile launch.c on the event loop
-        # and stall heartbeats past the death threshold (defect 11).
-        limits = self._limits
-        await asyncio.to_thread(
-            detect_isolation, limits.run_as, limits.pid_namespace, limits.launcher
-        )
-        await self._heartbeat_forever()
-
-    async def _heartbeat_forever(self) -> None:
-        period = self._timing.heartbeat_s
-        executor = self._executor
-        acknowledged = time.monotonic()
-        while True:
-            try:
-                alive = await asyncio.wait_for(
-                    self._pool.heartbeat.remote(executor.executor_id, executor.busy),
-                    timeout=period,
-                )
-            except Exception:
-                alive = None  # no answer: the pool may be restarting
-            if alive:
-                acknowledged = time.monotonic()
-                executor.regain_contact()
-            elif alive is False:
-                executor.lose_contact("the pool declared this executor dead")
-                await self._outbox_flushed()
-                self._exit()
-                return
-            elif time.monotonic() - acknowledged > self._timing.fence_after_s:
-                executor.lose_contact(
-                    f"no heartbeat acknowledged for {self._timing.fence_after_s} s"
-                )
-            if self._mirror is not None:
-                self._mirror.publish(self.describe(time.time()))
-            await asyncio.sleep(period)
-
-    async def _outbox_flushed(self) -> None:
-        await asyncio.sleep(self._timing.heartbeat_s)  # let late results go out
-
-    def _exit(self) -> None:
-        if self._mirror is not None:
-            self._mirror.close()
-        ray.actor.exit_actor()
-
-
-ExecutorActor = ray.remote(max_restarts=0)(ExecutorShell)
 
 
 class _RayExecutors:

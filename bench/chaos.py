@@ -230,7 +230,7 @@ class Harness:
         return self.settings.wheel.shard_of(datetime.fromtimestamp(at, UTC))
 
     def executor_pids(self, tier: str | None = None) -> list[int]:
-        from actors.executor_pool import EXECUTOR_PREFIX
+        from actors.executor import EXECUTOR_PREFIX
 
         pids = []
         for entry in ray.get(self.pool().status.remote(), timeout=30)["executors"]:
@@ -706,7 +706,7 @@ def s8_executors_killed_before_due(h: Harness, out: Outcome, scale: float) -> No
     attempts were handed over early): none ends dead."""
     ledger = shared_file(h.ledgers, "s8")
     h.script("s8.sh", ledger)
-    from actors.executor_pool import EXECUTOR_PREFIX
+    from actors.executor import EXECUTOR_PREFIX
 
     large = [
         e["executor_id"]

@@ -191,7 +191,7 @@ def teardown(settings: Settings, *, http: bool = True) -> None:
 
     if http:
         _delete_http()
-    from actors.executor_pool import EXECUTOR_PREFIX
+    from actors.executor import EXECUTOR_PREFIX
 
     executors = [
         entry["name"]

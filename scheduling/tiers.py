@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,55 @@ class PoolTiming:
     # declared dead, or after this long without an answer: far longer than a
     # pool restart, so a restarting pool never kills healthy work.
     fence_after_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class MemberView:
+    """What sizing needs to know of one executor of a tier."""
+
+    executor_id: str
+    placed: bool  # has heartbeated: Ray found it a node
+    running: int
+    idle_for_s: float
+    draining: bool = False
+
+
+@dataclass(frozen=True)
+class SizePlan:
+    start: int = 0  # new executors to create
+    drain: tuple[str, ...] = ()  # take nothing new; removed once idle
+    remove: tuple[str, ...] = ()  # drained and idle: destroy
+
+
+def plan_size(
+    tier: Tier,
+    demand: int,
+    members: Sequence[MemberView],
+    *,
+    unplaceable: bool,
+    timing: PoolTiming,
+) -> SizePlan:
+    """Size one tier for ``demand`` (tasks wanting it: queued plus running):
+    enough executors for the demand, between the tier's minimum and maximum.
+    Nothing is started while one is pending on a tier no node can place;
+    only executors idle for ``idle_s`` are drained, and a drained one is
+    removed after two more heartbeats of idleness (nothing more will come)."""
+    active = [m for m in members if not m.draining]
+    wanted = min(max(tier.executors, math.ceil(demand / tier.slots)), tier.most_executors)
+    pending = any(not m.placed for m in active)
+    start, drain = 0, []
+    if len(active) < wanted and not (pending and unplaceable):
+        start = wanted - len(active)
+    elif len(active) > wanted:
+        idle = [m for m in active if m.placed and m.running == 0 and m.idle_for_s >= timing.idle_s]
+        drain = [m.executor_id for m in idle[: len(active) - wanted]]
+    settled = timing.idle_s + timing.heartbeat_s * 2
+    remove = [
+        m.executor_id
+        for m in members
+        if (m.draining or m.executor_id in drain) and m.running == 0 and m.idle_for_s >= settled
+    ]
+    return SizePlan(start=start, drain=tuple(drain), remove=tuple(remove))
 
 
 class TierTable:

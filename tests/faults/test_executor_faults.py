@@ -189,7 +189,7 @@ def test_a_new_executor_builds_its_sandbox_before_its_first_heartbeat(deployment
     """Defect 11: the first run built actors/launch.c on the event loop and
     could stall heartbeats past the death threshold. A replacement executor
     that has heartbeated has run the sandbox probe already."""
-    from actors.executor_pool import EXECUTOR_PREFIX
+    from actors.executor import EXECUTOR_PREFIX
 
     pool = actor(deployment, POOL_NAME)
 

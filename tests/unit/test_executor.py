@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from actors.executor_pool import Executor, ExecutorFenced, ScriptCache
+from actors.executor import Executor, ExecutorFenced, ScriptCache
 from scheduling.models import FailureClass
 from tests.unit.fakes import processes_with
 from tests.unit.test_pure_scheduling import spec

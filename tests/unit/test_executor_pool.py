@@ -166,7 +166,7 @@ def test_dispatcher_retries_the_attempts_of_an_executor_that_left():
 
 
 def test_the_pool_never_mistakes_itself_for_an_executor():
-    from actors.executor_pool import EXECUTOR_PREFIX
+    from actors.executor import EXECUTOR_PREFIX
     from actors.handles import POOL_NAME
 
     assert not POOL_NAME.startswith(EXECUTOR_PREFIX)
