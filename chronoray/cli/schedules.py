@@ -1,0 +1,162 @@
+"""`chronoray schedules …`."""
+
+from __future__ import annotations
+
+import typer
+
+from chronoray.cli.base import (
+    URL_OPTION,
+    call,
+    show,
+    table,
+    variables_of,
+)
+
+schedules_app = typer.Typer(help="CRON schedules.", no_args_is_help=True)
+
+
+@schedules_app.command("create")
+def schedules_create(
+    script: str,
+    cron: str,
+    timezone_name: str = typer.Option("UTC", "--timezone", help="IANA zone, e.g. Europe/Berlin"),
+    var: list[str] = typer.Option([], "--var", help="NAME=value, repeatable"),
+    misfire: str = typer.Option("fire_once", help="skip, fire_once or fire_all"),
+    overlap: str = typer.Option("skip", help="allow, skip, buffer_one or cancel_previous"),
+    priority: int = typer.Option(0),
+    url: str = URL_OPTION,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Run a script on a CRON expression in a time zone."""
+    body = call(
+        "POST",
+        f"{url}/v1/schedules",
+        json={
+            "script": script,
+            "cron": cron,
+            "timezone": timezone_name,
+            "variables": variables_of(var),
+            "misfire_policy": misfire,
+            "overlap_policy": overlap,
+            "priority": priority,
+        },
+    )
+    show(body, as_json, f"schedule {body['schedule_id']}: next fire {body['next_fire_local']}")
+
+
+@schedules_app.command("list")
+def schedules_list(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
+    body = call("GET", f"{url}/v1/schedules")
+    columns = {
+        "id": "schedule_id",
+        "script": "script",
+        "cron": "cron",
+        "zone": "timezone",
+        "next fire": "next_fire_local",
+        "paused": "paused",
+        "missed": "missed_fires",
+        "skipped": "skipped_fires",
+    }
+    show(body, as_json, table(body["schedules"], columns))
+
+
+@schedules_app.command("show")
+def schedules_show(
+    schedule_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
+) -> None:
+    """One schedule: expression, zone, policies, next fire, counts."""
+    body = call("GET", f"{url}/v1/schedules/{schedule_id}")
+    show(
+        body,
+        as_json,
+        f"schedule {body['schedule_id']}  {body['script']}  '{body['cron']}' {body['timezone']}  "
+        f"misfire {body['misfire_policy']}  overlap {body['overlap_policy']}  paused {body['paused']}\n"
+        f"next fire {body['next_fire_local']}  missed {body['missed_fires']}  skipped {body['skipped_fires']}",
+    )
+
+
+@schedules_app.command("update")
+def schedules_update(
+    schedule_id: int,
+    cron: str | None = typer.Option(None, help="a new expression"),
+    timezone_name: str | None = typer.Option(None, "--timezone"),
+    misfire: str | None = typer.Option(None),
+    overlap: str | None = typer.Option(None),
+    priority: int | None = typer.Option(None),
+    url: str = URL_OPTION,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Change a schedule; its pending occurrence follows the new definition."""
+    changes = {
+        "cron": cron,
+        "timezone": timezone_name,
+        "misfire_policy": misfire,
+        "overlap_policy": overlap,
+        "priority": priority,
+    }
+    body = call(
+        "PATCH",
+        f"{url}/v1/schedules/{schedule_id}",
+        json={k: v for k, v in changes.items() if v is not None},
+    )
+    show(body, as_json, f"schedule {schedule_id}: next fire {body['next_fire_local']}")
+
+
+@schedules_app.command("preview")
+def schedules_preview(
+    schedule_id: int,
+    count: int = typer.Option(10),
+    url: str = URL_OPTION,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The next fire times, in UTC and in the schedule's zone."""
+    body = call("GET", f"{url}/v1/schedules/{schedule_id}/preview", params={"count": count})
+    show(body, as_json, "\n".join(f"{f['utc']}  {f['local']}" for f in body["fires"]))
+
+
+@schedules_app.command("pause")
+def schedules_pause(
+    schedule_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
+) -> None:
+    body = call("PATCH", f"{url}/v1/schedules/{schedule_id}", json={"paused": True})
+    show(body, as_json, f"schedule {schedule_id} paused")
+
+
+@schedules_app.command("resume")
+def schedules_resume(
+    schedule_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
+) -> None:
+    body = call("PATCH", f"{url}/v1/schedules/{schedule_id}", json={"paused": False})
+    show(body, as_json, f"schedule {schedule_id} resumed: next fire {body['next_fire_local']}")
+
+
+@schedules_app.command("trigger")
+def schedules_trigger(
+    schedule_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
+) -> None:
+    body = call("POST", f"{url}/v1/schedules/{schedule_id}/trigger")
+    show(body, as_json, f"schedule {schedule_id}: task {body['task_id']} runs now")
+
+
+@schedules_app.command("delete")
+def schedules_delete(
+    schedule_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
+) -> None:
+    body = call("DELETE", f"{url}/v1/schedules/{schedule_id}")
+    show(body, as_json, f"schedule {schedule_id} deleted")
+
+
+@schedules_app.command("runs")
+def schedules_runs(
+    schedule_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
+) -> None:
+    """Occurrences with nominal time, start, lag and status."""
+    body = call("GET", f"{url}/v1/schedules/{schedule_id}/runs")
+    columns = {
+        "nominal": "nominal_at",
+        "status": "status",
+        "attempt": "attempt",
+        "started": lambda o: (o["runs"][-1] if o["runs"] else {}).get("started_at"),
+        "lag ms": lambda o: (o["runs"][-1] if o["runs"] else {}).get("lag_ms"),
+    }
+    show(body, as_json, table(body["occurrences"], columns))
