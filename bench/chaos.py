@@ -83,6 +83,7 @@ class Outcome:
     started_twice: int = 0
     extra_lines: Counter = field(default_factory=Counter)  # cause -> ledger lines beyond one
     worst_lag_s: float = 0.0
+    worst_lag_task: tuple[int, float] | None = None  # (task, due) of the worst lag
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -350,8 +351,9 @@ class Harness:
                 attempts = sorted(a for (task, a) in per_attempt.elements() if task == t)
                 for attempt in attempts[:-1]:
                     outcome.extra_lines[failures.get((t, attempt)) or "no run recorded"] += 1
-        lags = [first[t] - d for t, d in due.items() if t in first]
-        outcome.worst_lag_s = max([outcome.worst_lag_s, *lags])
+        for t, d in due.items():
+            if t in first and first[t] - d > outcome.worst_lag_s:
+                outcome.worst_lag_s, outcome.worst_lag_task = first[t] - d, (t, d)
         if lost:
             outcome.problems.append(
                 f"lost: {len(lost)} e.g. {[(t, statuses.get(t)) for t in lost[:5]]}"
@@ -919,6 +921,7 @@ def s12_soak(h: Harness, out: Outcome, scale: float, soak_s: float, every_s: flo
     refused = Counter()
     stop = threading.Event()
     faults, missed = Counter(), Counter()
+    fault_log: list[tuple[float, str]] = []  # when, what: to explain the worst lag
 
     def requests(rng: random.Random) -> list[dict]:
         return [
@@ -983,6 +986,7 @@ def s12_soak(h: Harness, out: Outcome, scale: float, soak_s: float, every_s: flo
                 else:
                     h.postgres("restart", "fast")
                 faults[kind] += 1
+                fault_log.append((time.time(), kind))
             except Exception as exc:  # a target mid-restart: another one soon
                 missed[f"{kind}: {type(exc).__name__}"] += 1
                 pause = 0.5
@@ -998,6 +1002,30 @@ def s12_soak(h: Harness, out: Outcome, scale: float, soak_s: float, every_s: flo
     print(f"  soak faults: {dict(faults)}; not reached: {dict(missed)}")
     print(f"  refusals seen by the load: {dict(refused)}")
     h.audit(out, ledger, dict(due), timeout_s=240)
+    if out.worst_lag_task is not None:
+        explain_lag(h, out, fault_log)
+
+
+def explain_lag(h: Harness, out: Outcome, fault_log: list[tuple[float, str]]) -> None:
+    """The worst-lagging task's attempts, and the faults from 10 s before it
+    was due until it started."""
+    task, due = out.worst_lag_task
+    started = due + out.worst_lag_s
+    near = [
+        f"{when - due:+.1f} s {kind}" for when, kind in fault_log if due - 10 <= when <= started
+    ]
+    with h.engine.connect() as conn:
+        attempts = conn.execute(
+            select(runs.c.attempt, runs.c.failure, runs.c.started_at, runs.c.finished_at)
+            .where(runs.c.task_id == task)
+            .order_by(runs.c.attempt)
+        ).all()
+    print(
+        f"  worst lag {out.worst_lag_s:.1f} s: task {task}; faults relative to its due time: {near}"
+    )
+    for attempt, failure, began, ended in attempts:
+        offset = "-" if began is None else f"{began.timestamp() - due:+.1f} s"
+        print(f"    attempt {attempt}: started {offset}, failure {failure}, ended {ended}")
 
 
 SCENARIOS: dict[int, Callable] = {
