@@ -18,6 +18,7 @@ err = Console(stderr=True)
 URL_OPTION = typer.Option(
     "http://127.0.0.1:8000", "--url", envvar="CHRONORAY_URL", help="API base URL"
 )
+JSON_OPTION = typer.Option(False, "--json", help="print the API's answer as JSON")
 RELATIVE = re.compile(r"^\+(\d+(?:\.\d+)?)([smhd])$")
 RUN_COLUMNS = {
     "attempt": "attempt",

@@ -7,6 +7,7 @@ import time
 import typer
 
 from chronoray.cli.base import (
+    JSON_OPTION,
     URL_OPTION,
     call,
     err,
@@ -22,7 +23,7 @@ def executors(
         help="read the ZooKeeper mirror at host:port[,host:port] instead of the API",
     ),
     url: str = URL_OPTION,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Executors as the pool sees them (GET /v1/executors), or as the
     ZooKeeper mirror shows them (--zookeeper)."""

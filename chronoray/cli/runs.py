@@ -7,6 +7,7 @@ import json
 import typer
 
 from chronoray.cli.base import (
+    JSON_OPTION,
     RUN_COLUMNS,
     URL_OPTION,
     call,
@@ -19,9 +20,7 @@ runs_app = typer.Typer(help="A task's attempts and their output.", no_args_is_he
 
 
 @runs_app.command("list")
-def runs_list(
-    task_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
-) -> None:
+def runs_list(task_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Every attempt of a task: executor, tier, lag, exit code, failure."""
     body = call("GET", f"{url}/v1/tasks/{task_id}/runs")
     columns = {**RUN_COLUMNS, "started": "started_at", "failure": "failure"}
@@ -33,7 +32,7 @@ def runs_output(
     task_id: int,
     attempt: int = typer.Argument(1),
     url: str = URL_OPTION,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """The tail of one attempt's output."""
     content = call("GET", f"{url}/v1/tasks/{task_id}/runs/{attempt}/output", raw=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from chronoray.cli.base import (
+    JSON_OPTION,
     URL_OPTION,
     call,
     show,
@@ -25,7 +26,7 @@ def schedules_create(
     overlap: str = typer.Option("skip", help="allow, skip, buffer_one or cancel_previous"),
     priority: int = typer.Option(0),
     url: str = URL_OPTION,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Run a script on a CRON expression in a time zone."""
     body = call(
@@ -45,7 +46,7 @@ def schedules_create(
 
 
 @schedules_app.command("list")
-def schedules_list(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
+def schedules_list(url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
     body = call("GET", f"{url}/v1/schedules")
     columns = {
         "id": "schedule_id",
@@ -61,9 +62,7 @@ def schedules_list(url: str = URL_OPTION, as_json: bool = typer.Option(False, "-
 
 
 @schedules_app.command("show")
-def schedules_show(
-    schedule_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
-) -> None:
+def schedules_show(schedule_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
     """One schedule: expression, zone, policies, next fire, counts."""
     body = call("GET", f"{url}/v1/schedules/{schedule_id}")
     show(
@@ -84,7 +83,7 @@ def schedules_update(
     overlap: str | None = typer.Option(None),
     priority: int | None = typer.Option(None),
     url: str = URL_OPTION,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Change a schedule; its pending occurrence follows the new definition."""
     changes = {
@@ -107,7 +106,7 @@ def schedules_preview(
     schedule_id: int,
     count: int = typer.Option(10),
     url: str = URL_OPTION,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """The next fire times, in UTC and in the schedule's zone."""
     body = call("GET", f"{url}/v1/schedules/{schedule_id}/preview", params={"count": count})
@@ -115,41 +114,31 @@ def schedules_preview(
 
 
 @schedules_app.command("pause")
-def schedules_pause(
-    schedule_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
-) -> None:
+def schedules_pause(schedule_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
     body = call("PATCH", f"{url}/v1/schedules/{schedule_id}", json={"paused": True})
     show(body, as_json, f"schedule {schedule_id} paused")
 
 
 @schedules_app.command("resume")
-def schedules_resume(
-    schedule_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
-) -> None:
+def schedules_resume(schedule_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
     body = call("PATCH", f"{url}/v1/schedules/{schedule_id}", json={"paused": False})
     show(body, as_json, f"schedule {schedule_id} resumed: next fire {body['next_fire_local']}")
 
 
 @schedules_app.command("trigger")
-def schedules_trigger(
-    schedule_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
-) -> None:
+def schedules_trigger(schedule_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
     body = call("POST", f"{url}/v1/schedules/{schedule_id}/trigger")
     show(body, as_json, f"schedule {schedule_id}: task {body['task_id']} runs now")
 
 
 @schedules_app.command("delete")
-def schedules_delete(
-    schedule_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
-) -> None:
+def schedules_delete(schedule_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
     body = call("DELETE", f"{url}/v1/schedules/{schedule_id}")
     show(body, as_json, f"schedule {schedule_id} deleted")
 
 
 @schedules_app.command("runs")
-def schedules_runs(
-    schedule_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
-) -> None:
+def schedules_runs(schedule_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Occurrences with nominal time, start, lag and status."""
     body = call("GET", f"{url}/v1/schedules/{schedule_id}/runs")
     columns = {

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from chronoray.cli.base import (
+    JSON_OPTION,
     URL_OPTION,
     call,
     console,
@@ -25,7 +26,7 @@ def scripts_add(
     file: Path = typer.Argument(..., exists=True, dir_okay=False),
     interpreter: str = typer.Option("bash", help="python, bash or sh"),
     url: str = URL_OPTION,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Upload (or version) a script from a file; the same content again is
     the same version."""
@@ -54,16 +55,14 @@ def _scripts_table(found: list[dict]) -> Table:
 
 
 @scripts_app.command("list")
-def scripts_list(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
+def scripts_list(url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Your scripts, the newest version of each."""
     body = call("GET", f"{url}/v1/scripts")
     show(body, as_json, _scripts_table(body["scripts"]))
 
 
 @scripts_app.command("versions")
-def scripts_versions(
-    name: str, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
-) -> None:
+def scripts_versions(name: str, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Every version of a script, newest first, with its content hash."""
     body = call("GET", f"{url}/v1/scripts/{name}/versions")
     show(body, as_json, _scripts_table(body["versions"]))
@@ -75,7 +74,7 @@ def scripts_show(
     version: int | None = typer.Option(None, help="an older version"),
     body_only: bool = typer.Option(False, "--body", help="print the script itself"),
     url: str = URL_OPTION,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """A script's newest (or given) version; --body prints its content."""
     params = {"version": version} if version else {}
@@ -91,9 +90,7 @@ def scripts_show(
 
 
 @scripts_app.command("delete")
-def scripts_delete(
-    name: str, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
-) -> None:
+def scripts_delete(name: str, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Delete every version of a script no pending task or schedule uses."""
     body = call("DELETE", f"{url}/v1/scripts/{name}")
     show(body, as_json, f"script {name}: {body['deleted_versions']} versions deleted")

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from chronoray.cli.base import (
+    JSON_OPTION,
     RELATIVE,
     RUN_COLUMNS,
     URL_OPTION,
@@ -45,7 +46,7 @@ def submit(
     ),
     batch_size: int = typer.Option(500, help="tasks per POST /v1/tasks:batch with --file"),
     url: str = URL_OPTION,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Schedule a registered script to run once, or every task of a JSON
     Lines file (--file) in all-or-nothing batches, with a progress bar."""
@@ -149,9 +150,7 @@ def _report_batch_error(file: Path, chunk: list[dict], response, submitted: int)
 
 
 @tasks_app.command("show")
-def tasks_show(
-    task_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
-) -> None:
+def tasks_show(task_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
     """A task with its runs."""
     body = call("GET", f"{url}/v1/tasks/{task_id}")
     line = (
@@ -187,7 +186,7 @@ def tasks_list(
     limit: int = typer.Option(100, "--limit"),
     cursor: str = typer.Option(None, "--cursor", help="next_cursor of the previous page"),
     url: str = URL_OPTION,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Your tasks, newest first, one page at a time."""
     params = {
@@ -207,7 +206,7 @@ def tasks_list(
 
 
 @tasks_app.command("dead")
-def tasks_dead(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
+def tasks_dead(url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Tasks that used up their attempts."""
     body = call("GET", f"{url}/v1/dead")
     show(body, as_json, _tasks_table(body["tasks"]))
@@ -218,7 +217,7 @@ def tasks_retry(
     task_id: int,
     attempts: int = typer.Option(1, help="how many more attempts it gets"),
     url: str = URL_OPTION,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Run a dead task again."""
     body = call("POST", f"{url}/v1/tasks/{task_id}/retry", json={"attempts": attempts})
@@ -226,9 +225,7 @@ def tasks_retry(
 
 
 @tasks_app.command("cancel")
-def tasks_cancel(
-    task_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
-) -> None:
+def tasks_cancel(task_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Cancel a task that has not started (409 once it has)."""
     body = call("DELETE", f"{url}/v1/tasks/{task_id}")
     show(body, as_json, f"task {body['task_id']} {body['status']}")

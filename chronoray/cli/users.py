@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from chronoray.cli.base import (
+    JSON_OPTION,
     URL_OPTION,
     call,
     show,
@@ -23,7 +24,7 @@ def users_create(
     last_name: str,
     token: bool = typer.Option(True, help="also issue the user's first token"),
     url: str = URL_OPTION,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Create a user (admin), and by default a token for them."""
     user = call(
@@ -43,7 +44,7 @@ def users_create(
 
 
 @users_app.command("list")
-def users_list(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
+def users_list(url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Every user (admin)."""
     body = call("GET", f"{url}/v1/users", admin=True)
     columns = {
@@ -60,7 +61,7 @@ def users_token(
     user_id: int,
     label: str = typer.Option("", help="what the token is for"),
     url: str = URL_OPTION,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Issue a token for a user (admin); it is shown once."""
     body = call("POST", f"{url}/v1/users/{user_id}/tokens", admin=True, json={"label": label})
@@ -68,16 +69,14 @@ def users_token(
 
 
 @users_app.command("revoke")
-def users_revoke(
-    token_id: int, url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")
-) -> None:
+def users_revoke(token_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Revoke a token (admin); it stops working at once."""
     body = call("DELETE", f"{url}/v1/tokens/{token_id}", admin=True)
     show(body, as_json, f"token {token_id} revoked at {body['revoked_at']}")
 
 
 @users_app.command("me")
-def users_me(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
+def users_me(url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
     """The user your token belongs to."""
     body = call("GET", f"{url}/v1/me")
     show(body, as_json, f"user {body['user_id']} {body['first_name']} {body['last_name']}")
