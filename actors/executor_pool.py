@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import ray
 
 from actors.executor import EXECUTOR_PREFIX, ExecutorActor
+from actors.handles import named_actor
 from scheduling.tiers import MemberView, PoolTiming, Tier, TierTable, plan_size
 
 log = logging.getLogger(__name__)
@@ -248,21 +249,22 @@ class ExecutorPoolShell:
             if entry["namespace"] == settings.namespace and entry["name"].startswith(
                 EXECUTOR_PREFIX
             ):
-                handle = ray.get_actor(entry["name"], namespace=settings.namespace)
-                adopted.append((entry["name"][len(EXECUTOR_PREFIX) :], handle))
+                handle = named_actor(entry["name"], settings.namespace)
+                if handle is not None:  # it may have exited since it was listed
+                    adopted.append((entry["name"][len(EXECUTOR_PREFIX) :], handle))
         self._pool = ExecutorPool(
             tiers=settings.tiers, factory=factory, timing=settings.pool_timing, adopted=adopted
         )
         self._ticking = asyncio.ensure_future(self._tick_forever())
 
     async def _tick_forever(self) -> None:
-        from actors.handles import DISPATCHER_NAME
+        from actors.handles import dispatcher_handle
 
         while True:
             await asyncio.sleep(self._settings.pool_timing.heartbeat_s)
             demand: dict[str, int] = {}
             try:
-                dispatcher = ray.get_actor(DISPATCHER_NAME, namespace=self._settings.namespace)
+                dispatcher = dispatcher_handle(self._settings.namespace)
                 demand = await asyncio.wait_for(dispatcher.demand.remote(), timeout=2)
             except Exception:
                 pass  # not deployed yet, or restarting: size for the minimum

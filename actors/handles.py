@@ -63,6 +63,14 @@ async def call_shard(
         raise Unavailable(f"shard {index} did not answer {method} within {timeout_s} s") from None
 
 
+def named_actor(name: str, namespace: str):
+    """The live actor registered under ``name``, or None (never was, or gone)."""
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return None
+
+
 def dispatcher_handle(namespace: str):
     return ray.get_actor(DISPATCHER_NAME, namespace=namespace)
 

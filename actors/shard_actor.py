@@ -413,13 +413,10 @@ class ShardShell:
                 await self._new_epoch()
 
     def _holds_the_name(self) -> bool:
-        from actors.handles import shard_name
+        from actors.handles import named_actor, shard_name
 
-        try:
-            named = ray.get_actor(shard_name(self._shard.index), namespace=self._namespace)
-        except ValueError:
-            return False
-        return named == ray.get_runtime_context().current_actor
+        named = named_actor(shard_name(self._shard.index), self._namespace)
+        return named is not None and named == ray.get_runtime_context().current_actor
 
     async def ready(self) -> int:
         return (await self._ready()).epoch

@@ -228,7 +228,6 @@ def _delete_http(timeout_s: float = 60.0) -> None:
 
 
 def _actor(name: str, settings: Settings):
-    try:
-        return ray.get_actor(name, namespace=settings.namespace)
-    except ValueError:
-        return None
+    from actors.handles import named_actor
+
+    return named_actor(name, settings.namespace)
