@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import ray
 
 from actors.batching import GroupCommitter
+from actors.handles import ExecutorCalls, ShardResults
 from scheduling.clock import Clock, SystemClock
 from scheduling.lifecycle import lost_result
 from scheduling.models import RunResult, TaskSpec
@@ -24,7 +25,6 @@ from scheduling.tiers import TierTable
 log = logging.getLogger(__name__)
 
 FINISHED_MEMORY = 200_000
-SEND_TIMEOUT_S = 3.0
 
 
 class ExecutorClient(Protocol):
@@ -326,35 +326,6 @@ class Dispatcher:
 # -- Ray shell ---------------------------------------------------------------
 
 
-class _RayExecutor:
-    def __init__(self, handle) -> None:
-        self._handle = handle
-
-    async def run_batch(self, specs: list[TaskSpec]) -> int:
-        # Bounded: a stopped executor must not stall placement for everyone
-        # (a batch it did take after all is deduplicated by attempt).
-        return await asyncio.wait_for(self._handle.run_batch.remote(specs), timeout=SEND_TIMEOUT_S)
-
-    async def running(self) -> list[TaskSpec]:
-        return await asyncio.wait_for(self._handle.running.remote(), timeout=5)
-
-    async def holding(self) -> list[tuple[int, int]]:
-        return await asyncio.wait_for(self._handle.holding.remote(), timeout=5)
-
-    async def cancel(self, keys: list[tuple[int, int]]) -> int:
-        return await asyncio.wait_for(self._handle.cancel.remote(keys), timeout=5)
-
-
-class _RayShards:
-    def __init__(self, namespace: str) -> None:
-        self._namespace = namespace
-
-    async def record_results(self, shard: int, results: list[RunResult]) -> None:
-        from actors.handles import call_shard
-
-        await call_shard(shard, self._namespace, "record_results", results)
-
-
 class DispatcherShell:
     """Builds the Dispatcher, then follows the pool's membership every
     ``membership_s`` and reconciles with executors every ``reconcile_s``;
@@ -381,7 +352,7 @@ class DispatcherShell:
         self._dispatcher = Dispatcher(
             tiers=settings.tiers,
             executors=[],
-            shards=_RayShards(settings.namespace),
+            shards=ShardResults(settings.namespace),
             max_queued=settings.dispatcher_max_queued,
             aging_s=settings.aging_s,
         )
@@ -433,7 +404,7 @@ class DispatcherShell:
                     tier=i.tier,
                     tier_rank=i.tier_rank,
                     slots=i.slots,
-                    client=_RayExecutor(i.handle),
+                    client=ExecutorCalls(i.handle),
                     accepting=i.accepting,
                 )
                 for i in infos

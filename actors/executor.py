@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import ray
 
 from actors.batching import Outbox
+from actors.handles import DispatcherResults
 from actors.sandbox import SandboxLimits, detect_isolation, kill_group, run_script
 from scheduling.clock import Clock, SystemClock, to_epoch
 from scheduling.errors import Unavailable
@@ -274,31 +275,6 @@ class Executor:
 EXECUTOR_PREFIX = "chronoray-exec-"  # not a prefix of POOL_NAME
 
 
-REPORT_TIMEOUT_S = 30.0  # a dispatcher that takes longer is asked again (records are idempotent)
-
-
-class _DispatcherSink:
-    """Results go back to the dispatcher, looked up by name so a restarted
-    dispatcher is found again. Its answer means the shards committed them."""
-
-    def __init__(self, namespace: str) -> None:
-        self._namespace = namespace
-        self._handle = None  # a restartable actor's handle outlives its restarts
-
-    async def report_results(self, results: list[RunResult]) -> None:
-        from actors.handles import dispatcher_handle
-
-        if self._handle is None:
-            self._handle = dispatcher_handle(self._namespace)
-        try:
-            await asyncio.wait_for(
-                self._handle.report_results.remote(results), timeout=REPORT_TIMEOUT_S
-            )
-        except Exception:
-            self._handle = None  # removed and deployed anew: look it up again next time
-            raise
-
-
 class _RepositoryStore:
     """The executor's own database work: script bodies, and the start gate
     (group-committed: every attempt due together shares one transaction)."""
@@ -349,7 +325,7 @@ class ExecutorShell:
             tier=tier.name,
             slots=tier.slots,
             scripts=ScriptCache(store, cache_dir),
-            sink=_DispatcherSink(settings.namespace),
+            sink=DispatcherResults(settings.namespace),
             gate=store,
             node_id=self._node_id,
             limits=self._limits,

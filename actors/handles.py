@@ -1,5 +1,7 @@
-"""Names of the detached actors and how to reach them: every call from
-outside the actors (the API, chronoray.Client) goes through ShardRouter."""
+"""Names of the detached actors and every way to reach them: ShardRouter
+for callers outside the actors (the API, chronoray.Client), and the bounded
+calls the actors make to each other (DispatcherCalls, ShardHints,
+ExecutorCalls, ShardResults, DispatcherResults)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from scheduling.errors import ChronorayError, Unavailable
-from scheduling.models import NewTask, SubmitResult
+from scheduling.models import NewTask, RunResult, SubmitResult, TaskSpec
 from scheduling.timeline import Wheel
 
 DISPATCHER_NAME = "chronoray-dispatcher"
@@ -162,3 +164,104 @@ class ShardRouter:
                 return source, None
 
         return dict(await asyncio.gather(*(gather(s, c) for s, c in calls.items())))
+
+
+# -- calls between actors: each bounded, each with a fallback in its caller ----
+
+SEND_TIMEOUT_S = 3.0  # a batch an executor took after all is deduplicated
+REPORT_TIMEOUT_S = 30.0  # a dispatcher that takes longer is asked again (records are idempotent)
+
+
+class DispatcherCalls:
+    """Every call bounded: a dead or stopped dispatcher fails the loop
+    iteration (retried), never stalls it. A claim whose hand-over failed is
+    queued in the database and offered again when its queue lease ends."""
+
+    def __init__(self, namespace: str) -> None:
+        self._handle = dispatcher_handle(namespace)
+
+    async def _call(self, method: str, *args):
+        try:
+            return await asyncio.wait_for(
+                getattr(self._handle, method).remote(*args), timeout=CALL_TIMEOUT_S
+            )
+        except asyncio.TimeoutError:
+            raise Unavailable(f"the dispatcher did not answer {method}") from None
+
+    async def hello(self) -> str:
+        return await self._call("hello")
+
+    async def room(self) -> int:
+        return await self._call("room")
+
+    async def submit(self, specs: list[TaskSpec]) -> int:
+        return await self._call("submit", specs)
+
+    async def cancel(self, keys: list[tuple[int, int]]) -> None:
+        await self._call("cancel", keys)
+
+
+class ShardHints:
+    """A shard telling the owner shard of tasks it stored for it."""
+
+    def __init__(self, namespace: str) -> None:
+        self._namespace = namespace
+
+    async def track(self, shard: int, entries: list[tuple[int, datetime]]) -> None:
+        """A hint to the owner's timer; the owner's sweep finds the same
+        tasks, so a shard that does not answer is passed over."""
+        try:
+            await call_shard(shard, self._namespace, "track", entries, timeout_s=2.0)
+        except Exception as exc:
+            log.warning("shard %d did not take %d tasks to watch: %s", shard, len(entries), exc)
+
+
+class ExecutorCalls:
+    """The dispatcher's calls to one executor."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+
+    async def run_batch(self, specs: list[TaskSpec]) -> int:
+        # Bounded: a stopped executor must not stall placement for everyone
+        # (a batch it did take after all is deduplicated by attempt).
+        return await asyncio.wait_for(self._handle.run_batch.remote(specs), timeout=SEND_TIMEOUT_S)
+
+    async def running(self) -> list[TaskSpec]:
+        return await asyncio.wait_for(self._handle.running.remote(), timeout=5)
+
+    async def holding(self) -> list[tuple[int, int]]:
+        return await asyncio.wait_for(self._handle.holding.remote(), timeout=5)
+
+    async def cancel(self, keys: list[tuple[int, int]]) -> int:
+        return await asyncio.wait_for(self._handle.cancel.remote(keys), timeout=5)
+
+
+class ShardResults:
+    """The dispatcher handing results to the shard that owns their task."""
+
+    def __init__(self, namespace: str) -> None:
+        self._namespace = namespace
+
+    async def record_results(self, shard: int, results: list[RunResult]) -> None:
+        await call_shard(shard, self._namespace, "record_results", results)
+
+
+class DispatcherResults:
+    """Results go back to the dispatcher, looked up by name so a restarted
+    dispatcher is found again. Its answer means the shards committed them."""
+
+    def __init__(self, namespace: str) -> None:
+        self._namespace = namespace
+        self._handle = None  # a restartable actor's handle outlives its restarts
+
+    async def report_results(self, results: list[RunResult]) -> None:
+        if self._handle is None:
+            self._handle = dispatcher_handle(self._namespace)
+        try:
+            await asyncio.wait_for(
+                self._handle.report_results.remote(results), timeout=REPORT_TIMEOUT_S
+            )
+        except Exception:
+            self._handle = None  # removed and deployed anew: look it up again next time
+            raise

@@ -13,6 +13,7 @@ from typing import Protocol
 import ray
 
 from actors.batching import GroupCommitter
+from actors.handles import DispatcherCalls, ShardHints
 from chronoray.metrics import ShardMetrics
 from chronoray.settings import Settings
 from scheduling.clock import Clock, SystemClock
@@ -309,54 +310,6 @@ class Shard:
 # -- Ray shell ---------------------------------------------------------------
 
 
-class _RayDispatcher:
-    """Every call bounded: a dead or stopped dispatcher fails the loop
-    iteration (retried), never stalls it. A claim whose hand-over failed is
-    queued in the database and offered again when its queue lease ends."""
-
-    def __init__(self, namespace: str) -> None:
-        from actors.handles import dispatcher_handle
-
-        self._handle = dispatcher_handle(namespace)
-
-    async def _call(self, method: str, *args):
-        from actors.handles import CALL_TIMEOUT_S
-
-        try:
-            return await asyncio.wait_for(
-                getattr(self._handle, method).remote(*args), timeout=CALL_TIMEOUT_S
-            )
-        except asyncio.TimeoutError:
-            raise Unavailable(f"the dispatcher did not answer {method}") from None
-
-    async def hello(self) -> str:
-        return await self._call("hello")
-
-    async def room(self) -> int:
-        return await self._call("room")
-
-    async def submit(self, specs: list[TaskSpec]) -> int:
-        return await self._call("submit", specs)
-
-    async def cancel(self, keys: list[tuple[int, int]]) -> None:
-        await self._call("cancel", keys)
-
-
-class _RayPeers:
-    def __init__(self, namespace: str) -> None:
-        self._namespace = namespace
-
-    async def track(self, shard: int, entries: list[tuple[int, datetime]]) -> None:
-        """A hint to the owner's timer; the owner's sweep finds the same
-        tasks, so a shard that does not answer is passed over."""
-        from actors.handles import call_shard
-
-        try:
-            await call_shard(shard, self._namespace, "track", entries, timeout_s=2.0)
-        except Exception as exc:
-            log.warning("shard %d did not take %d tasks to watch: %s", shard, len(entries), exc)
-
-
 class ShardShell:
     """The actor: builds its Shard from settings, rebuilds state from the
     database on every (re)start, and runs the timer loop."""
@@ -370,8 +323,8 @@ class ShardShell:
             repo=SqlTaskRepository(
                 make_engine(settings.database_url), misfire_rules=settings.misfire
             ),
-            dispatcher=_RayDispatcher(settings.namespace),
-            peers=_RayPeers(settings.namespace),
+            dispatcher=DispatcherCalls(settings.namespace),
+            peers=ShardHints(settings.namespace),
             settings=settings,
         )
         self._namespace = settings.namespace
