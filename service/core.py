@@ -40,6 +40,7 @@ from service.requests import (
     task_query,
 )
 from service.steps import (
+    bounded,
     check_caps,
     new_batch,
     new_schedule,
@@ -90,12 +91,6 @@ class Router(Protocol):
     async def executors(self) -> dict[str, Any]: ...
 
     async def metrics(self) -> dict[str, list[Any] | None]: ...
-
-
-def _bounded(value: int, low: int, high: int, field: str) -> int:
-    if not low <= value <= high:
-        raise InvalidInput(f"must be between {low} and {high}", field)
-    return value
 
 
 class Service:
@@ -266,7 +261,7 @@ class Service:
             schedule_id=schedule_id,
             due_from=None if due_from is None else str(due_from),
             due_before=None if due_before is None else str(due_before),
-            limit=_bounded(limit, 1, 1000, "limit"),
+            limit=bounded(limit, 1, 1000, "limit"),
             cursor=cursor,
         )
         return await self._io(task_page, self.repo, query)
@@ -282,17 +277,18 @@ class Service:
     ) -> list[TaskView]:
         """Until every task is final (succeeded, dead, cancelled), in the order given."""
         done: dict[int, TaskView] = {}
+        pending = set(task_ids)
         deadline = self.clock.now().timestamp() + timeout_s
         while True:
-            for task_id in [t for t in task_ids if t not in done]:
+            for task_id in sorted(pending):
                 view = await self.get_task(owner, task_id)
                 if view.task.status.is_final:
                     done[task_id] = view
-            if len(done) == len(set(task_ids)):
+                    pending.discard(task_id)
+            if not pending:
                 return [done[t] for t in task_ids]
             if self.clock.now().timestamp() > deadline:
-                missing = len(set(task_ids)) - len(done)
-                raise TimeoutError(f"{missing} tasks not final after {timeout_s} s")
+                raise TimeoutError(f"{len(pending)} tasks not final after {timeout_s} s")
             await asyncio.sleep(poll_s)
 
     async def list_dead(self, owner: int, limit: int = 100) -> list[Task]:
@@ -364,7 +360,7 @@ class Service:
         self, owner: int, schedule_id: int, count: int = 10
     ) -> tuple[Schedule, list[datetime]]:
         schedule = await self.get_schedule(owner, schedule_id)
-        return schedule, upcoming_fires(schedule, _bounded(count, 1, 100, "count"))
+        return schedule, upcoming_fires(schedule, bounded(count, 1, 100, "count"))
 
     async def schedule_history(
         self, owner: int, schedule_id: int, limit: int = 100
@@ -373,7 +369,7 @@ class Service:
             self.repo.schedule_history,
             schedule_id,
             owner_id=owner,
-            limit=_bounded(limit, 1, 1000, "limit"),
+            limit=bounded(limit, 1, 1000, "limit"),
         )
 
     # -- operations ------------------------------------------------------------

@@ -28,6 +28,13 @@ from storage.repository import TaskQuery, TaskRepository
 CAP_RETRY_AFTER_S = 30.0  # active work drains in about this long; a guess to space retries
 
 
+def bounded(value: int, low: int, high: int, field: str) -> int:
+    """``value``, or InvalidInput naming ``field`` when outside [low, high]."""
+    if not low <= value <= high:
+        raise InvalidInput(f"must be between {low} and {high}", field)
+    return value
+
+
 def redrive(
     repo: TaskRepository,
     settings: Settings,
@@ -39,8 +46,7 @@ def redrive(
 ) -> Task:
     """A dead task, due now with ``attempts`` more attempts (the caller
     tells its shard)."""
-    if not 1 <= attempts <= settings.max_attempts_limit:
-        raise InvalidInput(f"must be between 1 and {settings.max_attempts_limit}", "attempts")
+    bounded(attempts, 1, settings.max_attempts_limit, "attempts")
     return repo.redrive(task_id, owner_id=owner_id, attempts=attempts, now=now)
 
 
