@@ -297,14 +297,18 @@ class Harness:
 
         wait_for(ready, timeout_s=timeout_s, interval_s=1, what="GET /readyz to answer 200")
 
-    def stored(self, script_name: str) -> int:
-        """How many tasks of this script the database holds."""
+    def task_rows(self, script_name: str) -> list:
+        """(task_id, idempotency_key) of every task of this script."""
         with self.engine.connect() as conn:
             return conn.execute(
-                select(func.count())
-                .select_from(tasks.join(scripts, scripts.c.script_id == tasks.c.script_id))
+                select(tasks.c.task_id, tasks.c.idempotency_key)
+                .join(scripts, scripts.c.script_id == tasks.c.script_id)
                 .where(scripts.c.name == script_name)
-            ).scalar()
+            ).all()
+
+    def stored(self, script_name: str) -> int:
+        """How many tasks of this script the database holds."""
+        return len(self.task_rows(script_name))
 
     def wait_final(self, ids, timeout_s: float) -> dict[int, str]:
         """Task id -> status once every one is final (or the timeout)."""
@@ -872,12 +876,8 @@ def s11_serve_kills(h: Harness, out: Outcome, scale: float) -> None:
                 os.kill(pid, signal.SIGKILL)
                 out.faults += 1
         time.sleep(8)
+    rows = h.task_rows("s11.sh")
     with h.engine.connect() as conn:
-        rows = conn.execute(
-            select(tasks.c.task_id, tasks.c.idempotency_key)
-            .join(scripts, scripts.c.script_id == tasks.c.script_id)
-            .where(scripts.c.name == "s11.sh")
-        ).all()
         stored_rows = conn.execute(
             select(schedules.c.schedule_id, schedules.c.variables).where(
                 schedules.c.script_name == "s11-cron.sh"
