@@ -339,12 +339,11 @@ class DispatcherShell:
         recover_s: float = 5.0,
     ) -> None:
         from actors.handles import pool_handle
-        from storage.engines import make_engine
         from storage.sql import SqlTaskRepository
 
         self._settings = settings
         self._pool = pool_handle(settings.namespace)
-        self._repo = SqlTaskRepository(make_engine(settings.database_url, pool_size=2))
+        self._repo = SqlTaskRepository.connect(settings.database_url, pool_size=2)
         self._reconcile_s = reconcile_s
         self._membership_s = membership_s
         self._recover_s = recover_s

@@ -281,10 +281,9 @@ class _RepositoryStore:
 
     def __init__(self, settings) -> None:
         from actors.batching import GroupCommitter
-        from storage.engines import make_engine
         from storage.sql import SqlTaskRepository
 
-        self._repo = SqlTaskRepository(make_engine(settings.database_url, pool_size=2))
+        self._repo = SqlTaskRepository.connect(settings.database_url, pool_size=2)
         self._lease_grace_s = settings.lease_grace_s
         self._gate: GroupCommitter[TaskSpec, bool] = GroupCommitter(self._start_many)
 

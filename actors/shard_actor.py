@@ -20,7 +20,7 @@ from scheduling.clock import Clock, SystemClock
 from scheduling.errors import ChronorayError, Unavailable
 from scheduling.fire_timer import FireTimer
 from scheduling.models import NewTask, RunResult, SubmitResult, TaskSpec
-from storage.repository import TaskRepository
+from storage.repository import ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Shard:
         self,
         *,
         index: int,
-        repo: TaskRepository,
+        repo: ShardStore,
         dispatcher: DispatcherLink,
         peers: ShardPeers,
         settings: Settings,
@@ -315,14 +315,11 @@ class ShardShell:
     database on every (re)start, and runs the timer loop."""
 
     def __init__(self, index: int, settings: Settings) -> None:
-        from storage.engines import make_engine
         from storage.sql import SqlTaskRepository
 
         self._shard = Shard(
             index=index,
-            repo=SqlTaskRepository(
-                make_engine(settings.database_url), misfire_rules=settings.misfire
-            ),
+            repo=SqlTaskRepository.connect(settings.database_url, misfire_rules=settings.misfire),
             dispatcher=DispatcherCalls(settings.namespace),
             peers=ShardHints(settings.namespace),
             settings=settings,

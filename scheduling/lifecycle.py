@@ -1,6 +1,9 @@
-"""What happens to a task after an attempt: done, retried, or dead.
+"""The task state machine: which status a task may move to from which, and
+what happens after an attempt (done, retried, or dead).
 
-Each failure class escalates in its own way (see ``after_attempt``)."""
+Storage applies these decisions as conditional updates (the row moves only
+from a listed source status); it decides none of them. Each failure class
+escalates in its own way (see ``after_attempt``)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from scheduling.models import FailureClass, RunResult, TaskSpec, TaskStatus
+from scheduling.models import IN_FLIGHT_STATUSES, FailureClass, RunResult, TaskSpec, TaskStatus
 from scheduling.tiers import TierTable
 
 # What scripts print when an allocation fails under the address-space limit.
@@ -35,6 +38,30 @@ def classify(
     if exit_code == -9 or any(sign in output_tail for sign in MEMORY_SIGNS):
         return FailureClass.MEMORY
     return FailureClass.EXIT_CODE
+
+
+@dataclass(frozen=True)
+class Move:
+    """A status change: made only while the task is in one of ``source``."""
+
+    source: frozenset[TaskStatus]
+    target: TaskStatus
+
+    def allowed_from(self, status: TaskStatus) -> bool:
+        return status in self.source
+
+
+_S = TaskStatus
+CLAIM = Move(frozenset({_S.SCHEDULED}), _S.QUEUED)  # a shard leases a due task
+START = Move(frozenset({_S.QUEUED}), _S.RUNNING)  # the start gate, just before the script
+CANCEL = Move(frozenset({_S.SCHEDULED}), _S.CANCELLED)  # a user, or a schedule changed
+SKIP = Move(frozenset({_S.SCHEDULED}), _S.SKIPPED)  # a misfire or overlap policy
+STOP = Move(IN_FLIGHT_STATUSES, _S.CANCELLED)  # overlap policy cancel_previous
+REDRIVE = Move(frozenset({_S.DEAD}), _S.SCHEDULED)  # a user gives a dead task more attempts
+# An attempt's result applies to a task in flight; ``after_attempt`` picks the target.
+RESULT_SOURCE = IN_FLIGHT_STATUSES
+RESULT_TARGETS = frozenset({_S.SUCCEEDED, _S.DEAD, _S.SCHEDULED})
+MOVES = (CLAIM, START, CANCEL, SKIP, STOP, REDRIVE)
 
 
 def may_have_started(result: RunResult, status: TaskStatus) -> bool:
@@ -127,6 +154,18 @@ def after_attempt(
         max_attempts=max_attempts,
         lost_count=lost_count,
         execute_at=now + timedelta(seconds=delay),
+    )
+
+
+def after_redrive(*, attempt: int, attempts: int, priority: int, now: datetime) -> Outcome:
+    """A dead task given ``attempts`` more: the next attempt, due now, at the
+    priority it had reached."""
+    return Outcome(
+        status=REDRIVE.target,
+        attempt=attempt + 1,
+        priority=priority,
+        max_attempts=attempt + attempts,
+        execute_at=now,
     )
 
 

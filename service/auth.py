@@ -17,7 +17,7 @@ from datetime import datetime
 
 from scheduling.errors import Forbidden, RateLimited, Unauthorized
 from scheduling.models import ApiToken
-from storage.repository import TaskRepository
+from storage.repository import Accounts
 
 TOKEN_PREFIX = "cr_"
 
@@ -30,9 +30,7 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def issue_token(
-    repo: TaskRepository, *, user_id: int, label: str, now: datetime
-) -> tuple[ApiToken, str]:
+def issue_token(repo: Accounts, *, user_id: int, label: str, now: datetime) -> tuple[ApiToken, str]:
     """A new token for a user: its record and the secret (never stored)."""
     token = new_token()
     record = repo.add_token(user_id=user_id, token_hash=token_hash(token), label=label, now=now)

@@ -23,7 +23,7 @@ from scheduling.models import Interpreter, NewTask, Run, Script, SubmitResult, T
 from scheduling.schedules import MisfirePolicy, NewSchedule, OverlapPolicy, Schedule, first_fire
 from scheduling.validation import validate_script_name
 from service.requests import ScheduleFields, ScheduleIn, TaskIn, encode_cursor, parse_instant
-from storage.repository import TaskQuery, TaskRepository
+from storage.repository import Repository, TaskQuery
 
 CAP_RETRY_AFTER_S = 30.0  # active work drains in about this long; a guess to space retries
 
@@ -36,7 +36,7 @@ def bounded(value: int, low: int, high: int, field: str) -> int:
 
 
 def redrive(
-    repo: TaskRepository,
+    repo: Repository,
     settings: Settings,
     task_id: int,
     *,
@@ -51,7 +51,7 @@ def redrive(
 
 
 def store_script(
-    repo: TaskRepository,
+    repo: Repository,
     settings: Settings,
     *,
     owner_id: int,
@@ -71,7 +71,7 @@ def store_script(
     )
 
 
-def task_runs(repo: TaskRepository, task_id: int, *, owner_id: int) -> list[Run]:
+def task_runs(repo: Repository, task_id: int, *, owner_id: int) -> list[Run]:
     """Every attempt of one of this owner's tasks (TaskNotFound for another's)."""
     repo.get_task(task_id, owner_id=owner_id)
     return repo.list_runs(task_id)
@@ -94,7 +94,7 @@ def run_of(runs: Sequence[Run], task_id: int, attempt: int) -> Run:
 
 
 def check_caps(
-    repo: TaskRepository, settings: Settings, owner_id: int, *, tasks: int = 0, schedules: int = 0
+    repo: Repository, settings: Settings, owner_id: int, *, tasks: int = 0, schedules: int = 0
 ) -> None:
     """429 when this submission would take a user past their caps."""
     active, live = repo.count_active(owner_id)
@@ -130,9 +130,7 @@ def new_batch(items: Sequence[Any], *, owner_id: int, settings: Settings) -> lis
     return news
 
 
-def store_batch(
-    repo: TaskRepository, news: Sequence[NewTask], *, now: datetime
-) -> list[SubmitResult]:
+def store_batch(repo: Repository, news: Sequence[NewTask], *, now: datetime) -> list[SubmitResult]:
     """One transaction: every task, or none (the first failure is raised,
     naming its item)."""
     try:
@@ -219,7 +217,7 @@ def new_schedule(
     return new
 
 
-def task_page(repo: TaskRepository, query: TaskQuery) -> tuple[list[Task], str | None]:
+def task_page(repo: Repository, query: TaskQuery) -> tuple[list[Task], str | None]:
     """One page for ``query`` and the cursor of the next (``None`` at the
     end): one row more than the page says whether there is a next."""
     rows = repo.list_tasks(replace(query, limit=query.limit + 1))

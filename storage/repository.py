@@ -1,4 +1,7 @@
-"""The one storage interface the actors and the API use.
+"""What storage offers, one interface per concern its callers use: the
+service (Repository = accounts, scripts, tasks, schedules), a shard
+(ShardStore = submissions and the run path), executors and the dispatcher
+(FiringStore). storage.sql implements them all.
 
 Every status change is conditional on what the writer believes (status,
 attempt, shard epoch), so a stale writer changes nothing and a replayed call
@@ -63,26 +66,10 @@ class TaskQuery:
     below_id: int | None = None  # the cursor: only tasks with a smaller id
     limit: int = 100
 
-    def matches(self, task: Task) -> bool:
-        """The same filter in Python, for the in-memory repository."""
-        return (
-            task.owner_id == self.owner_id
-            and (not self.statuses or task.status in self.statuses)
-            and (self.script_name is None or task.script_name == self.script_name)
-            and (self.schedule_id is None or task.schedule_id == self.schedule_id)
-            and (self.due_from is None or task.execute_at >= self.due_from)
-            and (self.due_before is None or task.execute_at < self.due_before)
-            and (self.below_id is None or task.task_id < self.below_id)
-        )
 
+class Accounts(Protocol):
+    """Users, tokens, and the counts behind the caps (the service)."""
 
-class TaskRepository(Protocol):
-    tracks_writes: bool  # reads may go to replicas: note_write after a user's writes
-
-    def ping(self) -> None: ...
-    def note_write(self, owner_id: int) -> None: ...
-
-    # users and tokens
     def ensure_user(self, *, first_name: str, last_name: str, now: datetime) -> int: ...
     def add_user(self, *, first_name: str, last_name: str, now: datetime) -> User: ...
     def get_user(self, user_id: int) -> User: ...
@@ -94,7 +81,10 @@ class TaskRepository(Protocol):
     def user_for_token(self, token_hash: str) -> int | None: ...
     def count_active(self, owner_id: int) -> tuple[int, int]: ...
 
-    # scripts
+
+class ScriptStore(Protocol):
+    """Versioned script bodies (the service; executors read bodies)."""
+
     def add_script(
         self, *, owner_id: int, name: str, interpreter: Interpreter, body: bytes, now: datetime
     ) -> tuple[Script, bool]: ...
@@ -104,7 +94,10 @@ class TaskRepository(Protocol):
     def delete_script(self, *, owner_id: int, name: str, now: datetime) -> int: ...
     def get_script_body(self, script_id: int) -> bytes: ...
 
-    # submissions and queries
+
+class TaskStore(Protocol):
+    """Submissions (the shards' group commit) and the user's queries and moves."""
+
     def add_tasks(
         self, new_tasks: Sequence[NewTask], *, now: datetime, atomic: bool = False
     ) -> list[SubmitResult | ChronorayError]: ...
@@ -116,7 +109,11 @@ class TaskRepository(Protocol):
         self, task_id: int, *, owner_id: int | None, attempts: int, now: datetime
     ) -> Task: ...
 
-    # the shard's work
+
+class FiringStore(Protocol):
+    """The run path: shards claim and record, executors pass the start gate,
+    the dispatcher compares what runs."""
+
     def start_shard(self, shard: int, *, now: datetime) -> int: ...
     def shard_epoch(self, shard: int) -> int | None: ...
     def due_tasks(
@@ -151,7 +148,7 @@ class TaskRepository(Protocol):
 
 
 class ScheduleStore(Protocol):
-    """Schedules as the API uses them (SQL only; storage/occurrences.py)."""
+    """Schedules as the service uses them."""
 
     def add_schedule(
         self, new: NewSchedule, *, now: datetime
@@ -170,8 +167,17 @@ class ScheduleStore(Protocol):
     ) -> list[dict[str, Any]]: ...
 
 
-class Repository(TaskRepository, ScheduleStore, Protocol):
+class ShardStore(TaskStore, FiringStore, Protocol):
+    """What a shard asks: its submissions' group commit and the run path."""
+
+
+class Repository(Accounts, ScriptStore, TaskStore, ScheduleStore, Protocol):
     """Everything the service asks of storage."""
+
+    tracks_writes: bool  # reads may go to replicas: note_write after a user's writes
+
+    def ping(self) -> None: ...
+    def note_write(self, owner_id: int) -> None: ...
 
 
 def sha256_hex(body: bytes) -> str:

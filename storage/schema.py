@@ -5,6 +5,7 @@ revision (tests/contract checks that)."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -24,13 +25,15 @@ from sqlalchemy import (
     UniqueConstraint,
     select,
 )
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql import Select
 from sqlalchemy.types import TypeDecorator
 
 # BIGINT on PostgreSQL, INTEGER (the rowid alias) on SQLite.
 Id = BigInteger().with_variant(Integer(), "sqlite")
 
 
-class UtcDateTime(TypeDecorator):
+class UtcDateTime(TypeDecorator[datetime]):
     """Aware datetimes in, aware UTC datetimes out, on every backend.
 
     PostgreSQL stores timestamptz; SQLite stores text, so values are turned
@@ -40,7 +43,7 @@ class UtcDateTime(TypeDecorator):
     impl = DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value, dialect):
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
@@ -48,7 +51,7 @@ class UtcDateTime(TypeDecorator):
         value = value.astimezone(timezone.utc)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
-    def process_result_value(self, value: datetime | None, dialect):
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
@@ -186,7 +189,7 @@ shards = Table(
 )
 
 
-def newest_script(owner_id: int, name: str, *columns):
+def newest_script(owner_id: int, name: str, *columns: Any) -> Select[Any]:
     """The newest live version of an owner's script by name (one row at most)."""
     return (
         select(*columns)

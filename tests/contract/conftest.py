@@ -1,11 +1,11 @@
-"""One storage suite over every backend: the in-memory fake, SQLite and a
-real PostgreSQL (a fresh database per test)."""
+"""One storage suite over every backend: SQLite and a real PostgreSQL (a
+fresh database per test). There is no in-memory fake: it re-implemented
+the state machine and idempotency, which is what this suite checks."""
 
 import pytest
 from sqlalchemy import create_engine, text
 
 from storage.engines import make_engine
-from storage.memory import InMemoryTaskRepository
 from storage.migrate import upgrade
 from storage.sql import SqlTaskRepository
 from tests.conftest import postgres_admin_url
@@ -30,8 +30,6 @@ def postgres_template():
 
 
 def _repository(kind, request, tmp_path):
-    if kind == "memory":
-        return InMemoryTaskRepository(), None
     if kind == "sqlite":
         engine = make_engine(f"sqlite:///{tmp_path / 'contract.db'}")
         upgrade(engine)
@@ -48,16 +46,8 @@ def _repository(kind, request, tmp_path):
 POSTGRES = pytest.param("postgres", marks=pytest.mark.postgres)
 
 
-@pytest.fixture(params=["memory", "sqlite", POSTGRES])
-def repo(request, tmp_path):
-    repository, engine = _repository(request.param, request, tmp_path)
-    yield repository
-    if engine is not None:
-        engine.dispose()
-
-
 @pytest.fixture(params=["sqlite", POSTGRES])
-def sql_repo(request, tmp_path):
+def repo(request, tmp_path):
     repository, engine = _repository(request.param, request, tmp_path)
     yield repository
     engine.dispose()

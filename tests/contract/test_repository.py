@@ -267,11 +267,11 @@ def test_cancel_only_before_start(repo, owner):
         repo.cancel_task(spec.task_id, owner_id=owner + 99, now=T0)
 
 
-def test_sql_schema_matches_the_migrations(sql_repo):
+def test_sql_schema_matches_the_migrations(repo):
     """The metadata queries are written against is what Alembic creates."""
     from storage.schema import metadata
 
-    inspector = inspect(sql_repo.engine)
+    inspector = inspect(repo.engine)
     assert set(inspector.get_table_names()) >= set(metadata.tables)
     for name, table in metadata.tables.items():
         assert {c["name"] for c in inspector.get_columns(name)} == {c.name for c in table.columns}

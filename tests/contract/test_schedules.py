@@ -19,9 +19,9 @@ LEASE = T + timedelta(minutes=10)
 
 
 @pytest.fixture
-def repo(sql_repo):
-    sql_repo.misfire_rules = MisfireRules(grace_s=30, catch_up_window_s=150, max_catch_up=10)
-    return sql_repo
+def repo(repo):
+    repo.misfire_rules = MisfireRules(grace_s=30, catch_up_window_s=150, max_catch_up=10)
+    return repo
 
 
 @pytest.fixture

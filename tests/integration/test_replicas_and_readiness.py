@@ -99,7 +99,7 @@ def test_queries_go_to_the_replica_writes_to_the_primary(primary_and_replica):
     finally:
         set_replay(replica_engine, paused=False)
     wait_until(lambda: replayed(primary_engine, replica_engine), timeout_s=30, what="replay")
-    assert repo._reader(owner) is replica_engine  # caught up: back on the replica
+    assert repo.databases.reader(owner) is replica_engine  # caught up: back on the replica
 
     # the replica refuses writes
     with pytest.raises((InternalError, OperationalError), match="read-only transaction"):
@@ -158,7 +158,9 @@ def test_reads_go_to_the_primary_while_the_replica_is_down(primary_and_replica):
         listed = repo.list_tasks(TaskQuery(owner_id=owner))
         assert [t.task_id for t in listed] == [added.task.task_id]
         assert repo.get_task(added.task.task_id, owner_id=owner).task_id == added.task.task_id
-        assert repo._reader(owner) is primary_engine  # skipped for a while, not asked again
+        assert (
+            repo.databases.reader(owner) is primary_engine
+        )  # skipped for a while, not asked again
     finally:
         replica.start()
     wait_until(lambda: replayed(primary_engine, replica_engine), timeout_s=30, what="replay")

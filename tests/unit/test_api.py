@@ -1,4 +1,4 @@
-"""The HTTP API over the in-memory repository: status codes, error bodies
+"""The HTTP API over a SQLite repository: status codes, error bodies
 naming the field, and nothing stored on bad input."""
 
 from datetime import datetime, timedelta, timezone
@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from chronoray.settings import Settings
-from storage.memory import InMemoryTaskRepository
+from tests.sqlite import rows_in, sqlite_repository
 from tests.unit.fakes import user_api
 
 SETTINGS = Settings(database_url="sqlite://", max_script_bytes=1024, max_request_bytes=4096)
@@ -14,7 +14,7 @@ SETTINGS = Settings(database_url="sqlite://", max_script_bytes=1024, max_request
 
 @pytest.fixture
 def repo():
-    return InMemoryTaskRepository()
+    return sqlite_repository()
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_idempotency_key_replays_or_conflicts(client, repo):
     assert first.json()["task_id"] == again.json()["task_id"]
     other = client.post("/v1/tasks", json={**body, "priority": 3})
     assert other.status_code == 409 and other.json()["error"] == "idempotency_conflict"
-    assert len(repo.tasks) == 1
+    assert rows_in(repo, "tasks") == 1
 
 
 def test_cancel_scheduled_task_once_then_conflict_when_started(client, repo):
@@ -179,7 +179,7 @@ def test_variable_count_and_size_are_capped(repo):
         "/v1/tasks", json={"script": "hello.sh", "execute_at": 1900000000, "variables": ok}
     )
     assert response.status_code == 201
-    assert len(repo.tasks) == 1
+    assert rows_in(repo, "tasks") == 1
 
 
 @pytest.mark.parametrize("body, status, field", BAD_TASKS)
@@ -188,7 +188,7 @@ def test_bad_task_input_names_the_field_and_stores_nothing(client, repo, body, s
     assert response.status_code == status, response.text
     assert response.json()["field"] == field
     assert response.json()["detail"]
-    assert repo.tasks == {}
+    assert rows_in(repo, "tasks") == 0
 
 
 def test_malformed_json_is_400(client, repo):
@@ -201,16 +201,16 @@ def test_malformed_json_is_400(client, repo):
         "detail": "request body is not valid JSON",
         "field": "body",
     }
-    assert repo.tasks == {}
+    assert rows_in(repo, "tasks") == 0
 
 
 def test_script_over_the_size_limit_is_413_and_not_stored(client, repo):
-    before = len(repo.scripts)
+    before = rows_in(repo, "scripts")
     response = client.post("/v1/scripts", json={"name": "big.sh", "body": "x" * 2000})
     assert response.status_code == 413 and response.json()["field"] == "body"
     huge = client.post("/v1/scripts", json={"name": "huge.sh", "body": "x" * 10_000})
     assert huge.status_code == 413
-    assert len(repo.scripts) == before
+    assert rows_in(repo, "scripts") == before
 
 
 @pytest.mark.parametrize(
@@ -223,10 +223,10 @@ def test_script_over_the_size_limit_is_413_and_not_stored(client, repo):
     ],
 )
 def test_bad_script_input(client, repo, body, field):
-    before = len(repo.scripts)
+    before = rows_in(repo, "scripts")
     response = client.post("/v1/scripts", json=body)
     assert response.status_code == 422 and response.json()["field"] == field
-    assert len(repo.scripts) == before
+    assert rows_in(repo, "scripts") == before
 
 
 def test_unknown_task_is_404_and_healthz_is_up(client):
@@ -310,7 +310,7 @@ def test_batch_stores_every_task_in_one_go_and_replays_idempotently(client, repo
     items = [batch_item(i, idempotency_key=f"k{i}") for i in range(5)]
     created = client.post("/v1/tasks:batch", json={"tasks": items})
     assert created.status_code == 201 and created.json()["created"] == 5
-    assert len(repo.tasks) == 5
+    assert rows_in(repo, "tasks") == 5
     again = client.post("/v1/tasks:batch", json={"tasks": items})
     assert again.status_code == 200 and again.json()["created"] == 0
     assert [t["task_id"] for t in again.json()["tasks"]] == [
@@ -335,7 +335,7 @@ def test_one_bad_item_stores_nothing_and_names_the_item(client, repo, bad_item, 
     response = client.post("/v1/tasks:batch", json={"tasks": items})
     assert response.status_code == status, response.json()
     assert response.json()["field"].startswith(field)
-    assert repo.tasks == {}
+    assert rows_in(repo, "tasks") == 0
 
 
 @pytest.mark.parametrize(
@@ -349,7 +349,7 @@ def test_one_bad_item_stores_nothing_and_names_the_item(client, repo, bad_item, 
 def test_batch_shape_errors(client, repo, body, status, field):
     response = client.post("/v1/tasks:batch", json=body)
     assert response.status_code == status and response.json()["field"] == field
-    assert repo.tasks == {}
+    assert rows_in(repo, "tasks") == 0
 
 
 def test_a_batch_beyond_the_configured_count_is_refused(repo):
@@ -357,7 +357,7 @@ def test_a_batch_beyond_the_configured_count_is_refused(repo):
     api.post("/v1/scripts", json={"name": "hello.sh", "body": "echo hello"})
     response = api.post("/v1/tasks:batch", json={"tasks": [batch_item(i) for i in range(4)]})
     assert response.status_code == 413 and response.json()["field"] == "tasks"
-    assert repo.tasks == {}
+    assert rows_in(repo, "tasks") == 0
     assert api.post("/v1/tasks:batch", json={"tasks": [batch_item(0)]}).status_code == 201
 
 
@@ -416,7 +416,7 @@ def test_json_that_python_accepts_but_an_api_must_not(client, repo, raw, reason)
     response = client.post(path, content=raw, headers={"content-type": "application/json"})
     assert response.status_code == 422, response.text
     assert reason in response.json()["detail"] and response.json()["field"] == "body"
-    assert repo.tasks == {}
+    assert rows_in(repo, "tasks") == 0
 
 
 def test_malformed_json_is_still_a_400(client):

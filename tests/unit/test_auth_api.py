@@ -1,5 +1,5 @@
 """Tokens, scripts as raw bodies, and the abuse limits of the HTTP API
-(over the in-memory repository)."""
+(over a SQLite repository)."""
 
 import time
 
@@ -8,7 +8,7 @@ import pytest
 from chronoray.settings import Settings
 from scheduling.errors import RateLimited
 from service.auth import RateLimiter
-from storage.memory import InMemoryTaskRepository
+from tests.sqlite import rows_in, sqlite_repository
 from tests.unit.fakes import user_api
 
 SETTINGS = Settings(
@@ -19,7 +19,7 @@ TEXT = {"content-type": "text/plain"}
 
 @pytest.fixture
 def repo():
-    return InMemoryTaskRepository()
+    return sqlite_repository()
 
 
 def later(seconds: float = 3600) -> float:
@@ -109,7 +109,7 @@ def test_wrong_media_types_are_415_and_store_nothing(repo, method, path, body, h
     api = user_api(repo, SETTINGS)
     response = api.request(method, path, content=body, headers=headers)
     assert response.status_code == 415 and response.json()["field"] == "content-type"
-    assert repo.scripts == {} and repo.tasks == {}
+    assert rows_in(repo, "scripts") == 0 and rows_in(repo, "tasks") == 0
 
 
 def test_a_raw_script_over_the_cap_is_refused_from_its_length(repo):
@@ -120,7 +120,7 @@ def test_a_raw_script_over_the_cap_is_refused_from_its_length(repo):
     assert empty.status_code == 422 and empty.json()["field"] == "body"
     bad_name = api.put("/v1/scripts/..sh", content=b"echo", headers=TEXT)
     assert bad_name.status_code == 422 and bad_name.json()["field"] == "name"
-    assert repo.scripts == {}
+    assert rows_in(repo, "scripts") == 0
 
 
 def test_the_rate_limit_is_429_with_retry_after(repo):
@@ -155,7 +155,7 @@ def test_caps_on_active_tasks_and_schedules_are_429(repo):
     )
     assert first.status_code == 201 and batch.status_code == 429
     assert batch.headers["retry-after"] == "30" and batch.json()["field"] == "tasks"
-    assert len(repo.tasks) == 1
+    assert rows_in(repo, "tasks") == 1
     assert api.post("/v1/tasks", json={"script": "a.sh", "execute_at": later(5)}).status_code == 201
     assert api.post("/v1/tasks", json={"script": "a.sh", "execute_at": later(6)}).status_code == 429
     api.delete(f"/v1/tasks/{first.json()['task_id']}")  # cancelled: no longer active

@@ -12,8 +12,8 @@ from chronoray.metrics import (
 )
 from chronoray.settings import Settings
 from scheduling.models import FailureClass, RunResult, TaskStatus
-from storage.memory import InMemoryTaskRepository
 from tests.conftest import T0
+from tests.sqlite import sqlite_repository
 from tests.unit.fakes import user_api
 
 
@@ -92,7 +92,7 @@ def test_shards_dispatcher_and_pool_merge_with_a_source_label():
 
 
 def test_the_api_serves_metrics_without_a_token():
-    api = user_api(InMemoryTaskRepository(), Settings(database_url="sqlite://"))
+    api = user_api(sqlite_repository(), Settings(database_url="sqlite://"))
     api.post("/v1/scripts", json={"name": "a.sh", "body": "echo"})
     api.post("/v1/tasks", json={"script": "a.sh", "execute_at": 1900000000})
     response = api.get("/metrics", headers={"Authorization": ""})

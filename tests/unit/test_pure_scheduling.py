@@ -6,7 +6,16 @@ import pytest
 
 from scheduling.clock import ManualClock
 from scheduling.fire_timer import FireTimer
-from scheduling.lifecycle import RetryPolicy, after_attempt, classify
+from scheduling.lifecycle import (
+    MOVES,
+    RESULT_SOURCE,
+    RESULT_TARGETS,
+    START,
+    RetryPolicy,
+    after_attempt,
+    after_redrive,
+    classify,
+)
 from scheduling.models import FailureClass, Interpreter, TaskSpec, TaskStatus
 from scheduling.ready_queue import ReadyQueue
 from scheduling.tiers import local_node_resources, local_tiers, production_tiers
@@ -145,6 +154,38 @@ def test_only_the_first_executor_loss_counts_against_the_attempts():
     # loss 1 uses attempt 1 of 2; losses 2 and 3 are free; loss 4 uses the last attempt
     assert statuses == [TaskStatus.SCHEDULED] * 3 + [TaskStatus.DEAD] * 2
     assert (attempt, lost) == (4, 5)
+
+
+def test_the_moves_and_results_are_the_documented_state_machine():
+    """Every edge a writer may take, from scheduling.lifecycle: a final status
+    is left only by a redrive of a dead task, and nothing reaches RUNNING
+    without passing QUEUED (the start gate)."""
+    edges = {(source, move.target) for move in MOVES for source in move.source}
+    edges |= {(source, target) for source in RESULT_SOURCE for target in RESULT_TARGETS}
+    S = TaskStatus
+    assert edges == {
+        (S.SCHEDULED, S.QUEUED),
+        (S.SCHEDULED, S.CANCELLED),
+        (S.SCHEDULED, S.SKIPPED),
+        (S.QUEUED, S.RUNNING),
+        (S.QUEUED, S.CANCELLED),
+        (S.RUNNING, S.CANCELLED),
+        (S.DEAD, S.SCHEDULED),
+        *((flight, end) for flight in (S.QUEUED, S.RUNNING) for end in RESULT_TARGETS),
+    }
+    assert {source for source, _ in edges if source.is_final} == {S.DEAD}
+    assert {source for source, target in edges if target is S.RUNNING} == {S.QUEUED}
+    assert START.allowed_from(S.QUEUED) and not START.allowed_from(S.SCHEDULED)
+
+
+def test_a_redrive_gives_the_next_attempt_more_attempts_due_now():
+    outcome = after_redrive(attempt=3, attempts=2, priority=5, now=T0)
+    assert (outcome.status, outcome.attempt, outcome.max_attempts) == (
+        TaskStatus.SCHEDULED,
+        4,
+        5,
+    )
+    assert (outcome.priority, outcome.execute_at) == (5, T0)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-"""The plain Shard class with an in-memory repository, fake dispatcher and
-a manual clock: no Ray, no sleeping."""
+"""The plain Shard class over a SQLite repository, a fake dispatcher and a
+manual clock: no Ray, no sleeping."""
 
 import asyncio
 from dataclasses import replace
@@ -13,8 +13,9 @@ from scheduling.clock import ManualClock
 from scheduling.errors import Unavailable
 from scheduling.lifecycle import RetryPolicy
 from scheduling.models import FailureClass, Interpreter, NewTask, RunResult, TaskStatus
-from storage.memory import InMemoryTaskRepository
+from storage.sql import SqlTaskRepository
 from tests.conftest import T0
+from tests.sqlite import rows_in, sqlite_repository
 from tests.unit.fakes import FakeDispatcher, FakePeers
 
 SETTINGS = Settings(
@@ -29,7 +30,7 @@ SETTINGS = Settings(
 class World:
     def __init__(self, settings=SETTINGS, room=1000):
         self.clock = ManualClock(T0)
-        self.repo = InMemoryTaskRepository()
+        self.repo = sqlite_repository()
         self.owner = self.repo.ensure_user(first_name="a", last_name="b", now=T0)
         self.repo.add_script(
             owner_id=self.owner, name="s", interpreter=Interpreter.BASH, body=b"true", now=T0
@@ -343,7 +344,7 @@ def test_a_stopping_shard_refuses_submissions_with_unavailable():
         shard.accepting = False
         with pytest.raises(Unavailable):
             await shard.submit([world.new(5)])
-        assert world.repo.tasks == {}
+        assert rows_in(world.repo, "tasks") == 0
 
     run(scenario())
 
@@ -355,7 +356,7 @@ def test_a_claim_that_committed_with_its_answer_lost_is_handed_over_by_the_next_
     (10 minutes) ran out."""
     world = World()
 
-    class AnswerLost(InMemoryTaskRepository):
+    class AnswerLost(SqlTaskRepository):
         lose_next = True
 
         def claim(self, *args, **kwargs):

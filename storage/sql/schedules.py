@@ -1,4 +1,4 @@
-"""Schedules in SQL: create and change them, and fire their occurrences.
+"""Schedules: create and change them, fire their occurrences, and their history.
 
 Firing runs inside the shard's claim transaction: the schedule row is locked
 (FOR UPDATE on PostgreSQL; SQLite serialises writers), the policy decision
@@ -12,12 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Connection, and_, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from scheduling.errors import ScheduleNotFound, ScriptNotFound
-from scheduling.models import IN_FLIGHT_STATUSES, TaskStatus
+from scheduling.lifecycle import CANCEL, CLAIM, SKIP, STOP
+from scheduling.models import TaskStatus
 from scheduling.schedules import (
     Action,
     MisfirePolicy,
@@ -31,8 +33,12 @@ from scheduling.schedules import (
 )
 from scheduling.timeline import bucket_of
 from storage.schema import newest_script, schedules, scripts, shards, tasks
+from storage.sql import rows
+from storage.sql.rows import IN_FLIGHT
 
-IN_FLIGHT = [s.value for s in IN_FLIGHT_STATUSES]
+
+def live_schedules(owner_id: int) -> list[Any]:
+    return [schedules.c.owner_id == owner_id, schedules.c.deleted.is_(False)]
 
 
 @dataclass
@@ -42,7 +48,7 @@ class FireOutcome:
     cancelled: list[tuple[int, int]] = field(default_factory=list)  # (task, attempt) to stop
 
 
-def schedule_from_row(row) -> Schedule:
+def schedule_from_row(row: Any) -> Schedule:
     return Schedule(
         schedule_id=row.schedule_id,
         owner_id=row.owner_id,
@@ -72,7 +78,7 @@ def _latest_script_id(conn: Connection, owner_id: int, name: str) -> int:
     script_id = conn.execute(newest_script(owner_id, name, scripts.c.script_id)).scalar()
     if script_id is None:
         raise ScriptNotFound(f"no script named {name!r}", "script")
-    return script_id
+    return int(script_id)
 
 
 def insert_occurrence(
@@ -82,7 +88,7 @@ def insert_occurrence(
     *,
     now: datetime,
     status: TaskStatus = TaskStatus.SCHEDULED,
-    **extra,
+    **extra: Any,
 ) -> int | None:
     """One occurrence row; None when it exists already (the unique key)."""
     values = {
@@ -111,9 +117,9 @@ def insert_occurrence(
     values.setdefault("bucket", bucket_of(values["execute_at"]))
     try:
         with conn.begin_nested():
-            return conn.execute(
-                insert(tasks).values(**values).returning(tasks.c.task_id)
-            ).scalar_one()
+            return int(
+                conn.execute(insert(tasks).values(**values).returning(tasks.c.task_id)).scalar_one()
+            )
     except IntegrityError:
         return None
 
@@ -153,7 +159,7 @@ def add_schedule(
     if new.paused or nxt is None:
         return schedule, None
     task_id = insert_occurrence(conn, schedule, nxt, now=now)
-    return schedule, (task_id, nxt)
+    return schedule, None if task_id is None else (task_id, nxt)
 
 
 def get_schedule(
@@ -173,24 +179,25 @@ def get_schedule(
 
 
 def list_schedules(conn: Connection, owner_id: int) -> list[Schedule]:
-    rows = conn.execute(
-        select(schedules)
-        .where(schedules.c.owner_id == owner_id, schedules.c.deleted.is_(False))
-        .order_by(schedules.c.schedule_id)
+    found = conn.execute(
+        select(schedules).where(*live_schedules(owner_id)).order_by(schedules.c.schedule_id)
     ).all()
-    return [schedule_from_row(r) for r in rows]
+    return [schedule_from_row(r) for r in found]
 
 
 def _cancel_pending(conn: Connection, schedule_id: int, now: datetime) -> None:
     conn.execute(
         update(tasks)
-        .where(tasks.c.schedule_id == schedule_id, tasks.c.status == TaskStatus.SCHEDULED.value)
-        .values(status=TaskStatus.CANCELLED.value, updated_at=now)
+        .where(
+            tasks.c.schedule_id == schedule_id,
+            tasks.c.status.in_(rows.status_values(CANCEL.source)),
+        )
+        .values(status=CANCEL.target.value, updated_at=now)
     )
 
 
 def change_schedule(
-    conn: Connection, schedule_id: int, *, owner_id: int, changes: dict, now: datetime
+    conn: Connection, schedule_id: int, *, owner_id: int, changes: dict[str, Any], now: datetime
 ) -> tuple[Schedule, tuple[int, datetime] | None]:
     """Apply changes (paused, cron, timezone, …); the pending occurrence is
     replaced by one that follows the new definition."""
@@ -284,28 +291,29 @@ def fire_occurrences(
             rules=rules,
             buffered=row.buffered,
         )
+        # SKIP and CLAIM both move a scheduled occurrence: one condition serves both
         this = and_(
-            tasks.c.task_id == task_id, tasks.c.status == TaskStatus.SCHEDULED.value, current_epoch
+            tasks.c.task_id == task_id,
+            tasks.c.status.in_(rows.status_values(CLAIM.source)),
+            current_epoch,
         )
         if plan.action is Action.SKIP:
             if not conn.execute(
-                update(tasks).where(this).values(status=TaskStatus.SKIPPED.value, updated_at=now)
+                update(tasks).where(this).values(status=SKIP.target.value, updated_at=now)
             ).rowcount:
                 continue
         elif plan.action is Action.FIRE:
             if plan.cancel_previous:
                 previous = conn.execute(
                     update(tasks)
-                    .where(others, tasks.c.status.in_(IN_FLIGHT))
-                    .values(
-                        status=TaskStatus.CANCELLED.value, lease_expires_at=None, updated_at=now
-                    )
+                    .where(others, tasks.c.status.in_(rows.status_values(STOP.source)))
+                    .values(status=STOP.target.value, lease_expires_at=None, updated_at=now)
                     .returning(tasks.c.task_id, tasks.c.attempt)
                 ).all()
                 outcome.cancelled += [(r.task_id, r.attempt) for r in previous]
             first, *more = plan.fire_at
             claim = {
-                "status": TaskStatus.QUEUED.value,
+                "status": CLAIM.target.value,
                 "epoch": epoch,
                 "lease_expires_at": lease_until,
                 "updated_at": now,
@@ -370,3 +378,28 @@ def waiting_occurrences(
         )
     ).all()
     return [(r.task_id, r.execute_at) for r in rows]
+
+
+def schedule_history(
+    conn: Connection, schedule_id: int, *, owner_id: int, limit: int
+) -> list[dict[str, Any]]:
+    """Occurrences newest first, each with its runs: nominal time, status,
+    and per attempt start, lag and outcome."""
+    get_schedule(conn, schedule_id, owner_id=owner_id)
+    found = conn.execute(
+        select(tasks.c.task_id, tasks.c.nominal_at, tasks.c.status, tasks.c.attempt)
+        .where(tasks.c.schedule_id == schedule_id)
+        .order_by(tasks.c.nominal_at.desc())
+        .limit(limit)
+    ).all()
+    by_task = rows.runs_of(conn, [r.task_id for r in found])
+    return [
+        {
+            "task_id": r.task_id,
+            "nominal_at": r.nominal_at,
+            "status": TaskStatus(r.status),
+            "attempt": r.attempt,
+            "runs": by_task.get(r.task_id, []),
+        }
+        for r in found
+    ]

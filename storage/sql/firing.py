@@ -1,0 +1,327 @@
+"""The shard's work: incarnations (epochs), due tasks, the fenced claim, the
+start gate, results, and the sweeps that hand over what was not handed over.
+
+Each status change applies a move decided in ``scheduling.lifecycle`` and is
+conditional on what the writer believes (status, attempt, epoch), so a stale
+writer changes nothing and a replayed call is harmless."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, and_, bindparam, exists, insert, select, update
+
+from scheduling.lifecycle import (
+    CLAIM,
+    RESULT_SOURCE,
+    START,
+    RetryPolicy,
+    after_attempt,
+    may_have_started,
+    running_lease,
+)
+from scheduling.models import RunResult, TaskSpec, TaskStatus
+from scheduling.schedules import MisfireRules
+from scheduling.tiers import TierTable
+from scheduling.timeline import Wheel, bucket_of
+from storage.repository import Claimed, OutcomeHook
+from storage.schema import runs, shards, tasks
+from storage.sql import rows, schedules
+
+log = logging.getLogger(__name__)
+
+
+def start_shard(conn: Connection, shard: int, *, now: datetime) -> int:
+    """A new incarnation's epoch. Two incarnations inserting the first row
+    race on the key (the caller retries)."""
+    epoch = conn.execute(
+        update(shards)
+        .where(shards.c.shard == shard)
+        .values(epoch=shards.c.epoch + 1, started_at=now)
+        .returning(shards.c.epoch)
+    ).scalar()
+    if epoch is None:
+        conn.execute(insert(shards).values(shard=shard, epoch=1, started_at=now))
+        return 1
+    return int(epoch)
+
+
+def shard_epoch(conn: Connection, shard: int) -> int | None:
+    """The newest incarnation's epoch: an owner holding an older one has
+    been superseded and claims nothing."""
+    epoch = conn.execute(select(shards.c.epoch).where(shards.c.shard == shard)).scalar()
+    return None if epoch is None else int(epoch)
+
+
+def _owned_by(wheel: Wheel, shard: int) -> Any:
+    return (tasks.c.bucket // wheel.range_s) % wheel.num_shards == shard
+
+
+def due_tasks(
+    conn: Connection, *, wheel: Wheel, shard: int, before: datetime, limit: int
+) -> list[tuple[int, datetime]]:
+    found = conn.execute(
+        select(tasks.c.task_id, tasks.c.execute_at)
+        .where(
+            tasks.c.status.in_(rows.status_values(CLAIM.source)),
+            tasks.c.bucket <= bucket_of(before),
+            tasks.c.execute_at <= before,
+            _owned_by(wheel, shard),
+        )
+        .order_by(tasks.c.execute_at)
+        .limit(limit)
+    ).all()
+    return [(row.task_id, row.execute_at) for row in found]
+
+
+def claim(
+    conn: Connection,
+    task_ids: Sequence[int],
+    *,
+    shard: int,
+    epoch: int,
+    lease_until: datetime,
+    now: datetime,
+    rules: MisfireRules,
+) -> Claimed:
+    """The CLAIM move, fenced by the shard's epoch: a superseded incarnation
+    claims nothing. One-shot tasks in one conditional update; schedule
+    occurrences one by one under their policies."""
+    if not task_ids:
+        return Claimed([])
+    current_epoch = exists().where(shards.c.shard == shard, shards.c.epoch == epoch)
+    occurrence_ids = set(
+        conn.execute(
+            select(tasks.c.task_id).where(
+                tasks.c.task_id.in_(list(task_ids)), tasks.c.schedule_id.is_not(None)
+            )
+        ).scalars()
+    )
+    plain = [t for t in task_ids if t not in occurrence_ids]
+    claimed: Sequence[int] = []
+    if plain:
+        claimed = (
+            conn.execute(
+                update(tasks)
+                .where(
+                    tasks.c.task_id.in_(plain),
+                    tasks.c.status.in_(rows.status_values(CLAIM.source)),
+                    current_epoch,
+                )
+                .values(
+                    status=CLAIM.target.value,
+                    epoch=epoch,
+                    lease_expires_at=lease_until,
+                    updated_at=now,
+                )
+                .returning(tasks.c.task_id)
+            )
+            .scalars()
+            .all()
+        )
+    fired = schedules.FireOutcome()
+    if occurrence_ids:
+        fired = schedules.fire_occurrences(
+            conn,
+            sorted(occurrence_ids),
+            shard=shard,
+            epoch=epoch,
+            lease_until=lease_until,
+            now=now,
+            rules=rules,
+        )
+    ids = [*claimed, *fired.fired]
+    found = (
+        conn.execute(
+            rows.with_script_name(*rows.SPEC_COLUMNS)
+            .where(tasks.c.task_id.in_(ids))
+            .order_by(tasks.c.execute_at)
+        ).all()
+        if ids
+        else []
+    )
+    return Claimed(
+        [rows.spec(row, shard=shard) for row in found], fired.follow_ups, fired.cancelled
+    )
+
+
+def mark_running(
+    conn: Connection, specs: Sequence[TaskSpec], *, lease_grace_s: float, now: datetime
+) -> list[tuple[int, int]]:
+    """The start gate: the START move for exactly this (task, attempt,
+    epoch), one conditional update each. Returns the attempts that moved;
+    any other attempt belongs to someone else (a newer attempt, a cancel)
+    and its script must not start."""
+    statement = (
+        update(tasks)
+        .where(
+            tasks.c.task_id == bindparam("b_task_id"),
+            tasks.c.attempt == bindparam("b_attempt"),
+            tasks.c.epoch == bindparam("b_epoch"),
+            tasks.c.status.in_(rows.status_values(START.source)),
+        )
+        .values(
+            status=START.target.value,
+            lease_expires_at=bindparam("b_lease"),
+            updated_at=now,
+        )
+    )
+    started = []
+    for spec in specs:
+        changed = conn.execute(
+            statement,
+            {
+                "b_task_id": spec.task_id,
+                "b_attempt": spec.attempt,
+                "b_epoch": spec.epoch,
+                "b_lease": running_lease(spec, lease_grace_s=lease_grace_s, now=now),
+            },
+        ).rowcount
+        if changed:
+            started.append(spec.key)
+    return started
+
+
+def record_results(
+    conn: Connection,
+    results: Sequence[RunResult],
+    *,
+    policy: RetryPolicy,
+    now: datetime,
+    tiers: TierTable | None = None,
+    on_outcome: OutcomeHook | None = None,
+) -> list[tuple[int, datetime]]:
+    """Apply each attempt's outcome (``after_attempt``) where the row still
+    matches it (attempt, epoch, in flight) and log the run. Returns what to
+    watch next: tasks put back for a retry, and schedule occurrences that
+    were waiting for a run that has now ended."""
+    watch: list[tuple[int, datetime]] = []
+    run_rows, ended_schedules = [], set()
+    current = {
+        row.task_id: row
+        for row in conn.execute(
+            select(
+                tasks.c.task_id,
+                tasks.c.status,
+                tasks.c.max_attempts,
+                tasks.c.schedule_id,
+                tasks.c.lost_count,
+            ).where(tasks.c.task_id.in_({r.task_id for r in results}))
+        )
+    }
+    for result in results:
+        row = current.get(result.task_id)
+        if row is None:
+            continue
+        outcome = after_attempt(
+            attempt=result.attempt,
+            max_attempts=row.max_attempts,
+            priority=result.priority,
+            failure=result.failure,
+            policy=policy,
+            now=now,
+            lost_count=row.lost_count,
+            tiers=tiers,
+            started=may_have_started(result, TaskStatus(row.status)),
+        )
+        values: dict[str, Any] = {
+            "status": outcome.status.value,
+            "attempt": outcome.attempt,
+            "priority": outcome.priority,
+            "max_attempts": outcome.max_attempts,
+            "lost_count": outcome.lost_count,
+            "lease_expires_at": None,
+            "updated_at": now,
+        }
+        if outcome.execute_at is not None:
+            values["execute_at"] = outcome.execute_at
+            values["bucket"] = bucket_of(outcome.execute_at)
+        changed = conn.execute(
+            update(tasks)
+            .where(
+                tasks.c.task_id == result.task_id,
+                tasks.c.attempt == result.attempt,
+                tasks.c.epoch == result.epoch,
+                tasks.c.status.in_(rows.status_values(RESULT_SOURCE)),
+            )
+            .values(**values)
+        ).rowcount
+        if not changed:
+            log.info(
+                "stale result ignored",
+                extra={"task_id": result.task_id, "attempt": result.attempt},
+            )
+            continue
+        run_rows.append(rows.run_values(result))
+        if on_outcome is not None:
+            on_outcome(result, outcome.status, row.schedule_id)
+        if outcome.status is TaskStatus.SCHEDULED and outcome.execute_at is not None:
+            watch.append((result.task_id, outcome.execute_at))
+        elif row.schedule_id is not None:
+            ended_schedules.add(row.schedule_id)
+    if run_rows:
+        conn.execute(insert(runs), run_rows)
+    return watch + schedules.waiting_occurrences(conn, ended_schedules, now=now)
+
+
+def stale_queued(
+    conn: Connection,
+    *,
+    wheel: Wheel,
+    shard: int,
+    now: datetime,
+    lease_until: datetime,
+    limit: int,
+) -> list[TaskSpec]:
+    """Queued attempts whose queue lease ran out (a hand-over that did not
+    arrive, or a task still waiting for a slot): lease them again and
+    return them, to be handed over again. No attempt is used: the
+    dispatcher ignores one it holds, and the start gate lets one start."""
+    stale = and_(
+        tasks.c.status == TaskStatus.QUEUED.value,
+        tasks.c.lease_expires_at < now,
+        _owned_by(wheel, shard),
+    )
+    # Only what is handed over is leased again: the rest stays stale for the next sweep.
+    chosen = select(tasks.c.task_id).where(stale).limit(limit).scalar_subquery()
+    ids = (
+        conn.execute(
+            update(tasks)
+            .where(tasks.c.task_id.in_(chosen), stale)
+            .values(lease_expires_at=lease_until)
+            .returning(tasks.c.task_id)
+        )
+        .scalars()
+        .all()
+    )
+    return specs(conn, tasks.c.task_id.in_(ids), wheel) if ids else []
+
+
+def queued_specs(conn: Connection, *, wheel: Wheel, shard: int, limit: int) -> list[TaskSpec]:
+    return specs(
+        conn,
+        and_(tasks.c.status == TaskStatus.QUEUED.value, _owned_by(wheel, shard)),
+        wheel,
+        limit=limit,
+    )
+
+
+def running_specs(conn: Connection, *, wheel: Wheel, limit: int) -> list[TaskSpec]:
+    """Every attempt the database says is running, on any shard: what a
+    dispatcher compares with what executors hold."""
+    return specs(conn, tasks.c.status == TaskStatus.RUNNING.value, wheel, limit=limit)
+
+
+def specs(
+    conn: Connection, where: Any, wheel: Wheel, *, limit: int | None = None
+) -> list[TaskSpec]:
+    found = conn.execute(
+        rows.with_script_name(*rows.SPEC_COLUMNS)
+        .where(where)
+        .order_by(tasks.c.execute_at)
+        .limit(limit)
+    ).all()
+    return [rows.spec(row, shard=wheel.shard_of_bucket(row.bucket)) for row in found]

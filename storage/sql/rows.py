@@ -1,0 +1,175 @@
+"""Rows to records: the columns each query selects and the mappers from a
+row to a scheduling record. Every other module of storage.sql reads through
+these, so a column added to the schema is mapped in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, func, select
+
+from scheduling.models import (
+    FINAL_STATUSES,
+    IN_FLIGHT_STATUSES,
+    ApiToken,
+    FailureClass,
+    Interpreter,
+    Run,
+    RunResult,
+    Script,
+    Task,
+    TaskSpec,
+    TaskStatus,
+    User,
+)
+from storage.repository import tail
+from storage.schema import runs, scripts, tasks
+
+ACTIVE = sorted(s.value for s in TaskStatus if s not in FINAL_STATUSES)
+IN_FLIGHT = sorted(s.value for s in IN_FLIGHT_STATUSES)
+TASK_COLUMNS = [*tasks.c, scripts.c.name.label("script_name")]
+SPEC_COLUMNS = [*tasks.c, scripts.c.sha256, scripts.c.interpreter]
+SCRIPT_COLUMNS = [
+    scripts.c.script_id,
+    scripts.c.owner_id,
+    scripts.c.name,
+    scripts.c.version,
+    scripts.c.sha256,
+    scripts.c.interpreter,
+    func.length(scripts.c.body).label("size_bytes"),
+    scripts.c.created_at,
+]
+
+
+def status_values(statuses: frozenset[TaskStatus]) -> list[str]:
+    """A move's source statuses as stored (for ``status IN (...)``)."""
+    return sorted(s.value for s in statuses)
+
+
+def count(conn: Connection, table: Any, *where: Any) -> int:
+    return conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one()
+
+
+def with_script_name(*columns: Any) -> Any:
+    """A select of tasks joined to their script (for its name, digest, interpreter)."""
+    return select(*columns).join(scripts, scripts.c.script_id == tasks.c.script_id)
+
+
+def task(row: Any) -> Task:
+    return Task(
+        task_id=row.task_id,
+        owner_id=row.owner_id,
+        script_id=row.script_id,
+        script_name=row.script_name,
+        execute_at=row.execute_at,
+        status=TaskStatus(row.status),
+        priority=row.priority,
+        attempt=row.attempt,
+        max_attempts=row.max_attempts,
+        variables=dict(row.variables),
+        timeout_s=row.timeout_s,
+        idempotency_key=row.idempotency_key,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        lease_expires_at=row.lease_expires_at,
+        epoch=row.epoch,
+        schedule_id=row.schedule_id,
+        nominal_at=row.nominal_at,
+        lost_count=row.lost_count,
+    )
+
+
+def script(row: Any) -> Script:
+    return Script(
+        script_id=row.script_id,
+        owner_id=row.owner_id,
+        name=row.name,
+        version=row.version,
+        sha256=row.sha256,
+        interpreter=Interpreter(row.interpreter),
+        size_bytes=row.size_bytes,
+        created_at=row.created_at,
+    )
+
+
+def user(row: Any) -> User:
+    return User(
+        user_id=row.user_id,
+        first_name=row.first_name,
+        last_name=row.last_name,
+        created_at=row.created_at,
+    )
+
+
+def token(row: Any) -> ApiToken:
+    return ApiToken(
+        token_id=row.token_id,
+        user_id=row.user_id,
+        label=row.label,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+    )
+
+
+def spec(row: Any, *, shard: int) -> TaskSpec:
+    return TaskSpec(
+        task_id=row.task_id,
+        attempt=row.attempt,
+        epoch=row.epoch,
+        shard=shard,
+        priority=row.priority,
+        due_at=row.execute_at,
+        script_id=row.script_id,
+        script_sha256=row.sha256,
+        interpreter=Interpreter(row.interpreter),
+        variables=dict(row.variables),
+        timeout_s=row.timeout_s,
+        nominal_at=row.nominal_at,
+    )
+
+
+def run(row: Any) -> Run:
+    return Run(
+        run_id=row.run_id,
+        task_id=row.task_id,
+        attempt=row.attempt,
+        priority=row.priority,
+        executor_id=row.executor_id,
+        tier=row.tier,
+        node_id=row.node_id,
+        due_at=row.due_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        exit_code=row.exit_code,
+        output_tail=row.output_tail,
+        failure=FailureClass(row.failure) if row.failure else None,
+    )
+
+
+def runs_of(conn: Connection, task_ids: list[int]) -> dict[int, list[Run]]:
+    """Each task's runs, by attempt."""
+    by_task: dict[int, list[Run]] = {}
+    if task_ids:
+        for row in conn.execute(
+            select(runs).where(runs.c.task_id.in_(task_ids)).order_by(runs.c.attempt)
+        ):
+            by_task.setdefault(row.task_id, []).append(run(row))
+    return by_task
+
+
+def run_values(result: RunResult) -> dict[str, Any]:
+    """The runs row for an attempt's result."""
+    return {
+        "task_id": result.task_id,
+        "attempt": result.attempt,
+        "priority": result.priority,
+        "executor_id": result.executor_id,
+        "tier": result.tier,
+        "node_id": result.node_id,
+        "due_at": result.due_at,
+        "started_at": result.started_at,
+        "finished_at": result.finished_at,
+        "exit_code": result.exit_code,
+        "output_tail": tail(result.output_tail),
+        "failure": result.failure.value if result.failure else None,
+    }

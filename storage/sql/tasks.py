@@ -1,0 +1,232 @@
+"""Submissions and queries: the group commit with idempotency, a task and
+its runs, pages of tasks, and the user's moves (cancel, redrive)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import Connection, insert, update
+
+from scheduling.errors import (
+    BatchRejected,
+    ChronorayError,
+    IdempotencyConflict,
+    ScriptNotFound,
+    TaskNotCancellable,
+    TaskNotFound,
+    TaskNotRetryable,
+)
+from scheduling.lifecycle import CANCEL, REDRIVE, after_redrive
+from scheduling.models import NewTask, SubmitResult, Task, TaskStatus
+from scheduling.timeline import bucket_of
+from storage import schema
+from storage.repository import TaskQuery
+from storage.schema import tasks
+from storage.sql import rows, scripts
+
+
+def add_tasks(
+    conn: Connection, new_tasks: Sequence[NewTask], *, now: datetime, atomic: bool = False
+) -> list[SubmitResult | ChronorayError]:
+    """Every valid submission in this transaction. An item that fails on its
+    own (unknown script, idempotency conflict) gets its error back; the
+    others are stored. ``atomic``: one failure stores nothing and raises
+    BatchRejected. A concurrent submission taking an idempotency key fails
+    the transaction on the unique key (the caller retries)."""
+    results: list[SubmitResult | ChronorayError | None] = [None] * len(new_tasks)
+    known = scripts.latest(conn, {(t.owner_id, t.script_name) for t in new_tasks})
+    stored_requests = {
+        row.request_id: rows.task(row)
+        for row in conn.execute(
+            rows.with_script_name(*rows.TASK_COLUMNS).where(
+                tasks.c.request_id.in_({t.request_id for t in new_tasks})
+            )
+        )
+    }
+    new_rows, row_positions = [], []
+    # A second item with the same request (a replay that landed in the same
+    # group commit) answers with the first item's outcome.
+    first_of: dict[object, int] = {}
+    echoes: list[tuple[int, int]] = []
+    for i, new in enumerate(new_tasks):
+        if new.request_id in stored_requests:
+            results[i] = SubmitResult(task=stored_requests[new.request_id], created=False)
+            continue
+        key = (new.owner_id, new.idempotency_key) if new.idempotency_key else None
+        twin = first_of.get(new.request_id, first_of.get(key))
+        if twin is not None:
+            if new_tasks[twin].request_hash != new.request_hash:
+                results[i] = IdempotencyConflict(
+                    "idempotency key repeated in one batch with another request",
+                    "idempotency_key",
+                )
+            else:
+                echoes.append((i, twin))
+            continue
+        first_of[new.request_id] = i
+        if key is not None:
+            first_of[key] = i
+        script = known.get((new.owner_id, new.script_name))
+        if script is None:
+            results[i] = ScriptNotFound(f"no script named {new.script_name!r}", "script")
+            continue
+        if new.idempotency_key is not None:
+            replay = _idempotent_replay(conn, new)
+            if replay is not None:
+                results[i] = replay
+                continue
+        new_rows.append(_new_row(new, script_id=script.script_id, now=now))
+        row_positions.append(i)
+    failures = [(i, r) for i, r in enumerate(results) if isinstance(r, ChronorayError)]
+    if atomic and failures:
+        raise BatchRejected(failures)  # before any insert: nothing is written
+    if new_rows:
+        ids = (
+            conn.execute(
+                insert(tasks).returning(tasks.c.task_id, sort_by_parameter_order=True), new_rows
+            )
+            .scalars()
+            .all()
+        )
+        stored = {
+            row.task_id: rows.task(row)
+            for row in conn.execute(
+                rows.with_script_name(*rows.TASK_COLUMNS).where(tasks.c.task_id.in_(ids))
+            )
+        }
+        for position, task_id in zip(row_positions, ids, strict=True):
+            results[position] = SubmitResult(task=stored[task_id], created=True)
+    for i, twin in echoes:
+        first = results[twin]
+        results[i] = (
+            SubmitResult(task=first.task, created=False)
+            if isinstance(first, SubmitResult)
+            else first
+        )
+    return cast("list[SubmitResult | ChronorayError]", results)  # every position is filled
+
+
+def _new_row(new: NewTask, *, script_id: int, now: datetime) -> dict[str, Any]:
+    return {
+        "owner_id": new.owner_id,
+        "script_id": script_id,
+        "schedule_id": None,
+        "nominal_at": new.execute_at,
+        "buffered": False,
+        "execute_at": new.execute_at,
+        "bucket": bucket_of(new.execute_at),
+        "status": TaskStatus.SCHEDULED.value,
+        "priority": new.priority,
+        "attempt": 1,
+        "max_attempts": new.max_attempts,
+        "variables": dict(new.variables),
+        "timeout_s": new.timeout_s,
+        "idempotency_key": new.idempotency_key,
+        "request_hash": new.request_hash,
+        "request_id": new.request_id,
+        "lease_expires_at": None,
+        "epoch": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _idempotent_replay(conn: Connection, new: NewTask) -> SubmitResult | ChronorayError | None:
+    row = conn.execute(
+        rows.with_script_name(*rows.TASK_COLUMNS).where(
+            tasks.c.owner_id == new.owner_id, tasks.c.idempotency_key == new.idempotency_key
+        )
+    ).first()
+    if row is None:
+        return None
+    if row.request_hash != new.request_hash:
+        return IdempotencyConflict(
+            "idempotency key already used with a different request", "idempotency_key"
+        )
+    return SubmitResult(task=rows.task(row), created=False)
+
+
+def get_task(conn: Connection, task_id: int, *, owner_id: int | None) -> Task:
+    query = rows.with_script_name(*rows.TASK_COLUMNS).where(tasks.c.task_id == task_id)
+    if owner_id is not None:
+        query = query.where(tasks.c.owner_id == owner_id)
+    row = conn.execute(query).first()
+    if row is None:
+        raise TaskNotFound(f"no task {task_id}", "task_id")
+    return rows.task(row)
+
+
+def list_tasks(conn: Connection, query: TaskQuery) -> list[Task]:
+    conditions = [tasks.c.owner_id == query.owner_id]
+    if query.statuses:
+        conditions.append(tasks.c.status.in_(sorted(s.value for s in query.statuses)))
+    if query.script_name is not None:
+        conditions.append(schema.scripts.c.name == query.script_name)
+    if query.schedule_id is not None:
+        conditions.append(tasks.c.schedule_id == query.schedule_id)
+    if query.due_from is not None:
+        conditions.append(tasks.c.execute_at >= query.due_from)
+    if query.due_before is not None:
+        conditions.append(tasks.c.execute_at < query.due_before)
+    if query.below_id is not None:
+        conditions.append(tasks.c.task_id < query.below_id)
+    found = conn.execute(
+        rows.with_script_name(*rows.TASK_COLUMNS)
+        .where(*conditions)
+        .order_by(tasks.c.task_id.desc())
+        .limit(query.limit)
+    ).all()
+    return [rows.task(row) for row in found]
+
+
+def cancel_task(conn: Connection, task_id: int, *, owner_id: int | None, now: datetime) -> Task:
+    """Cancel a task that has not fired; cancelling a cancelled task again is
+    answered with it."""
+    task = get_task(conn, task_id, owner_id=owner_id)
+    if task.status is CANCEL.target:
+        return task
+    changed = conn.execute(
+        update(tasks)
+        .where(tasks.c.task_id == task_id, tasks.c.status.in_(rows.status_values(CANCEL.source)))
+        .values(status=CANCEL.target.value, updated_at=now)
+    ).rowcount
+    if not changed:
+        raise TaskNotCancellable(
+            f"task {task_id} is {task.status.value}; only scheduled tasks can be cancelled",
+            "task_id",
+        )
+    return get_task(conn, task_id, owner_id=owner_id)
+
+
+def redrive(
+    conn: Connection, task_id: int, *, owner_id: int | None, attempts: int, now: datetime
+) -> Task:
+    """Give a dead task ``attempts`` more attempts (``after_redrive``)."""
+    task = get_task(conn, task_id, owner_id=owner_id)
+    outcome = after_redrive(
+        attempt=task.attempt, attempts=attempts, priority=task.priority, now=now
+    )
+    changed = conn.execute(
+        update(tasks)
+        .where(
+            tasks.c.task_id == task_id,
+            tasks.c.attempt == task.attempt,
+            tasks.c.status.in_(rows.status_values(REDRIVE.source)),
+        )
+        .values(
+            status=outcome.status.value,
+            attempt=outcome.attempt,
+            max_attempts=outcome.max_attempts,
+            execute_at=outcome.execute_at,
+            bucket=bucket_of(now),
+            lease_expires_at=None,
+            updated_at=now,
+        )
+    ).rowcount
+    if not changed:
+        raise TaskNotRetryable(
+            f"task {task_id} is {task.status.value}; only dead tasks can be retried", "task_id"
+        )
+    return get_task(conn, task_id, owner_id=owner_id)
