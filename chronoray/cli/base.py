@@ -1,24 +1,24 @@
-"""What every command shares: the root app, the consoles, the API call
-(errors printed, exit 1), and rendering as tables or JSON."""
+"""What every command shares: the root app (``--url`` once, for every
+command), the API session it opens, the consoles, and rendering as tables
+or JSON."""
 
 from __future__ import annotations
 
 import json
 import re
+from contextvars import ContextVar
 from datetime import datetime, timedelta, timezone
 
-import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from chronoray.cli.session import DEFAULT_URL, ApiSession, err
+
 app = typer.Typer(help="chronoray: a distributed task scheduler on Ray.", no_args_is_help=True)
 console = Console()
-err = Console(stderr=True)
-URL_OPTION = typer.Option(
-    "http://127.0.0.1:8000", "--url", envvar="CHRONORAY_URL", help="API base URL"
-)
 JSON_OPTION = typer.Option(False, "--json", help="print the API's answer as JSON")
+_SESSION: ContextVar[ApiSession] = ContextVar("api_session")  # one command per process
 RELATIVE = re.compile(r"^\+(\d+(?:\.\d+)?)([smhd])$")
 RUN_COLUMNS = {
     "attempt": "attempt",
@@ -28,6 +28,17 @@ RUN_COLUMNS = {
     "exit": "exit_code",
     "lag ms": "fire_lag_ms",
 }
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    url: str = typer.Option(DEFAULT_URL, "--url", envvar="CHRONORAY_URL", help="API base URL"),
+) -> None:
+    """chronoray: a distributed task scheduler on Ray."""
+    session = ApiSession(url)
+    _SESSION.set(session)
+    ctx.call_on_close(session.close)
 
 
 def parse_when(value: str) -> str | float:
@@ -43,46 +54,9 @@ def parse_when(value: str) -> str | float:
         return value
 
 
-def token_for(admin: bool = False) -> str | None:
-    """A user's token: CHRONORAY_TOKEN, else the one ``chronoray up`` keeps
-    for the local user. The admin token: CHRONORAY_ADMIN_TOKEN."""
-    import os
-
-    from chronoray.settings import local_token_file
-
-    if admin:
-        return os.environ.get("CHRONORAY_ADMIN_TOKEN")
-    if os.environ.get("CHRONORAY_TOKEN"):
-        return os.environ["CHRONORAY_TOKEN"]
-    kept = local_token_file()
-    return kept.read_text().strip() if kept.exists() else None
-
-
-def call(method: str, url: str, *, admin: bool = False, raw: bool = False, **kwargs):
-    """One API call; an error answer is printed (status, code, field,
-    detail) and ends the command with exit code 1. ``raw``: the body as
-    bytes instead of JSON."""
-    token = token_for(admin)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    headers.update(kwargs.pop("headers", {}))
-    try:
-        response = httpx.request(method, url, timeout=60, headers=headers, **kwargs)
-    except httpx.HTTPError as exc:
-        err.print(f"[red]cannot reach chronoray at {url}: {exc}[/red]")
-        raise typer.Exit(2) from None
-    if raw and not response.is_error:
-        return response.content
-    try:
-        body = response.json()
-    except ValueError:
-        body = {"error": "not_json", "detail": response.text[:200]}
-    if response.is_error:
-        field = f" ({body.get('field')})" if body.get("field") else ""
-        err.print(
-            f"[red]{response.status_code} {body.get('error')}{field}: {body.get('detail')}[/red]"
-        )
-        raise typer.Exit(1)
-    return body
+def api() -> ApiSession:
+    """The session the root command opened for this command."""
+    return _SESSION.get()
 
 
 def table(rows: list[dict], columns: dict) -> Table:

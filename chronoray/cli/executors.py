@@ -8,8 +8,7 @@ import typer
 
 from chronoray.cli.base import (
     JSON_OPTION,
-    URL_OPTION,
-    call,
+    api,
     err,
     show,
     table,
@@ -22,13 +21,12 @@ def executors(
         "--zookeeper",
         help="read the ZooKeeper mirror at host:port[,host:port] instead of the API",
     ),
-    url: str = URL_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Executors as the pool sees them (GET /v1/executors), or as the
     ZooKeeper mirror shows them (--zookeeper)."""
     if not zookeeper:
-        _pool_executors(url, as_json)
+        _pool_executors(as_json)
         return
     from actors.zk_mirror import read_tree
 
@@ -56,8 +54,8 @@ def executors(
     show(tree, as_json, table(tree["executors"], columns), line)
 
 
-def _pool_executors(url: str, as_json: bool) -> None:
-    body = call("GET", f"{url}/v1/executors")
+def _pool_executors(as_json: bool) -> None:
+    body = api().call("GET", "/v1/executors")
     tiers = [{"tier": name, **tier} for name, tier in body["tiers"].items()]
     columns = {
         "tier": "tier",

@@ -9,8 +9,7 @@ import typer
 from chronoray.cli.base import (
     JSON_OPTION,
     RUN_COLUMNS,
-    URL_OPTION,
-    call,
+    api,
     console,
     show,
     table,
@@ -20,9 +19,9 @@ runs_app = typer.Typer(help="A task's attempts and their output.", no_args_is_he
 
 
 @runs_app.command("list")
-def runs_list(task_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
+def runs_list(task_id: int, as_json: bool = JSON_OPTION) -> None:
     """Every attempt of a task: executor, tier, lag, exit code, failure."""
-    body = call("GET", f"{url}/v1/tasks/{task_id}/runs")
+    body = api().call("GET", f"/v1/tasks/{task_id}/runs")
     columns = {**RUN_COLUMNS, "started": "started_at", "failure": "failure"}
     show(body, as_json, table(body["runs"], columns))
 
@@ -31,11 +30,10 @@ def runs_list(task_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) 
 def runs_output(
     task_id: int,
     attempt: int = typer.Argument(1),
-    url: str = URL_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """The tail of one attempt's output."""
-    content = call("GET", f"{url}/v1/tasks/{task_id}/runs/{attempt}/output", raw=True)
+    content = api().call("GET", f"/v1/tasks/{task_id}/runs/{attempt}/output", raw=True)
     text = content.decode(errors="replace")
     if as_json:
         console.print_json(json.dumps({"task_id": task_id, "attempt": attempt, "output": text}))

@@ -6,8 +6,7 @@ import typer
 
 from chronoray.cli.base import (
     JSON_OPTION,
-    URL_OPTION,
-    call,
+    api,
     show,
     table,
     variables_of,
@@ -25,13 +24,12 @@ def schedules_create(
     misfire: str = typer.Option("fire_once", help="skip, fire_once or fire_all"),
     overlap: str = typer.Option("skip", help="allow, skip, buffer_one or cancel_previous"),
     priority: int = typer.Option(0),
-    url: str = URL_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Run a script on a CRON expression in a time zone."""
-    body = call(
+    body = api().call(
         "POST",
-        f"{url}/v1/schedules",
+        "/v1/schedules",
         json={
             "script": script,
             "cron": cron,
@@ -46,8 +44,8 @@ def schedules_create(
 
 
 @schedules_app.command("list")
-def schedules_list(url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
-    body = call("GET", f"{url}/v1/schedules")
+def schedules_list(as_json: bool = JSON_OPTION) -> None:
+    body = api().call("GET", "/v1/schedules")
     columns = {
         "id": "schedule_id",
         "script": "script",
@@ -62,9 +60,9 @@ def schedules_list(url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
 
 
 @schedules_app.command("show")
-def schedules_show(schedule_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
+def schedules_show(schedule_id: int, as_json: bool = JSON_OPTION) -> None:
     """One schedule: expression, zone, policies, next fire, counts."""
-    body = call("GET", f"{url}/v1/schedules/{schedule_id}")
+    body = api().call("GET", f"/v1/schedules/{schedule_id}")
     show(
         body,
         as_json,
@@ -82,7 +80,6 @@ def schedules_update(
     misfire: str | None = typer.Option(None),
     overlap: str | None = typer.Option(None),
     priority: int | None = typer.Option(None),
-    url: str = URL_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Change a schedule; its pending occurrence follows the new definition."""
@@ -93,9 +90,9 @@ def schedules_update(
         "overlap_policy": overlap,
         "priority": priority,
     }
-    body = call(
+    body = api().call(
         "PATCH",
-        f"{url}/v1/schedules/{schedule_id}",
+        f"/v1/schedules/{schedule_id}",
         json={k: v for k, v in changes.items() if v is not None},
     )
     show(body, as_json, f"schedule {schedule_id}: next fire {body['next_fire_local']}")
@@ -105,42 +102,41 @@ def schedules_update(
 def schedules_preview(
     schedule_id: int,
     count: int = typer.Option(10),
-    url: str = URL_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """The next fire times, in UTC and in the schedule's zone."""
-    body = call("GET", f"{url}/v1/schedules/{schedule_id}/preview", params={"count": count})
+    body = api().call("GET", f"/v1/schedules/{schedule_id}/preview", params={"count": count})
     show(body, as_json, "\n".join(f"{f['utc']}  {f['local']}" for f in body["fires"]))
 
 
 @schedules_app.command("pause")
-def schedules_pause(schedule_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
-    body = call("PATCH", f"{url}/v1/schedules/{schedule_id}", json={"paused": True})
+def schedules_pause(schedule_id: int, as_json: bool = JSON_OPTION) -> None:
+    body = api().call("PATCH", f"/v1/schedules/{schedule_id}", json={"paused": True})
     show(body, as_json, f"schedule {schedule_id} paused")
 
 
 @schedules_app.command("resume")
-def schedules_resume(schedule_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
-    body = call("PATCH", f"{url}/v1/schedules/{schedule_id}", json={"paused": False})
+def schedules_resume(schedule_id: int, as_json: bool = JSON_OPTION) -> None:
+    body = api().call("PATCH", f"/v1/schedules/{schedule_id}", json={"paused": False})
     show(body, as_json, f"schedule {schedule_id} resumed: next fire {body['next_fire_local']}")
 
 
 @schedules_app.command("trigger")
-def schedules_trigger(schedule_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
-    body = call("POST", f"{url}/v1/schedules/{schedule_id}/trigger")
+def schedules_trigger(schedule_id: int, as_json: bool = JSON_OPTION) -> None:
+    body = api().call("POST", f"/v1/schedules/{schedule_id}/trigger")
     show(body, as_json, f"schedule {schedule_id}: task {body['task_id']} runs now")
 
 
 @schedules_app.command("delete")
-def schedules_delete(schedule_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
-    body = call("DELETE", f"{url}/v1/schedules/{schedule_id}")
+def schedules_delete(schedule_id: int, as_json: bool = JSON_OPTION) -> None:
+    body = api().call("DELETE", f"/v1/schedules/{schedule_id}")
     show(body, as_json, f"schedule {schedule_id} deleted")
 
 
 @schedules_app.command("runs")
-def schedules_runs(schedule_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
+def schedules_runs(schedule_id: int, as_json: bool = JSON_OPTION) -> None:
     """Occurrences with nominal time, start, lag and status."""
-    body = call("GET", f"{url}/v1/schedules/{schedule_id}/runs")
+    body = api().call("GET", f"/v1/schedules/{schedule_id}/runs")
     columns = {
         "nominal": "nominal_at",
         "status": "status",

@@ -10,8 +10,7 @@ from rich.table import Table
 
 from chronoray.cli.base import (
     JSON_OPTION,
-    URL_OPTION,
-    call,
+    api,
     console,
     show,
     table,
@@ -25,14 +24,13 @@ def scripts_add(
     name: str,
     file: Path = typer.Argument(..., exists=True, dir_okay=False),
     interpreter: str = typer.Option("bash", help="python, bash or sh"),
-    url: str = URL_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Upload (or version) a script from a file; the same content again is
     the same version."""
-    body = call(
+    body = api().call(
         "PUT",
-        f"{url}/v1/scripts/{name}",
+        f"/v1/scripts/{name}",
         params={"interpreter": interpreter},
         content=file.read_bytes(),
         headers={"content-type": "application/octet-stream"},
@@ -55,16 +53,16 @@ def _scripts_table(found: list[dict]) -> Table:
 
 
 @scripts_app.command("list")
-def scripts_list(url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
+def scripts_list(as_json: bool = JSON_OPTION) -> None:
     """Your scripts, the newest version of each."""
-    body = call("GET", f"{url}/v1/scripts")
+    body = api().call("GET", "/v1/scripts")
     show(body, as_json, _scripts_table(body["scripts"]))
 
 
 @scripts_app.command("versions")
-def scripts_versions(name: str, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
+def scripts_versions(name: str, as_json: bool = JSON_OPTION) -> None:
     """Every version of a script, newest first, with its content hash."""
-    body = call("GET", f"{url}/v1/scripts/{name}/versions")
+    body = api().call("GET", f"/v1/scripts/{name}/versions")
     show(body, as_json, _scripts_table(body["versions"]))
 
 
@@ -73,24 +71,23 @@ def scripts_show(
     name: str,
     version: int | None = typer.Option(None, help="an older version"),
     body_only: bool = typer.Option(False, "--body", help="print the script itself"),
-    url: str = URL_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """A script's newest (or given) version; --body prints its content."""
     params = {"version": version} if version else {}
     if body_only:
-        content = call("GET", f"{url}/v1/scripts/{name}/body", params=params, raw=True)
+        content = api().call("GET", f"/v1/scripts/{name}/body", params=params, raw=True)
         if as_json:
             console.print_json(json.dumps({"name": name, "body": content.decode(errors="replace")}))
         else:
             typer.echo(content.decode(errors="replace"), nl=False)
         return
-    body = call("GET", f"{url}/v1/scripts/{name}", params=params)
+    body = api().call("GET", f"/v1/scripts/{name}", params=params)
     show(body, as_json, _scripts_table([body]))
 
 
 @scripts_app.command("delete")
-def scripts_delete(name: str, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
+def scripts_delete(name: str, as_json: bool = JSON_OPTION) -> None:
     """Delete every version of a script no pending task or schedule uses."""
-    body = call("DELETE", f"{url}/v1/scripts/{name}")
+    body = api().call("DELETE", f"/v1/scripts/{name}")
     show(body, as_json, f"script {name}: {body['deleted_versions']} versions deleted")

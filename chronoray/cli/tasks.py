@@ -6,7 +6,6 @@ import json
 import re
 from pathlib import Path
 
-import httpx
 import typer
 from rich.table import Table
 
@@ -14,15 +13,14 @@ from chronoray.cli.base import (
     JSON_OPTION,
     RELATIVE,
     RUN_COLUMNS,
-    URL_OPTION,
-    call,
+    api,
     err,
     parse_when,
     show,
     table,
-    token_for,
     variables_of,
 )
+from chronoray.cli.session import error_body
 
 tasks_app = typer.Typer(help="List, show, cancel and retry tasks.", no_args_is_help=True)
 
@@ -45,7 +43,6 @@ def submit(
         help="JSON Lines: one task per line, each with the fields of POST /v1/tasks",
     ),
     batch_size: int = typer.Option(500, help="tasks per POST /v1/tasks:batch with --file"),
-    url: str = URL_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Schedule a registered script to run once, or every task of a JSON
@@ -54,7 +51,7 @@ def submit(
         if script:
             err.print("[red]give a script or --file, not both[/red]")
             raise typer.Exit(2)
-        _submit_file(file, batch_size=batch_size, url=url, as_json=as_json)
+        _submit_file(file, batch_size=batch_size, as_json=as_json)
         return
     if not script:
         err.print("[red]give a script, or --file tasks.jsonl[/red]")
@@ -71,7 +68,7 @@ def submit(
         request["timeout_s"] = timeout_s
     if idempotency_key:
         request["idempotency_key"] = idempotency_key
-    body = call("POST", f"{url}/v1/tasks", json=request)
+    body = api().call("POST", "/v1/tasks", json=request)
     show(body, as_json, f"task {body['task_id']} {body['status']} at {body['execute_at']}")
 
 
@@ -95,31 +92,22 @@ def read_jsonl(file: Path) -> list[dict]:
     return tasks
 
 
-def _submit_file(file: Path, *, batch_size: int, url: str, as_json: bool) -> None:
+def _submit_file(file: Path, *, batch_size: int, as_json: bool) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     if not 1 <= batch_size <= 1000:
         err.print("[red]--batch-size must be between 1 and 1000[/red]")
         raise typer.Exit(2)
     entries = read_jsonl(file)
-    token = token_for()
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     submitted, created, task_ids = 0, 0, []
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with (
-        httpx.Client(base_url=url, headers=headers, timeout=120) as session,
-        Progress(*columns, console=err, disable=as_json) as progress,
-    ):
+    with Progress(*columns, console=err, disable=as_json) as progress:
         bar = progress.add_task(f"submitting {file.name}", total=len(entries))
         for start in range(0, len(entries), batch_size):
             chunk = entries[start : start + batch_size]
-            try:
-                response = session.post(
-                    "/v1/tasks:batch", json={"tasks": [e["task"] for e in chunk]}
-                )
-            except httpx.HTTPError as exc:
-                err.print(f"[red]cannot reach chronoray at {url}: {exc}[/red]")
-                raise typer.Exit(2) from None
+            response = api().send(
+                "POST", "/v1/tasks:batch", json={"tasks": [e["task"] for e in chunk]}
+            )
             if response.is_error:
                 _report_batch_error(file, chunk, response, submitted)
                 raise typer.Exit(1)
@@ -134,10 +122,7 @@ def _submit_file(file: Path, *, batch_size: int, url: str, as_json: bool) -> Non
 
 def _report_batch_error(file: Path, chunk: list[dict], response, submitted: int) -> None:
     """Name the file's line: the batch's error field says tasks[i]."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = {"error": "not_json", "detail": response.text[:200]}
+    body = error_body(response)
     where = ""
     match = re.match(r"tasks\[(\d+)\]", body.get("field") or "")
     if match and int(match.group(1)) < len(chunk):
@@ -150,9 +135,9 @@ def _report_batch_error(file: Path, chunk: list[dict], response, submitted: int)
 
 
 @tasks_app.command("show")
-def tasks_show(task_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
+def tasks_show(task_id: int, as_json: bool = JSON_OPTION) -> None:
     """A task with its runs."""
-    body = call("GET", f"{url}/v1/tasks/{task_id}")
+    body = api().call("GET", f"/v1/tasks/{task_id}")
     line = (
         f"task {body['task_id']}  [bold]{body['status']}[/bold]  script {body['script']}  "
         f"due {body['execute_at']}  priority {body['priority']}  attempt {body['attempt']}/{body['max_attempts']}"
@@ -185,7 +170,6 @@ def tasks_list(
     due_before: str = typer.Option(None, "--before"),
     limit: int = typer.Option(100, "--limit"),
     cursor: str = typer.Option(None, "--cursor", help="next_cursor of the previous page"),
-    url: str = URL_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Your tasks, newest first, one page at a time."""
@@ -198,17 +182,17 @@ def tasks_list(
         "limit": limit,
         "cursor": cursor,
     }
-    body = call(
-        "GET", f"{url}/v1/tasks", params={k: v for k, v in params.items() if v not in (None, [])}
+    body = api().call(
+        "GET", "/v1/tasks", params={k: v for k, v in params.items() if v not in (None, [])}
     )
     more = [f"more: --cursor {body['next_cursor']}"] if body["next_cursor"] else []
     show(body, as_json, _tasks_table(body["tasks"]), *more)
 
 
 @tasks_app.command("dead")
-def tasks_dead(url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
+def tasks_dead(as_json: bool = JSON_OPTION) -> None:
     """Tasks that used up their attempts."""
-    body = call("GET", f"{url}/v1/dead")
+    body = api().call("GET", "/v1/dead")
     show(body, as_json, _tasks_table(body["tasks"]))
 
 
@@ -216,16 +200,15 @@ def tasks_dead(url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
 def tasks_retry(
     task_id: int,
     attempts: int = typer.Option(1, help="how many more attempts it gets"),
-    url: str = URL_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Run a dead task again."""
-    body = call("POST", f"{url}/v1/tasks/{task_id}/retry", json={"attempts": attempts})
+    body = api().call("POST", f"/v1/tasks/{task_id}/retry", json={"attempts": attempts})
     show(body, as_json, f"task {body['task_id']} {body['status']}, attempt {body['attempt']}")
 
 
 @tasks_app.command("cancel")
-def tasks_cancel(task_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
+def tasks_cancel(task_id: int, as_json: bool = JSON_OPTION) -> None:
     """Cancel a task that has not started (409 once it has)."""
-    body = call("DELETE", f"{url}/v1/tasks/{task_id}")
+    body = api().call("DELETE", f"/v1/tasks/{task_id}")
     show(body, as_json, f"task {body['task_id']} {body['status']}")

@@ -6,8 +6,7 @@ import typer
 
 from chronoray.cli.base import (
     JSON_OPTION,
-    URL_OPTION,
-    call,
+    api,
     show,
     table,
 )
@@ -23,19 +22,18 @@ def users_create(
     first_name: str,
     last_name: str,
     token: bool = typer.Option(True, help="also issue the user's first token"),
-    url: str = URL_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Create a user (admin), and by default a token for them."""
-    user = call(
+    user = api().call(
         "POST",
-        f"{url}/v1/users",
+        "/v1/users",
         admin=True,
         json={"first_name": first_name, "last_name": last_name},
     )
     if token:
-        user["token"] = call(
-            "POST", f"{url}/v1/users/{user['user_id']}/tokens", admin=True, json={}
+        user["token"] = api().call(
+            "POST", f"/v1/users/{user['user_id']}/tokens", admin=True, json={}
         )
     line = f"user {user['user_id']} {first_name} {last_name}"
     if token:
@@ -44,9 +42,9 @@ def users_create(
 
 
 @users_app.command("list")
-def users_list(url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
+def users_list(as_json: bool = JSON_OPTION) -> None:
     """Every user (admin)."""
-    body = call("GET", f"{url}/v1/users", admin=True)
+    body = api().call("GET", "/v1/users", admin=True)
     columns = {
         "id": "user_id",
         "first name": "first_name",
@@ -60,23 +58,22 @@ def users_list(url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
 def users_token(
     user_id: int,
     label: str = typer.Option("", help="what the token is for"),
-    url: str = URL_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Issue a token for a user (admin); it is shown once."""
-    body = call("POST", f"{url}/v1/users/{user_id}/tokens", admin=True, json={"label": label})
+    body = api().call("POST", f"/v1/users/{user_id}/tokens", admin=True, json={"label": label})
     show(body, as_json, f"token {body['token_id']}: {body['token']}  (shown once)")
 
 
 @users_app.command("revoke")
-def users_revoke(token_id: int, url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
+def users_revoke(token_id: int, as_json: bool = JSON_OPTION) -> None:
     """Revoke a token (admin); it stops working at once."""
-    body = call("DELETE", f"{url}/v1/tokens/{token_id}", admin=True)
+    body = api().call("DELETE", f"/v1/tokens/{token_id}", admin=True)
     show(body, as_json, f"token {token_id} revoked at {body['revoked_at']}")
 
 
 @users_app.command("me")
-def users_me(url: str = URL_OPTION, as_json: bool = JSON_OPTION) -> None:
+def users_me(as_json: bool = JSON_OPTION) -> None:
     """The user your token belongs to."""
-    body = call("GET", f"{url}/v1/me")
+    body = api().call("GET", "/v1/me")
     show(body, as_json, f"user {body['user_id']} {body['first_name']} {body['last_name']}")

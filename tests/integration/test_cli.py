@@ -25,7 +25,7 @@ def cli(deployment, *args, token=None, admin=False):
     if admin:
         env["CHRONORAY_ADMIN_TOKEN"] = deployment.settings.admin_token
     done = subprocess.run(
-        [CHRONORAY, *args, "--url", deployment.url],
+        [CHRONORAY, "--url", deployment.url, *args],
         capture_output=True,
         text=True,
         timeout=120,

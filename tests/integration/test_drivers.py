@@ -78,7 +78,7 @@ def test_cli_registers_submits_and_shows(deployment, tmp_path):
 
     def cli(*args):
         done = subprocess.run(
-            [chronoray, *args, "--url", deployment.url],
+            [chronoray, "--url", deployment.url, *args],
             capture_output=True,
             text=True,
             timeout=60,
@@ -130,7 +130,7 @@ def test_cli_manages_a_schedule(deployment, tmp_path):
 
     def cli(*args):
         done = subprocess.run(
-            [chronoray, *args, "--url", deployment.url],
+            [chronoray, "--url", deployment.url, *args],
             capture_output=True,
             text=True,
             timeout=60,
