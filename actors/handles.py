@@ -10,6 +10,7 @@ import functools
 import logging
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
@@ -119,20 +120,14 @@ class ShardRouter:
 
     async def probe(self) -> dict[str, str]:
         """Which actors answer: {"dispatcher": "ok", "shard-0": "ok", …}."""
-
-        async def answer(name, call):
-            try:
-                await asyncio.wait_for(call, timeout=PROBE_TIMEOUT_S)
-                return name, "ok"
-            except Exception as exc:  # not ready: say which and why
-                return name, f"unavailable: {type(exc).__name__}"
-
-        checks = [answer("dispatcher", dispatcher_handle(self._namespace).hello.remote())]
-        checks += [
-            answer(f"shard-{i}", call_shard(i, self._namespace, "ready"))
-            for i in range(self._wheel.num_shards)
-        ]
-        return dict(await asyncio.gather(*checks))
+        calls = {"dispatcher": dispatcher_handle(self._namespace).hello.remote()}
+        for i in range(self._wheel.num_shards):
+            calls[f"shard-{i}"] = call_shard(i, self._namespace, "ready")
+        answers = await _each_within(calls, PROBE_TIMEOUT_S)
+        return {  # not ready: say which and why
+            name: f"unavailable: {type(a).__name__}" if isinstance(a, Exception) else "ok"
+            for name, a in answers.items()
+        }
 
     async def executors(self) -> dict:
         """The executor pool's status: per tier and per executor."""
@@ -155,15 +150,24 @@ class ShardRouter:
         calls = {"dispatcher": dispatcher_handle(namespace).metrics.remote(), "pool": pool()}
         for i in range(self._wheel.num_shards):
             calls[f"shard-{i}"] = call_shard(i, namespace, "metrics")
+        answers = await _each_within(calls, PROBE_TIMEOUT_S)
+        for source, answer in answers.items():
+            if isinstance(answer, Exception):  # a source down is shown as down, not as an error
+                log.warning("metrics of %s unavailable: %r", source, answer)
+        return {s: None if isinstance(a, Exception) else a for s, a in answers.items()}
 
-        async def gather(source, call):
-            try:
-                return source, await asyncio.wait_for(call, timeout=PROBE_TIMEOUT_S)
-            except Exception:  # a source down is shown as down, not as an error
-                log.warning("metrics of %s unavailable", source, exc_info=True)
-                return source, None
 
-        return dict(await asyncio.gather(*(gather(s, c) for s, c in calls.items())))
+async def _each_within(calls: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Every call's answer by name, each bounded by ``timeout_s``; a call
+    that failed or took longer gives its exception instead."""
+
+    async def one(name: str, call: Any) -> tuple[str, Any]:
+        try:
+            return name, await asyncio.wait_for(call, timeout=timeout_s)
+        except Exception as exc:
+            return name, exc
+
+    return dict(await asyncio.gather(*(one(n, c) for n, c in calls.items())))
 
 
 # -- calls between actors: each bounded, each with a fallback in its caller ----

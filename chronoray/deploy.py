@@ -34,7 +34,7 @@ def start_local_ray(settings: Settings, *, num_cpus: int | None = None, **init_k
 
 def prepare_database(settings: Settings) -> int:
     """Migrate to the newest schema; returns the local user's id."""
-    from service.core import LOCAL_USER
+    from service.steps import local_user
     from storage.engines import make_engine
     from storage.migrate import upgrade
     from storage.sql import SqlTaskRepository
@@ -42,9 +42,7 @@ def prepare_database(settings: Settings) -> int:
     engine = make_engine(settings.database_url)
     try:
         upgrade(engine)
-        return SqlTaskRepository(engine).ensure_user(
-            first_name=LOCAL_USER[0], last_name=LOCAL_USER[1], now=datetime.now(timezone.utc)
-        )
+        return local_user(SqlTaskRepository(engine), now=datetime.now(timezone.utc))
     finally:
         engine.dispose()
 

@@ -42,6 +42,7 @@ from service.requests import (
 from service.steps import (
     bounded,
     check_caps,
+    local_user,
     new_batch,
     new_schedule,
     new_task,
@@ -57,7 +58,6 @@ from service.steps import (
 from storage.repository import Repository
 
 T = TypeVar("T")
-LOCAL_USER = ("local", "user")  # whom the embedded default acts for without a token
 RAW_SCRIPT_TYPES = frozenset(
     {
         "text/plain",
@@ -117,10 +117,7 @@ class Service:
         return known if known is not None else await self._io(self.auth.authenticate, token)
 
     async def local_user(self) -> int:
-        first, last = LOCAL_USER
-        return await self._io(
-            self.repo.ensure_user, first_name=first, last_name=last, now=self.clock.now()
-        )
+        return await self._io(local_user, self.repo, now=self.clock.now())
 
     # -- users and tokens (admin) ----------------------------------------------
     async def create_user(self, body: UserIn) -> User:

@@ -23,9 +23,18 @@ from scheduling.models import Interpreter, NewTask, Run, Script, SubmitResult, T
 from scheduling.schedules import MisfirePolicy, NewSchedule, OverlapPolicy, Schedule, first_fire
 from scheduling.validation import validate_script_name
 from service.requests import ScheduleFields, ScheduleIn, TaskIn, encode_cursor, parse_instant
-from storage.repository import Repository, TaskQuery
+from storage.repository import Accounts, Repository, TaskQuery
 
 CAP_RETRY_AFTER_S = 30.0  # active work drains in about this long; a guess to space retries
+
+
+LOCAL_USER = ("local", "user")  # whom the embedded default acts for without a token
+
+
+def local_user(repo: Accounts, *, now: datetime) -> int:
+    """The local user's id, created on first use."""
+    first, last = LOCAL_USER
+    return repo.ensure_user(first_name=first, last_name=last, now=now)
 
 
 def bounded(value: int, low: int, high: int, field: str) -> int:
