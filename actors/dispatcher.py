@@ -19,6 +19,7 @@ from actors.handles import ExecutorCalls, ShardResults
 from scheduling.clock import Clock, SystemClock
 from scheduling.lifecycle import lost_result
 from scheduling.models import RunResult, TaskSpec
+from scheduling.placement import FreeSlots
 from scheduling.ready_queue import ReadyQueue
 from scheduling.tiers import TierTable
 
@@ -73,7 +74,7 @@ class Dispatcher:
         self._shards = shards
         self._max_queued = max_queued
         self._clock = clock or SystemClock()
-        self._queue = ReadyQueue(aging_s=aging_s)
+        self._queue = ReadyQueue(aging_s=aging_s, rank_of=tiers.index_for)
         self.late_results = 0  # results of attempts already given up on (shards ignore them)
         # Attempts that finished recently: a shard that restarts hands over
         # every task still ``queued`` in the database, including ones whose
@@ -290,25 +291,22 @@ class Dispatcher:
             } | placed_meanwhile
         await self._place()
 
-    def _choose(self, spec: TaskSpec) -> ExecutorSlots | None:
-        """The weakest eligible tier with room, then the least busy executor."""
-        rank = self._tiers.index_for(spec.priority)
-        candidates = [ex for ex in self._executors if ex.tier_rank >= rank and ex.free > 0]
-        if not candidates:
-            return None
-        chosen = min(candidates, key=lambda ex: (ex.tier_rank, -ex.free))
-        chosen.in_flight[spec.key] = spec  # reserve now, so the scan sees it taken
-        return chosen
-
     async def _place(self) -> None:
+        """One pass: the queue's order, each task on the weakest eligible tier
+        with room, then its least busy executor (``FreeSlots``); the pass
+        ends as soon as no queued task has a free slot it may use."""
         if self.draining:
             return
-        placed = self._queue.take(self._choose)
+        by_id = {ex.executor_id: ex for ex in self._executors}
+        free = FreeSlots((ex.tier_rank, ex.executor_id, ex.free) for ex in self._executors)
+        placed = self._queue.take(free)
         if not placed:
             return
         per_executor: dict[str, tuple[ExecutorSlots, list[TaskSpec]]] = {}
-        for spec, ex in placed:
-            per_executor.setdefault(ex.executor_id, (ex, []))[1].append(spec)
+        for spec, executor_id in placed:
+            ex = by_id[executor_id]
+            ex.in_flight[spec.key] = spec  # reserved until the executor reports it
+            per_executor.setdefault(executor_id, (ex, []))[1].append(spec)
         await asyncio.gather(*(self._send(ex, specs) for ex, specs in per_executor.values()))
 
     async def _send(self, ex: ExecutorSlots, specs: list[TaskSpec]) -> None:

@@ -1,4 +1,4 @@
-"""The dispatcher's heap: highest effective priority first, then FIFO.
+"""The dispatcher's queue: highest effective priority first, then FIFO.
 
 A waiting task ages: it gains one priority level per ``aging_s`` seconds past
 its due time, so a stream of escalated retries cannot starve new work. With
@@ -10,29 +10,32 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import TypeVar
 
 from scheduling.clock import to_epoch
 from scheduling.models import TaskSpec
+from scheduling.placement import FreeSlots
 
-Slot = TypeVar("Slot")
+Slot = TypeVar("Slot", bound=Hashable)
 
 
 class ReadyQueue:
-    """A heap keyed by (due - priority·aging_s, seq) that ignores a (task,
-    attempt) it already holds, so a replayed hand-over cannot queue a task
-    twice."""
+    """Heaps keyed by (due - priority·aging_s, seq), one per tier rank, that
+    ignore a (task, attempt) already held, so a replayed hand-over cannot
+    queue a task twice. The order across ranks is the one global order: a
+    pass takes the smallest key among the heaps whose rank has room."""
 
-    def __init__(self, *, aging_s: float = 30.0) -> None:
-        self._heap: list[tuple[float, int, TaskSpec]] = []
+    def __init__(self, *, aging_s: float = 30.0, rank_of: Callable[[int], int] = lambda p: 0):
+        self._heaps: dict[int, list[tuple[float, int, TaskSpec]]] = {}
         self._keys: set[tuple[int, int]] = set()
         self._seq = itertools.count()
         self._aging_s = aging_s
+        self._rank_of = rank_of  # priority → the weakest tier rank that may run it
         self._depth: Counter[int] = Counter()
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._keys)
 
     def __contains__(self, key: tuple[int, int]) -> bool:
         return key in self._keys
@@ -43,7 +46,8 @@ class ReadyQueue:
         self._keys.add(spec.key)
         self._depth[spec.priority] += 1
         key = to_epoch(spec.due_at) - spec.priority * self._aging_s
-        heapq.heappush(self._heap, (key, next(self._seq), spec))
+        heap = self._heaps.setdefault(self._rank_of(spec.priority), [])
+        heapq.heappush(heap, (key, next(self._seq), spec))
         return True
 
     def depth_by_priority(self) -> dict[int, int]:
@@ -56,34 +60,35 @@ class ReadyQueue:
         """Drop these attempts if they are waiting here; returns those that were."""
         present = keys & self._keys
         if present:
-            for entry in self._heap:
-                if entry[2].key in present:
-                    self._depth[entry[2].priority] -= 1
-            self._heap = [entry for entry in self._heap if entry[2].key not in present]
-            heapq.heapify(self._heap)
+            for rank, heap in self._heaps.items():
+                for entry in heap:
+                    if entry[2].key in present:
+                        self._depth[entry[2].priority] -= 1
+                self._heaps[rank] = [entry for entry in heap if entry[2].key not in present]
+                heapq.heapify(self._heaps[rank])
             self._keys -= present
         return present
 
-    def take(
-        self, place: Callable[[TaskSpec], Slot | None], *, scan_limit: int = 1000
-    ) -> list[tuple[TaskSpec, Slot]]:
-        """Pop tasks in order and offer each to ``place``; a task it cannot
-        place (its tiers are full) is kept, and the scan moves on so that a
+    def take(self, free: FreeSlots[Slot]) -> list[tuple[TaskSpec, Slot]]:
+        """Pop tasks in order while some queued task's rank has a free slot
+        (``free``, reserved as tasks are placed); stops as soon as none has.
+        A task whose tiers are full stays queued without being looked at, so a
         full large tier does not block small tasks behind it."""
         placed: list[tuple[TaskSpec, Slot]] = []
-        kept: list[tuple[float, int, TaskSpec]] = []
-        scanned = 0
-        while self._heap and scanned < scan_limit:
-            entry = heapq.heappop(self._heap)
-            scanned += 1
-            spec = entry[2]
-            slot = place(spec)
-            if slot is None:
-                kept.append(entry)
-            else:
-                self._keys.discard(spec.key)
-                self._depth[spec.priority] -= 1
-                placed.append((spec, slot))
-        for entry in kept:
-            heapq.heappush(self._heap, entry)
-        return placed
+        while True:
+            strongest = free.strongest()
+            if strongest is None:
+                return placed
+            heads = [
+                (heap[0], rank) for rank, heap in self._heaps.items() if heap and rank <= strongest
+            ]
+            if not heads:
+                return placed
+            (_, _, spec), rank = min(heads, key=lambda head: head[0][:2])
+            slot = free.reserve(rank)
+            if slot is None:  # cannot happen: strongest covers this rank
+                return placed
+            heapq.heappop(self._heaps[rank])
+            self._keys.discard(spec.key)
+            self._depth[spec.priority] -= 1
+            placed.append((spec, slot))

@@ -4,6 +4,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from scheduling import ready_queue
 from scheduling.clock import ManualClock
 from scheduling.fire_timer import FireTimer
 from scheduling.lifecycle import (
@@ -17,6 +18,7 @@ from scheduling.lifecycle import (
     classify,
 )
 from scheduling.models import FailureClass, Interpreter, TaskSpec, TaskStatus
+from scheduling.placement import FreeSlots
 from scheduling.ready_queue import ReadyQueue
 from scheduling.tiers import local_node_resources, local_tiers, production_tiers
 from scheduling.timeline import Wheel, bucket_of
@@ -254,7 +256,7 @@ def test_ready_queue_orders_by_priority_then_due_then_arrival():
             spec(4, priority=0, due=T0),
         ]
     )
-    order = [s.task_id for s, _ in queue.take(lambda s: "slot")]
+    order = [s.task_id for s, _ in queue.take(FreeSlots([(0, "slot", 10)]))]
     assert order == [3, 2, 1, 4]
     assert len(queue) == 0
 
@@ -267,12 +269,41 @@ def test_ready_queue_ignores_a_repeated_attempt_but_takes_a_new_one():
     assert len(queue) == 2
 
 
+def large_from_6(priority: int) -> int:
+    return 1 if priority >= 6 else 0
+
+
 def test_ready_queue_skips_what_cannot_be_placed_without_blocking_the_rest():
-    queue = ReadyQueue()
+    queue = ReadyQueue(rank_of=large_from_6)
     queue.push_many([spec(1, priority=7), spec(2, priority=0), spec(3, priority=0)])
-    placed = queue.take(lambda s: "small" if s.priority < 6 else None)
+    placed = queue.take(FreeSlots([(0, "small", 5), (1, "large", 0)]))
     assert [s.task_id for s, _ in placed] == [2, 3]
     assert (1, 1) in queue and len(queue) == 1
+
+
+def test_placement_stops_when_no_slot_is_free_without_looking_at_the_rest(monkeypatch):
+    """10,000 queued, 3 free slots: three pops, not a scan of the queue."""
+    queue = ReadyQueue(rank_of=large_from_6)
+    queue.push_many(spec(i, priority=i % 10, due=T0 + timedelta(seconds=i)) for i in range(10_000))
+    pops = []
+    real_pop = ready_queue.heapq.heappop
+    monkeypatch.setattr(ready_queue.heapq, "heappop", lambda heap: pops.append(1) or real_pop(heap))
+    placed = queue.take(FreeSlots([(0, "small-a", 1), (0, "small-b", 1), (1, "large", 1)]))
+    assert len(placed) == 3 and len(pops) == 3 and len(queue) == 9_997
+    assert queue.take(FreeSlots([])) == [] and len(pops) == 3
+    # only the small tier has room: the large tasks at the front are not popped
+    placed = queue.take(FreeSlots([(0, "small-a", 2)]))
+    assert all(s.priority < 6 for s, _ in placed) and len(pops) == 5
+
+
+def test_free_slots_take_the_weakest_eligible_tier_then_the_least_busy_executor():
+    free = FreeSlots([(0, "s1", 1), (0, "s2", 2), (1, "m1", 1), (2, "l1", 3)])
+    assert free.strongest() == 2
+    assert [free.reserve(0) for _ in range(3)] == ["s2", "s1", "s2"]  # most free first
+    assert free.reserve(0) == "m1"  # small is full: the next stronger tier
+    assert free.reserve(1) == "l1" and free.reserve(2) == "l1"  # never a weaker tier
+    assert free.reserve(2) == "l1" and free.reserve(0) is None
+    assert free.strongest() is None and not free
 
 
 def test_fire_timer_pops_due_with_lead_and_sleeps_at_most_the_cap():
@@ -315,5 +346,5 @@ def test_waiting_tasks_age_so_retries_cannot_starve_new_work():
     )
     assert queue.depth_by_priority() == {0: 1, 2: 2}
     # priority is worth 10 s of waiting: task 1 (key T0) beats task 3 (T0 + 5 s)
-    assert [s.task_id for s, _ in queue.take(lambda s: "slot")] == [2, 1, 3]
+    assert [s.task_id for s, _ in queue.take(FreeSlots([(0, "slot", 10)]))] == [2, 1, 3]
     assert queue.depth_by_priority() == {}
