@@ -50,7 +50,7 @@ lint: install
 bench: install system-deps
 	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
 	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
-	scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
+	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
 	source $(SERVICES_DIR)/env && \
 	$(BIN)/python -m bench.fire_lag --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(BENCH_ARGS)
 
@@ -58,7 +58,7 @@ bench: install system-deps
 bench-http: install system-deps
 	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
 	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
-	scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
+	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
 	source $(SERVICES_DIR)/env && \
 	$(BIN)/python -m bench.submit_http --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(BENCH_ARGS)
 

@@ -1,13 +1,17 @@
-"""Fire lag and drain rate on PostgreSQL and a local Ray.
+"""Fire lag and drain rate on PostgreSQL and a local Ray, against a floor.
 
-    make bench                      # throwaway PostgreSQL, both scenarios
-    python -m bench.fire_lag --database-url postgresql://... [--spread-tasks 3000 --spread-s 30 --burst-tasks 10000]
+    make bench        # throwaway durable PostgreSQL, 3 runs of both scenarios
+    python -m bench.fire_lag --database-url postgresql://... [--repeat 3 --spread-tasks 3000 --spread-s 30 --burst-tasks 10000]
 
-* spread: N tasks due uniformly over S seconds. Fire lag is measured two ways:
-  the script's own first line (it prints its clock) minus the due time, and
-  the executor's recorded start minus the due time.
-* burst: M tasks due at one instant. Drain rate = M / (last script start -
-  due); also time until the last one finished.
+* spread: N tasks due uniformly over S seconds; fire lag = the script's
+  first line (``echo $EPOCHREALTIME``, a bash builtin: no extra exec) minus
+  the due time.
+* burst: M tasks due at one instant; drain rate = M / (last first line -
+  the instant).
+* each run also measures the floor (bench/floor.py: the same launcher
+  spawned by a plain loop at the same concurrency, and bare ``bash -c``),
+  CPU seconds per task by process class (bench/procstat.py) and memory; the
+  summary prints the median of the runs and the ratio to the floor.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import ray
 from sqlalchemy import select
 
 from actors.sandbox import SandboxLimits
+from bench import floor, procstat
 from chronoray.deploy import deploy, start_local_ray, teardown
 from chronoray.settings import Settings
 from scheduling.tiers import local_tiers
@@ -33,7 +38,6 @@ SANDBOXES = {
     "wrappers": SandboxLimits(launcher=False),  # the same through setpriv, unshare, prlimit
     "plain": SandboxLimits(uid_base=None, run_as=None, pid_namespace=False),  # limits only
 }
-STAMP_SCRIPT = "date +%s.%N"  # the script's first line is its own clock
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -95,7 +99,7 @@ def report(name: str, values_ms: list[float]) -> None:
     )
 
 
-def spread(client, count: int, spread_s: float, lead_s: float) -> None:
+def spread(client, count: int, spread_s: float, lead_s: float) -> dict[str, float]:
     start = datetime.now(timezone.utc) + timedelta(seconds=lead_s)
     step = spread_s / count
     requests = [
@@ -105,9 +109,11 @@ def spread(client, count: int, spread_s: float, lead_s: float) -> None:
     began = time.monotonic()
     ids = submit(client, requests)
     print(
-        f"spread: submitted {count} tasks in {time.monotonic() - began:.1f} s; first due in {lead_s:.0f} s"
+        f"spread: submitted {count} in {time.monotonic() - began:.1f} s; first due in {lead_s:.0f} s"
     )
+    before = procstat.snapshot()
     wait_all(client, ids, timeout_s=lead_s + spread_s + 300)
+    used = procstat.cpu_by_class(before, procstat.snapshot())
     rows = run_rows(client, ids)
     failures = [r for r in rows if r.failure]
     script_lag = [
@@ -115,39 +121,70 @@ def spread(client, count: int, spread_s: float, lead_s: float) -> None:
         for r in rows
         if not r.failure
     ]
-    start_lag = [(r.started_at - r.due_at).total_seconds() * 1000 for r in rows if r.started_at]
     print(f"spread: {len(rows)} runs for {count} tasks, {len(failures)} failed")
     report("spread fire lag (due -> script's first line)", script_lag)
-    report("spread fire lag (due -> executor start)     ", start_lag)
+    return {
+        "spread p50 ms": percentile(script_lag, 50),
+        "spread p99 ms": percentile(script_lag, 99),
+        "spread control-plane CPU ms/task": procstat.report(used, count, "spread"),
+    }
 
 
-def burst(client, count: int, lead_s: float) -> None:
+def burst(client, count: int, lead_s: float) -> dict[str, float]:
     due = datetime.now(timezone.utc) + timedelta(seconds=lead_s)
     requests = [{"script": "stamp.sh", "execute_at": due, "max_attempts": 1} for _ in range(count)]
     began = time.monotonic()
     ids = submit(client, requests)
     submitted_s = time.monotonic() - began
-    print(
-        f"burst: submitted {count} tasks in {submitted_s:.1f} s ({count / submitted_s:.0f}/s); due in {lead_s:.0f} s"
-    )
+    print(f"burst: submitted {count} in {submitted_s:.1f} s ({count / submitted_s:.0f}/s)")
     if datetime.now(timezone.utc) > due:
-        print(
-            "burst: WARNING submission took longer than the lead; the drain includes submission time"
-        )
+        print("burst: WARNING submission took longer than the lead; the drain includes it")
+    before, memory = procstat.snapshot(), procstat.PeakMemory()
     wait_all(client, ids, timeout_s=lead_s + 900)
+    used, peak_mb = procstat.cpu_by_class(before, procstat.snapshot()), memory.stop()
     rows = run_rows(client, ids)
     ok = [r for r in rows if not r.failure]
-    last_first_line = max(float(r.output_tail.split()[0]) for r in ok)
-    last_finish = max(r.finished_at for r in rows)
-    drain_s = last_first_line - due.timestamp()
+    drain_s = max(float(r.output_tail.split()[0]) for r in ok) - due.timestamp()
     print(f"burst: {len(rows)} runs, {len(rows) - len(ok)} failed")
+    print(f"burst drain: {count} started within {drain_s:.2f} s = {count / drain_s:.0f} tasks/s")
+    return {
+        "burst drain tasks/s": count / drain_s,
+        "burst control-plane CPU ms/task": procstat.report(used, count, "burst"),
+        "burst peak memory MB (PSS)": peak_mb,
+    }
+
+
+def floors(args, limits, slots: int) -> dict[str, float]:
+    """The same work without chronoray, in this command (bench/floor.py)."""
+    lags = floor.spread(args.spread_tasks, args.spread_s, slots, limits=limits)
+    found = {
+        "spread p50 ms": percentile(lags, 50),
+        "spread p99 ms": percentile(lags, 99),
+        "burst drain tasks/s": floor.burst(args.burst_tasks, slots, limits=limits),
+        "bare burst drain tasks/s": floor.burst(args.burst_tasks, 32, limits=None),
+    }
+    print("floor: " + ", ".join(f"{k} {v:.1f}" for k, v in found.items()))
+    return found
+
+
+def summary(runs: list[dict[str, float]], floor_runs: list[dict[str, float]]) -> None:
+    """Medians of the runs beside the floor's, with the ratio where one exists."""
+    print(f"\nsummary: median of {len(runs)} runs (each value in brackets)")
+    print("| figure | chronoray | sandboxed floor | chronoray / floor |")
+    print("|---|---|---|---|")
+    for name in runs[0]:
+        values = [run[name] for run in runs]
+        ours = statistics.median(values)
+        shown = f"{ours:.1f} ({', '.join(f'{v:.1f}' for v in values)})"
+        if name in floor_runs[0]:
+            base = statistics.median(run[name] for run in floor_runs)
+            print(f"| {name} | {shown} | {base:.1f} | {ours / base:.2f} |")
+        else:
+            print(f"| {name} | {shown} | — | — |")
+    bare = statistics.median(run["bare burst drain tasks/s"] for run in floor_runs)
+    ours = statistics.median(run["burst drain tasks/s"] for run in runs)
     print(
-        f"burst drain: {count} tasks started within {drain_s:.2f} s of the instant = {count / drain_s:.0f} tasks/s"
-    )
-    print(f"burst: last finished {(last_finish - due).total_seconds():.2f} s after the instant")
-    report(
-        "burst fire lag (due -> script's first line)",
-        [(float(r.output_tail.split()[0]) - due.timestamp()) * 1000 for r in ok],
+        f"| burst drain vs the bare spawn floor (bash -c, 32 at once) | {ours:.1f} | {bare:.1f} (bare) | {ours / bare:.2f} |"
     )
 
 
@@ -168,38 +205,67 @@ def main() -> None:
     parser.add_argument("--executors", type=int, default=2, help="per tier")
     parser.add_argument("--slots", type=int, default=8, help="per executor")
     parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3, help="runs; the summary is their median")
     args = parser.parse_args()
     if not args.database_url:
         parser.error(
             "--database-url (or CHRONORAY_BENCH_DATABASE_URL) is required: a PostgreSQL URL"
         )
 
+    tiers = local_tiers(executors=args.executors, slots=args.slots)
     settings = Settings(
         database_url=args.database_url,
         namespace=f"chronoray-bench-{uuid.uuid4().hex[:6]}",
         num_shards=args.shards,
-        tiers=local_tiers(executors=args.executors, slots=args.slots),
+        tiers=tiers,
         http_port=0,
         sandbox=SANDBOXES[args.sandbox],
     )
+    slots = sum(tier.slots * tier.executors for tier in tiers)
     print(
         f"settings: shards={args.shards} executors/tier={args.executors} slots/executor={args.slots} "
-        f"prefire_ms={settings.prefire_ms} sandbox={args.sandbox} cpus={os.cpu_count()}"
+        f"({slots} slots) prefire_ms={settings.prefire_ms} sandbox={args.sandbox} "
+        f"cpus={os.cpu_count()} postgresql={durability(args.database_url)}"
     )
     start_local_ray(settings, logging_level="error")
+    runs: list[dict[str, float]] = []
+    floor_runs: list[dict[str, float]] = []
     try:
         deploy(settings, http=False)
         from chronoray import Client
 
         client = Client(namespace=settings.namespace)
-        client.register_script("stamp.sh", STAMP_SCRIPT)
-        if args.spread_tasks:
-            spread(client, args.spread_tasks, args.spread_s, args.lead_s)
-        if args.burst_tasks:
-            burst(client, args.burst_tasks, args.lead_s)
+        client.register_script("stamp.sh", floor.STAMP_SCRIPT)
+        time.sleep(5)  # let the deployment settle before reading its idle memory
+        idle_mb = procstat.resident_mb()
+        print(f"idle: memory (PSS) of Ray, Serve, chronoray and PostgreSQL {idle_mb:.0f} MB")
+        for number in range(1, args.repeat + 1):
+            print(f"-- run {number} of {args.repeat}")
+            found = {"idle memory MB (PSS)": idle_mb}
+            if args.spread_tasks:
+                found |= spread(client, args.spread_tasks, args.spread_s, args.lead_s)
+            if args.burst_tasks:
+                found |= burst(client, args.burst_tasks, args.lead_s)
+            runs.append(found)
+            floor_runs.append(floors(args, settings.sandbox, slots))
     finally:
         teardown(settings)
         ray.shutdown()
+    summary(runs, floor_runs)
+
+
+def durability(url: str) -> str:
+    """fsync and synchronous_commit as the server runs them."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.connect() as conn:
+            fsync = conn.execute(text("SHOW fsync")).scalar()
+            commit = conn.execute(text("SHOW synchronous_commit")).scalar()
+    finally:
+        engine.dispose()
+    return f"fsync={fsync},synchronous_commit={commit}"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,149 @@
+"""CPU seconds by process class, read from /proc before and after a run.
+
+Each process's own user+system time (field 14 and 15 of /proc/PID/stat),
+never its reaped children's: the scripts an executor runs are not counted
+as the executor's work. A process that exits during the run loses what it
+used (executors stay up in a benchmark, so little is lost)."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+# Ray sets a worker's title to "ray::ClassName.method" (or "ray::ClassName"
+# while idle); the class names the role.
+RAY_CLASSES = {
+    "ShardShell": "shards",
+    "DispatcherShell": "dispatcher",
+    "ExecutorPoolShell": "pool",
+    "ExecutorShell": "executors",
+    "ServeReplica": "serve replica",
+    "ProxyActor": "serve proxy",
+    "ServeController": "serve controller",
+    "DashboardAgent": "ray system",
+    "RuntimeEnvAgent": "ray system",
+    "IDLE": "ray system",  # pre-started workers waiting for a task
+}
+CONTROL_PLANE = (
+    "shards",
+    "dispatcher",
+    "pool",
+    "executors",
+    "postgresql",
+    "serve replica",
+    "serve proxy",
+    "serve controller",
+    "ray system",
+)
+
+
+def process_class(cmdline: str, comm: str) -> str | None:
+    """The class a process is counted under; None: not ours to count."""
+    if cmdline.startswith("ray::"):
+        name = cmdline[5:].split(".", 1)[0].split()[0]
+        for prefix, role in RAY_CLASSES.items():
+            if name.startswith(prefix):
+                return role
+        return f"ray::{name}"
+    if comm == "postgres" or "postgres" in cmdline.split(" ", 1)[0]:
+        return "postgresql"
+    if any(
+        part in cmdline for part in ("raylet", "gcs_server", "dashboard", "log_monitor", "ray/")
+    ):
+        return "ray system"
+    return None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    cpu_s: dict[int, tuple[str, float]]  # pid: (class, cpu seconds so far)
+
+
+def snapshot() -> Snapshot:
+    found: dict[int, tuple[str, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        role = process_class(cmdline, comm)
+        if role is None:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        found[pid] = (role, (int(fields[11]) + int(fields[12])) / TICKS)  # utime, stime
+    return Snapshot(found)
+
+
+def cpu_by_class(before: Snapshot, after: Snapshot) -> Counter[str]:
+    used: Counter[str] = Counter()
+    for pid, (role, cpu) in after.cpu_s.items():
+        earlier = before.cpu_s.get(pid)
+        used[role] += cpu - (earlier[1] if earlier and earlier[0] == role else 0.0)
+    return used
+
+
+def report(used: Counter[str], tasks: int, label: str) -> float:
+    """Prints CPU ms per task by class; returns the control plane's."""
+    print(f"{label}: CPU per task by process class (own time, scripts excluded)")
+    for role, seconds in used.most_common():
+        print(f"  {role:<18} {seconds:7.2f} s  {seconds * 1000 / tasks:6.2f} ms/task")
+    control = sum(used[role] for role in CONTROL_PLANE)
+    print(f"  control plane      {control:7.2f} s  {control * 1000 / tasks:6.2f} ms/task")
+    return control * 1000 / tasks
+
+
+def resident_mb() -> float:
+    """Memory of every counted process (Ray, Serve, chronoray's actors,
+    PostgreSQL) in MB, as proportional set size: a page shared by n
+    processes counts 1/n in each, so shared libraries are not summed n
+    times as resident sizes would be."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            if process_class(cmdline, comm) is None:
+                continue
+            with open(f"/proc/{entry}/smaps_rollup") as f:
+                pss_kb = next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+        total += pss_kb * 1024
+    return total / 2**20
+
+
+class PeakMemory:
+    """Samples ``resident_mb`` every ``every_s`` on a thread; ``peak`` after ``stop``."""
+
+    def __init__(self, every_s: float = 0.5) -> None:
+        import threading
+
+        self.peak = resident_mb()
+        self._stop = threading.Event()
+        self._every_s = every_s
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every_s):
+            self.peak = max(self.peak, resident_mb())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
