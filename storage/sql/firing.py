@@ -10,9 +10,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Connection, and_, bindparam, exists, insert, select, update
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Integer,
+    String,
+    and_,
+    column,
+    exists,
+    insert,
+    select,
+    update,
+    values,
+)
 
 from scheduling.lifecycle import (
     CLAIM,
@@ -28,10 +40,11 @@ from scheduling.schedules import MisfireRules
 from scheduling.tiers import TierTable
 from scheduling.timeline import Wheel, bucket_of
 from storage.repository import Claimed, OutcomeHook
-from storage.schema import runs, shards, tasks
+from storage.schema import UtcDateTime, runs, shards, tasks
 from storage.sql import rows, schedules
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def start_shard(conn: Connection, shard: int, *, now: datetime) -> int:
@@ -151,37 +164,36 @@ def claim(
 def mark_running(
     conn: Connection, specs: Sequence[TaskSpec], *, lease_grace_s: float, now: datetime
 ) -> list[tuple[int, int]]:
-    """The start gate: the START move for exactly this (task, attempt,
-    epoch), one conditional update each. Returns the attempts that moved;
-    any other attempt belongs to someone else (a newer attempt, a cancel)
-    and its script must not start."""
-    statement = (
-        update(tasks)
-        .where(
-            tasks.c.task_id == bindparam("b_task_id"),
-            tasks.c.attempt == bindparam("b_attempt"),
-            tasks.c.epoch == bindparam("b_epoch"),
-            tasks.c.status.in_(rows.status_values(START.source)),
+    """The start gate: the START move for exactly these (task, attempt,
+    epoch), in one statement. Returns the attempts that moved; any other
+    attempt belongs to someone else (a newer attempt, a cancel) and its
+    script must not start."""
+    started: list[tuple[int, int]] = []
+    unique = {(spec.task_id, spec.attempt, spec.epoch): spec for spec in specs}
+    for chunk in _chunks(list(unique.values())):
+        gate = _rows_of(
+            ("task_id", BigInteger, [spec.task_id for spec in chunk]),
+            ("attempt", Integer, [spec.attempt for spec in chunk]),
+            ("epoch", Integer, [spec.epoch for spec in chunk]),
+            (
+                "lease",
+                UtcDateTime,
+                [running_lease(spec, lease_grace_s=lease_grace_s, now=now) for spec in chunk],
+            ),
         )
-        .values(
-            status=START.target.value,
-            lease_expires_at=bindparam("b_lease"),
-            updated_at=now,
-        )
-    )
-    started = []
-    for spec in specs:
-        changed = conn.execute(
-            statement,
-            {
-                "b_task_id": spec.task_id,
-                "b_attempt": spec.attempt,
-                "b_epoch": spec.epoch,
-                "b_lease": running_lease(spec, lease_grace_s=lease_grace_s, now=now),
-            },
-        ).rowcount
-        if changed:
-            started.append(spec.key)
+        moved = conn.execute(
+            update(tasks)
+            .where(
+                tasks.c.task_id == gate.c.task_id,
+                tasks.c.attempt == gate.c.attempt,
+                tasks.c.epoch == gate.c.epoch,
+                tasks.c.status.in_(rows.status_values(START.source)),
+            )
+            .values(status=START.target.value, lease_expires_at=gate.c.lease, updated_at=now)
+            .returning(tasks.c.task_id, tasks.c.attempt)
+        ).all()
+        moved_keys = {(row.task_id, row.attempt) for row in moved}
+        started += [key for key in dict.fromkeys(s.key for s in chunk) if key in moved_keys]
     return started
 
 
@@ -195,11 +207,50 @@ def record_results(
     on_outcome: OutcomeHook | None = None,
 ) -> list[tuple[int, datetime]]:
     """Apply each attempt's outcome (``after_attempt``) where the row still
-    matches it (attempt, epoch, in flight) and log the run. Returns what to
-    watch next: tasks put back for a retry, and schedule occurrences that
-    were waiting for a run that has now ended."""
+    matches it (attempt, epoch, in flight), in one statement, and log the
+    runs in another. Returns what to watch next: tasks put back for a retry,
+    and schedule occurrences that were waiting for a run that has now ended.
+
+    Two results for one task (a late report of an earlier attempt beside
+    the current one's) go in successive statements, in the order given, as
+    they would one by one."""
     watch: list[tuple[int, datetime]] = []
-    run_rows, ended_schedules = [], set()
+    ended_schedules: set[int] = set()
+    rounds: list[list[RunResult]] = []
+    seen: dict[int, int] = {}
+    for result in results:
+        turn = seen.get(result.task_id, 0)
+        seen[result.task_id] = turn + 1
+        if turn == len(rounds):
+            rounds.append([])
+        rounds[turn].append(result)
+    for one_per_task in rounds:
+        for chunk in _chunks(one_per_task):
+            _apply_results(
+                conn,
+                chunk,
+                policy=policy,
+                now=now,
+                tiers=tiers,
+                on_outcome=on_outcome,
+                watch=watch,
+                ended_schedules=ended_schedules,
+            )
+    return watch + schedules.waiting_occurrences(conn, ended_schedules, now=now)
+
+
+def _apply_results(
+    conn: Connection,
+    results: list[RunResult],
+    *,
+    policy: RetryPolicy,
+    now: datetime,
+    tiers: TierTable | None,
+    on_outcome: OutcomeHook | None,
+    watch: list[tuple[int, datetime]],
+    ended_schedules: set[int],
+) -> None:
+    """Results of distinct tasks: one UPDATE for all, one INSERT of their runs."""
     current = {
         row.task_id: row
         for row in conn.execute(
@@ -209,9 +260,12 @@ def record_results(
                 tasks.c.max_attempts,
                 tasks.c.schedule_id,
                 tasks.c.lost_count,
-            ).where(tasks.c.task_id.in_({r.task_id for r in results}))
+                tasks.c.execute_at,
+                tasks.c.bucket,
+            ).where(tasks.c.task_id.in_([r.task_id for r in results]))
         )
     }
+    decided = []
     for result in results:
         row = current.get(result.task_id)
         if row is None:
@@ -227,29 +281,51 @@ def record_results(
             tiers=tiers,
             started=may_have_started(result, TaskStatus(row.status)),
         )
-        values: dict[str, Any] = {
-            "status": outcome.status.value,
-            "attempt": outcome.attempt,
-            "priority": outcome.priority,
-            "max_attempts": outcome.max_attempts,
-            "lost_count": outcome.lost_count,
-            "lease_expires_at": None,
-            "updated_at": now,
-        }
-        if outcome.execute_at is not None:
-            values["execute_at"] = outcome.execute_at
-            values["bucket"] = bucket_of(outcome.execute_at)
-        changed = conn.execute(
+        decided.append((result, outcome, row))
+    if not decided:
+        return
+    # a retry moves; anything else keeps its time and bucket (which a
+    # catch-up occurrence keeps in its claiming shard's range)
+    due = [o.execute_at or row.execute_at for _, o, row in decided]
+    buckets = [bucket_of(o.execute_at) if o.execute_at else row.bucket for _, o, row in decided]
+    applied = _rows_of(
+        ("task_id", BigInteger, [r.task_id for r, _, _ in decided]),
+        ("attempt", Integer, [r.attempt for r, _, _ in decided]),
+        ("epoch", Integer, [r.epoch for r, _, _ in decided]),
+        ("status", String, [o.status.value for _, o, _ in decided]),
+        ("next_attempt", Integer, [o.attempt for _, o, _ in decided]),
+        ("priority", Integer, [o.priority for _, o, _ in decided]),
+        ("max_attempts", Integer, [o.max_attempts for _, o, _ in decided]),
+        ("lost_count", Integer, [o.lost_count for _, o, _ in decided]),
+        ("execute_at", UtcDateTime, due),
+        ("bucket", BigInteger, buckets),
+    )
+    changed = set(
+        conn.execute(
             update(tasks)
             .where(
-                tasks.c.task_id == result.task_id,
-                tasks.c.attempt == result.attempt,
-                tasks.c.epoch == result.epoch,
+                tasks.c.task_id == applied.c.task_id,
+                tasks.c.attempt == applied.c.attempt,
+                tasks.c.epoch == applied.c.epoch,
                 tasks.c.status.in_(rows.status_values(RESULT_SOURCE)),
             )
-            .values(**values)
-        ).rowcount
-        if not changed:
+            .values(
+                status=applied.c.status,
+                attempt=applied.c.next_attempt,
+                priority=applied.c.priority,
+                max_attempts=applied.c.max_attempts,
+                lost_count=applied.c.lost_count,
+                execute_at=applied.c.execute_at,
+                bucket=applied.c.bucket,
+                lease_expires_at=None,
+                updated_at=now,
+            )
+            .returning(tasks.c.task_id)
+        ).scalars()
+    )
+    run_rows = []
+    for result, outcome, row in decided:
+        if result.task_id not in changed:
             log.info(
                 "stale result ignored",
                 extra={"task_id": result.task_id, "attempt": result.attempt},
@@ -264,7 +340,20 @@ def record_results(
             ended_schedules.add(row.schedule_id)
     if run_rows:
         conn.execute(insert(runs), run_rows)
-    return watch + schedules.waiting_occurrences(conn, ended_schedules, now=now)
+
+
+CHUNK = 1000  # rows per statement: well inside every driver's parameter limit
+
+
+def _chunks(items: list[T]) -> list[list[T]]:
+    return [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
+
+
+def _rows_of(*columns: tuple[str, Any, list[Any]]) -> Any:
+    """A VALUES list named ``v`` as a CTE, one row per item, to update many
+    rows in one statement (``UPDATE … FROM v``) on PostgreSQL and SQLite."""
+    table = values(*(column(name, kind) for name, kind, _ in columns), name="v")
+    return table.data(list(zip(*(items for _, _, items in columns), strict=True))).cte("v")
 
 
 def stale_queued(

@@ -4,7 +4,7 @@ from dataclasses import replace
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import event, inspect
 
 from scheduling.errors import IdempotencyConflict, ScriptNotFound, TaskNotCancellable, TaskNotFound
 from scheduling.lifecycle import RetryPolicy
@@ -415,3 +415,61 @@ def test_stale_queued_leases_again_only_what_it_hands_over(repo, owner):
         wheel=WHEEL, shard=0, now=later, lease_until=later + timedelta(seconds=30), limit=1
     )
     assert next_turn.task_id == left
+
+
+def statements_on(engine, verb: str):
+    """The SQL statements starting with ``verb`` sent while the block runs."""
+    sent: list[str] = []
+
+    def note(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith(("WITH", verb)) and verb in statement.upper():
+            sent.append(statement)
+
+    event.listen(engine, "before_cursor_execute", note)
+    return sent, lambda: event.remove(engine, "before_cursor_execute", note)
+
+
+def test_a_batch_passes_the_start_gate_and_records_its_results_in_one_statement_each(repo, owner):
+    tasks = submit(repo, *(new(owner, max_attempts=2) for _ in range(50)))
+    epoch = repo.start_shard(0, now=T0)
+    specs = repo.claim(
+        [t.task_id for t in tasks],
+        shard=0,
+        epoch=epoch,
+        lease_until=T0 + timedelta(seconds=30),
+        now=T0,
+    ).specs
+    stale = replace(specs[0], epoch=epoch + 1)  # another incarnation's: must not pass
+    sent, stop = statements_on(repo.engine, "UPDATE")
+    try:
+        started = repo.mark_running([*specs, stale], lease_grace_s=5, now=T0)
+        gate_updates = len(sent)
+        failures = [FailureClass.EXIT_CODE if i % 2 else None for i in range(len(specs))]
+        retries = repo.record_results(
+            [result(spec, failure=f) for spec, f in zip(specs, failures, strict=True)],
+            policy=POLICY,
+            now=T0,
+        )
+    finally:
+        stop()
+    assert sorted(started) == sorted(spec.key for spec in specs)
+    assert gate_updates == 1 and len(sent) == 2  # the gate's one, the results' one
+    assert len(retries) == 25  # the failed half is scheduled again; the rest succeeded
+    statuses = [repo.get_task(spec.task_id).status for spec in specs]
+    assert statuses.count(TaskStatus.SUCCEEDED) == 25 and statuses.count(TaskStatus.SCHEDULED) == 25
+    assert all(len(repo.list_runs(spec.task_id)) == 1 for spec in specs)
+
+
+def test_a_late_report_of_an_earlier_attempt_beside_the_current_one_applies_only_the_current(
+    repo, owner
+):
+    spec = claimed(repo, owner, max_attempts=3)
+    repo.record_results([result(spec, failure=FailureClass.EXIT_CODE)], policy=POLICY, now=T0)
+    epoch = repo.start_shard(0, now=T0)
+    [second] = repo.claim(
+        [spec.task_id], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=30), now=T0
+    ).specs
+    assert repo.record_results([result(spec), result(second)], policy=POLICY, now=T0) == []
+    task = repo.get_task(spec.task_id)
+    assert (task.status, task.attempt) == (TaskStatus.SUCCEEDED, 2)
+    assert [run.attempt for run in repo.list_runs(spec.task_id)] == [1, 2]
