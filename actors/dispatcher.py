@@ -51,10 +51,14 @@ class ExecutorSlots:
     client: ExecutorClient
     in_flight: dict[tuple[int, int], TaskSpec] = field(default_factory=dict)
     accepting: bool = True
+    # The credit window: attempts it may hold per slot. Beyond its slots they
+    # wait at the executor, which starts the next one itself when a slot
+    # frees, without a round trip through the dispatcher.
+    credits: int = 1
 
     @property
     def free(self) -> int:
-        return self.slots - len(self.in_flight) if self.accepting else 0
+        return self.slots * self.credits - len(self.in_flight) if self.accepting else 0
 
 
 class Dispatcher:
@@ -210,7 +214,8 @@ class Dispatcher:
                 ex.executor_id: {
                     "tier": ex.tier,
                     "slots": ex.slots,
-                    "running": len(ex.in_flight),
+                    "credits": ex.credits,
+                    "running": len(ex.in_flight),  # assigned: running, or waiting there for a slot
                     "accepting": ex.accepting,
                 }
                 for ex in self._executors
@@ -403,6 +408,7 @@ class DispatcherShell:
                     slots=i.slots,
                     client=ExecutorCalls(i.handle),
                     accepting=i.accepting,
+                    credits=self._settings.executor_credits,
                 )
                 for i in infos
             ]

@@ -53,6 +53,8 @@ class Settings:
     claim_batch: int = 2000
     # dispatching
     dispatcher_max_queued: int = 20000
+    # attempts an executor may hold per slot; the extra ones start there as slots free
+    executor_credits: int = 2
     tiers: TierTable = field(default_factory=local_tiers)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     aging_s: float = 30.0  # a queued task gains one priority level per this many seconds waiting
@@ -86,6 +88,10 @@ class Settings:
     # read replicas: get/list queries go there; writes always to database_url
     database_replica_urls: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.executor_credits < 1:
+            raise ValueError("executor_credits must be at least 1")
+
     @property
     def wheel(self) -> Wheel:
         return Wheel(num_shards=self.num_shards, range_s=self.range_s)
@@ -113,6 +119,7 @@ class Settings:
             "queue_lease_s": float,
             "lease_grace_s": float,
             "dispatcher_max_queued": int,
+            "executor_credits": int,
             "http_port": int,
             "max_script_bytes": int,
             "serve_replicas": int,

@@ -11,7 +11,7 @@ from tests.unit.fakes import FakeExecutor, FakeShardLink
 from tests.unit.test_pure_scheduling import spec
 
 
-def build(slots=None):
+def build(slots=None, *, credits=1):
     slots = slots or {"small": 2, "medium": 1, "large": 1}
     tiers = production_tiers()
     executors = {
@@ -21,6 +21,7 @@ def build(slots=None):
             tier_rank=tiers.index_for(tiers.by_name(name).min_priority),
             slots=count,
             client=FakeExecutor(),
+            credits=credits,
         )
         for name, count in slots.items()
     }
@@ -66,6 +67,23 @@ def test_a_full_tier_overflows_to_a_stronger_one_and_the_rest_wait():
         assert ex["small"].client.received == [1]
         assert ex["medium"].client.received == [2]
         assert dispatcher.stats()["queued"] == 2
+
+    asyncio.run(scenario())
+
+
+def test_an_executor_is_assigned_up_to_its_credit_window_and_never_more():
+    async def scenario():
+        dispatcher, ex, _ = build({"small": 2}, credits=2)
+        specs = [spec(i, due=T0 + timedelta(seconds=i)) for i in range(1, 11)]
+        await dispatcher.submit(specs)
+        small = ex["small"]
+        assert small.client.received == [1, 2, 3, 4]  # 2 slots × 2 credits, in order
+        assert dispatcher.stats()["queued"] == 6
+        for done in range(1, 7):  # each result frees one credit: one more, never two
+            await dispatcher.report_results([result(specs[done - 1])])
+            assert len(small.in_flight) == 4
+            assert small.client.received == list(range(1, 5 + done))
+        assert dispatcher.stats()["queued"] == 0
 
     asyncio.run(scenario())
 

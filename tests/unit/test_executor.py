@@ -264,3 +264,36 @@ def test_a_database_outage_at_the_gate_is_waited_out_not_charged(tmp_path):
         assert result.failure is None and gate.outage == 0
 
     asyncio.run(scenario())
+
+
+def test_attempts_beyond_its_slots_wait_and_start_as_slots_free(tmp_path):
+    """The credit window's executor side: four attempts held, two slots; the
+    third and fourth start only when a run ends, each after its own gate."""
+
+    class Stamps(Scripts):
+        def get_script_body(self, script_id):
+            return b"date +%s.%N; sleep 0.3; date +%s.%N"
+
+    class Counted(Sink):
+        async def report_results(self, results):
+            await super().report_results(results)
+            if len(self.results) == 4:
+                self.all_in.set()
+
+    sink, gate = Counted(), Gate()
+
+    async def scenario():
+        sink.all_in = asyncio.Event()
+        executor = new_executor(tmp_path, Stamps(), sink, gate, slots=2)
+        due = datetime.now(timezone.utc)
+        specs = [replace(spec(i, due=due), script_sha256="c" * 64) for i in range(1, 5)]
+        assert await executor.run_batch(specs) == 4
+        assert executor.busy == 4  # all held, two of them waiting for a slot
+        await sink.all_in.wait()
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    spans = sorted(tuple(map(float, r.output_tail.split())) for r in sink.results)
+    for moment in (start for start, _ in spans):  # never more than 2 scripts at once
+        assert sum(1 for start, end in spans if start <= moment < end) <= 2
+    assert spans[2][0] >= min(end for _, end in spans[:2])  # the third waited for a slot
+    assert sorted(task_id for task_id, _ in gate.asked) == [1, 2, 3, 4]

@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 from chronoray.settings import Settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -20,6 +22,7 @@ SAMPLES = {
     "CHRONORAY_QUEUE_LEASE_S": ("20", lambda s: s.queue_lease_s),
     "CHRONORAY_LEASE_GRACE_S": ("15", lambda s: s.lease_grace_s),
     "CHRONORAY_DISPATCHER_MAX_QUEUED": ("500", lambda s: s.dispatcher_max_queued),
+    "CHRONORAY_EXECUTOR_CREDITS": ("1", lambda s: s.executor_credits),
     "CHRONORAY_NAMESPACE": ("other", lambda s: s.namespace),
     "CHRONORAY_MAX_SCRIPT_BYTES": ("1024", lambda s: s.max_script_bytes),
     "CHRONORAY_SERVE_REPLICAS": ("2", lambda s: s.serve_replicas),
@@ -67,3 +70,8 @@ def test_each_variable_changes_its_setting(tmp_path):
 def test_data_dir_places_the_embedded_database(tmp_path):
     settings = Settings.from_env({"CHRONORAY_DATA_DIR": str(tmp_path / "d")})
     assert settings.database_url == f"sqlite:///{tmp_path / 'd' / 'chronoray.db'}"
+
+
+def test_a_credit_window_below_one_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="executor_credits"):
+        Settings.from_env({"CHRONORAY_EXECUTOR_CREDITS": "0"}, data_dir=tmp_path)
