@@ -115,7 +115,7 @@ class ShardRouter:
         """Tell the owner shards about tasks stored outside them."""
         by_shard: dict[int, list] = {}
         for task_id, at in entries:
-            by_shard.setdefault(self._wheel.shard_of(at), []).append((task_id, at))
+            by_shard.setdefault(self._wheel.owner_of(task_id, at), []).append((task_id, at))
         await asyncio.gather(*(self._call(s, "track", owned) for s, owned in by_shard.items()))
 
     async def probe(self) -> dict[str, str]:

@@ -118,7 +118,7 @@ class Shard:
         """Track our own tasks; tell the owner shard about the others."""
         by_shard: dict[int, list[tuple[int, datetime]]] = {}
         for task_id, due_at in entries:
-            by_shard.setdefault(self._wheel.shard_of(due_at), []).append((task_id, due_at))
+            by_shard.setdefault(self._wheel.owner_of(task_id, due_at), []).append((task_id, due_at))
         for shard, owned in by_shard.items():
             if shard == self.index:
                 await self.track(owned)

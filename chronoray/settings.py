@@ -45,6 +45,9 @@ class Settings:
     # time-range sharding
     num_shards: int = 2
     range_s: int = 60
+    # shards a range's tasks are spread over, by task id (0: every shard, so a
+    # burst at one instant is fired by all of them; 1: a range is one shard's)
+    range_slices: int = 0
     lookahead_s: float = 60.0
     sweep_interval_s: float = 5.0
     prefire_ms: float = 250.0  # hand tasks to executors this early; they start on the instant
@@ -94,7 +97,11 @@ class Settings:
 
     @property
     def wheel(self) -> Wheel:
-        return Wheel(num_shards=self.num_shards, range_s=self.range_s)
+        return Wheel(
+            num_shards=self.num_shards,
+            range_s=self.range_s,
+            slices=self.range_slices or self.num_shards,
+        )
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
@@ -113,6 +120,7 @@ class Settings:
         numbers = {
             "num_shards": int,
             "range_s": int,
+            "range_slices": int,
             "lookahead_s": float,
             "sweep_interval_s": float,
             "prefire_ms": float,

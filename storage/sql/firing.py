@@ -70,7 +70,11 @@ def shard_epoch(conn: Connection, shard: int) -> int | None:
 
 
 def _owned_by(wheel: Wheel, shard: int) -> Any:
-    return (tasks.c.bucket // wheel.range_s) % wheel.num_shards == shard
+    """``Wheel.owner_in_bucket`` in SQL."""
+    range_ = tasks.c.bucket // wheel.range_s
+    if wheel.slices > 1:
+        range_ = range_ + tasks.c.task_id % wheel.slices
+    return range_ % wheel.num_shards == shard
 
 
 def due_tasks(
@@ -413,4 +417,4 @@ def specs(
         .order_by(tasks.c.execute_at)
         .limit(limit)
     ).all()
-    return [rows.spec(row, shard=wheel.shard_of_bucket(row.bucket)) for row in found]
+    return [rows.spec(row, shard=wheel.owner_in_bucket(row.task_id, row.bucket)) for row in found]

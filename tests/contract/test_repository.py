@@ -149,6 +149,42 @@ def test_wheel_assigns_each_task_to_one_shard(repo, owner):
     assert {t for t, _ in shard0}.isdisjoint({t for t, _ in shard1})
 
 
+def test_a_burst_in_a_sliced_range_is_claimed_by_every_shard_and_fenced_per_shard(repo, owner):
+    """The hot-range split: 90 tasks due at one instant, 3 shards, 3 slices.
+    Each shard finds and claims its own third; a superseded incarnation
+    claims nothing; each shard's sweep hands over only its own stale
+    attempts, as specs that name their owner."""
+    wheel = Wheel(num_shards=3, range_s=60, slices=3)
+    tasks = submit(repo, *(new(owner) for _ in range(90)))
+    epochs = {shard: repo.start_shard(shard, now=T0) for shard in range(3)}
+    due = {
+        shard: [t for t, _ in repo.due_tasks(wheel=wheel, shard=shard, before=T0, limit=100)]
+        for shard in range(3)
+    }
+    assert sorted(len(ids) for ids in due.values()) == [30, 30, 30]
+    assert set().union(*due.values()) == {t.task_id for t in tasks}
+    for shard, ids in due.items():
+        assert all(wheel.owner_of(task_id, T0) == shard for task_id in ids)
+    stale_epoch = epochs[1]
+    epochs[1] = repo.start_shard(1, now=T0)  # shard 1 restarted: its old incarnation is fenced
+    lease = T0 + timedelta(seconds=30)
+    assert repo.claim(due[1], shard=1, epoch=stale_epoch, lease_until=lease, now=T0).specs == []
+    for shard, ids in due.items():
+        specs = repo.claim(ids, shard=shard, epoch=epochs[shard], lease_until=lease, now=T0).specs
+        assert len(specs) == 30 and {s.shard for s in specs} == {shard}
+    later = T0 + timedelta(seconds=31)  # every queue lease ran out: each sweep takes its own
+    for shard in range(3):
+        swept = repo.stale_queued(
+            wheel=wheel,
+            shard=shard,
+            now=later,
+            lease_until=later + timedelta(seconds=30),
+            limit=100,
+        )
+        assert sorted(s.task_id for s in swept) == sorted(due[shard])
+        assert {s.shard for s in swept} == {shard}
+
+
 def claimed(repo, owner, **kw):
     [task] = submit(repo, new(owner, **kw))
     epoch = repo.start_shard(0, now=T0)

@@ -45,6 +45,18 @@ def test_bucket_refuses_naive_time():
         bucket_of(datetime(2026, 3, 1, 12, 0, 0))
 
 
+def test_a_sliced_range_spreads_its_tasks_over_every_shard_by_task_id():
+    wheel = Wheel(num_shards=3, range_s=60, slices=3)
+    at = datetime.fromtimestamp(1772366400 - 1772366400 % 180, tz=UTC)  # range 0 → shard 0
+    owners = [wheel.owner_of(task_id, at) for task_id in range(9)]
+    assert owners == [0, 1, 2] * 3
+    later = at + timedelta(seconds=60)  # the next range starts one shard further
+    assert [wheel.owner_of(task_id, later) for task_id in range(3)] == [1, 2, 0]
+    assert wheel.shard_of(at) == 0  # submissions still go to the range's own shard
+    with pytest.raises(ValueError):
+        Wheel(num_shards=2, slices=3)
+
+
 @pytest.mark.parametrize(
     "offset_s, shard",
     [(0, 0), (59, 0), (60, 1), (119, 1), (120, 2), (180, 0), (240, 1)],
@@ -54,7 +66,7 @@ def test_wheel_gives_consecutive_ranges_to_consecutive_shards(offset_s, shard):
     base = datetime.fromtimestamp(1772366400 - 1772366400 % 180, tz=UTC)  # range divisible by 3
     at = base + timedelta(seconds=offset_s)
     assert wheel.shard_of(at) == shard
-    assert wheel.shard_of_bucket(bucket_of(at)) == shard
+    assert wheel.owner_of(7, at) == shard  # one slice: the range's own shard owns all
 
 
 @pytest.mark.parametrize(

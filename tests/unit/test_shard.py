@@ -207,7 +207,9 @@ def test_failure_retries_with_higher_priority_after_backoff_then_dead():
 
 def test_a_retry_that_moves_to_another_range_is_handed_to_its_owner():
     world = World(
-        settings=SETTINGS.with_(num_shards=2, retry=RetryPolicy(backoff_base_s=60.0, jitter=False))
+        settings=SETTINGS.with_(
+            num_shards=2, range_slices=1, retry=RetryPolicy(backoff_base_s=60.0, jitter=False)
+        )
     )
 
     async def scenario():
@@ -220,6 +222,26 @@ def test_a_retry_that_moves_to_another_range_is_handed_to_its_owner():
         [spec] = world.dispatcher.received
         await shard.record_results([result_for(spec, failure=FailureClass.TIMEOUT, now=base)])
         assert world.peers.tracked == {1: [(submitted.task.task_id, base + timedelta(seconds=60))]}
+
+    run(scenario())
+
+
+def test_in_a_sliced_range_the_submitting_shard_hands_each_task_to_its_owner():
+    world = World(settings=SETTINGS.with_(num_shards=2))  # two slices per range
+
+    async def scenario():
+        base = T0 - timedelta(seconds=T0.timestamp() % 120)  # the range is shard 0's
+        world.clock._now = base
+        shard = world.shard(0)
+        await shard.start()
+        results = await shard.submit([world.new((base - T0).total_seconds()) for _ in range(4)])
+        ids = [r.task.task_id for r in results]
+        theirs = [i for i in ids if i % 2]  # odd ids are the second slice: shard 1's
+        assert world.peers.tracked == {1: [(i, base) for i in theirs]}
+        assert await shard.fire_due() == 2  # shard 0 fires its own slice only
+        assert sorted(s.task_id for s in world.dispatcher.received) == [
+            i for i in ids if i % 2 == 0
+        ]
 
     run(scenario())
 
