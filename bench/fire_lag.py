@@ -31,6 +31,7 @@ from bench import floor, procstat
 from chronoray.deploy import deploy, start_local_ray, teardown
 from chronoray.settings import Settings
 from scheduling.tiers import local_tiers
+from storage.engines import make_engine
 from storage.schema import runs
 
 SANDBOXES = {
@@ -52,10 +53,10 @@ def submit(client, requests: list[dict]) -> list[int]:
     return ids
 
 
-def wait_all(client, ids: list[int], timeout_s: float) -> None:
+def wait_all(engine, ids: list[int], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     pending = set(ids)
-    with client._repo.engine.connect() as conn:  # one query per poll, not one per task
+    with engine.connect() as conn:  # one query per poll, not one per task
         from storage.schema import tasks
 
         while pending and time.monotonic() < deadline:
@@ -77,8 +78,8 @@ def wait_all(client, ids: list[int], timeout_s: float) -> None:
         raise TimeoutError(f"{len(pending)} tasks unfinished after {timeout_s} s")
 
 
-def run_rows(client, ids: list[int]):
-    with client._repo.engine.connect() as conn:
+def run_rows(engine, ids: list[int]):
+    with engine.connect() as conn:
         return conn.execute(
             select(
                 runs.c.task_id,
@@ -99,7 +100,7 @@ def report(name: str, values_ms: list[float]) -> None:
     )
 
 
-def spread(client, count: int, spread_s: float, lead_s: float) -> dict[str, float]:
+def spread(client, engine, count: int, spread_s: float, lead_s: float) -> dict[str, float]:
     start = datetime.now(timezone.utc) + timedelta(seconds=lead_s)
     step = spread_s / count
     requests = [
@@ -112,9 +113,9 @@ def spread(client, count: int, spread_s: float, lead_s: float) -> dict[str, floa
         f"spread: submitted {count} in {time.monotonic() - began:.1f} s; first due in {lead_s:.0f} s"
     )
     before = procstat.snapshot()
-    wait_all(client, ids, timeout_s=lead_s + spread_s + 300)
+    wait_all(engine, ids, timeout_s=lead_s + spread_s + 300)
     used = procstat.cpu_by_class(before, procstat.snapshot())
-    rows = run_rows(client, ids)
+    rows = run_rows(engine, ids)
     failures = [r for r in rows if r.failure]
     script_lag = [
         (float(r.output_tail.split()[0]) - r.due_at.timestamp()) * 1000
@@ -130,7 +131,7 @@ def spread(client, count: int, spread_s: float, lead_s: float) -> dict[str, floa
     }
 
 
-def burst(client, count: int, lead_s: float) -> dict[str, float]:
+def burst(client, engine, count: int, lead_s: float) -> dict[str, float]:
     due = datetime.now(timezone.utc) + timedelta(seconds=lead_s)
     requests = [{"script": "stamp.sh", "execute_at": due, "max_attempts": 1} for _ in range(count)]
     began = time.monotonic()
@@ -140,9 +141,9 @@ def burst(client, count: int, lead_s: float) -> dict[str, float]:
     if datetime.now(timezone.utc) > due:
         print("burst: WARNING submission took longer than the lead; the drain includes it")
     before, memory = procstat.snapshot(), procstat.PeakMemory()
-    wait_all(client, ids, timeout_s=lead_s + 900)
+    wait_all(engine, ids, timeout_s=lead_s + 900)
     used, peak_mb = procstat.cpu_by_class(before, procstat.snapshot()), memory.stop()
-    rows = run_rows(client, ids)
+    rows = run_rows(engine, ids)
     ok = [r for r in rows if not r.failure]
     drain_s = max(float(r.output_tail.split()[0]) for r in ok) - due.timestamp()
     print(f"burst: {len(rows)} runs, {len(rows) - len(ok)} failed")
@@ -235,6 +236,7 @@ def main() -> None:
         from chronoray import Client
 
         client = Client(namespace=settings.namespace)
+        engine = make_engine(args.database_url)  # the bench's own reads
         client.register_script("stamp.sh", floor.STAMP_SCRIPT)
         time.sleep(5)  # let the deployment settle before reading its idle memory
         idle_mb = procstat.resident_mb()
@@ -243,9 +245,9 @@ def main() -> None:
             print(f"-- run {number} of {args.repeat}")
             found = {"idle memory MB (PSS)": idle_mb}
             if args.spread_tasks:
-                found |= spread(client, args.spread_tasks, args.spread_s, args.lead_s)
+                found |= spread(client, engine, args.spread_tasks, args.spread_s, args.lead_s)
             if args.burst_tasks:
-                found |= burst(client, args.burst_tasks, args.lead_s)
+                found |= burst(client, engine, args.burst_tasks, args.lead_s)
             runs.append(found)
             floor_runs.append(floors(args, settings.sandbox, slots))
     finally:
@@ -256,9 +258,9 @@ def main() -> None:
 
 def durability(url: str) -> str:
     """fsync and synchronous_commit as the server runs them."""
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import text
 
-    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    engine = make_engine(url)
     try:
         with engine.connect() as conn:
             fsync = conn.execute(text("SHOW fsync")).scalar()

@@ -44,8 +44,11 @@ def process_class(cmdline: str, comm: str) -> str | None:
     """The class a process is counted under; None: not ours to count."""
     if cmdline.startswith("ray::"):
         name = cmdline[5:].split(".", 1)[0].split()[0]
+        # a named actor's title is "ray::<actor name>:<Class>"; a Serve
+        # replica's "ray::ServeReplica:<app>:<deployment>"
+        candidates = (name, name.rsplit(":", 1)[-1])
         for prefix, role in RAY_CLASSES.items():
-            if name.startswith(prefix):
+            if any(candidate.startswith(prefix) for candidate in candidates):
                 return role
         return f"ray::{name}"
     if comm == "postgres" or "postgres" in cmdline.split(" ", 1)[0]:
