@@ -56,8 +56,9 @@ class Settings:
     claim_batch: int = 2000
     # dispatching
     dispatcher_max_queued: int = 20000
-    # attempts an executor may hold per slot; the extra ones start there as slots free
-    executor_credits: int = 2
+    # attempts an executor may hold per slot; the extra ones start there as
+    # slots free (1: the dispatcher keeps every waiting attempt; see README)
+    executor_credits: int = 1
     tiers: TierTable = field(default_factory=local_tiers)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     aging_s: float = 30.0  # a queued task gains one priority level per this many seconds waiting

@@ -18,13 +18,16 @@ from sqlalchemy import (
     Integer,
     String,
     and_,
+    bindparam,
     column,
     exists,
+    func,
     insert,
     select,
     update,
     values,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from scheduling.lifecycle import (
     CLAIM,
@@ -176,6 +179,7 @@ def mark_running(
     unique = {(spec.task_id, spec.attempt, spec.epoch): spec for spec in specs}
     for chunk in _chunks(list(unique.values())):
         gate = _rows_of(
+            conn,
             ("task_id", BigInteger, [spec.task_id for spec in chunk]),
             ("attempt", Integer, [spec.attempt for spec in chunk]),
             ("epoch", Integer, [spec.epoch for spec in chunk]),
@@ -293,6 +297,7 @@ def _apply_results(
     due = [o.execute_at or row.execute_at for _, o, row in decided]
     buckets = [bucket_of(o.execute_at) if o.execute_at else row.bucket for _, o, row in decided]
     applied = _rows_of(
+        conn,
         ("task_id", BigInteger, [r.task_id for r, _, _ in decided]),
         ("attempt", Integer, [r.attempt for r, _, _ in decided]),
         ("epoch", Integer, [r.epoch for r, _, _ in decided]),
@@ -353,9 +358,17 @@ def _chunks(items: list[T]) -> list[list[T]]:
     return [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
 
 
-def _rows_of(*columns: tuple[str, Any, list[Any]]) -> Any:
-    """A VALUES list named ``v`` as a CTE, one row per item, to update many
-    rows in one statement (``UPDATE … FROM v``) on PostgreSQL and SQLite."""
+def _rows_of(conn: Connection, *columns: tuple[str, Any, list[Any]]) -> Any:
+    """One row per item, named ``v``, to update many rows in one statement
+    (``UPDATE … FROM v``). On PostgreSQL ``unnest`` of one array parameter
+    per column: the statement's text does not depend on the batch, so it is
+    compiled once and cached. SQLite has no arrays: a VALUES list there."""
+    if conn.dialect.name == "postgresql":
+        arrays = [
+            bindparam(f"v_{name}", value=items, type_=ARRAY(kind)) for name, kind, items in columns
+        ]
+        names = [column(name, kind) for name, kind, _ in columns]
+        return func.unnest(*arrays).table_valued(*names).render_derived(with_types=False).alias("v")
     table = values(*(column(name, kind) for name, kind, _ in columns), name="v")
     return table.data(list(zip(*(items for _, _, items in columns), strict=True))).cte("v")
 

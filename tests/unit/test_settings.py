@@ -23,7 +23,7 @@ SAMPLES = {
     "CHRONORAY_QUEUE_LEASE_S": ("20", lambda s: s.queue_lease_s),
     "CHRONORAY_LEASE_GRACE_S": ("15", lambda s: s.lease_grace_s),
     "CHRONORAY_DISPATCHER_MAX_QUEUED": ("500", lambda s: s.dispatcher_max_queued),
-    "CHRONORAY_EXECUTOR_CREDITS": ("1", lambda s: s.executor_credits),
+    "CHRONORAY_EXECUTOR_CREDITS": ("3", lambda s: s.executor_credits),
     "CHRONORAY_NAMESPACE": ("other", lambda s: s.namespace),
     "CHRONORAY_MAX_SCRIPT_BYTES": ("1024", lambda s: s.max_script_bytes),
     "CHRONORAY_SERVE_REPLICAS": ("2", lambda s: s.serve_replicas),
