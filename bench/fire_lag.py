@@ -212,7 +212,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="runs; the summary is their median")
     parser.add_argument("--credits", type=int, default=1, help="the executors' credit window")
-    parser.add_argument("--slices", type=int, default=0, help="range slices (0: one per shard)")
+    parser.add_argument("--slices", type=int, default=1, help="range slices (0: one per shard)")
     args = parser.parse_args()
     if not args.database_url:
         parser.error(

@@ -45,9 +45,9 @@ class Settings:
     # time-range sharding
     num_shards: int = 2
     range_s: int = 60
-    # shards a range's tasks are spread over, by task id (0: every shard, so a
-    # burst at one instant is fired by all of them; 1: a range is one shard's)
-    range_slices: int = 0
+    # shards a range's tasks are spread over, by task id (1: a range is one
+    # shard's; 0: every shard's, so a burst at one instant is fired by all)
+    range_slices: int = 1
     lookahead_s: float = 60.0
     sweep_interval_s: float = 5.0
     prefire_ms: float = 250.0  # hand tasks to executors this early; they start on the instant

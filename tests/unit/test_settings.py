@@ -16,7 +16,7 @@ SAMPLES = {
     "CHRONORAY_HTTP_PORT": ("9001", lambda s: s.http_port),
     "CHRONORAY_NUM_SHARDS": ("4", lambda s: s.num_shards),
     "CHRONORAY_RANGE_S": ("120", lambda s: s.range_s),
-    "CHRONORAY_RANGE_SLICES": ("1", lambda s: s.range_slices),
+    "CHRONORAY_RANGE_SLICES": ("0", lambda s: s.range_slices),
     "CHRONORAY_PREFIRE_MS": ("100", lambda s: s.prefire_ms),
     "CHRONORAY_LOOKAHEAD_S": ("30", lambda s: s.lookahead_s),
     "CHRONORAY_SWEEP_INTERVAL_S": ("2", lambda s: s.sweep_interval_s),

@@ -207,9 +207,7 @@ def test_failure_retries_with_higher_priority_after_backoff_then_dead():
 
 def test_a_retry_that_moves_to_another_range_is_handed_to_its_owner():
     world = World(
-        settings=SETTINGS.with_(
-            num_shards=2, range_slices=1, retry=RetryPolicy(backoff_base_s=60.0, jitter=False)
-        )
+        settings=SETTINGS.with_(num_shards=2, retry=RetryPolicy(backoff_base_s=60.0, jitter=False))
     )
 
     async def scenario():
@@ -227,7 +225,7 @@ def test_a_retry_that_moves_to_another_range_is_handed_to_its_owner():
 
 
 def test_in_a_sliced_range_the_submitting_shard_hands_each_task_to_its_owner():
-    world = World(settings=SETTINGS.with_(num_shards=2))  # two slices per range
+    world = World(settings=SETTINGS.with_(num_shards=2, range_slices=2))
 
     async def scenario():
         base = T0 - timedelta(seconds=T0.timestamp() % 120)  # the range is shard 0's
