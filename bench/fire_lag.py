@@ -240,6 +240,7 @@ def main() -> None:
     start_local_ray(settings, logging_level="error")
     runs: list[dict[str, float]] = []
     floor_runs: list[dict[str, float]] = []
+    idle_mb = 0.0
     try:
         deploy(settings, http=False)
         from chronoray import Client
@@ -252,7 +253,7 @@ def main() -> None:
         print(f"idle: memory (PSS) of Ray, Serve, chronoray and PostgreSQL {idle_mb:.0f} MB")
         for number in range(1, args.repeat + 1):
             print(f"-- run {number} of {args.repeat}")
-            found = {"idle memory MB (PSS)": idle_mb}
+            found: dict[str, float] = {}
             if args.spread_tasks:
                 found |= spread(client, engine, args.spread_tasks, args.spread_s, args.lead_s)
             if args.burst_tasks:
@@ -262,6 +263,7 @@ def main() -> None:
     finally:
         teardown(settings)
         ray.shutdown()
+    print(f"idle memory (PSS), measured once before the runs: {idle_mb:.0f} MB")
     summary(runs, floor_runs)
 
 
