@@ -18,7 +18,7 @@ from actors.batching import GroupCommitter
 from actors.handles import ExecutorCalls, ShardResults
 from scheduling.clock import Clock, SystemClock
 from scheduling.lifecycle import lost_result
-from scheduling.models import RunResult, TaskSpec
+from scheduling.models import CommittedResults, RunResult, TaskSpec
 from scheduling.placement import FreeSlots
 from scheduling.ready_queue import ReadyQueue
 from scheduling.tiers import TierTable
@@ -40,6 +40,9 @@ class ShardLink(Protocol):
 
     async def record_results(self, shard: int, results: list[RunResult]) -> None:
         """Returns once the shard has committed them."""
+
+    async def results_committed(self, shard: int, committed: CommittedResults) -> None:
+        """Returns once the shard took in what a commit elsewhere decided."""
 
 
 @dataclass(kw_only=True)
@@ -87,6 +90,8 @@ class Dispatcher:
         # Results from every executor, one commit per shard at a time; each
         # executor hears back only after its results are committed.
         self._results: dict[int, GroupCommitter[RunResult, None]] = {}
+        # What executors' own commits decided, one call per shard at a time.
+        self._announced: dict[int, GroupCommitter[CommittedResults, None]] = {}
         self.orphans_recovered = 0  # running in the database, held by no executor
         self.draining = False  # `chronoray down`: nothing more is placed
 
@@ -106,9 +111,13 @@ class Dispatcher:
         await self._place()
         return await self.room()
 
-    async def report_results(self, results: Sequence[RunResult]) -> None:
+    async def report_results(
+        self, results: Sequence[RunResult], committed: CommittedResults | None = None
+    ) -> None:
         """Free the attempts' slots at once; return when their shards have
-        committed them (until then the executor keeps and resends them)."""
+        committed them, or, where the executor committed them (``committed``
+        says what that decided), taken that in. Until then the executor
+        keeps them and sends them again."""
         by_shard: dict[int, list[RunResult]] = {}
         for result in results:
             key = (result.task_id, result.attempt)
@@ -120,9 +129,27 @@ class Dispatcher:
         while len(self._finished) > FINISHED_MEMORY:
             del self._finished[next(iter(self._finished))]
         await self._place()
+        if committed is not None:
+            await asyncio.gather(
+                *(
+                    self._announcer(shard).submit([part])
+                    for shard, part in committed.by_shard().items()
+                )
+            )
+            return
         await asyncio.gather(
             *(self._committer(shard).submit(batch) for shard, batch in by_shard.items())
         )
+
+    def _announcer(self, shard: int) -> GroupCommitter[CommittedResults, None]:
+        if shard not in self._announced:
+
+            async def announce(parts: list[CommittedResults], shard: int = shard) -> list[None]:
+                await self._shards.results_committed(shard, sum(parts, CommittedResults()))
+                return [None] * len(parts)
+
+            self._announced[shard] = GroupCommitter(announce, isolate=False)
+        return self._announced[shard]
 
     def _committer(self, shard: int) -> GroupCommitter[RunResult, None]:
         if shard not in self._results:
@@ -448,8 +475,10 @@ class DispatcherShell:
     async def submit(self, specs: list[TaskSpec]) -> int:
         return await (await self._ready()).submit(specs)
 
-    async def report_results(self, results: list[RunResult]) -> None:
-        await (await self._ready()).report_results(results)
+    async def report_results(
+        self, results: list[RunResult], committed: CommittedResults | None = None
+    ) -> None:
+        await (await self._ready()).report_results(results, committed)
 
     async def cancel(self, keys: list[tuple[int, int]]) -> None:
         await (await self._ready()).cancel(keys)

@@ -1,6 +1,7 @@
 """The executor: runs scripts in its slots, each only after its start gate
-committed, keeps results until the shard committed them, and fences itself
-on positive evidence of its death. ExecutorShell is its Ray actor."""
+committed, commits their results itself and keeps them until the dispatcher
+and shards took them in, and fences itself on positive evidence of its
+death. ExecutorShell is its Ray actor."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import ray
 
 from actors.batching import Outbox
 from actors.handles import DispatcherResults
+from actors.results import CommitThenReport, ResultRecorder
 from actors.sandbox import SandboxLimits, detect_isolation, kill_group, run_script
 from scheduling.clock import Clock, SystemClock, to_epoch
 from scheduling.errors import Unavailable
@@ -43,7 +45,8 @@ class ScriptSource(Protocol):
 
 class ResultSink(Protocol):
     async def report_results(self, results: list[RunResult]) -> None:
-        """Returns once the owner shards have committed these results."""
+        """Returns once these results are committed and the dispatcher and
+        shards took them in; raises to have them sent again."""
 
 
 class StartGate(Protocol):
@@ -77,7 +80,8 @@ class Executor:
     """Runs handed-over attempts, each at its due instant, at most ``slots``
     at once. An attempt's script starts only after its start gate committed
     (so no attempt starts twice, whoever else was handed it), and its
-    result is kept and resent until the shard has committed it."""
+    result is kept and resent until its sink took it (committed, and the
+    dispatcher and shards told)."""
 
     def __init__(
         self,
@@ -136,7 +140,7 @@ class Executor:
 
     async def holding(self) -> list[tuple[int, int]]:
         """Attempts this executor answers for: taken and not yet finished, or
-        finished with a result the shard has not committed yet."""
+        finished with a result its sink has not taken yet."""
         return [*self._running, *(r.key for r in self._outbox.pending())]
 
     @property
@@ -279,13 +283,14 @@ class _RepositoryStore:
     """The executor's own database work: script bodies, and the start gate
     (group-committed: every attempt due together shares one transaction)."""
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings, executor_id: str) -> None:
         from actors.batching import GroupCommitter
         from storage.sql import SqlTaskRepository
 
         self._repo = SqlTaskRepository.connect(settings.database_url, pool_size=2)
         self._lease_grace_s = settings.lease_grace_s
         self._gate: GroupCommitter[TaskSpec, bool] = GroupCommitter(self._start_many)
+        self.results = ResultRecorder(self._repo, settings, name=f"executor {executor_id}")
 
     def get_script_body(self, script_id: int) -> bytes:
         return self._repo.get_script_body(script_id)
@@ -315,7 +320,7 @@ class ExecutorShell:
     def __init__(self, *, executor_id: str, tier: Tier, settings) -> None:
         from actors.handles import pool_handle
 
-        store = _RepositoryStore(settings)
+        store = _RepositoryStore(settings, executor_id)
         cache_dir = Path(tempfile.gettempdir()) / "chronoray-scripts" / executor_id
         self._node_id = ray.get_runtime_context().get_node_id()
         self._limits = replace(settings.sandbox, memory_mb=tier.script_memory)
@@ -324,7 +329,7 @@ class ExecutorShell:
             tier=tier.name,
             slots=tier.slots,
             scripts=ScriptCache(store, cache_dir),
-            sink=DispatcherResults(settings.namespace),
+            sink=CommitThenReport(store.results, DispatcherResults(settings.namespace)),
             gate=store,
             node_id=self._node_id,
             limits=self._limits,

@@ -16,7 +16,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from scheduling.errors import ChronorayError, Unavailable
-from scheduling.models import NewTask, RunResult, SubmitResult, TaskSpec
+from scheduling.models import CommittedResults, NewTask, RunResult, SubmitResult, TaskSpec
 from scheduling.timeline import Wheel
 
 DISPATCHER_NAME = "chronoray-dispatcher"
@@ -250,21 +250,27 @@ class ShardResults:
     async def record_results(self, shard: int, results: list[RunResult]) -> None:
         await call_shard(shard, self._namespace, "record_results", results)
 
+    async def results_committed(self, shard: int, committed: CommittedResults) -> None:
+        await call_shard(shard, self._namespace, "results_committed", committed)
+
 
 class DispatcherResults:
     """Results go back to the dispatcher, looked up by name so a restarted
-    dispatcher is found again. Its answer means the shards committed them."""
+    dispatcher is found again. Its answer means the shards committed them
+    (or took in what the executor's own commit decided)."""
 
     def __init__(self, namespace: str) -> None:
         self._namespace = namespace
         self._handle = None  # a restartable actor's handle outlives its restarts
 
-    async def report_results(self, results: list[RunResult]) -> None:
+    async def report_results(
+        self, results: list[RunResult], committed: CommittedResults | None = None
+    ) -> None:
         if self._handle is None:
             self._handle = dispatcher_handle(self._namespace)
         try:
             await asyncio.wait_for(
-                self._handle.report_results.remote(results), timeout=REPORT_TIMEOUT_S
+                self._handle.report_results.remote(results, committed), timeout=REPORT_TIMEOUT_S
             )
         except Exception:
             self._handle = None  # removed and deployed anew: look it up again next time

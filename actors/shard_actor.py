@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -14,12 +13,13 @@ import ray
 
 from actors.batching import GroupCommitter
 from actors.handles import DispatcherCalls, ShardHints
+from actors.results import ResultRecorder
 from chronoray.metrics import ShardMetrics
 from chronoray.settings import Settings
 from scheduling.clock import Clock, SystemClock
 from scheduling.errors import ChronorayError, Unavailable
 from scheduling.fire_timer import FireTimer
-from scheduling.models import NewTask, RunResult, SubmitResult, TaskSpec
+from scheduling.models import CommittedResults, NewTask, RunResult, SubmitResult, TaskSpec
 from storage.repository import ShardStore
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class Shard:
         self._claims_in_doubt = False  # a claim failed: it may have committed
         self.wake = asyncio.Event()
         self.metrics = ShardMetrics()
+        self._results = ResultRecorder(repo, settings, name=f"shard {index}", clock=self._clock)
         self.accepting = True  # False once `chronoray down` began
 
     async def _io(self, fn, *args, **kwargs):
@@ -185,57 +186,19 @@ class Shard:
 
     # -- outcomes ------------------------------------------------------------
     async def record_results(self, results: Sequence[RunResult]) -> int:
-        """Commit these outcomes; returns how many tasks were put back to be
-        run again (retries). A batch the database refuses for one item's
-        sake is written item by item, and an item refused on its own is
-        recorded as its task's failure without its output: no bad item
-        holds up the others, and no batch is retried forever."""
-        try:
-            return await self._record(list(results))
-        except Unavailable:
-            raise  # an outage: the executor keeps the results and sends them again
-        except Exception:
-            if len(results) == 1:
-                return await self._record_stripped(results[0])
-            log.exception(
-                "shard %d: a batch of %d results failed; one by one", self.index, len(results)
-            )
-        return sum([await self.record_results([result]) for result in results])
+        """Commit these outcomes (results no executor committed: attempts
+        lost with their executors); returns how many tasks were put back to
+        be run again (retries)."""
+        committed = await self._results.record(results)
+        await self.results_committed(committed)
+        return len(committed.watch)
 
-    async def _record_stripped(self, result: RunResult) -> int:
-        log.exception(
-            "shard %d: result of %s refused; stored without output",
-            self.index,
-            (result.task_id, result.attempt),
-        )
-        try:
-            return await self._record(
-                [replace(result, output_tail="(the output could not be stored)")]
-            )
-        except Unavailable:
-            raise
-        except Exception:
-            log.exception(
-                "shard %d: result of %s dropped", self.index, (result.task_id, result.attempt)
-            )
-            return 0
-
-    async def _record(self, results: list[RunResult]) -> int:  # -> tasks to watch again
-        # The repository reports outcomes inside its transaction; they are
-        # counted once it committed, so a batch retried item by item counts once.
-        outcomes: list[tuple] = []
-        watch = await self._io(
-            self._repo.record_results,
-            results,
-            policy=self._settings.retry,
-            now=self._clock.now(),
-            tiers=self._settings.tiers,
-            on_outcome=lambda *outcome: outcomes.append(outcome),
-        )
-        for outcome in outcomes:
-            self.metrics.outcome(*outcome)
-        await self._route(watch)
-        return len(watch)
+    async def results_committed(self, committed: CommittedResults) -> None:
+        """Count what a commit decided, and put the tasks it sent back (or
+        that waited for a run to end) on their owners' timers."""
+        for outcome in committed.outcomes:
+            self.metrics.outcome(outcome.result, outcome.status, outcome.schedule_id)
+        await self._route(committed.watch)
 
     # -- the safety net --------------------------------------------------------
     async def sweep(self) -> None:
@@ -379,6 +342,9 @@ class ShardShell:
 
     async def record_results(self, results: list[RunResult]) -> int:
         return await (await self._ready()).record_results(results)
+
+    async def results_committed(self, committed: CommittedResults) -> None:
+        await (await self._ready()).results_committed(committed)
 
     async def metrics(self) -> list:
         """This shard's Prometheus metric families (gathered by GET /metrics)."""

@@ -199,6 +199,42 @@ class RunResult:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """What committing one result decided for its task."""
+
+    result: RunResult
+    status: TaskStatus
+    schedule_id: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommittedResults:
+    """What a commit of run results decided, for the shards that did not
+    write it: outcomes to count, and tasks to put on a timer again (retries,
+    and schedule occurrences that waited for a run to end)."""
+
+    outcomes: tuple[Outcome, ...] = ()
+    watch: tuple[tuple[int, datetime], ...] = ()
+
+    def __add__(self, other: CommittedResults) -> CommittedResults:
+        return CommittedResults(
+            outcomes=self.outcomes + other.outcomes, watch=self.watch + other.watch
+        )
+
+    def by_shard(self) -> dict[int, CommittedResults]:
+        """Each outcome to its task's shard; the watch list to the first of
+        them (any shard routes an entry to its owner)."""
+        outcomes: dict[int, list[Outcome]] = {}
+        for outcome in self.outcomes:
+            outcomes.setdefault(outcome.result.shard, []).append(outcome)
+        split = {shard: CommittedResults(outcomes=tuple(o)) for shard, o in outcomes.items()}
+        if self.watch:
+            first = min(split, default=0)
+            split[first] = split.get(first, CommittedResults()) + CommittedResults(watch=self.watch)
+        return split
+
+
+@dataclass(frozen=True, kw_only=True)
 class Run:
     run_id: int
     task_id: int

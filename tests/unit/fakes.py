@@ -7,7 +7,7 @@ from datetime import datetime
 from pathlib import Path
 
 from scheduling.errors import ChronorayError
-from scheduling.models import NewTask, RunResult, SubmitResult, TaskSpec
+from scheduling.models import CommittedResults, NewTask, RunResult, SubmitResult, TaskSpec
 
 
 class FakeDispatcher:
@@ -100,12 +100,18 @@ class FakeExecutor:
 class FakeShardLink:
     def __init__(self) -> None:
         self.results: dict[int, list[RunResult]] = {}
+        self.committed: dict[int, list[CommittedResults]] = {}
         self.fail = False
 
     async def record_results(self, shard: int, results: list[RunResult]) -> None:
         if self.fail:
             raise ConnectionError("shard is restarting")
         self.results.setdefault(shard, []).extend(results)
+
+    async def results_committed(self, shard: int, committed: CommittedResults) -> None:
+        if self.fail:
+            raise ConnectionError("shard is restarting")
+        self.committed.setdefault(shard, []).append(committed)
 
 
 def processes_with(marker: str) -> list[int]:

@@ -4,7 +4,7 @@ import asyncio
 from datetime import timedelta
 
 from actors.dispatcher import Dispatcher, ExecutorSlots
-from scheduling.models import FailureClass, RunResult
+from scheduling.models import CommittedResults, FailureClass, Outcome, RunResult, TaskStatus
 from scheduling.tiers import production_tiers
 from tests.conftest import T0
 from tests.unit.fakes import FakeExecutor, FakeShardLink
@@ -224,5 +224,26 @@ def test_reconcile_keeps_what_was_placed_or_finished_while_an_executor_answered(
         answer.set()
         await reconciling
         assert list(ex["small"].in_flight) == [placed_meanwhile.key]
+
+    asyncio.run(scenario())
+
+
+def test_results_an_executor_committed_free_slots_and_reach_their_shards_as_decided():
+    async def scenario():
+        dispatcher, ex, shards = build({"small": 1})
+        first, second = spec(1, shard=3), spec(2, shard=0)
+        await dispatcher.submit([first, second])
+        assert ex["small"].client.received == [1]
+        done = result(first, FailureClass.EXIT_CODE)
+        retry_at = T0 + timedelta(seconds=2)
+        committed = CommittedResults(
+            outcomes=(Outcome(result=done, status=TaskStatus.SCHEDULED, schedule_id=None),),
+            watch=((1, retry_at),),
+        )
+        await dispatcher.report_results([done], committed)
+        assert ex["small"].client.received == [1, 2]  # the slot is free
+        assert shards.results == {}  # nothing recorded twice
+        [part] = shards.committed[3]
+        assert part.outcomes == committed.outcomes and part.watch == ((1, retry_at),)
 
     asyncio.run(scenario())

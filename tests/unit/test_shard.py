@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 
+from actors.results import ResultRecorder
 from actors.shard_actor import Shard, Superseded
 from chronoray.settings import Settings
 from scheduling.clock import ManualClock
@@ -399,5 +400,31 @@ def test_a_claim_that_committed_with_its_answer_lost_is_handed_over_by_the_next_
         assert world.dispatcher.received == []
         await shard.sweep()
         assert [s.task_id for s in world.dispatcher.received] == [result.task.task_id]
+
+    run(scenario())
+
+
+def test_what_an_executor_committed_is_counted_and_its_retry_timed_by_the_shard():
+    world = World()
+
+    async def scenario():
+        shard = world.shard()
+        await shard.start()
+        [submitted] = await shard.submit([world.new(0, max_attempts=2)])
+        await shard.fire_due()
+        [first] = world.dispatcher.received
+        executor_side = ResultRecorder(world.repo, world.settings, name="e", clock=world.clock)
+        committed = await executor_side.record(
+            [result_for(first, failure=FailureClass.EXIT_CODE, now=world.clock.now())]
+        )
+        task = world.repo.get_task(submitted.task.task_id)
+        assert (task.status, task.attempt) == (TaskStatus.SCHEDULED, 2)
+        assert committed.watch == ((task.task_id, T0 + timedelta(seconds=2)),)
+        await shard.results_committed(committed)
+        [retries] = [f for f in shard.metrics.families() if f.name == "chronoray_retries"]
+        assert [s.value for s in retries.samples if s.name.endswith("_total")] == [1.0]
+        world.clock.advance(1.9)  # within the prefire lead: the shard's timer holds it
+        assert await shard.fire_due() == 1
+        assert world.dispatcher.received[-1].attempt == 2
 
     run(scenario())
