@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 SERVICES_DIR ?= $(CURDIR)/.run/services
 PYTEST_ARGS ?=
 
-.PHONY: run test install system-deps services-start services-stop lint bench bench-http chaos clean
+.PHONY: run test install system-deps sandbox-deps services-start services-stop lint bench bench-http bench-sandbox chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,10 +32,18 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$need >/dev/null; \
 	fi
 
-run: install
+# The egress network policy's packet filter (scripts kept off the control plane).
+sandbox-deps:
+	@if ! command -v iptables >/dev/null && [ ! -x /usr/sbin/iptables ]; then \
+	  echo "installing: iptables"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq iptables >/dev/null; \
+	fi
+
+run: install sandbox-deps
 	$(BIN)/chronoray up
 
-test: install system-deps lint
+test: install system-deps sandbox-deps lint
 	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
 	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
 	scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
@@ -47,15 +55,21 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: install system-deps
+bench: install system-deps sandbox-deps
 	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
 	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
 	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
 	source $(SERVICES_DIR)/env && \
-	$(BIN)/python -m bench.fire_lag --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(BENCH_ARGS)
+	$(BIN)/python -m bench.fire_lag --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(BENCH_ARGS) && \
+	$(BIN)/python -m bench.sandbox_start $(SANDBOX_BENCH_ARGS)
+
+# What the sandbox's walls cost a script's start (each network policy, the
+# cgroup) against today's launcher; also the last part of `make bench`.
+bench-sandbox: install sandbox-deps
+	$(BIN)/python -m bench.sandbox_start $(SANDBOX_BENCH_ARGS)
 
 # Submission throughput through Ray Serve: POST /v1/tasks against /v1/tasks:batch.
-bench-http: install system-deps
+bench-http: install system-deps sandbox-deps
 	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
 	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
 	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
@@ -64,7 +78,7 @@ bench-http: install system-deps
 
 # The chaos harness (bench/chaos.py): all 12 scenarios on PostgreSQL with
 # durable settings, ~30 minutes. CHAOS_ARGS="--only 1,4 --soak-s 60" for less.
-chaos: install system-deps
+chaos: install system-deps sandbox-deps
 	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
 	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
 	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \

@@ -22,8 +22,15 @@ import ray
 
 from actors.batching import Outbox
 from actors.handles import DispatcherResults
+from actors.network import RAY_FIXED_PORTS, ControlPlane, control_plane
 from actors.results import CommitThenReport, ResultRecorder
-from actors.sandbox import SandboxLimits, detect_isolation, kill_group, run_script
+from actors.sandbox import (
+    SandboxLimits,
+    detect_isolation,
+    kill_group,
+    prepare_network,
+    run_script,
+)
 from scheduling.clock import Clock, SystemClock, to_epoch
 from scheduling.errors import Unavailable
 from scheduling.lifecycle import classify
@@ -323,7 +330,9 @@ class ExecutorShell:
         store = _RepositoryStore(settings, executor_id)
         cache_dir = Path(tempfile.gettempdir()) / "chronoray-scripts" / executor_id
         self._node_id = ray.get_runtime_context().get_node_id()
-        self._limits = replace(settings.sandbox, memory_mb=tier.script_memory)
+        self._limits = replace(settings.sandbox, memory_mb=tier.script_memory, network=tier.network)
+        self._settings = settings
+        self.network = "not ready"  # what prepare_network says holds
         self._executor = Executor(
             executor_id=executor_id,
             tier=tier.name,
@@ -381,6 +390,7 @@ class ExecutorShell:
             "refused_at_gate": executor.refused_at_gate,
             # the sandbox probe (and the launcher build) ran: no run pays for it
             "sandbox_ready": detect_isolation.cache_info().currsize > 0,
+            "network": self.network,
             "last_heartbeat": heartbeat_at,
         }
 
@@ -391,7 +401,21 @@ class ExecutorShell:
         await asyncio.to_thread(
             detect_isolation, limits.run_as, limits.pid_namespace, limits.launcher
         )
+        self.network = await asyncio.to_thread(prepare_network, limits, self._control_plane())
+        log.info("executor %s: scripts' network: %s", self._executor.executor_id, self.network)
         await self._heartbeat_forever()
+
+    def _control_plane(self) -> ControlPlane:
+        settings = self._settings
+        return control_plane(
+            database_urls=[settings.database_url, *settings.database_replica_urls],
+            zookeeper_hosts=settings.zookeeper_hosts,
+            api_port=settings.http_port,
+            node_ip=ray.util.get_node_ip_address(),
+            gcs_address=ray.get_runtime_context().gcs_address,
+            redis_address=os.environ.get("RAY_REDIS_ADDRESS"),
+            extra_ports=RAY_FIXED_PORTS,
+        )
 
     async def _heartbeat_forever(self) -> None:
         period = self._timing.heartbeat_s

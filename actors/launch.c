@@ -7,24 +7,29 @@
  * fire lag). The executor compiles it on first use (actors/sandbox.py) and
  * falls back to that chain when no C compiler is present.
  *
- *   chronoray-launch [--pidns] [--uid=N --gid=N] [--cpu=N] [--as=N]
+ *   chronoray-launch [--pidns] [--netns] [--uid=N --gid=N] [--cpu=N] [--as=N]
  *                    [--fsize=N] [--nofile=N] [--nproc=N] [--core=N] -- CMD ARGS...
  *
  * Dies with its parent (PR_SET_PDEATHSIG). With --pidns, CMD runs as PID 1 of
  * a new PID namespace in a child that dies with this process, so killing this
- * process (or its process group) ends every process CMD started. The exit
+ * process (or its process group) ends every process CMD started. With
+ * --netns, CMD runs in a new network namespace whose only interface is its
+ * own loopback, brought up here (the network policy `none`). The exit
  * status is CMD's; a CMD killed by a signal makes this process die of it too.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <grp.h>
+#include <net/if.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -55,8 +60,21 @@ static int set_limit(const char *arg) {
     return 0;
 }
 
+static void own_network(void) {
+    if (unshare(CLONE_NEWNET) == -1) die("unshare network");
+    int sock = socket(AF_INET, SOCK_DGRAM, 0);
+    if (sock == -1) die("socket");
+    struct ifreq lo;
+    memset(&lo, 0, sizeof lo);
+    strncpy(lo.ifr_name, "lo", IFNAMSIZ - 1);
+    if (ioctl(sock, SIOCGIFFLAGS, &lo) == -1) die("loopback flags");
+    lo.ifr_flags |= IFF_UP;
+    if (ioctl(sock, SIOCSIFFLAGS, &lo) == -1) die("loopback up");
+    close(sock);
+}
+
 int main(int argc, char **argv) {
-    int pidns = 0;
+    int pidns = 0, netns = 0;
     long uid = -1, gid = -1;
     int i = 1;
     if (prctl(PR_SET_PDEATHSIG, SIGKILL) == -1) die("prctl");
@@ -66,6 +84,8 @@ int main(int argc, char **argv) {
             break;
         } else if (strcmp(argv[i], "--pidns") == 0) {
             pidns = 1;
+        } else if (strcmp(argv[i], "--netns") == 0) {
+            netns = 1;
         } else if (strncmp(argv[i], "--uid=", 6) == 0) {
             uid = atol(argv[i] + 6);
         } else if (strncmp(argv[i], "--gid=", 6) == 0) {
@@ -79,6 +99,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "chronoray-launch: no command\n");
         return 127;
     }
+    if (netns) own_network();
     if (pidns) {
         if (unshare(CLONE_NEWPID) == -1) die("unshare");
         pid_t child = fork();

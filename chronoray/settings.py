@@ -11,7 +11,7 @@ from pathlib import Path
 from actors.sandbox import SandboxLimits
 from scheduling.lifecycle import RetryPolicy
 from scheduling.schedules import MisfireRules
-from scheduling.tiers import PoolTiming, TierTable, local_tiers
+from scheduling.tiers import NetworkPolicy, PoolTiming, TierTable, local_tiers
 from scheduling.timeline import Wheel
 
 ENV_PREFIX = "CHRONORAY_"
@@ -169,4 +169,29 @@ class Settings:
             values["namespace"] = env[f"{ENV_PREFIX}NAMESPACE"]
         if env.get(f"{ENV_PREFIX}RETRY_BACKOFF_S"):
             values["retry"] = RetryPolicy(backoff_base_s=float(env[f"{ENV_PREFIX}RETRY_BACKOFF_S"]))
+        if env.get(f"{ENV_PREFIX}SCRIPT_NETWORK"):
+            values["tiers"] = with_networks(local_tiers(), env[f"{ENV_PREFIX}SCRIPT_NETWORK"])
         return cls(**values)
+
+
+def with_networks(tiers: TierTable, spec: str) -> TierTable:
+    """``CHRONORAY_SCRIPT_NETWORK``: one policy for every tier (``egress``),
+    or per tier (``small=none,large=host``; unnamed tiers keep theirs)."""
+    policies = [p.value for p in NetworkPolicy]
+
+    def policy(text: str) -> NetworkPolicy:
+        if text not in policies:
+            raise ValueError(f"{ENV_PREFIX}SCRIPT_NETWORK: {text!r} is not one of {policies}")
+        return NetworkPolicy(text)
+
+    spec = spec.strip()
+    if "=" not in spec:
+        every = policy(spec)
+        return TierTable([replace(t, network=every) for t in tiers])
+    wanted: dict[str, NetworkPolicy] = {}
+    for item in spec.split(","):
+        name, _, text = item.strip().partition("=")
+        if name.strip() not in {t.name for t in tiers}:
+            raise ValueError(f"{ENV_PREFIX}SCRIPT_NETWORK: no tier named {name.strip()!r}")
+        wanted[name.strip()] = policy(text.strip())
+    return TierTable([replace(t, network=wanted.get(t.name, t.network)) for t in tiers])

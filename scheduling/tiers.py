@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+
+class NetworkPolicy(str, enum.Enum):
+    """What a tier's scripts reach (enforced by actors/network.py)."""
+
+    NONE = "none"  # a network namespace with only its own loopback
+    EGRESS = "egress"  # the host's network, minus chronoray's control plane
+    HOST = "host"  # the host's network as it is
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,6 +28,7 @@ class Tier:
     max_executors: int = 0  # the pool grows with queue depth up to this (0: = executors)
     slots: int = 4  # scripts one executor runs at once
     script_memory_mb: int = 0  # address-space limit per script (0: memory_mb, else 1024)
+    network: NetworkPolicy = NetworkPolicy.EGRESS
 
     @property
     def script_memory(self) -> int:

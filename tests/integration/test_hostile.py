@@ -1,15 +1,19 @@
 """Hostile scripts through real executors: each ends within its timeout + 1 s,
 leaves no process behind, and the executors survive."""
 
+import os
 import time
 import uuid
+from urllib.parse import urlsplit
 
 import pytest
 import ray
 
+from actors.executor import EXECUTOR_PREFIX
 from actors.handles import POOL_NAME
 from scheduling.models import Interpreter
 from tests.unit.fakes import processes_with
+from tests.unit.test_network import Listener, probe_script_body
 from tests.unit.test_sandbox import HOSTILE
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.slow]
@@ -51,3 +55,34 @@ def test_hostile_scripts_are_contained(deployment, client):
     client.register_script("after-hostile.sh", "echo still here")
     [after] = client.wait([client.submit("after-hostile.sh", time.time()).task_id])
     assert after.task.status.value == "succeeded" and after.runs[0].output_tail == "still here\n"
+
+
+def test_scripts_reach_the_network_but_not_the_control_plane(deployment, client):
+    """The embedded default, `egress`: PostgreSQL, the API and ZooKeeper are
+    refused to a script; a service outside the control plane is reached."""
+    settings = deployment.settings
+    outside = Listener("127.0.0.2")
+    try:
+        targets = {
+            "postgres": (
+                "127.0.0.1",
+                urlsplit(os.environ["CHRONORAY_TEST_POSTGRES_URL"]).port,
+            ),
+            "api": ("127.0.0.1", settings.http_port),
+            "outside": ("127.0.0.2", outside.port),
+        }
+        if settings.zookeeper_hosts:
+            first = settings.zookeeper_hosts.split(",")[0].split("/")[0]  # no chroot
+            host, _, port = first.rpartition(":")
+            targets["zookeeper"] = (host, int(port))
+        client.register_script("egress-probe.sh", probe_script_body(targets))
+        [view] = client.wait([client.submit("egress-probe.sh", time.time()).task_id])
+        seen = dict(line.split("=") for line in view.runs[0].output_tail.split())
+        assert seen == {name: "reached" if name == "outside" else "refused" for name in targets}, (
+            seen
+        )
+    finally:
+        outside.sock.close()
+    for executor_id in executor_ids(deployment):
+        executor = ray.get_actor(EXECUTOR_PREFIX + executor_id, namespace=settings.namespace)
+        assert ray.get(executor.info.remote(), timeout=30)["network"] == "egress"

@@ -42,6 +42,7 @@ SAMPLES = {
     "CHRONORAY_MAX_ACTIVE_TASKS": ("11", lambda s: s.max_active_tasks),
     "CHRONORAY_MAX_SCHEDULES": ("12", lambda s: s.max_schedules),
     "CHRONORAY_SANDBOX_USER": ("daemon", lambda s: s.sandbox.run_as),
+    "CHRONORAY_SCRIPT_NETWORK": ("small=none", lambda s: [t.network for t in s.tiers]),
 }
 READ_ELSEWHERE = {"CHRONORAY_DATA_DIR"}  # where the SQLite file goes: the URL shows it
 
