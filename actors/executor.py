@@ -254,6 +254,7 @@ class Executor:
             timed_out=outcome.timed_out,
             output_tail=outcome.output_tail,
             launch_error=outcome.launch_error,
+            oom_killed=outcome.oom_killed,
         )
         text = outcome.launch_error or outcome.output_tail
         if spec.key in self._fenced_keys and outcome.exit_code == -9:
@@ -330,7 +331,12 @@ class ExecutorShell:
         store = _RepositoryStore(settings, executor_id)
         cache_dir = Path(tempfile.gettempdir()) / "chronoray-scripts" / executor_id
         self._node_id = ray.get_runtime_context().get_node_id()
-        self._limits = replace(settings.sandbox, memory_mb=tier.script_memory, network=tier.network)
+        self._limits = replace(
+            settings.sandbox,
+            memory_mb=tier.script_memory,
+            network=tier.network,
+            cpu_weight=tier.cpu_weight,
+        )
         self._settings = settings
         self.network = "not ready"  # what prepare_network says holds
         self._executor = Executor(

@@ -7,14 +7,16 @@
  * fire lag). The executor compiles it on first use (actors/sandbox.py) and
  * falls back to that chain when no C compiler is present.
  *
- *   chronoray-launch [--pidns] [--netns] [--uid=N --gid=N] [--cpu=N] [--as=N]
+ *   chronoray-launch [--cgroup=PROCS_FILE]... [--pidns] [--netns] [--uid=N --gid=N] [--cpu=N] [--as=N]
  *                    [--fsize=N] [--nofile=N] [--nproc=N] [--core=N] -- CMD ARGS...
  *
  * Dies with its parent (PR_SET_PDEATHSIG). With --pidns, CMD runs as PID 1 of
  * a new PID namespace in a child that dies with this process, so killing this
  * process (or its process group) ends every process CMD started. With
  * --netns, CMD runs in a new network namespace whose only interface is its
- * own loopback, brought up here (the network policy `none`). The exit
+ * own loopback, brought up here (the network policy `none`). Each --cgroup
+ * names a run cgroup's cgroup.procs: this process joins it first, so the
+ * script and everything it starts are counted and limited there. The exit
  * status is CMD's; a CMD killed by a signal makes this process die of it too.
  */
 #define _GNU_SOURCE
@@ -60,6 +62,12 @@ static int set_limit(const char *arg) {
     return 0;
 }
 
+static void join_cgroup(const char *procs) {
+    FILE *file = fopen(procs, "w");
+    if (file == NULL) die(procs);
+    if (fprintf(file, "%d\n", (int)getpid()) < 0 || fclose(file) != 0) die(procs);
+}
+
 static void own_network(void) {
     if (unshare(CLONE_NEWNET) == -1) die("unshare network");
     int sock = socket(AF_INET, SOCK_DGRAM, 0);
@@ -86,6 +94,8 @@ int main(int argc, char **argv) {
             pidns = 1;
         } else if (strcmp(argv[i], "--netns") == 0) {
             netns = 1;
+        } else if (strncmp(argv[i], "--cgroup=", 9) == 0) {
+            join_cgroup(argv[i] + 9);
         } else if (strncmp(argv[i], "--uid=", 6) == 0) {
             uid = atol(argv[i] + 6);
         } else if (strncmp(argv[i], "--gid=", 6) == 0) {

@@ -24,15 +24,23 @@ MEMORY_SIGNS = (
 
 
 def classify(
-    *, exit_code: int | None, timed_out: bool, output_tail: str, launch_error: str | None
+    *,
+    exit_code: int | None,
+    timed_out: bool,
+    output_tail: str,
+    launch_error: str | None,
+    oom_killed: bool = False,
 ) -> FailureClass | None:
     """Why an attempt failed, from what the sandbox saw; ``None``: it succeeded.
-    Memory: an allocation refused by the limit (the script says so) or a
-    SIGKILL the executor did not send (the kernel's OOM killer)."""
+    Memory: the run cgroup's OOM count rose (``oom_killed``), or, where runs
+    have no cgroup, an allocation refused by the limit (the script says so)
+    or a SIGKILL the executor did not send (the kernel's OOM killer)."""
     if launch_error:
         return FailureClass.LAUNCH_ERROR
     if timed_out:
         return FailureClass.TIMEOUT
+    if oom_killed:
+        return FailureClass.MEMORY
     if exit_code == 0:
         return None
     if exit_code == -9 or any(sign in output_tail for sign in MEMORY_SIGNS):

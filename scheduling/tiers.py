@@ -27,8 +27,11 @@ class Tier:
     executors: int = 1  # executors at start and at least (the pool's minimum)
     max_executors: int = 0  # the pool grows with queue depth up to this (0: = executors)
     slots: int = 4  # scripts one executor runs at once
-    script_memory_mb: int = 0  # address-space limit per script (0: memory_mb, else 1024)
+    # resident memory per script, its whole process tree (a cgroup; where
+    # none can be made, its address space): 0 takes memory_mb, else 1024
+    script_memory_mb: int = 0
     network: NetworkPolicy = NetworkPolicy.EGRESS
+    cpu_weight: int = 100  # each run's CPU share against other runs (100: the default)
 
     @property
     def script_memory(self) -> int:
@@ -204,6 +207,7 @@ def slot_tier(
     max_executors: int = 0,
     slots: int = 4,
     script_memory_mb: int = 0,
+    cpu_weight: int = 100,
 ) -> Tier:
     """A tier that needs no CPU, only one unit of the custom resource
     ``chronoray_<name>`` per executor: the node (or node type) offering that
@@ -218,6 +222,7 @@ def slot_tier(
         max_executors=max_executors,
         slots=slots,
         script_memory_mb=script_memory_mb,
+        cpu_weight=cpu_weight,
     )
 
 
@@ -235,8 +240,13 @@ def local_tiers(*, executors: int = 2, slots: int = 4) -> TierTable:
                 max_executors=executors * 2,
                 slots=slots,
                 script_memory_mb=memory,
+                cpu_weight=weight,
             )
-            for name, low, memory in (("small", 0, 512), ("medium", 3, 1024), ("large", 6, 4096))
+            for name, low, memory, weight in (
+                ("small", 0, 512, 100),
+                ("medium", 3, 1024, 200),
+                ("large", 6, 4096, 400),
+            )
         ]
     )
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from actors.sandbox import SandboxLimits, detect_isolation, run_script
+from actors.cgroups import CgroupMode
+from actors.sandbox import SandboxLimits, cgroup_support, detect_isolation, run_script
 from scheduling.models import Interpreter
 from tests.unit.fakes import processes_with
 
@@ -83,6 +84,7 @@ def test_rlimits_apply_to_the_script(tmp_path):
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="the sandbox drops to nobody only as root"
 )
+CGROUPS = cgroup_support(SandboxLimits()).mode is not CgroupMode.NONE
 
 
 @needs_root
@@ -92,7 +94,9 @@ def test_each_script_runs_as_its_own_unprivileged_uid_in_its_own_pid_namespace(t
     base = SandboxLimits().uid_base
     assert base <= int(uid) < base + SandboxLimits().uid_count
     assert pid == "1" and detect_isolation("nobody").pid_namespace
-    assert (int(nofile), int(nproc), int(vmem)) == (256, 256, 1024 * 1024)
+    assert (int(nofile), int(nproc)) == (256, 256)
+    # in a cgroup, memory is bounded resident (see below), not by address space
+    assert vmem == ("unlimited" if CGROUPS else str(1024 * 1024))
 
 
 @needs_root
@@ -138,9 +142,9 @@ def test_without_a_namespace_a_setsid_escape_is_killed_by_its_uid(tmp_path):
 FORK_BOMB = "bomb() { bomb | bomb & }; while true; do bomb 2>/dev/null; done"
 HOSTILE = {
     "fork bomb": (Interpreter.BASH, FORK_BOMB),
-    "10 GB allocation": (
+    "2 GB resident in small pieces": (
         Interpreter.PYTHON,
-        "x = bytearray(10 * 1024**3)\nimport time\ntime.sleep(60)",
+        "import time\nheld = [b'x' * (1 << 20) for _ in range(2048)]\ntime.sleep(60)",
     ),
     "disk filler": (
         Interpreter.BASH,
@@ -164,8 +168,12 @@ def test_hostile_scripts_end_within_the_timeout_and_leave_nothing(tmp_path, name
     outcome = run(write(tmp_path, body), interpreter, {marker: "1"}, timeout_s=3.0)
     elapsed = time.monotonic() - started
     assert elapsed < 3.0 + 1.0, f"{name} took {elapsed:.1f} s"
-    if name == "10 GB allocation":
-        assert "MemoryError" in outcome.output_tail and not outcome.timed_out
+    if name == "2 GB resident in small pieces":
+        assert not outcome.timed_out
+        if CGROUPS:  # resident memory, the whole tree: the kernel's OOM kill in its cgroup
+            assert outcome.oom_killed and outcome.exit_code == -9
+        else:  # the address-space rlimit refuses the allocation
+            assert "MemoryError" in outcome.output_tail
     elif name == "disk filler":
         assert outcome.timed_out or outcome.exit_code != 0
     else:
@@ -174,6 +182,9 @@ def test_hostile_scripts_end_within_the_timeout_and_leave_nothing(tmp_path, name
     time.sleep(0.2)  # the kernel tears the namespace down asynchronously
     assert processes_with(f"{marker}=1") == []
     assert not list(Path("/tmp").glob("chronoray-run-*/f0"))  # scratch removed
+    if CGROUPS:  # and its cgroups
+        support = cgroup_support(SandboxLimits())
+        assert [p for parent in support.parents for p in parent.glob("run-*")] == []
 
 
 @needs_root

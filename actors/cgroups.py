@@ -1,0 +1,216 @@
+"""A cgroup per run: resident memory of the script's whole process tree,
+its number of processes, and a CPU weight by tier. The launcher moves
+itself into the run's cgroups before it starts the script (so everything
+the script starts is inside); the executor reads the cgroup's own OOM
+count afterwards, kills whatever is left in it, and removes it.
+
+cgroup v1 (separate ``memory``, ``pids`` and ``cpu`` hierarchies, writable
+by root) nests run cgroups under the executor's own cgroup in each
+hierarchy. cgroup v2 (one unified tree) needs a subtree where the memory,
+pids and cpu controllers are delegated: ``/sys/fs/cgroup/chronoray`` by
+default (``CHRONORAY_CGROUP_V2_ROOT``). Where neither can be written, runs
+keep the rlimits alone (``detect`` says which, once, at executor start)."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ROOT = Path("/sys/fs/cgroup")
+V1_CONTROLLERS = ("memory", "pids", "cpu")
+RUNS = "chronoray-runs"
+
+
+class CgroupMode(str, enum.Enum):
+    V1 = "v1"
+    V2 = "v2"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class CgroupSupport:
+    mode: CgroupMode
+    parents: tuple[Path, ...] = ()  # where run cgroups are made: one per v1 hierarchy, or one
+
+    def describe(self) -> str:
+        if self.mode is CgroupMode.NONE:
+            return "no writable cgroups: memory by address-space rlimit only"
+        return f"cgroup {self.mode.value} under " + ", ".join(str(p) for p in self.parents)
+
+
+def _own_v1_path(controller: str) -> str:
+    """This process's cgroup in a v1 hierarchy (``/proc/self/cgroup``)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return path
+    return "/"
+
+
+def _writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(exist_ok=True)
+        probe = path / f"probe-{uuid.uuid4().hex[:8]}"
+        probe.mkdir()
+        probe.rmdir()
+        return True
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=4)
+def detect(v2_root: str = str(ROOT / "chronoray")) -> CgroupSupport:
+    if os.geteuid() != 0:
+        return CgroupSupport(CgroupMode.NONE)
+    if (ROOT / "cgroup.controllers").exists():  # the unified tree
+        parent = Path(v2_root)
+        if _writable_dir(parent) and _delegate_v2(parent):
+            return CgroupSupport(CgroupMode.V2, (parent,))
+        return CgroupSupport(CgroupMode.NONE)
+    parents = []
+    for controller in V1_CONTROLLERS:
+        hierarchy = ROOT / controller
+        if not (hierarchy / "cgroup.procs").exists():
+            if controller == "cpu":
+                continue  # the weight is a nicety; memory and pids are the walls
+            return CgroupSupport(CgroupMode.NONE)
+        parent = hierarchy / _own_v1_path(controller).lstrip("/") / RUNS
+        if not _writable_dir(parent):
+            return CgroupSupport(CgroupMode.NONE)
+        parents.append(parent)
+    return CgroupSupport(CgroupMode.V1, tuple(parents))
+
+
+def _delegate_v2(parent: Path) -> bool:
+    """Enable memory, pids and cpu for the children of ``parent`` (and of
+    its parent, which must offer them)."""
+    try:
+        for node in (parent.parent, parent):
+            wanted = {"memory", "pids", "cpu"}
+            offered = set((node / "cgroup.controllers").read_text().split())
+            if not wanted <= offered:
+                return False
+            (node / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in wanted))
+        return True
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    memory_bytes: int
+    processes: int
+    cpu_weight: int  # 1..10000, 100 is the default share
+
+
+class RunCgroup:
+    """One run's cgroups (one per v1 hierarchy, or one v2 directory)."""
+
+    def __init__(self, support: CgroupSupport, limits: RunLimits) -> None:
+        self.support = support
+        name = f"run-{uuid.uuid4().hex[:16]}"
+        self.paths = tuple(parent / name for parent in support.parents)
+        self.closed = False
+        made: list[Path] = []
+        try:
+            for path in self.paths:
+                path.mkdir()
+                made.append(path)
+                self._limit(path, limits)
+        except OSError:
+            for path in made:
+                _remove(path)
+            raise
+
+    def _limit(self, path: Path, limits: RunLimits) -> None:
+        if self.support.mode is CgroupMode.V2:
+            (path / "memory.max").write_text(str(limits.memory_bytes))
+            _try_write(path / "memory.swap.max", "0")
+            (path / "pids.max").write_text(str(limits.processes))
+            (path / "cpu.weight").write_text(str(limits.cpu_weight))
+            return
+        if (path / "memory.limit_in_bytes").exists():
+            (path / "memory.limit_in_bytes").write_text(str(limits.memory_bytes))
+            _try_write(path / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+            _try_write(path / "memory.swappiness", "0")
+        elif (path / "pids.max").exists():
+            (path / "pids.max").write_text(str(limits.processes))
+        elif (path / "cpu.shares").exists():  # v1's weight: 1024 is the default share
+            (path / "cpu.shares").write_text(str(max(2, limits.cpu_weight * 1024 // 100)))
+        else:
+            raise OSError(f"{path}: not a memory, pids or cpu cgroup")
+
+    def procs_files(self) -> list[str]:
+        """What the launcher writes its pid to (``--cgroup=``)."""
+        return [str(path / "cgroup.procs") for path in self.paths]
+
+    def oom_killed(self) -> bool:
+        """The kernel's OOM killer ended a process of this run, by the
+        cgroup's own count (not by reading the script's output)."""
+        for path in self.paths:
+            for name in ("memory.events", "memory.oom_control"):
+                events = path / name
+                if events.exists():
+                    for line in events.read_text().splitlines():
+                        key, _, value = line.partition(" ")
+                        if key == "oom_kill" and int(value or 0) > 0:
+                            return True
+        return False
+
+    def close(self) -> None:
+        """Kill whatever the run left in its cgroups, then remove them."""
+        self.closed = True
+        for path in self.paths:
+            _kill_all(path, self.support.mode)
+            _remove(path)
+
+
+def _try_write(path: Path, value: str) -> None:
+    try:
+        path.write_text(value)
+    except OSError:
+        pass  # absent without swap accounting: nothing to limit
+
+
+def _pids(path: Path) -> list[int]:
+    try:
+        return [int(p) for p in (path / "cgroup.procs").read_text().split()]
+    except OSError:
+        return []
+
+
+def _kill_all(path: Path, mode: CgroupMode) -> None:
+    if mode is CgroupMode.V2 and (path / "cgroup.kill").exists():
+        _try_write(path / "cgroup.kill", "1")
+        return
+    for _ in range(100):  # a fork racing the kill joins the cgroup: go again
+        pids = _pids(path)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.005)
+
+
+def _remove(path: Path) -> None:
+    for _ in range(200):  # the last processes may still be exiting
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.005)
+    log.warning("cgroup %s not removed: processes still in it", path)

@@ -1,0 +1,137 @@
+"""A cgroup per run, on this host's real cgroups (v1 here: the memory, pids
+and cpu hierarchies; the v2 path runs where the unified tree is writable)."""
+
+import asyncio
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from actors.cgroups import ROOT, CgroupMode, detect
+from actors.sandbox import SandboxLimits, cgroup_support, run_script
+from scheduling.lifecycle import classify
+from scheduling.models import FailureClass, Interpreter
+from tests.unit.fakes import processes_with
+
+SUPPORT = cgroup_support(SandboxLimits()) if os.geteuid() == 0 else None
+needs_cgroups = pytest.mark.skipif(
+    SUPPORT is None or SUPPORT.mode is CgroupMode.NONE,
+    reason="no writable cgroups here (needs root and cgroup v1 or a delegated v2 subtree)",
+)
+V2 = (ROOT / "cgroup.controllers").exists()
+
+
+def run(tmp_path: Path, body: str, limits: SandboxLimits, *, interpreter=Interpreter.BASH, **kw):
+    script = tmp_path / "script"
+    script.write_text(body)
+    script.chmod(0o644)
+    return asyncio.run(
+        run_script(
+            script_path=script,
+            interpreter=interpreter,
+            variables=kw.get("variables", {}),
+            timeout_s=kw.get("timeout_s", 20.0),
+            limits=limits,
+        )
+    )
+
+
+def leftovers() -> list[Path]:
+    return [p for parent in SUPPORT.parents for p in parent.glob("run-*")]
+
+
+READ_OWN_LIMITS_V1 = """
+for controller in memory pids cpu; do
+  path=$(grep -E "^[0-9]+:([a-z,]*,)?$controller(,[a-z,]*)?:" /proc/self/cgroup | cut -d: -f3)
+  case $controller in
+    memory) cat /sys/fs/cgroup/memory$path/memory.limit_in_bytes ;;
+    pids) cat /sys/fs/cgroup/pids$path/pids.max ;;
+    cpu) cat /sys/fs/cgroup/cpu$path/cpu.shares ;;
+  esac
+done
+"""
+READ_OWN_LIMITS_V2 = """
+path=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)
+cat $path/memory.max $path/pids.max $path/cpu.weight
+"""
+
+
+@needs_cgroups
+def test_each_run_is_in_a_cgroup_of_its_own_with_the_tiers_limits(tmp_path):
+    limits = SandboxLimits(memory_mb=300, processes=77, cpu_weight=400)
+    outcome = run(tmp_path, READ_OWN_LIMITS_V2 if V2 else READ_OWN_LIMITS_V1, limits)
+    memory, pids, cpu = outcome.output_tail.split()
+    assert (int(memory), int(pids)) == (300 * 1024 * 1024, 77)
+    assert int(cpu) == (400 if V2 else 4096)
+    assert leftovers() == []
+
+
+@needs_cgroups
+def test_resident_memory_beyond_the_tier_is_killed_and_classed_memory(tmp_path):
+    body = "import time\nheld = [b'x' * (1 << 20) for _ in range(2048)]\ntime.sleep(60)"
+    outcome = run(tmp_path, body, SandboxLimits(memory_mb=256), interpreter=Interpreter.PYTHON)
+    assert outcome.oom_killed and not outcome.timed_out
+    failure = classify(
+        exit_code=outcome.exit_code,
+        timed_out=outcome.timed_out,
+        output_tail=outcome.output_tail,
+        launch_error=outcome.launch_error,
+        oom_killed=outcome.oom_killed,
+    )
+    assert failure is FailureClass.MEMORY
+    assert leftovers() == []
+
+
+@needs_cgroups
+def test_a_runtime_that_reserves_much_and_uses_little_is_not_refused(tmp_path):
+    """Under the address-space rlimit this 4 GB reservation failed at once."""
+    body = "import mmap\nm = mmap.mmap(-1, 4 << 30)\nm[0:1] = b'x'\nprint('reserved')"
+    outcome = run(tmp_path, body, SandboxLimits(memory_mb=256), interpreter=Interpreter.PYTHON)
+    assert outcome.exit_code == 0 and "reserved" in outcome.output_tail
+
+
+@needs_cgroups
+def test_the_process_limit_holds_a_fork_bomb_where_no_rlimit_applies(tmp_path):
+    """As root, RLIMIT_NPROC does not apply: only the cgroup holds."""
+    limits = SandboxLimits(run_as=None, uid_base=None, processes=40)
+    body = (
+        "import os, time\n"
+        "alive = 0\n"
+        "for _ in range(200):\n"
+        "    try:\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(30)\n"
+        "            os._exit(0)\n"
+        "        alive += 1\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "print(alive, flush=True)\n"
+    )
+    outcome = run(tmp_path, body, limits, interpreter=Interpreter.PYTHON, timeout_s=10.0)
+    alive = int(outcome.output_tail.split()[-1])
+    assert 0 < alive < 40
+    assert leftovers() == []
+
+
+@needs_cgroups
+def test_ending_a_run_kills_its_cgroup_so_no_setsid_escape_survives(tmp_path):
+    """No PID namespace and no per-run uid: the cgroup alone ends the escape."""
+    limits = SandboxLimits(run_as=None, uid_base=None, pid_namespace=False)
+    body = "(setsid sleep 600 &) ; (setsid bash -c 'trap \"\" TERM HUP; sleep 600' &) ; true"
+    run(tmp_path, body, limits, variables={"MARK": "cgroup-escape"})
+    time.sleep(0.2)
+    assert processes_with("MARK=cgroup-escape") == []
+    assert leftovers() == []
+
+
+@pytest.mark.skipif(
+    not V2 or os.geteuid() != 0, reason="cgroup v2 is not this host's hierarchy (it has v1)"
+)
+def test_the_v2_subtree_is_delegated_with_memory_pids_and_cpu(tmp_path):
+    support = detect(str(ROOT / "chronoray-test"))
+    assert support.mode is CgroupMode.V2
+    limits = replace(SandboxLimits(), cgroup_v2_root=str(ROOT / "chronoray-test"))
+    outcome = run(tmp_path, READ_OWN_LIMITS_V2, limits)
+    assert outcome.output_tail.split()[:2] == [str(1024 * 1024 * 1024), "256"]
