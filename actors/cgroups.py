@@ -113,34 +113,47 @@ class RunLimits:
 
 
 class RunCgroup:
-    """One run's cgroups (one per v1 hierarchy, or one v2 directory)."""
+    """One run's cgroups (one per v1 hierarchy, or one v2 directory), used
+    again by later runs once empty (see ``CgroupPool``)."""
 
-    def __init__(self, support: CgroupSupport, limits: RunLimits) -> None:
-        self.support = support
-        name = f"run-{uuid.uuid4().hex[:16]}"
-        self.paths = tuple(parent / name for parent in support.parents)
-        self.closed = False
+    def __init__(self, parents: tuple[Path, ...], mode: CgroupMode, limits: RunLimits) -> None:
+        self.mode = mode
+        name = f"run-{uuid.uuid4().hex[:12]}"
+        self.paths = tuple(parent / name for parent in parents)
+        self.limits: RunLimits | None = None
         made: list[Path] = []
         try:
             for path in self.paths:
                 path.mkdir()
                 made.append(path)
-                self._limit(path, limits)
+            self.prepare(limits)
         except OSError:
             for path in made:
                 _remove(path)
             raise
 
+    def prepare(self, limits: RunLimits) -> None:
+        """Set the limits (when they changed) and note the OOM count so far."""
+        if limits != self.limits:
+            for path in self.paths:
+                self._limit(path, limits)
+            self.limits = limits
+        self._ooms_before = self._oom_count()
+
     def _limit(self, path: Path, limits: RunLimits) -> None:
-        if self.support.mode is CgroupMode.V2:
+        if self.mode is CgroupMode.V2:
             (path / "memory.max").write_text(str(limits.memory_bytes))
             _try_write(path / "memory.swap.max", "0")
             (path / "pids.max").write_text(str(limits.processes))
             (path / "cpu.weight").write_text(str(limits.cpu_weight))
             return
         if (path / "memory.limit_in_bytes").exists():
+            # memsw (memory + swap) may never be below the memory limit: when
+            # raising both it goes first, when lowering second; try both turns
+            memsw = path / "memory.memsw.limit_in_bytes"
+            _try_write(memsw, str(limits.memory_bytes))
             (path / "memory.limit_in_bytes").write_text(str(limits.memory_bytes))
-            _try_write(path / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+            _try_write(memsw, str(limits.memory_bytes))
             _try_write(path / "memory.swappiness", "0")
         elif (path / "pids.max").exists():
             (path / "pids.max").write_text(str(limits.processes))
@@ -153,25 +166,106 @@ class RunCgroup:
         """What the launcher writes its pid to (``--cgroup=``)."""
         return [str(path / "cgroup.procs") for path in self.paths]
 
-    def oom_killed(self) -> bool:
-        """The kernel's OOM killer ended a process of this run, by the
-        cgroup's own count (not by reading the script's output)."""
+    def _oom_count(self) -> int:
         for path in self.paths:
             for name in ("memory.events", "memory.oom_control"):
                 events = path / name
                 if events.exists():
                     for line in events.read_text().splitlines():
                         key, _, value = line.partition(" ")
-                        if key == "oom_kill" and int(value or 0) > 0:
-                            return True
-        return False
+                        if key == "oom_kill":
+                            return int(value or 0)
+        return 0
 
-    def close(self) -> None:
-        """Kill whatever the run left in its cgroups, then remove them."""
-        self.closed = True
+    def oom_killed(self) -> bool:
+        """The kernel's OOM killer ended a process of this run, by the
+        cgroup's own count (not by reading the script's output)."""
+        return self._oom_count() > self._ooms_before
+
+    def empty(self) -> bool:
+        return not any(_pids(path) for path in self.paths)
+
+    def kill_all(self) -> None:
         for path in self.paths:
-            _kill_all(path, self.support.mode)
+            _kill_all(path, self.mode)
+
+    def remove(self) -> None:
+        for path in self.paths:
             _remove(path)
+
+
+class CgroupPool:
+    """Run cgroups made once per executor and used again: making and
+    removing a memory cgroup for every run cost more than the rest of a
+    start (bench/sandbox_start.py). Each executor process has a directory
+    of its own under the runs' parent; directories of executors that are
+    gone are removed when the next one starts."""
+
+    def __init__(self, support: CgroupSupport, keep: int = 64) -> None:
+        self.support = support
+        self._keep = keep
+        self._free: list[RunCgroup] = []
+        own = f"executor-{os.getpid()}"
+        for parent in support.parents:
+            _remove_abandoned(parent)
+        self._parents = tuple(parent / own for parent in support.parents)
+        for parent in self._parents:
+            parent.mkdir(exist_ok=True)
+
+    def acquire(self, limits: RunLimits) -> RunCgroup:
+        while self._free:
+            cgroup = self._free.pop()
+            try:
+                cgroup.prepare(limits)
+                return cgroup
+            except OSError:
+                log.warning("run cgroup %s refused new limits: removed", cgroup.paths[0])
+                cgroup.remove()
+        return RunCgroup(self._parents, self.support.mode, limits)
+
+    def release(self, cgroup: RunCgroup) -> bool:
+        """Take it back if the run left nothing in it (the common case: its
+        PID namespace is gone); False: ``settle`` it (it may block)."""
+        if not cgroup.empty():
+            return False
+        self._put_back(cgroup)
+        return True
+
+    def settle(self, cgroup: RunCgroup) -> None:
+        """Kill what the run left (no escape by setsid or double fork), then
+        take it back, or remove it if something still will not leave."""
+        cgroup.kill_all()
+        if cgroup.empty():
+            self._put_back(cgroup)
+        else:
+            cgroup.remove()
+
+    def _put_back(self, cgroup: RunCgroup) -> None:
+        if len(self._free) < self._keep:
+            self._free.append(cgroup)
+        else:
+            cgroup.remove()
+
+    def idle(self) -> int:
+        return len(self._free)
+
+
+@functools.lru_cache(maxsize=4)
+def pool_for(support: CgroupSupport) -> CgroupPool:
+    return CgroupPool(support)
+
+
+def _remove_abandoned(parent: Path) -> None:
+    """Executor directories whose process is gone, with their run cgroups
+    (empty: the runs died with their executor's PID namespaces)."""
+    for directory in parent.glob("executor-*"):
+        pid = directory.name.removeprefix("executor-")
+        if pid.isdigit() and Path(f"/proc/{pid}").exists():
+            continue
+        for run in directory.glob("run-*"):
+            _kill_all(run, CgroupMode.V1)
+            _remove(run)
+        _remove(directory)
 
 
 def _try_write(path: Path, value: str) -> None:

@@ -336,6 +336,7 @@ class ExecutorShell:
             memory_mb=tier.script_memory,
             network=tier.network,
             cpu_weight=tier.cpu_weight,
+            scratch_mb=tier.scratch_mb,
         )
         self._settings = settings
         self.network = "not ready"  # what prepare_network says holds

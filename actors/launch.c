@@ -7,7 +7,8 @@
  * fire lag). The executor compiles it on first use (actors/sandbox.py) and
  * falls back to that chain when no C compiler is present.
  *
- *   chronoray-launch [--cgroup=PROCS_FILE]... [--pidns] [--netns] [--uid=N --gid=N] [--cpu=N] [--as=N]
+ *   chronoray-launch [--cgroup=PROCS_FILE]... [--pidns] [--netns] [--scratch=BYTES]
+ *                    [--uid=N --gid=N] [--cpu=N] [--as=N]
  *                    [--fsize=N] [--nofile=N] [--nproc=N] [--core=N] -- CMD ARGS...
  *
  * Dies with its parent (PR_SET_PDEATHSIG). With --pidns, CMD runs as PID 1 of
@@ -16,7 +17,12 @@
  * --netns, CMD runs in a new network namespace whose only interface is its
  * own loopback, brought up here (the network policy `none`). Each --cgroup
  * names a run cgroup's cgroup.procs: this process joins it first, so the
- * script and everything it starts are counted and limited there. The exit
+ * script and everything it starts are counted and limited there. With
+ * --scratch, CMD runs in a mount namespace of its own where /tmp is a tmpfs
+ * of that many bytes, owned by the script's uid, also bound over /var/tmp
+ * and /dev/shm (the places every user may write), and is started there; the
+ * script (CMD's last argument) is opened first and passed as /dev/fd/N,
+ * since /tmp, where it lies, is covered. The exit
  * status is CMD's; a CMD killed by a signal makes this process die of it too.
  */
 #define _GNU_SOURCE
@@ -28,7 +34,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/ioctl.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -81,8 +89,30 @@ static void own_network(void) {
     close(sock);
 }
 
+static void own_scratch(unsigned long long bytes, long uid, long gid, char **script) {
+    static char by_fd[32];
+    int fd = open(*script, O_RDONLY);
+    if (fd == -1) die(*script);
+    snprintf(by_fd, sizeof by_fd, "/dev/fd/%d", fd);
+    *script = by_fd;
+    if (unshare(CLONE_NEWNS) == -1) die("unshare mounts");
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) == -1) die("private mounts");
+    char options[128];
+    snprintf(options, sizeof options, "size=%llu,mode=0700,uid=%ld,gid=%ld", bytes,
+             uid >= 0 ? uid : 0, gid >= 0 ? gid : 0);
+    if (mount("chronoray-scratch", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, options) == -1)
+        die("scratch tmpfs");
+    static const char *const ALSO[] = {"/var/tmp", "/dev/shm"};
+    for (size_t k = 0; k < sizeof ALSO / sizeof ALSO[0]; k++) {
+        if (access(ALSO[k], F_OK) == 0 && mount("/tmp", ALSO[k], NULL, MS_BIND, NULL) == -1)
+            die(ALSO[k]);
+    }
+    if (chdir("/tmp") == -1) die("chdir /tmp");
+}
+
 int main(int argc, char **argv) {
     int pidns = 0, netns = 0;
+    unsigned long long scratch = 0;
     long uid = -1, gid = -1;
     int i = 1;
     if (prctl(PR_SET_PDEATHSIG, SIGKILL) == -1) die("prctl");
@@ -94,6 +124,8 @@ int main(int argc, char **argv) {
             pidns = 1;
         } else if (strcmp(argv[i], "--netns") == 0) {
             netns = 1;
+        } else if (strncmp(argv[i], "--scratch=", 10) == 0) {
+            scratch = strtoull(argv[i] + 10, NULL, 10);
         } else if (strncmp(argv[i], "--cgroup=", 9) == 0) {
             join_cgroup(argv[i] + 9);
         } else if (strncmp(argv[i], "--uid=", 6) == 0) {
@@ -110,6 +142,7 @@ int main(int argc, char **argv) {
         return 127;
     }
     if (netns) own_network();
+    if (scratch > 0) own_scratch(scratch, uid, gid, &argv[argc - 1]);
     if (pidns) {
         if (unshare(CLONE_NEWPID) == -1) die("unshare");
         pid_t child = fork();

@@ -1,6 +1,8 @@
-"""Run one script in a subprocess: its own session and process group, a
-scratch directory, variables as environment (never through a shell), rlimits,
-captured output, and a timeout that kills the whole group."""
+"""Run one script in a subprocess: its own session and process group, PID
+namespace and uid; a cgroup (memory, processes, CPU weight); a size-limited
+tmpfs as its only writable place; the network its tier allows; variables as
+environment (never through a shell); rlimits; captured output; and a timeout
+that kills the whole group."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from actors.cgroups import CgroupMode, CgroupSupport, RunCgroup, RunLimits
+from actors.cgroups import CgroupMode, CgroupSupport, RunLimits, pool_for
 from actors.cgroups import detect as detect_cgroups
 from actors.network import UID_RANGE_INDEX, ControlPlane, install_egress_filter
 from scheduling.models import Interpreter
@@ -50,6 +52,10 @@ class SandboxLimits:
     # can be made, the address space instead (an allocation beyond it fails)
     memory_mb: int = 1024
     file_size_mb: int = 256  # largest file the script may write
+    # all the script may write: a tmpfs of this size is its /tmp (also its
+    # /var/tmp, /dev/shm and home); needs root and the launcher, else a
+    # scratch directory on disk with the per-file limit only
+    scratch_mb: int = 256
     open_files: int = 256
     processes: int = 256  # per user: a fork bomb hits this, then the timeout
     output_bytes: int = 4096  # tail of stdout+stderr kept
@@ -134,6 +140,7 @@ class Isolation:
         timeout_s: float,
         limits: SandboxLimits,
         cgroup_procs: Sequence[str] = (),
+        scratch_bytes: int = 0,
     ) -> list[str]:
         """Limits hold from the script's first instruction: set by a wrapper
         process, not a ``preexec_fn``, which would force a full fork of the
@@ -149,6 +156,8 @@ class Isolation:
             if isolated_network:
                 namespace.append("--netns")
             joins = [f"--cgroup={procs}" for procs in cgroup_procs]
+            if scratch_bytes:
+                namespace.append(f"--scratch={scratch_bytes}")
             return [self.launcher, *joins, *namespace, *user, *flags, "--", *command]
         wrapped = [PRLIMIT, *flags, "--", *command]
         if self.pid_namespace:
@@ -406,22 +415,26 @@ async def run_script(
         isolation = isolation.as_user(leases.acquire())
     cgroup = None
     support = cgroup_support(limits)
-    if support.mode is not CgroupMode.NONE:
+    pool = pool_for(support) if support.mode is not CgroupMode.NONE else None
+    if pool is not None:
         try:
-            cgroup = RunCgroup(
-                support,
+            cgroup = pool.acquire(
                 RunLimits(
                     memory_bytes=limits.memory_mb * MiB,
                     processes=limits.processes,
                     cpu_weight=limits.cpu_weight,
-                ),
+                )
             )
         except OSError:
             log.exception("no cgroup for this run: its rlimits alone hold it")
-    scratch = tempfile.mkdtemp(prefix="chronoray-run-")
-    if isolation.uid is not None:
+    # A tmpfs of the tier's size where the launcher can mount one (root);
+    # else a directory on disk, removed afterwards.
+    quota = limits.scratch_mb * MiB if isolation.launcher and os.geteuid() == 0 else 0
+    scratch = None if quota else tempfile.mkdtemp(prefix="chronoray-run-")
+    if scratch is not None and isolation.uid is not None:
         os.chown(scratch, isolation.uid, isolation.gid)
-    env = {"PATH": SAFE_PATH, "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8", **variables}
+    home = scratch or "/tmp"
+    env = {"PATH": SAFE_PATH, "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", **variables}
     started_at = datetime.now(timezone.utc)
     command = interpreter_command(interpreter)
     try:
@@ -435,8 +448,9 @@ async def run_script(
                     timeout_s=timeout_s,
                     limits=limits,
                     cgroup_procs=cgroup.procs_files() if cgroup else (),
+                    scratch_bytes=quota,
                 ),
-                cwd=scratch,
+                cwd=scratch or "/",
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -474,9 +488,11 @@ async def run_script(
         except asyncio.TimeoutError:
             child.abandon_output()
         oom_killed = False
-        if cgroup is not None:
+        if pool is not None and cgroup is not None:
             oom_killed = cgroup.oom_killed()
-            await asyncio.to_thread(cgroup.close)  # whatever escaped the group dies here
+            held, cgroup = cgroup, None
+            if not pool.release(held):  # something escaped the group: it dies here
+                await asyncio.to_thread(pool.settle, held)
         return ScriptOutcome(
             started_at=started_at,
             finished_at=datetime.now(timezone.utc),
@@ -486,11 +502,12 @@ async def run_script(
             oom_killed=oom_killed,
         )
     finally:
-        if cgroup is not None and not cgroup.closed:
-            cgroup.close()
-        try:
-            os.rmdir(scratch)  # the common case: the script left nothing
-        except OSError:
-            shutil.rmtree(scratch, ignore_errors=True)
+        if pool is not None and cgroup is not None:  # cancelled or failed on the way
+            pool.settle(cgroup)
+        if scratch is not None:
+            try:
+                os.rmdir(scratch)  # the common case: the script left nothing
+            except OSError:
+                shutil.rmtree(scratch, ignore_errors=True)
         if leases is not None:
             leases.release(isolation.uid)  # its processes are gone with the namespace

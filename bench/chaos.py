@@ -106,13 +106,12 @@ class Harness:
 
     def __init__(self, database_url: str, services_dir: Path) -> None:
         from tests.ray_cluster import settings_for_tests
+        from tests.shared_dirs import shared_directory
 
         self.services_dir = services_dir
         self.settings = settings_for_tests(database_url)
         self.engine = create_engine(database_url, pool_pre_ping=True)
-        self.ledgers = Path(f"/tmp/chronoray-chaos-{uuid.uuid4().hex[:6]}")
-        self.ledgers.mkdir()
-        self.ledgers.chmod(0o777)
+        self.ledgers = shared_directory("chronoray-chaos-")  # scripts do not see /tmp
         self.head = None
 
     @classmethod

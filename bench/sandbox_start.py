@@ -1,10 +1,13 @@
-"""What each network policy costs a script's start, against today's
-launcher with the host's network (the floor), in the same command.
+"""What each wall of the sandbox costs a script's start, against the
+launcher without them (the floor: PID namespace, uid and rlimits, the
+host's network, a scratch directory on disk), in the same command.
 
-For each policy, through the executor's own launch path
+Variants, each adding to the floor: the run cgroup; the scratch tmpfs; both
+with each network policy (``egress`` with both is the default). For each,
+through the executor's own launch path
 (``actors.sandbox.run_script``): due → the script's first line
 (``$EPOCHREALTIME``) for scripts started one at a time, and the rate of a
-burst started 8 at a time. The policies take turns within each round; the
+burst started 8 at a time. The variants take turns within each round; the
 summary is the median of the rounds.
 
     .venv/bin/python -m bench.sandbox_start [--starts 200] [--burst 500] [--repeat 3]
@@ -18,13 +21,21 @@ import statistics
 from dataclasses import replace
 
 from actors.network import ControlPlane, remove_egress_filter
-from actors.sandbox import SandboxLimits, prepare_network
+from actors.sandbox import SandboxLimits, cgroup_support, prepare_network
 from bench import floor
 from scheduling.tiers import NetworkPolicy
 
-POLICIES = (NetworkPolicy.HOST, NetworkPolicy.EGRESS, NetworkPolicy.NONE)
 # A range of its own, so a deployment on this host keeps its filter as it is.
 BENCH_LIMITS = SandboxLimits(uid_base=700_000_000, uid_count=64)
+FLOOR = replace(BENCH_LIMITS, network=NetworkPolicy.HOST, cgroups=False, scratch_mb=0)
+VARIANTS = {
+    "floor (no cgroup, disk scratch, host network)": FLOOR,
+    "+ cgroup": replace(FLOOR, cgroups=True),
+    "+ scratch tmpfs": replace(FLOOR, scratch_mb=256),
+    "+ both, network host": replace(FLOOR, cgroups=True, scratch_mb=256),
+    "+ both, network egress (the default)": replace(BENCH_LIMITS, network=NetworkPolicy.EGRESS),
+    "+ both, network none": replace(BENCH_LIMITS, network=NetworkPolicy.NONE),
+}
 BENCH_CHAIN_PLANE = ControlPlane(
     addresses=frozenset({"127.0.0.1", "::1"}), ports=frozenset({5432, 6379, 8000, 8265})
 )
@@ -35,13 +46,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def one_round(args, limits_of: dict[NetworkPolicy, SandboxLimits]) -> dict[str, float]:
+def one_round(args) -> dict[str, float]:
     figures: dict[str, float] = {}
-    for policy, limits in limits_of.items():
+    for name, limits in VARIANTS.items():
         lags = floor.spread(args.starts, args.starts * 0.02, 1, limits=limits)
-        figures[f"{policy.value}: start p50 ms"] = percentile(lags, 0.5)
-        figures[f"{policy.value}: start p99 ms"] = percentile(lags, 0.99)
-        figures[f"{policy.value}: burst starts/s"] = floor.burst(args.burst, 8, limits=limits)
+        figures[f"{name}: start p50 ms"] = percentile(lags, 0.5)
+        figures[f"{name}: start p99 ms"] = percentile(lags, 0.99)
+        figures[f"{name}: burst starts/s"] = floor.burst(args.burst, 8, limits=limits)
     return figures
 
 
@@ -53,24 +64,24 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("the sandbox's namespaces, uids and packet filter need root")
-    limits_of = {p: replace(BENCH_LIMITS, network=p) for p in POLICIES}
-    for policy, limits in limits_of.items():
-        print(f"{policy.value}: {prepare_network(limits, BENCH_CHAIN_PLANE)}")
-    egress = limits_of[NetworkPolicy.EGRESS].uid_range()
+    for name, limits in VARIANTS.items():
+        print(f"{name}: network {prepare_network(limits, BENCH_CHAIN_PLANE)}")
+    print(cgroup_support(BENCH_LIMITS).describe())
+    egress = replace(BENCH_LIMITS, network=NetworkPolicy.EGRESS).uid_range()
     assert egress is not None
     try:
         rounds = []
         for turn in range(args.repeat):
-            rounds.append(one_round(args, limits_of))
+            rounds.append(one_round(args))
             print(f"round {turn + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in rounds[-1].items()))
     finally:
         remove_egress_filter(*egress)
-    print(f"\nmedian of {args.repeat} rounds; the floor is `host` (today's launcher)\n")
-    print("| policy | start p50 ms | start p99 ms | burst starts/s | burst vs host |")
+    print(f"\nmedian of {args.repeat} rounds, each variant beside the floor\n")
+    print("| sandbox | start p50 ms | start p99 ms | burst starts/s | burst vs floor |")
     print("|---|---|---|---|---|")
-    base = statistics.median(r["host: burst starts/s"] for r in rounds)
-    for policy in POLICIES:
-        name = policy.value
+    first = next(iter(VARIANTS))
+    base = statistics.median(r[f"{first}: burst starts/s"] for r in rounds)
+    for name in VARIANTS:
         p50, p99, rate = (
             statistics.median(r[f"{name}: {figure}"] for r in rounds)
             for figure in ("start p50 ms", "start p99 ms", "burst starts/s")

@@ -32,6 +32,7 @@ class Tier:
     script_memory_mb: int = 0
     network: NetworkPolicy = NetworkPolicy.EGRESS
     cpu_weight: int = 100  # each run's CPU share against other runs (100: the default)
+    scratch_mb: int = 256  # what a script may write in all (its tmpfs /tmp)
 
     @property
     def script_memory(self) -> int:
@@ -208,6 +209,7 @@ def slot_tier(
     slots: int = 4,
     script_memory_mb: int = 0,
     cpu_weight: int = 100,
+    scratch_mb: int = 256,
 ) -> Tier:
     """A tier that needs no CPU, only one unit of the custom resource
     ``chronoray_<name>`` per executor: the node (or node type) offering that
@@ -223,6 +225,7 @@ def slot_tier(
         slots=slots,
         script_memory_mb=script_memory_mb,
         cpu_weight=cpu_weight,
+        scratch_mb=scratch_mb,
     )
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
+
+from tests.shared_dirs import shared_directory
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 
@@ -19,9 +20,8 @@ T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 def tmp_path():
     """Scripts run as an unprivileged user (when the suite runs as root), so
     they must be able to read and write here: ledgers, markers. pytest's own
-    tmp_path is private to root."""
-    directory = Path(tempfile.mkdtemp(prefix="chronoray-test-"))
-    directory.chmod(0o777)
+    tmp_path is private to root, and scripts do not see the host's /tmp."""
+    directory = shared_directory("chronoray-test-")
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
 

@@ -24,6 +24,12 @@ def executor_ids(deployment) -> set[str]:
     return {e["executor_id"] for e in ray.get(pool.status.remote())["executors"]}
 
 
+# Beside a fork bomb and floods on a 2-core machine, the memory hog reaches
+# its cgroup's limit (and the kernel's OOM kill) in its own time: it has more
+# than the others' 3 s, so what ends it is the memory limit, not the clock.
+TIMEOUT_S = {"2 GB resident in small pieces": 20}
+
+
 def test_hostile_scripts_are_contained(deployment, client):
     before = executor_ids(deployment)
     marker = uuid.uuid4().hex
@@ -34,7 +40,11 @@ def test_hostile_scripts_are_contained(deployment, client):
             script, body, interpreter="python" if interpreter is Interpreter.PYTHON else "bash"
         )
         tasks[name] = client.submit(
-            script, time.time(), timeout_s=3, max_attempts=1, variables={"MARK": marker}
+            script,
+            time.time(),
+            timeout_s=TIMEOUT_S.get(name, 3),
+            max_attempts=1,
+            variables={"MARK": marker},
         )
     views = dict(
         zip(tasks, client.wait([t.task_id for t in tasks.values()], timeout_s=60), strict=True)
@@ -43,7 +53,7 @@ def test_hostile_scripts_are_contained(deployment, client):
         [run] = view.runs
         took = (run.finished_at - run.started_at).total_seconds()
         print(f"{name}: {run.failure and run.failure.value} after {took:.2f} s")
-        assert took < 3 + 1, name
+        assert took < TIMEOUT_S.get(name, 3) + 1, name
         assert view.task.status.value == "dead", name
     assert views["2 GB resident in small pieces"].runs[0].failure.value == "memory"
     assert views["infinite loop"].runs[0].failure.value == "timeout"

@@ -39,7 +39,11 @@ def run(tmp_path: Path, body: str, limits: SandboxLimits, *, interpreter=Interpr
 
 
 def leftovers() -> list[Path]:
-    return [p for parent in SUPPORT.parents for p in parent.glob("run-*")]
+    """Run cgroups with a process still in them. Empty ones stay, for the
+    next run (the pool), but only this many."""
+    runs = [p for parent in SUPPORT.parents for p in parent.glob("executor-*/run-*")]
+    assert len(runs) <= len(SUPPORT.parents) * 64
+    return [run for run in runs if (run / "cgroup.procs").read_text().split()]
 
 
 READ_OWN_LIMITS_V1 = """
@@ -135,3 +139,50 @@ def test_the_v2_subtree_is_delegated_with_memory_pids_and_cpu(tmp_path):
     limits = replace(SandboxLimits(), cgroup_v2_root=str(ROOT / "chronoray-test"))
     outcome = run(tmp_path, READ_OWN_LIMITS_V2, limits)
     assert outcome.output_tail.split()[:2] == [str(1024 * 1024 * 1024), "256"]
+
+
+DISK_FILLER = """
+for place in /tmp /var/tmp /dev/shm "$HOME"; do
+  head -c 100000000 /dev/zero > "$place/fill" 2>/dev/null || echo "$place full"
+  rm -f "$place/fill"
+done
+echo pwd=$(pwd)
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or SUPPORT is None, reason="the scratch tmpfs needs root and the launcher"
+)
+def test_writing_past_the_scratch_quota_fails_with_enospc_everywhere_the_script_may_write(
+    tmp_path,
+):
+    outcome = run(tmp_path, DISK_FILLER, SandboxLimits(scratch_mb=32))
+    assert outcome.exit_code == 0, outcome.output_tail
+    assert outcome.output_tail.split() == [
+        "/tmp",
+        "full",
+        "/var/tmp",
+        "full",
+        "/dev/shm",
+        "full",
+        "/tmp",
+        "full",
+        "pwd=/tmp",
+    ]
+    # the host's /tmp saw none of it
+    assert not list(Path("/tmp").glob("fill")) and not Path("/var/tmp/fill").exists()
+
+
+@needs_cgroups
+def test_run_cgroups_are_used_again_and_those_of_gone_executors_removed(tmp_path):
+    from actors.cgroups import CgroupPool, RunLimits
+
+    pool = CgroupPool(SUPPORT, keep=2)
+    limits = RunLimits(memory_bytes=64 << 20, processes=10, cpu_weight=100)
+    first = pool.acquire(limits)
+    assert pool.release(first) and pool.acquire(limits) is first  # the same cgroup again
+    pool.release(first)
+    gone = SUPPORT.parents[0] / "executor-999999999"  # no such process
+    (gone / "run-x").mkdir(parents=True)
+    CgroupPool(SUPPORT)
+    assert not gone.exists()
