@@ -26,6 +26,7 @@ from actors.network import RAY_FIXED_PORTS, ControlPlane, control_plane
 from actors.results import CommitThenReport, ResultRecorder
 from actors.sandbox import (
     SandboxLimits,
+    cgroup_support,
     detect_isolation,
     kill_group,
     prepare_network,
@@ -340,6 +341,7 @@ class ExecutorShell:
         )
         self._settings = settings
         self.network = "not ready"  # what prepare_network says holds
+        self.cgroups = "not ready"  # which cgroups hold each run's memory and processes
         self._executor = Executor(
             executor_id=executor_id,
             tier=tier.name,
@@ -398,6 +400,7 @@ class ExecutorShell:
             # the sandbox probe (and the launcher build) ran: no run pays for it
             "sandbox_ready": detect_isolation.cache_info().currsize > 0,
             "network": self.network,
+            "cgroups": self.cgroups,
             "last_heartbeat": heartbeat_at,
         }
 
@@ -409,7 +412,13 @@ class ExecutorShell:
             detect_isolation, limits.run_as, limits.pid_namespace, limits.launcher
         )
         self.network = await asyncio.to_thread(prepare_network, limits, self._control_plane())
-        log.info("executor %s: scripts' network: %s", self._executor.executor_id, self.network)
+        self.cgroups = (await asyncio.to_thread(cgroup_support, limits)).describe()
+        log.info(
+            "executor %s: scripts' network: %s; %s",
+            self._executor.executor_id,
+            self.network,
+            self.cgroups,
+        )
         await self._heartbeat_forever()
 
     def _control_plane(self) -> ControlPlane:

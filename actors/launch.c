@@ -8,7 +8,7 @@
  * falls back to that chain when no C compiler is present.
  *
  *   chronoray-launch [--cgroup=PROCS_FILE]... [--pidns] [--netns] [--scratch=BYTES]
- *                    [--uid=N --gid=N] [--cpu=N] [--as=N]
+ *                    [--nice=N] [--uid=N --gid=N] [--cpu=N] [--as=N]
  *                    [--fsize=N] [--nofile=N] [--nproc=N] [--core=N] -- CMD ARGS...
  *
  * Dies with its parent (PR_SET_PDEATHSIG). With --pidns, CMD runs as PID 1 of
@@ -22,7 +22,8 @@
  * of that many bytes, owned by the script's uid, also bound over /var/tmp
  * and /dev/shm (the places every user may write), and is started there; the
  * script (CMD's last argument) is opened first and passed as /dev/fd/N,
- * since /tmp, where it lies, is covered. The exit
+ * since /tmp, where it lies, is covered. --nice sets CMD's nice value (the
+ * tier's CPU weight). The exit
  * status is CMD's; a CMD killed by a signal makes this process die of it too.
  */
 #define _GNU_SOURCE
@@ -124,6 +125,8 @@ int main(int argc, char **argv) {
             pidns = 1;
         } else if (strcmp(argv[i], "--netns") == 0) {
             netns = 1;
+        } else if (strncmp(argv[i], "--nice=", 7) == 0) {
+            if (setpriority(PRIO_PROCESS, 0, atoi(argv[i] + 7)) == -1) die("setpriority");
         } else if (strncmp(argv[i], "--scratch=", 10) == 0) {
             scratch = strtoull(argv[i] + 10, NULL, 10);
         } else if (strncmp(argv[i], "--cgroup=", 9) == 0) {

@@ -67,7 +67,7 @@ class SandboxLimits:
     network: NetworkPolicy = NetworkPolicy.EGRESS  # what the script reaches (actors/network.py)
     cgroups: bool = True  # off: rlimits only, even where a cgroup could be made
     cgroup_v2_root: str = "/sys/fs/cgroup/chronoray"
-    cpu_weight: int = 100  # the run cgroup's CPU share (100: the default)
+    cpu_weight: int = 100  # the script's CPU share by tier, as a nice value (see nice_for)
 
     def uid_range(self) -> tuple[int, int] | None:
         """The per-run uids of this limits' network policy (first, last)."""
@@ -95,6 +95,17 @@ def interpreter_command(interpreter: Interpreter) -> list[str]:
     if interpreter is Interpreter.PYTHON:
         return [shutil.which("python3", path=SAFE_PATH) or sys.executable, "-u"]
     return [shutil.which(interpreter.value, path=SAFE_PATH) or f"/bin/{interpreter.value}"]
+
+
+FULL_CPU_WEIGHT = 400
+
+
+def nice_for(cpu_weight: int) -> int:
+    """The tier's CPU weight as a nice value: the strongest weight (400) runs
+    at 0, beside the control plane, and each halving adds 3 (the kernel's
+    weight per nice step is 1.25x, so 3 steps are about 2x), up to 19."""
+    steps = 3 * math.log2(FULL_CPU_WEIGHT / max(1, cpu_weight))
+    return max(0, min(19, round(steps)))
 
 
 def _limits(timeout_s: float, limits: SandboxLimits, *, in_cgroup: bool) -> dict[str, int]:
@@ -158,8 +169,9 @@ class Isolation:
             joins = [f"--cgroup={procs}" for procs in cgroup_procs]
             if scratch_bytes:
                 namespace.append(f"--scratch={scratch_bytes}")
+            namespace.append(f"--nice={nice_for(limits.cpu_weight)}")
             return [self.launcher, *joins, *namespace, *user, *flags, "--", *command]
-        wrapped = [PRLIMIT, *flags, "--", *command]
+        wrapped = [PRLIMIT, *flags, "--", NICE, "-n", str(nice_for(limits.cpu_weight)), *command]
         if self.pid_namespace:
             # unshare drops to the user itself (groups cleared, no
             # capabilities): one exec fewer than a separate setpriv.
@@ -186,6 +198,7 @@ class Isolation:
 
 PRLIMIT = shutil.which("prlimit") or "/usr/bin/prlimit"
 SH = "/bin/sh"
+NICE = shutil.which("nice") or "/usr/bin/nice"
 SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
 UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"
 
@@ -422,7 +435,6 @@ async def run_script(
                 RunLimits(
                     memory_bytes=limits.memory_mb * MiB,
                     processes=limits.processes,
-                    cpu_weight=limits.cpu_weight,
                 )
             )
         except OSError:

@@ -39,7 +39,7 @@ import httpx
 import ray
 from sqlalchemy import create_engine, func, select, text
 
-from storage.schema import runs, schedules, scripts, tasks
+from storage.schema import runs, schedules, scripts, shards, tasks
 from tests.conftest import shared_file
 from tests.ray_cluster import wait_for
 
@@ -460,16 +460,22 @@ def s2_shard_kills_during_submission(h: Harness, out: Outcome, scale: float) -> 
                 else:
                     refused[answer.status_code] += 1
 
+    fault_log: list[tuple[float, str]] = []
     with load_threads(stop, [functools.partial(client, i) for i in range(16)]):
         for _ in range(max(2, int(6 * scale))):
             time.sleep(10)
-            h.sigkill(h.shard(h.owner_of(time.time())), wait=False)
+            owner = h.owner_of(time.time())
+            h.sigkill(h.shard(owner), wait=False)
+            fault_log.append((time.time(), f"shard {owner} SIGKILL"))
             out.faults += 1
     stored = h.stored("s2.sh")
     out.check(stored == len(answered), f"{stored} rows for {len(answered)} 2xx answers")
     out.check(set(refused) <= {503}, f"refusals other than 503: {dict(refused)}")
     h.audit(out, ledger, answered, timeout_s=120)
     out.check(out.worst_lag_s <= 5.0, f"a due task fired {out.worst_lag_s:.1f} s late (> 5 s)")
+    if out.worst_lag_task is not None:
+        explain_lag(h, out, fault_log)
+    print_launch_gaps(h, ledger)
 
 
 def s3_pool_kill(h: Harness, out: Outcome, scale: float) -> None:
@@ -1026,6 +1032,28 @@ def s12_soak(h: Harness, out: Outcome, scale: float, soak_s: float, every_s: flo
     h.audit(out, ledger, dict(due), timeout_s=240)
     if out.worst_lag_task is not None:
         explain_lag(h, out, fault_log)
+    print_launch_gaps(h, ledger)
+
+
+def print_launch_gaps(h: Harness, ledger: Path) -> None:
+    """From the executor's launch (the run's started_at) to the script's
+    first ledger line: what the sandbox's start costs under this load."""
+    first = {(task, attempt): clock for task, attempt, clock, _ in ledger_entries(ledger)}
+    with h.engine.connect() as conn:
+        started = conn.execute(
+            select(runs.c.task_id, runs.c.attempt, runs.c.started_at).where(
+                runs.c.task_id.in_({task for task, _ in first}), runs.c.started_at.isnot(None)
+            )
+        ).all()
+    gaps = sorted(
+        (first[(t, a)] - at.timestamp()) * 1000 for t, a, at in started if (t, a) in first
+    )
+    if gaps:
+        pick = lambda q: gaps[min(len(gaps) - 1, int(q * len(gaps)))]  # noqa: E731
+        print(
+            f"  launch → first line over {len(gaps)} runs: p50 {pick(0.5):.1f} ms, "
+            f"p99 {pick(0.99):.1f} ms, max {gaps[-1]:.1f} ms"
+        )
 
 
 def explain_lag(h: Harness, out: Outcome, fault_log: list[tuple[float, str]]) -> None:
@@ -1048,6 +1076,12 @@ def explain_lag(h: Harness, out: Outcome, fault_log: list[tuple[float, str]]) ->
     for attempt, failure, began, ended in attempts:
         offset = "-" if began is None else f"{began.timestamp() - due:+.1f} s"
         print(f"    attempt {attempt}: started {offset}, failure {failure}, ended {ended}")
+    with h.engine.connect() as conn:
+        epochs = conn.execute(select(shards.c.shard, shards.c.epoch, shards.c.started_at)).all()
+    print(
+        "    shards' latest starts: "
+        + ", ".join(f"{s} epoch {e} at {at.timestamp() - due:+.1f} s" for s, e, at in epochs)
+    )
 
 
 SCENARIOS: dict[int, Callable] = {

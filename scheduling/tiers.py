@@ -210,6 +210,7 @@ def slot_tier(
     script_memory_mb: int = 0,
     cpu_weight: int = 100,
     scratch_mb: int = 256,
+    network: NetworkPolicy = NetworkPolicy.EGRESS,
 ) -> Tier:
     """A tier that needs no CPU, only one unit of the custom resource
     ``chronoray_<name>`` per executor: the node (or node type) offering that
@@ -226,6 +227,7 @@ def slot_tier(
         script_memory_mb=script_memory_mb,
         cpu_weight=cpu_weight,
         scratch_mb=scratch_mb,
+        network=network,
     )
 
 

@@ -23,7 +23,7 @@ import ray
 
 from chronoray.settings import Settings
 from scheduling.lifecycle import RetryPolicy
-from scheduling.tiers import TierTable, local_node_resources, slot_tier
+from scheduling.tiers import NetworkPolicy, TierTable, local_node_resources, slot_tier
 from storage.engines import make_engine
 from storage.sql import SqlTaskRepository
 
@@ -116,10 +116,24 @@ class RayHead:
 
 
 # Narrow priority bands, so that three failures climb every tier.
+# The medium tier's scripts have no network (`none`), to test that policy on
+# real executors; the others keep the default, `egress`.
 TEST_TIERS = TierTable(
     [
-        slot_tier(name, low, executors=2, max_executors=3, slots=8, script_memory_mb=memory)
-        for name, low, memory in (("small", 0, 512), ("medium", 2, 1024), ("large", 3, 2048))
+        slot_tier(
+            name,
+            low,
+            executors=2,
+            max_executors=3,
+            slots=8,
+            script_memory_mb=memory,
+            network=network,
+        )
+        for name, low, memory, network in (
+            ("small", 0, 512, NetworkPolicy.EGRESS),
+            ("medium", 2, 1024, NetworkPolicy.NONE),
+            ("large", 3, 2048, NetworkPolicy.EGRESS),
+        )
     ]
 )
 

@@ -9,8 +9,10 @@ from urllib.parse import urlsplit
 import pytest
 import ray
 
+from actors.cgroups import CgroupMode
 from actors.executor import EXECUTOR_PREFIX
 from actors.handles import POOL_NAME
+from actors.sandbox import SandboxLimits, cgroup_support
 from scheduling.models import Interpreter
 from tests.unit.fakes import processes_with
 from tests.unit.test_network import Listener, probe_script_body
@@ -95,4 +97,30 @@ def test_scripts_reach_the_network_but_not_the_control_plane(deployment, client)
         outside.sock.close()
     for executor_id in executor_ids(deployment):
         executor = ray.get_actor(EXECUTOR_PREFIX + executor_id, namespace=settings.namespace)
-        assert ray.get(executor.info.remote(), timeout=30)["network"] == "egress"
+        info = ray.get(executor.info.remote(), timeout=30)
+        assert info["network"] == settings.tiers.by_name(info["tier"]).network.value
+        mode = cgroup_support(SandboxLimits()).mode  # the executors' host is this one
+        assert info["cgroups"].startswith(
+            "no writable cgroups" if mode is CgroupMode.NONE else f"cgroup {mode.value} under"
+        ), info["cgroups"]
+
+
+def test_a_tier_without_network_reaches_nothing(deployment, client):
+    """The test deployment's medium tier has the policy `none`."""
+    outside = Listener("127.0.0.2")
+    try:
+        targets = {
+            "api": ("127.0.0.1", deployment.settings.http_port),
+            "outside": ("127.0.0.2", outside.port),
+        }
+        client.register_script("none-probe.sh", probe_script_body(targets))
+        task = client.submit("none-probe.sh", time.time(), priority=2)
+        [view] = client.wait([task.task_id])
+        [run] = view.runs
+        assert run.tier == "medium"
+        assert dict(line.split("=") for line in run.output_tail.split()) == {
+            "api": "refused",
+            "outside": "refused",
+        }
+    finally:
+        outside.sock.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from actors.cgroups import ROOT, CgroupMode, detect
-from actors.sandbox import SandboxLimits, cgroup_support, run_script
+from actors.sandbox import SandboxLimits, cgroup_support, nice_for, run_script
 from scheduling.lifecycle import classify
 from scheduling.models import FailureClass, Interpreter
 from tests.unit.fakes import processes_with
@@ -47,28 +47,29 @@ def leftovers() -> list[Path]:
 
 
 READ_OWN_LIMITS_V1 = """
-for controller in memory pids cpu; do
+for controller in memory pids; do
   path=$(grep -E "^[0-9]+:([a-z,]*,)?$controller(,[a-z,]*)?:" /proc/self/cgroup | cut -d: -f3)
   case $controller in
     memory) cat /sys/fs/cgroup/memory$path/memory.limit_in_bytes ;;
     pids) cat /sys/fs/cgroup/pids$path/pids.max ;;
-    cpu) cat /sys/fs/cgroup/cpu$path/cpu.shares ;;
   esac
 done
+cut -d' ' -f19 /proc/self/stat
 """
 READ_OWN_LIMITS_V2 = """
 path=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)
-cat $path/memory.max $path/pids.max $path/cpu.weight
+cat $path/memory.max $path/pids.max
+cut -d' ' -f19 /proc/self/stat
 """
 
 
 @needs_cgroups
 def test_each_run_is_in_a_cgroup_of_its_own_with_the_tiers_limits(tmp_path):
-    limits = SandboxLimits(memory_mb=300, processes=77, cpu_weight=400)
+    limits = SandboxLimits(memory_mb=300, processes=77, cpu_weight=100)
     outcome = run(tmp_path, READ_OWN_LIMITS_V2 if V2 else READ_OWN_LIMITS_V1, limits)
-    memory, pids, cpu = outcome.output_tail.split()
+    memory, pids, nice = outcome.output_tail.split()
     assert (int(memory), int(pids)) == (300 * 1024 * 1024, 77)
-    assert int(cpu) == (400 if V2 else 4096)
+    assert int(nice) == nice_for(100) == 6  # the tier's CPU weight: a quarter of the strongest
     assert leftovers() == []
 
 
@@ -178,7 +179,7 @@ def test_run_cgroups_are_used_again_and_those_of_gone_executors_removed(tmp_path
     from actors.cgroups import CgroupPool, RunLimits
 
     pool = CgroupPool(SUPPORT, keep=2)
-    limits = RunLimits(memory_bytes=64 << 20, processes=10, cpu_weight=100)
+    limits = RunLimits(memory_bytes=64 << 20, processes=10)
     first = pool.acquire(limits)
     assert pool.release(first) and pool.acquire(limits) is first  # the same cgroup again
     pool.release(first)

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from actors.cgroups import CgroupMode
-from actors.sandbox import SandboxLimits, cgroup_support, detect_isolation, run_script
+from actors.sandbox import (
+    SandboxLimits,
+    cgroup_support,
+    detect_isolation,
+    run_script,
+    uid_leases,
+)
 from scheduling.models import Interpreter
 from tests.unit.fakes import processes_with
 
@@ -185,6 +191,8 @@ def test_hostile_scripts_end_within_the_timeout_and_leave_nothing(tmp_path, name
     time.sleep(0.2)  # the kernel tears the namespace down asynchronously
     assert processes_with(f"{marker}=1") == []
     assert not list(Path("/tmp").glob("chronoray-run-*/f0"))  # scratch removed
+    assert "chronoray-scratch" not in Path("/proc/self/mounts").read_text()  # no mount
+    assert uid_leases(SandboxLimits().uid_base, SandboxLimits().uid_count)._held == {}
     if CGROUPS:  # and nothing is left in its cgroup (kept empty for the next run)
         support = cgroup_support(SandboxLimits())
         runs = [p for parent in support.parents for p in parent.glob("executor-*/run-*")]
