@@ -117,7 +117,9 @@ class RayHead:
 
 # Narrow priority bands, so that three failures climb every tier.
 # The medium tier's scripts have no network (`none`), to test that policy on
-# real executors; the others keep the default, `egress`.
+# real executors; the others keep the default, `egress`. The small tier's
+# 256 MB hold the hostile memory test; its scratch is smaller than its
+# memory, so a disk filler meets ENOSPC before the OOM killer.
 TEST_TIERS = TierTable(
     [
         slot_tier(
@@ -127,12 +129,13 @@ TEST_TIERS = TierTable(
             max_executors=3,
             slots=8,
             script_memory_mb=memory,
+            scratch_mb=scratch,
             network=network,
         )
-        for name, low, memory, network in (
-            ("small", 0, 512, NetworkPolicy.EGRESS),
-            ("medium", 2, 1024, NetworkPolicy.NONE),
-            ("large", 3, 2048, NetworkPolicy.EGRESS),
+        for name, low, memory, scratch, network in (
+            ("small", 0, 256, 128, NetworkPolicy.EGRESS),
+            ("medium", 2, 1024, 256, NetworkPolicy.NONE),
+            ("large", 3, 2048, 256, NetworkPolicy.EGRESS),
         )
     ]
 )

@@ -57,7 +57,9 @@ def test_hostile_scripts_are_contained(deployment, client):
         print(f"{name}: {run.failure and run.failure.value} after {took:.2f} s")
         assert took < TIMEOUT_S.get(name, 3) + 1, name
         assert view.task.status.value == "dead", name
+    # the small tier: 256 MB resident per script, 128 MB of scratch
     assert views["2 GB resident in small pieces"].runs[0].failure.value == "memory"
+    assert "No space left on device" in views["disk filler"].runs[0].output_tail
     assert views["infinite loop"].runs[0].failure.value == "timeout"
     assert views["setsid escape"].runs[0].failure.value == "timeout"
     time.sleep(0.5)
