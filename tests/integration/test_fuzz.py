@@ -3,6 +3,8 @@ and invalid requests generated from the schema, as a user of its own and
 as the administrator. No answer may be a 500, no invalid request may be
 accepted, and every answer must be one the document declares."""
 
+import time
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -87,10 +89,12 @@ def test_fuzz_every_operation(deployment, fuzz_schema, fuzz_headers):
         )
     sent: list[str] = []
     failures = []
+    seconds: dict[str, float] = {}
     for result in fuzz_schema.get_all_operations():
         operation = result.ok()
         admin_route = operation.path.startswith(("/v1/users", "/v1/tokens"))
         headers = fuzz_headers["admin" if admin_route else "user"]
+        started = time.monotonic()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             try:
                 fuzz_operation(operation, mode, headers, sent, protected)
@@ -100,7 +104,10 @@ def test_fuzz_every_operation(deployment, fuzz_schema, fuzz_headers):
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
                 failures.append(f"{operation.label} [{mode.value}]: {exc}")
+        seconds[operation.label] = time.monotonic() - started
     print(f"schemathesis sent {len(sent)} requests over {len(set(sent))} operations")
+    slowest = sorted(seconds.items(), key=lambda item: -item[1])[:6]
+    print("slowest operations:", ", ".join(f"{label} {s:.1f} s" for label, s in slowest))
     assert not failures, "\n\n".join(failures)[:20000]
     assert len(sent) >= MIN_REQUESTS
     with deployment.repo.engine.connect() as conn:
