@@ -1,20 +1,28 @@
 """A cgroup per run: resident memory of the script's whole process tree,
-and its number of processes. The launcher moves
-itself into the run's cgroups before it starts the script (so everything
-the script starts is inside); the executor reads the cgroup's own OOM
-count afterwards, kills whatever is left in it, and removes it.
+and its number of processes; and a CPU-weight cgroup per tier, shared by
+that tier's runs. The launcher moves itself into the run's cgroups before
+it starts the script (so everything the script starts is inside); the
+executor reads the cgroup's own OOM count afterwards, kills whatever is
+left in it, and removes it.
 
-cgroup v1 (separate ``memory`` and ``pids`` hierarchies, writable by root)
-nests run cgroups under the executor's own cgroup in each hierarchy. cgroup
-v2 (one unified tree) needs a subtree where the memory and pids controllers
-are delegated: ``/sys/fs/cgroup/chronoray`` by
-default (``CHRONORAY_CGROUP_V2_ROOT``). Where neither can be written, runs
-keep the rlimits alone (``detect`` says which, once, at executor start).
+cgroup v1 (separate ``memory``, ``pids`` and ``cpu`` hierarchies, writable
+by root) nests run cgroups under the executor's own cgroup in each
+hierarchy; in ``cpu`` a run joins its tier's weight group instead of a
+cgroup of its own. cgroup v2 (one unified tree) needs a subtree where the
+memory and pids controllers (and cpu, for the weight) are delegated:
+``/sys/fs/cgroup/chronoray`` by default (``CHRONORAY_CGROUP_V2_ROOT``);
+there a run's cgroup sits under its tier's weight group, since a process
+is in one cgroup only. Where neither can be written, runs keep the rlimits
+alone, and a tier's weight becomes the script's nice value (``detect``
+says which, once, at executor start).
 
-No cpu cgroup: moving every launch into a cpu cgroup of its own made the
-launch → first line p50 248 ms and p99 4.3 s under chaos scenario 2's load
-(memory and pids alone: 43 ms and 374 ms; neither: 35 ms and 347 ms). The
-tier's CPU weight is the script's nice value instead (``nice_for``)."""
+Why a group per tier and not per run: moving every launch into a cpu
+cgroup of its own, under one parent of default weight, made the launch →
+first line p50 248 ms and p99 4.3 s under chaos scenario 2's load (memory
+and pids alone: 43 ms and 374 ms). The tier groups are made once, and
+their parent weighs ``RUNS_CPU_SHARES_PER_CORE`` per core, so the scripts
+together compete with the control plane as a process per core would,
+however many processes they fork."""
 
 from __future__ import annotations
 
@@ -33,6 +41,9 @@ log = logging.getLogger(__name__)
 ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "pids")
 RUNS = "chronoray-runs"
+DEFAULT_CPU_WEIGHT = 100  # a tier's weight that equals a nice-0 process's (v2's own scale)
+V1_SHARES_PER_WEIGHT = 1024 / DEFAULT_CPU_WEIGHT  # v1's cpu.shares scale: 1024 is nice 0
+RUNS_CPU_SHARES_PER_CORE = 1024
 
 
 class CgroupMode(str, enum.Enum):
@@ -45,11 +56,17 @@ class CgroupMode(str, enum.Enum):
 class CgroupSupport:
     mode: CgroupMode
     parents: tuple[Path, ...] = ()  # where run cgroups are made: one per v1 hierarchy, or one
+    cpu_parent: Path | None = None  # where tier weight groups are made; None: weight by nice
 
     def describe(self) -> str:
         if self.mode is CgroupMode.NONE:
             return "no writable cgroups: memory by address-space rlimit only"
-        return f"cgroup {self.mode.value} under " + ", ".join(str(p) for p in self.parents)
+        cpu = (
+            f"; CPU weight by tier group under {self.cpu_parent}"
+            if self.cpu_parent
+            else "; CPU weight by nice value (no writable cpu controller)"
+        )
+        return f"cgroup {self.mode.value} under " + ", ".join(map(str, self.parents)) + cpu
 
 
 def _own_v1_path(controller: str) -> str:
@@ -78,31 +95,55 @@ def detect(v2_root: str = str(ROOT / "chronoray")) -> CgroupSupport:
         return CgroupSupport(CgroupMode.NONE)
     if (ROOT / "cgroup.controllers").exists():  # the unified tree
         parent = Path(v2_root)
-        if _writable_dir(parent) and _delegate_v2(parent):
-            return CgroupSupport(CgroupMode.V2, (parent,))
-        return CgroupSupport(CgroupMode.NONE)
+        if not (_writable_dir(parent) and _delegate_v2(parent, {"memory", "pids"})):
+            return CgroupSupport(CgroupMode.NONE)
+        weighed = _delegate_v2(parent, {"memory", "pids", "cpu"})
+        if weighed:
+            _try_write(parent / "cpu.weight", str(_runs_weight_v2()))
+        return CgroupSupport(CgroupMode.V2, (parent,), parent if weighed else None)
     parents = []
     for controller in V1_CONTROLLERS:
-        hierarchy = ROOT / controller
-        if not (hierarchy / "cgroup.procs").exists():
-            return CgroupSupport(CgroupMode.NONE)
-        parent = hierarchy / _own_v1_path(controller).lstrip("/") / RUNS
-        if not _writable_dir(parent):
+        parent = _v1_runs_parent(controller)
+        if parent is None:
             return CgroupSupport(CgroupMode.NONE)
         parents.append(parent)
-    return CgroupSupport(CgroupMode.V1, tuple(parents))
+    cpu_parent = _v1_runs_parent("cpu")
+    if cpu_parent is not None:
+        try:
+            (cpu_parent / "cpu.shares").write_text(str(_runs_shares_v1()))
+        except OSError:
+            cpu_parent = None
+    return CgroupSupport(CgroupMode.V1, tuple(parents), cpu_parent)
 
 
-def _delegate_v2(parent: Path) -> bool:
-    """Enable memory and pids for the children of ``parent`` (and of its
-    parent, which must offer them)."""
+def _v1_runs_parent(controller: str) -> Path | None:
+    hierarchy = ROOT / controller
+    if not (hierarchy / "cgroup.procs").exists():
+        return None
+    parent = hierarchy / _own_v1_path(controller).lstrip("/") / RUNS
+    return parent if _writable_dir(parent) else None
+
+
+def _runs_shares_v1() -> int:
+    return RUNS_CPU_SHARES_PER_CORE * (os.cpu_count() or 1)
+
+
+def _runs_weight_v2() -> int:
+    return min(10000, round(_runs_shares_v1() / V1_SHARES_PER_WEIGHT))
+
+
+def _delegate_v2(parent: Path, wanted: set[str]) -> bool:
+    """Enable ``wanted`` for the children of ``parent`` (and of its parent,
+    which must offer them)."""
+    return all(_enable_v2(node, wanted) for node in (parent.parent, parent))
+
+
+def _enable_v2(node: Path, wanted: set[str]) -> bool:
     try:
-        for node in (parent.parent, parent):
-            wanted = {"memory", "pids"}
-            offered = set((node / "cgroup.controllers").read_text().split())
-            if not wanted <= offered:
-                return False
-            (node / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in wanted))
+        offered = set((node / "cgroup.controllers").read_text().split())
+        if not wanted <= offered:
+            return False
+        (node / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in sorted(wanted)))
         return True
     except OSError:
         return False
@@ -112,16 +153,24 @@ def _delegate_v2(parent: Path) -> bool:
 class RunLimits:
     memory_bytes: int
     processes: int
+    cpu_weight: int = DEFAULT_CPU_WEIGHT  # the tier's: which weight group the run joins
 
 
 class RunCgroup:
     """One run's cgroups (one per v1 hierarchy, or one v2 directory), used
     again by later runs once empty (see ``CgroupPool``)."""
 
-    def __init__(self, parents: tuple[Path, ...], mode: CgroupMode, limits: RunLimits) -> None:
+    def __init__(
+        self,
+        parents: tuple[Path, ...],
+        mode: CgroupMode,
+        limits: RunLimits,
+        weight_group: Path | None = None,
+    ) -> None:
         self.mode = mode
         name = f"run-{uuid.uuid4().hex[:12]}"
         self.paths = tuple(parent / name for parent in parents)
+        self.weight_group = weight_group  # v1: the tier's cpu group, joined beside these
         self.limits: RunLimits | None = None
         made: list[Path] = []
         try:
@@ -163,7 +212,8 @@ class RunCgroup:
 
     def procs_files(self) -> list[str]:
         """What the launcher writes its pid to (``--cgroup=``)."""
-        return [str(path / "cgroup.procs") for path in self.paths]
+        joined = [*self.paths, self.weight_group] if self.weight_group else self.paths
+        return [str(path / "cgroup.procs") for path in joined]
 
     def _oom_count(self) -> int:
         for path in self.paths:
@@ -197,30 +247,67 @@ class CgroupPool:
     """Run cgroups made once per executor and used again: making and
     removing a memory cgroup for every run cost more than the rest of a
     start (bench/sandbox_start.py). Each executor process has a directory
-    of its own under the runs' parent; directories of executors that are
-    gone are removed when the next one starts."""
+    of its own under the runs' parent, with a weight group per tier weight
+    in use; directories of executors that are gone are removed when the
+    next one starts."""
 
     def __init__(self, support: CgroupSupport, keep: int = 64) -> None:
         self.support = support
         self._keep = keep
-        self._free: list[RunCgroup] = []
+        self._free: dict[int, list[RunCgroup]] = {}
         own = f"executor-{os.getpid()}"
-        for parent in support.parents:
+        for parent in {*support.parents, *([support.cpu_parent] if support.cpu_parent else [])}:
             _remove_abandoned(parent)
         self._parents = tuple(parent / own for parent in support.parents)
         for parent in self._parents:
             parent.mkdir(exist_ok=True)
+        self._cpu_dir = support.cpu_parent / own if support.cpu_parent else None
+        if self._cpu_dir is not None:
+            self._cpu_dir.mkdir(exist_ok=True)
+        if support.mode is CgroupMode.V2:  # the run (or weight) cgroups below get controllers
+            controllers = {"memory", "pids", *(["cpu"] if self._cpu_dir else [])}
+            if not _enable_v2(self._parents[0], controllers):
+                raise OSError(f"{self._parents[0]}: controllers not delegated")
+
+    @property
+    def weighs_cpu(self) -> bool:
+        """Runs get their tier's CPU weight from a cgroup (else by nice)."""
+        return self._cpu_dir is not None
 
     def acquire(self, limits: RunLimits) -> RunCgroup:
-        while self._free:
-            cgroup = self._free.pop()
+        free = self._free.get(self._key(limits), [])
+        while free:
+            cgroup = free.pop()
             try:
                 cgroup.prepare(limits)
                 return cgroup
             except OSError:
                 log.warning("run cgroup %s refused new limits: removed", cgroup.paths[0])
                 cgroup.remove()
-        return RunCgroup(self._parents, self.support.mode, limits)
+        if self._cpu_dir is None:
+            return RunCgroup(self._parents, self.support.mode, limits)
+        group = self._weight_group(limits.cpu_weight)
+        if self.support.mode is CgroupMode.V2:  # one cgroup per process: the run's is inside
+            return RunCgroup((group,), self.support.mode, limits)
+        return RunCgroup(self._parents, self.support.mode, limits, weight_group=group)
+
+    def _key(self, limits: RunLimits) -> int:
+        return limits.cpu_weight if self._cpu_dir is not None else DEFAULT_CPU_WEIGHT
+
+    def _weight_group(self, weight: int) -> Path:
+        """The tier's shared cpu cgroup, made the first time a run needs it."""
+        assert self._cpu_dir is not None
+        group = self._cpu_dir / f"weight-{weight}"
+        if not group.exists():
+            group.mkdir(exist_ok=True)
+            if self.support.mode is CgroupMode.V2:
+                (group / "cpu.weight").write_text(str(max(1, min(10000, weight))))
+                if not _enable_v2(group, {"memory", "pids"}):
+                    raise OSError(f"{group}: memory and pids not delegated")
+            else:
+                shares = max(2, round(weight * V1_SHARES_PER_WEIGHT))
+                (group / "cpu.shares").write_text(str(shares))
+        return group
 
     def release(self, cgroup: RunCgroup) -> bool:
         """Take it back if the run left nothing in it (the common case: its
@@ -240,13 +327,13 @@ class CgroupPool:
             cgroup.remove()
 
     def _put_back(self, cgroup: RunCgroup) -> None:
-        if len(self._free) < self._keep:
-            self._free.append(cgroup)
+        if self.idle() < self._keep and cgroup.limits is not None:
+            self._free.setdefault(self._key(cgroup.limits), []).append(cgroup)
         else:
             cgroup.remove()
 
     def idle(self) -> int:
-        return len(self._free)
+        return sum(len(free) for free in self._free.values())
 
 
 @functools.lru_cache(maxsize=4)
@@ -255,16 +342,23 @@ def pool_for(support: CgroupSupport) -> CgroupPool:
 
 
 def _remove_abandoned(parent: Path) -> None:
-    """Executor directories whose process is gone, with their run cgroups
-    (empty: the runs died with their executor's PID namespaces)."""
+    """Executor directories whose process is gone, with their weight groups
+    and run cgroups (empty: the runs died with their executor's PID
+    namespaces)."""
     for directory in parent.glob("executor-*"):
         pid = directory.name.removeprefix("executor-")
         if pid.isdigit() and Path(f"/proc/{pid}").exists():
             continue
-        for run in directory.glob("run-*"):
-            _kill_all(run, CgroupMode.V1)
-            _remove(run)
-        _remove(directory)
+        _remove_tree(directory)
+
+
+def _remove_tree(directory: Path) -> None:
+    """Children first: a cgroup with children cannot be removed."""
+    for child in directory.iterdir():
+        if child.is_dir():
+            _remove_tree(child)
+    _kill_all(directory, CgroupMode.V1)
+    _remove(directory)
 
 
 def _try_write(path: Path, value: str) -> None:
