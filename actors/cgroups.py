@@ -16,13 +16,15 @@ is in one cgroup only. Where neither can be written, runs keep the rlimits
 alone, and a tier's weight becomes the script's nice value (``detect``
 says which, once, at executor start).
 
-Why a group per tier and not per run: moving every launch into a cpu
-cgroup of its own, under one parent of default weight, made the launch →
-first line p50 248 ms and p99 4.3 s under chaos scenario 2's load (memory
-and pids alone: 43 ms and 374 ms). The tier groups are made once, and
-their parent weighs ``RUNS_CPU_SHARES_PER_CORE`` per core, so the scripts
-together compete with the control plane as a process per core would,
-however many processes they fork."""
+How much the scripts weigh together: under one parent of default weight
+(1024, one busy process's, in v1 where the control plane's processes sit
+in the root cgroup each at 1024) the launch → first line went to p50
+248 ms and p99 4.3 s under chaos scenario 2's load with a cgroup per run,
+and to 226 ms and 1.8 s with a parent of 2048 and a group per tier
+(memory and pids alone: 43 ms and 374 ms). So each executor's group sits
+at the top of the cpu hierarchy and weighs as one process per slot at the
+tier's weight: as much as its scripts would weigh without a cgroup, but no
+more however many processes they fork."""
 
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ V1_CONTROLLERS = ("memory", "pids")
 RUNS = "chronoray-runs"
 DEFAULT_CPU_WEIGHT = 100  # a tier's weight that equals a nice-0 process's (v2's own scale)
 V1_SHARES_PER_WEIGHT = 1024 / DEFAULT_CPU_WEIGHT  # v1's cpu.shares scale: 1024 is nice 0
-RUNS_CPU_SHARES_PER_CORE = 1024
+V1_MAX_SHARES = 262144
+V2_MAX_WEIGHT = 10000
 
 
 class CgroupMode(str, enum.Enum):
@@ -56,13 +59,14 @@ class CgroupMode(str, enum.Enum):
 class CgroupSupport:
     mode: CgroupMode
     parents: tuple[Path, ...] = ()  # where run cgroups are made: one per v1 hierarchy, or one
-    cpu_parent: Path | None = None  # where tier weight groups are made; None: weight by nice
+    cpu_parent: Path | None = None  # where executors' cpu groups are made; None: weight by nice
+    cpu_prefix: str = "executor-"  # their names: this and the executor's pid
 
     def describe(self) -> str:
         if self.mode is CgroupMode.NONE:
             return "no writable cgroups: memory by address-space rlimit only"
         cpu = (
-            f"; CPU weight by tier group under {self.cpu_parent}"
+            f"; CPU weight by cgroup under {self.cpu_parent}"
             if self.cpu_parent
             else "; CPU weight by nice value (no writable cpu controller)"
         )
@@ -97,9 +101,9 @@ def detect(v2_root: str = str(ROOT / "chronoray")) -> CgroupSupport:
         parent = Path(v2_root)
         if not (_writable_dir(parent) and _delegate_v2(parent, {"memory", "pids"})):
             return CgroupSupport(CgroupMode.NONE)
+        # chronoray's subtree keeps its default weight against its siblings
+        # (slices of processes, not processes, in v2)
         weighed = _delegate_v2(parent, {"memory", "pids", "cpu"})
-        if weighed:
-            _try_write(parent / "cpu.weight", str(_runs_weight_v2()))
         return CgroupSupport(CgroupMode.V2, (parent,), parent if weighed else None)
     parents = []
     for controller in V1_CONTROLLERS:
@@ -107,13 +111,13 @@ def detect(v2_root: str = str(ROOT / "chronoray")) -> CgroupSupport:
         if parent is None:
             return CgroupSupport(CgroupMode.NONE)
         parents.append(parent)
-    cpu_parent = _v1_runs_parent("cpu")
-    if cpu_parent is not None:
-        try:
-            (cpu_parent / "cpu.shares").write_text(str(_runs_shares_v1()))
-        except OSError:
-            cpu_parent = None
-    return CgroupSupport(CgroupMode.V1, tuple(parents), cpu_parent)
+    # Executors' cpu groups beside the control plane's processes, not under
+    # a parent that would weigh all scripts as one process (module doc)
+    cpu = ROOT / "cpu"
+    cpu_parent = cpu / _own_v1_path("cpu").lstrip("/")
+    if not ((cpu / "cgroup.procs").exists() and _writable_dir(cpu_parent)):
+        return CgroupSupport(CgroupMode.V1, tuple(parents))
+    return CgroupSupport(CgroupMode.V1, tuple(parents), cpu_parent, f"{RUNS}-executor-")
 
 
 def _v1_runs_parent(controller: str) -> Path | None:
@@ -122,14 +126,6 @@ def _v1_runs_parent(controller: str) -> Path | None:
         return None
     parent = hierarchy / _own_v1_path(controller).lstrip("/") / RUNS
     return parent if _writable_dir(parent) else None
-
-
-def _runs_shares_v1() -> int:
-    return RUNS_CPU_SHARES_PER_CORE * (os.cpu_count() or 1)
-
-
-def _runs_weight_v2() -> int:
-    return min(10000, round(_runs_shares_v1() / V1_SHARES_PER_WEIGHT))
 
 
 def _delegate_v2(parent: Path, wanted: set[str]) -> bool:
@@ -154,6 +150,7 @@ class RunLimits:
     memory_bytes: int
     processes: int
     cpu_weight: int = DEFAULT_CPU_WEIGHT  # the tier's: which weight group the run joins
+    slots: int = 1  # the executor's: its group weighs one process per slot
 
 
 class RunCgroup:
@@ -256,13 +253,16 @@ class CgroupPool:
         self._keep = keep
         self._free: dict[int, list[RunCgroup]] = {}
         own = f"executor-{os.getpid()}"
-        for parent in {*support.parents, *([support.cpu_parent] if support.cpu_parent else [])}:
-            _remove_abandoned(parent)
+        for parent in support.parents:
+            _remove_abandoned(parent, "executor-")
         self._parents = tuple(parent / own for parent in support.parents)
         for parent in self._parents:
             parent.mkdir(exist_ok=True)
-        self._cpu_dir = support.cpu_parent / own if support.cpu_parent else None
-        if self._cpu_dir is not None:
+        self._cpu_dir = None
+        self._cpu_weighed = 0  # the executor group's weight so far, in v2 units
+        if support.cpu_parent is not None:
+            _remove_abandoned(support.cpu_parent, support.cpu_prefix)
+            self._cpu_dir = support.cpu_parent / f"{support.cpu_prefix}{os.getpid()}"
             self._cpu_dir.mkdir(exist_ok=True)
         if support.mode is CgroupMode.V2:  # the run (or weight) cgroups below get controllers
             controllers = {"memory", "pids", *(["cpu"] if self._cpu_dir else [])}
@@ -286,6 +286,7 @@ class CgroupPool:
                 cgroup.remove()
         if self._cpu_dir is None:
             return RunCgroup(self._parents, self.support.mode, limits)
+        self._weigh(limits)
         group = self._weight_group(limits.cpu_weight)
         if self.support.mode is CgroupMode.V2:  # one cgroup per process: the run's is inside
             return RunCgroup((group,), self.support.mode, limits)
@@ -294,6 +295,20 @@ class CgroupPool:
     def _key(self, limits: RunLimits) -> int:
         return limits.cpu_weight if self._cpu_dir is not None else DEFAULT_CPU_WEIGHT
 
+    def _weigh(self, limits: RunLimits) -> None:
+        """The executor's group: one process per slot at the strongest
+        weight it runs (one tier per executor: that tier's)."""
+        assert self._cpu_dir is not None
+        weight = limits.slots * limits.cpu_weight
+        if weight <= self._cpu_weighed:
+            return
+        if self.support.mode is CgroupMode.V2:
+            (self._cpu_dir / "cpu.weight").write_text(str(min(V2_MAX_WEIGHT, weight)))
+        else:
+            shares = min(V1_MAX_SHARES, round(weight * V1_SHARES_PER_WEIGHT))
+            (self._cpu_dir / "cpu.shares").write_text(str(shares))
+        self._cpu_weighed = weight
+
     def _weight_group(self, weight: int) -> Path:
         """The tier's shared cpu cgroup, made the first time a run needs it."""
         assert self._cpu_dir is not None
@@ -301,7 +316,7 @@ class CgroupPool:
         if not group.exists():
             group.mkdir(exist_ok=True)
             if self.support.mode is CgroupMode.V2:
-                (group / "cpu.weight").write_text(str(max(1, min(10000, weight))))
+                (group / "cpu.weight").write_text(str(max(1, min(V2_MAX_WEIGHT, weight))))
                 if not _enable_v2(group, {"memory", "pids"}):
                     raise OSError(f"{group}: memory and pids not delegated")
             else:
@@ -341,12 +356,12 @@ def pool_for(support: CgroupSupport) -> CgroupPool:
     return CgroupPool(support)
 
 
-def _remove_abandoned(parent: Path) -> None:
+def _remove_abandoned(parent: Path, prefix: str) -> None:
     """Executor directories whose process is gone, with their weight groups
     and run cgroups (empty: the runs died with their executor's PID
     namespaces)."""
-    for directory in parent.glob("executor-*"):
-        pid = directory.name.removeprefix("executor-")
+    for directory in parent.glob(f"{prefix}*"):
+        pid = directory.name.removeprefix(prefix)
         if pid.isdigit() and Path(f"/proc/{pid}").exists():
             continue
         _remove_tree(directory)

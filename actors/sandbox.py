@@ -68,6 +68,7 @@ class SandboxLimits:
     cgroups: bool = True  # off: rlimits only, even where a cgroup could be made
     cgroup_v2_root: str = "/sys/fs/cgroup/chronoray"
     cpu_weight: int = 100  # the tier's CPU share: its cpu cgroup's weight, else a nice value
+    slots: int = 1  # the executor's: its cpu cgroup weighs one process per slot
 
     def uid_range(self) -> tuple[int, int] | None:
         """The per-run uids of this limits' network policy (first, last)."""
@@ -436,6 +437,7 @@ async def run_script(
                     memory_bytes=limits.memory_mb * MiB,
                     processes=limits.processes,
                     cpu_weight=limits.cpu_weight,
+                    slots=limits.slots,
                 )
             )
         except OSError:

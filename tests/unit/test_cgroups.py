@@ -76,7 +76,7 @@ print(t.user + t.system)
 
 @needs_cgroups
 def test_each_run_is_in_a_cgroup_of_its_own_with_the_tiers_limits(tmp_path):
-    limits = SandboxLimits(memory_mb=300, processes=77, cpu_weight=150)
+    limits = SandboxLimits(memory_mb=300, processes=77, cpu_weight=150, slots=3)
     outcome = run(tmp_path, READ_OWN_LIMITS_V2 if V2 else READ_OWN_LIMITS_V1, limits)
     memory, pids, cpu_group, nice = outcome.output_tail.split()
     assert (int(memory), int(pids)) == (300 * 1024 * 1024, 77)
@@ -87,6 +87,8 @@ def test_each_run_is_in_a_cgroup_of_its_own_with_the_tiers_limits(tmp_path):
         group = (ROOT / ("" if V2 else "cpu")).joinpath(cpu_group.lstrip("/"))
         weight = "cpu.weight" if V2 else "cpu.shares"
         assert int((group / weight).read_text()) == (150 if V2 else 1536)
+        # its executor's group: one process per slot (here 3) at that weight
+        assert int((group.parent / weight).read_text()) >= (450 if V2 else 4608)
     assert leftovers() == []
 
 
@@ -238,7 +240,7 @@ def test_run_cgroups_are_used_again_and_those_of_gone_executors_removed(tmp_path
     gone = [parent / "executor-999999999" for parent in SUPPORT.parents]  # no such process
     (gone[0] / "run-x").mkdir(parents=True)
     if SUPPORT.cpu_parent is not None:
-        gone.append(SUPPORT.cpu_parent / "executor-999999999")
+        gone.append(SUPPORT.cpu_parent / f"{SUPPORT.cpu_prefix}999999999")
         (gone[-1] / "weight-100").mkdir(parents=True, exist_ok=True)
     CgroupPool(SUPPORT)
     assert not any(path.exists() for path in gone)
