@@ -24,7 +24,8 @@ and to 226 ms and 1.8 s with a parent of 2048 and a group per tier
 (memory and pids alone: 43 ms and 374 ms). So each executor's group sits
 at the top of the cpu hierarchy and weighs as one process per slot at the
 tier's weight: as much as its scripts would weigh without a cgroup, but no
-more however many processes they fork."""
+more however many processes they fork (launch → first line p50 19 ms, p99
+196 ms there; with the weight as a nice value 22 ms and 329 ms)."""
 
 from __future__ import annotations
 
