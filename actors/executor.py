@@ -431,7 +431,10 @@ class ExecutorShell:
             node_ip=ray.util.get_node_ip_address(),
             gcs_address=ray.get_runtime_context().gcs_address,
             redis_address=os.environ.get("RAY_REDIS_ADDRESS"),
-            extra_ports=RAY_FIXED_PORTS,
+            extra_ports=[
+                *RAY_FIXED_PORTS,
+                *([settings.dashboard_port] if settings.dashboard_port else []),
+            ],
         )
 
     async def _heartbeat_forever(self) -> None:

@@ -237,7 +237,7 @@ def main() -> None:
         f"prefire_ms={settings.prefire_ms} sandbox={args.sandbox} "
         f"cpus={os.cpu_count()} postgresql={durability(args.database_url)}"
     )
-    start_local_ray(settings, logging_level="error")
+    start_local_ray(settings, logging_level="error", include_dashboard=False)
     runs: list[dict[str, float]] = []
     floor_runs: list[dict[str, float]] = []
     idle_mb = 0.0

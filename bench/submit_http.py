@@ -84,7 +84,7 @@ def main() -> None:
         http_port=free_port(),
     )
     print(f"clients={args.clients} batch_size={args.batch_size} cpus={os.cpu_count()}")
-    start_local_ray(settings, logging_level="error")
+    start_local_ray(settings, logging_level="error", include_dashboard=False)
     try:
         url = deploy(settings)
         with tempfile.TemporaryDirectory() as keep:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,15 +19,26 @@ APP_NAME = "chronoray"
 
 
 def start_local_ray(settings: Settings, *, num_cpus: int | None = None, **init_kwargs) -> None:
-    """A new single-node Ray that offers every tier's slot resource."""
+    """A new single-node Ray that offers every tier's slot resource, with
+    the dashboard's Jobs API on 127.0.0.1 (``ray job submit``) unless
+    ``dashboard_port`` is 0."""
     from scheduling.tiers import local_node_resources
 
+    dashboard = init_kwargs.pop("include_dashboard", settings.dashboard_port > 0)
+    if dashboard:
+        # A job's `python` is this interpreter, which has chronoray installed
+        # (`make run` starts `.venv/bin/chronoray` without the venv on PATH).
+        bin_dir = str(Path(sys.executable).parent)
+        if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+            os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+        init_kwargs.setdefault("dashboard_host", "127.0.0.1")
+        init_kwargs.setdefault("dashboard_port", settings.dashboard_port)
     ray.init(
         address="local",
         num_cpus=num_cpus or os.cpu_count(),
         resources=local_node_resources(settings.tiers),
         namespace=settings.namespace,
-        include_dashboard=init_kwargs.pop("include_dashboard", False),
+        include_dashboard=dashboard,
         log_to_driver=init_kwargs.pop("log_to_driver", False),
         **init_kwargs,
     )

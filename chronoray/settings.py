@@ -74,6 +74,7 @@ class Settings:
     # API
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    dashboard_port: int = 8265  # `chronoray up`'s own Ray: the Jobs API on 127.0.0.1; 0: none
     max_script_bytes: int = 5 * 1024 * 1024
     max_request_bytes: int = 6 * 1024 * 1024
     default_timeout_s: float = 300.0
@@ -130,6 +131,7 @@ class Settings:
             "dispatcher_max_queued": int,
             "executor_credits": int,
             "http_port": int,
+            "dashboard_port": int,
             "max_script_bytes": int,
             "serve_replicas": int,
             "max_batch_tasks": int,

@@ -3,7 +3,8 @@
 Run it against a running chronoray, from a shell on the cluster:
     python examples/schedule_batch.py --count 20
 or through Ray's job API:
-    ray job submit --address http://HEAD:8265 -- python examples/schedule_batch.py --count 20
+    RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 -- \
+        python examples/schedule_batch.py --count 20
 """
 
 from __future__ import annotations

@@ -58,6 +58,13 @@ def up(
         state_file.write_text(json.dumps({"pid": os.getpid()}))
         console.print(f"local user {user_id}; its API token is kept in {token_file}")
         console.print(f"export CHRONORAY_TOKEN={token}", soft_wrap=True, highlight=False)
+        if not address and settings.dashboard_port:
+            console.print(
+                f"Ray jobs: RAY_AUTH_MODE=token ray job submit "
+                f"--address http://127.0.0.1:{settings.dashboard_port} -- python …",
+                soft_wrap=True,
+                highlight=False,
+            )
         console.print(f"chronoray is up at [bold]{url}[/bold]  (Ctrl-C stops it)")
         stop.wait()
     finally:

@@ -1,6 +1,6 @@
 """`make run`'s command on SQLite: up within 60 s, the README's quick start
-works verbatim, `chronoray down` drains it (a running script finishes and
-its result is stored) and stops it."""
+and its `ray job submit` command work verbatim, `chronoray down` drains it
+(a running script finishes and its result is stored) and stops it."""
 
 import json
 import os
@@ -24,12 +24,14 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def quickstart(port: int) -> str:
+def readme_block(marker: str) -> str:
     readme = (ROOT / "README.md").read_text()
-    block = re.search(
-        r"<!-- quickstart -->\n```bash\n(.*?)```\n<!-- /quickstart -->", readme, re.S
-    ).group(1)
-    return block.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    pattern = rf"<!-- {marker} -->\n```bash\n(.*?)```\n<!-- /{marker} -->"
+    return re.search(pattern, readme, re.S).group(1)
+
+
+def quickstart(port: int) -> str:
+    return readme_block("quickstart").replace("127.0.0.1:8000", f"127.0.0.1:{port}")
 
 
 def json_objects(text: str) -> list[dict]:
@@ -49,7 +51,6 @@ def test_up_on_sqlite_serves_the_readme_quick_start(tmp_path):
         {
             "CHRONORAY_DATA_DIR": str(tmp_path / "data"),
             "CHRONORAY_HTTP_PORT": str(port),
-            "CHRONORAY_NAMESPACE": "chronoray-embedded",
             "RAY_TMPDIR": ray_tmp,
         }
     )
@@ -89,6 +90,22 @@ def test_up_on_sqlite_serves_the_readme_quick_start(tmp_path):
         assert task["status"] == "succeeded", task
         assert task["output"] == "hello world\n"
         assert 0 <= task["fire_lag_ms"] < 100
+
+        # The README's `ray job submit`, verbatim, from the checkout (the
+        # dashboard on 127.0.0.1:8265, Ray's token auth on)
+        job = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", readme_block("job-submit")],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=ROOT,
+            env={k: v for k, v in os.environ.items() if not k.startswith(("CHRONORAY_", "RAY_"))},
+        )
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        summary = json.loads(
+            [line for line in job.stdout.splitlines() if line.startswith('{"scheduled"')][-1]
+        )
+        assert summary["scheduled"] == summary["succeeded"] == 20
 
         base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
         httpx.post(

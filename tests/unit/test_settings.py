@@ -14,6 +14,7 @@ SAMPLES = {
     "CHRONORAY_DATABASE_URL": ("postgresql://u@h/db", lambda s: s.database_url),
     "CHRONORAY_HTTP_HOST": ("0.0.0.0", lambda s: s.http_host),
     "CHRONORAY_HTTP_PORT": ("9001", lambda s: s.http_port),
+    "CHRONORAY_DASHBOARD_PORT": ("0", lambda s: s.dashboard_port),
     "CHRONORAY_NUM_SHARDS": ("4", lambda s: s.num_shards),
     "CHRONORAY_RANGE_S": ("120", lambda s: s.range_s),
     "CHRONORAY_RANGE_SLICES": ("0", lambda s: s.range_slices),
