@@ -246,6 +246,29 @@ class Shard:
             self._claims_in_doubt = False
         self._dispatcher_seen = incarnation
 
+    # -- history retention ----------------------------------------------------
+    async def purge_history(self, *, max_batches: int = 1000) -> int:
+        """Remove finished tasks (and their runs) older than the retention,
+        a batch per transaction, so no lock is held long; between batches
+        the loop fires on time (each batch runs off the event loop)."""
+        days = self._settings.retention_days
+        if not days:
+            return 0
+        before = self._clock.now() - timedelta(days=days)
+        removed = 0
+        for _ in range(max_batches):
+            batch = await self._io(
+                self._repo.purge_finished, before=before, limit=self._settings.retention_batch
+            )
+            removed += batch
+            if batch < self._settings.retention_batch:
+                break
+        if removed:
+            log.info(
+                "shard %d: %d finished tasks older than %g days removed", self.index, removed, days
+            )
+        return removed
+
     async def run(self, stop: asyncio.Event) -> None:
         """The timer loop and the periodic sweep, until ``stop`` is set."""
         last_sweep = self._clock.now()
@@ -288,6 +311,7 @@ class ShardShell:
             settings=settings,
         )
         self._namespace = settings.namespace
+        self._settings = settings
         self._stop = asyncio.Event()
         # Ray runs __init__ inside the actor's event loop: start at once, so a
         # restarted shard fires its tasks without waiting to be called.
@@ -300,6 +324,20 @@ class ShardShell:
     async def _start(self) -> None:
         await self._new_epoch()
         asyncio.ensure_future(self._run())
+        if self._shard.index == 0:  # one shard keeps the history short
+            asyncio.ensure_future(self._retain_forever())
+
+    async def _retain_forever(self) -> None:
+        """Beside the timer loop, not in it: a long purge never delays a fire."""
+        while not self._stop.is_set():
+            try:
+                await self._shard.purge_history()
+            except Exception:
+                log.exception("shard %d: history retention failed; next round", self._shard.index)
+            try:
+                await asyncio.wait_for(self._stop.wait(), self._settings.retention_interval_s)
+            except asyncio.TimeoutError:
+                pass
 
     async def _new_epoch(self) -> None:
         while True:

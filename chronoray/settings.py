@@ -71,6 +71,10 @@ class Settings:
     # schedules
     misfire: MisfireRules = field(default_factory=MisfireRules)
     min_schedule_interval_s: float = 1.0
+    # history: finished tasks and their runs older than this are removed (0: kept)
+    retention_days: float = 30.0
+    retention_interval_s: float = 300.0  # how often shard 0 looks
+    retention_batch: int = 500  # tasks per transaction: short locks
     # API
     http_host: str = "127.0.0.1"
     http_port: int = 8000
@@ -96,6 +100,11 @@ class Settings:
     def __post_init__(self) -> None:
         if self.executor_credits < 1:
             raise ValueError("executor_credits must be at least 1")
+        if self.retention_days and self.retention_days * 86400 < self.misfire.catch_up_window_s:
+            # fire_all would plan occurrences again whose tasks were removed
+            raise ValueError(
+                "retention_days must be 0 (keep everything) or cover the misfire catch-up window"
+            )
 
     @property
     def wheel(self) -> Wheel:
@@ -136,6 +145,8 @@ class Settings:
             "serve_replicas": int,
             "max_batch_tasks": int,
             "min_schedule_interval_s": float,
+            "retention_days": float,
+            "retention_interval_s": float,
             "aging_s": float,
             "zookeeper_session_timeout_s": float,
             "rate_limit_per_s": float,

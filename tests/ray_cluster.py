@@ -31,9 +31,21 @@ BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports: each socket stays bound until all are chosen
+    (ports picked one after another can repeat, which made `ray start`
+    refuse two components on one port in a CI run)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def wait_for(condition, *, timeout_s: float, interval_s: float = 0.1, what: str = "condition"):
@@ -56,7 +68,7 @@ class RayHead:
 
     @classmethod
     def start(cls, resources: dict[str, float], num_cpus: int = 2) -> "RayHead":
-        port, dashboard = free_port(), free_port()
+        port, dashboard, client, agent, metrics = free_ports(5)
         temp_dir = Path(tempfile.mkdtemp(prefix="crt-", dir="/tmp"))
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
         process = subprocess.Popen(
@@ -72,11 +84,11 @@ class RayHead:
                 "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={dashboard}",
-                f"--ray-client-server-port={free_port()}",
+                f"--ray-client-server-port={client}",
                 f"--temp-dir={temp_dir}",
                 # fixed defaults would collide with any other Ray on the host
-                f"--dashboard-agent-listen-port={free_port()}",
-                f"--metrics-export-port={free_port()}",
+                f"--dashboard-agent-listen-port={agent}",
+                f"--metrics-export-port={metrics}",
             ],
             env=env,
             stdout=open(temp_dir / "head.log", "w"),
@@ -150,6 +162,7 @@ def settings_for_tests(database_url: str) -> Settings:
         num_shards=2,
         range_s=60,
         sweep_interval_s=1.0,
+        retention_interval_s=2.0,
         lease_grace_s=10.0,
         tiers=TEST_TIERS,
         retry=RetryPolicy(backoff_base_s=0.3, backoff_max_s=2.0),

@@ -177,6 +177,10 @@ class SqlTaskRepository:
         with self.databases.begin() as conn:
             return tasks.redrive(conn, task_id, owner_id=owner_id, attempts=attempts, now=now)
 
+    def purge_finished(self, *, before: datetime, limit: int) -> int:
+        with self.databases.begin() as conn:
+            return tasks.purge_finished(conn, before=before, limit=limit)
+
     # -- the shard's work (always the primary) ------------------------------
     def start_shard(self, shard: int, *, now: datetime) -> int:
         return self.databases.write(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection, insert, update
+from sqlalchemy import Connection, delete, insert, select, update
 
 from scheduling.errors import (
     BatchRejected,
@@ -19,7 +19,7 @@ from scheduling.errors import (
     TaskNotRetryable,
 )
 from scheduling.lifecycle import CANCEL, REDRIVE, after_redrive
-from scheduling.models import NewTask, SubmitResult, Task, TaskStatus
+from scheduling.models import FINAL_STATUSES, NewTask, SubmitResult, Task, TaskStatus
 from scheduling.timeline import bucket_of
 from storage import schema
 from storage.repository import TaskQuery
@@ -230,3 +230,31 @@ def redrive(
             f"task {task_id} is {task.status.value}; only dead tasks can be retried", "task_id"
         )
     return get_task(conn, task_id, owner_id=owner_id)
+
+
+def purge_finished(conn: Connection, *, before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` finished tasks, with their runs, that were due
+    and last changed before ``before``; the rows are locked without waiting
+    (a row someone holds is left for the next batch). Scans the
+    (status, bucket) index."""
+    finished = rows.status_values(FINAL_STATUSES)
+    ids = list(
+        conn.execute(
+            select(tasks.c.task_id)
+            .where(
+                tasks.c.status.in_(finished),
+                tasks.c.bucket < bucket_of(before),
+                tasks.c.updated_at < before,
+            )
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).scalars()
+    )
+    if not ids:
+        return 0
+    conn.execute(delete(schema.runs).where(schema.runs.c.task_id.in_(ids)))
+    return int(
+        conn.execute(
+            delete(tasks).where(tasks.c.task_id.in_(ids), tasks.c.status.in_(finished))
+        ).rowcount
+    )

@@ -7,9 +7,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import func, select
 
-from scheduling.errors import ScheduleNotFound, ScriptNotFound
+from scheduling.errors import ScheduleNotFound, ScriptNotFound, TaskNotFound
 from scheduling.lifecycle import RetryPolicy
-from scheduling.models import Interpreter, RunResult, TaskStatus
+from scheduling.models import Interpreter, NewTask, RunResult, TaskStatus
 from scheduling.schedules import MisfirePolicy, MisfireRules, NewSchedule, OverlapPolicy
 from storage.schema import tasks
 
@@ -228,3 +228,50 @@ def test_unique_occurrence_survives_two_shards_racing(repo, owner):
             select(func.count()).where(tasks.c.schedule_id == schedule.schedule_id)
         ).scalar()
     assert count == 2
+
+
+def test_retention_removes_old_finished_tasks_and_runs_in_batches_and_keeps_the_rest(repo, owner):
+    """Old: a run finished, an occurrence skipped by misfire, a cancelled
+    task. Kept: a task finished recently, a task still scheduled (however
+    old its due time), and the schedule with its counters."""
+    schedule, (occurrence, _) = create(repo, owner, misfire_policy=MisfirePolicy.SKIP)
+    fire(repo, [occurrence], T + timedelta(minutes=3, seconds=30))  # 4 missed, 1 skipped row
+    [old_run, recent_run, pending, cancelled] = [
+        r.task
+        for r in repo.add_tasks(
+            [
+                NewTask(owner_id=owner, script_name="tick.sh", execute_at=T + timedelta(days=d))
+                for d in (0, 39, -5, 0)
+            ],
+            now=T - timedelta(days=6),
+        )
+    ]
+    repo.cancel_task(cancelled.task_id, owner_id=owner, now=T)
+    for task, at in ((old_run, T), (recent_run, T + timedelta(days=39))):
+        [spec] = fire(repo, [task.task_id], at).specs
+        finish(repo, spec, at)
+    assert repo.get_task(old_run.task_id).status is TaskStatus.SUCCEEDED
+    missed = repo.get_schedule(schedule.schedule_id, owner_id=owner).missed_fires
+
+    now = T + timedelta(days=40)  # 30 days of history: everything at T is older
+    removed = []
+    while batch := repo.purge_finished(before=now - timedelta(days=30), limit=1):
+        removed.append(batch)
+    assert removed == [1, 1, 1]  # one per transaction
+    remaining = {
+        task_id
+        for task_id in (old_run.task_id, recent_run.task_id, pending.task_id, cancelled.task_id)
+        if _exists(repo, task_id)
+    }
+    assert remaining == {recent_run.task_id, pending.task_id}
+    assert repo.list_runs(old_run.task_id) == [] and len(repo.list_runs(recent_run.task_id)) == 1
+    assert [o.status for o in occurrences(repo, schedule.schedule_id)] == ["scheduled"]
+    assert repo.get_schedule(schedule.schedule_id, owner_id=owner).missed_fires == missed == 4
+
+
+def _exists(repo, task_id) -> bool:
+    try:
+        repo.get_task(task_id)
+        return True
+    except TaskNotFound:
+        return False

@@ -33,6 +33,8 @@ SAMPLES = {
     "CHRONORAY_MIN_SCHEDULE_INTERVAL_S": ("10", lambda s: s.min_schedule_interval_s),
     "CHRONORAY_MAX_BATCH_TASKS": ("10", lambda s: s.max_batch_tasks),
     "CHRONORAY_AGING_S": ("5", lambda s: s.aging_s),
+    "CHRONORAY_RETENTION_DAYS": ("0", lambda s: s.retention_days),
+    "CHRONORAY_RETENTION_INTERVAL_S": ("60", lambda s: s.retention_interval_s),
     "CHRONORAY_ZOOKEEPER_HOSTS": ("zk:2181", lambda s: s.zookeeper_hosts),
     "CHRONORAY_ZOOKEEPER_SESSION_TIMEOUT_S": ("3", lambda s: s.zookeeper_session_timeout_s),
     "CHRONORAY_CONTROL_PLANE_RESOURCE": ("head", lambda s: dict(s.control_plane_resources)),
@@ -78,3 +80,8 @@ def test_data_dir_places_the_embedded_database(tmp_path):
 def test_a_credit_window_below_one_is_refused(tmp_path):
     with pytest.raises(ValueError, match="executor_credits"):
         Settings.from_env({"CHRONORAY_EXECUTOR_CREDITS": "0"}, data_dir=tmp_path)
+
+
+def test_a_retention_shorter_than_the_misfire_catch_up_window_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="retention_days"):
+        Settings.from_env({"CHRONORAY_RETENTION_DAYS": "0.01"}, data_dir=tmp_path)
