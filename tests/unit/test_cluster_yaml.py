@@ -30,3 +30,14 @@ def test_each_tier_has_a_node_type_that_fits_its_executors(config, tier):
         and all(node["resources"].get(r, 0) >= amount for r, amount in tier.resources.items())
     ]
     assert fitting == [tier.name]
+
+
+def test_the_control_plane_resource_is_offered_by_the_head_only(config):
+    """Shards, dispatcher and pool ask for it (CHRONORAY_CONTROL_PLANE_RESOURCE):
+    on a worker node the autoscaler may remove, they would go with it."""
+    offering = [
+        name
+        for name, node in config["available_node_types"].items()
+        if node["resources"].get("chronoray_control", 0) > 0
+    ]
+    assert offering == [config["head_node_type"]]
