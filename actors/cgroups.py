@@ -1,31 +1,27 @@
 """A cgroup per run: resident memory of the script's whole process tree,
-and its number of processes; and a CPU-weight cgroup per tier, shared by
-that tier's runs. The launcher moves itself into the run's cgroups before
-it starts the script (so everything the script starts is inside); the
-executor reads the cgroup's own OOM count afterwards, kills whatever is
-left in it, and removes it.
+and its number of processes. The launcher moves
+itself into the run's cgroups before it starts the script (so everything
+the script starts is inside); the executor reads the cgroup's own OOM
+count afterwards, kills whatever is left in it, and removes it.
 
-cgroup v1 (separate ``memory``, ``pids`` and ``cpu`` hierarchies, writable
-by root) nests run cgroups under the executor's own cgroup in each
-hierarchy; in ``cpu`` a run joins its tier's weight group instead of a
-cgroup of its own. cgroup v2 (one unified tree) needs a subtree where the
-memory and pids controllers (and cpu, for the weight) are delegated:
-``/sys/fs/cgroup/chronoray`` by default (``CHRONORAY_CGROUP_V2_ROOT``);
-there a run's cgroup sits under its tier's weight group, since a process
-is in one cgroup only. Where neither can be written, runs keep the rlimits
-alone, and a tier's weight becomes the script's nice value (``detect``
-says which, once, at executor start).
+cgroup v1 (separate ``memory`` and ``pids`` hierarchies, writable by root)
+nests run cgroups under the executor's own cgroup in each hierarchy. cgroup
+v2 (one unified tree) needs a subtree where the memory and pids controllers
+are delegated: ``/sys/fs/cgroup/chronoray`` by
+default (``CHRONORAY_CGROUP_V2_ROOT``). Where neither can be written, runs
+keep the rlimits alone (``detect`` says which, once, at executor start).
 
-How much the scripts weigh together: under one parent of default weight
-(1024, one busy process's, in v1 where the control plane's processes sit
-in the root cgroup each at 1024) the launch → first line went to p50
-248 ms and p99 4.3 s under chaos scenario 2's load with a cgroup per run,
-and to 226 ms and 1.8 s with a parent of 2048 and a group per tier
-(memory and pids alone: 43 ms and 374 ms). So each executor's group sits
-at the top of the cpu hierarchy and weighs as one process per slot at the
-tier's weight: as much as its scripts would weigh without a cgroup, but no
-more however many processes they fork (launch → first line p50 19 ms, p99
-196 ms there; with the weight as a nice value 22 ms and 329 ms)."""
+No cpu cgroup; the tier's CPU weight is the script's nice value
+(``nice_for``). Three cpu-cgroup layouts were measured and dropped: a cgroup
+per run under one parent of default weight made the launch → first line
+p50 248 ms and p99 4.3 s under chaos scenario 2's load (memory and pids
+alone: 43 ms and 374 ms); a group per tier under a parent of 2048, p50
+226 ms and p99 1.8 s (in v1 that parent weighs every script together as
+two processes against each control-plane process); a group per executor
+beside the control plane weighing one process per slot, p50 19 ms and p99
+196 ms (nice: 22 ms and 329 ms), but a fork bomb in it held its executor
+off the CPU: the 3 s timeout's kill landed after 3.75-5.2 s instead of
+3.05-3.10 s, and executors were declared lost in the hostile test."""
 
 from __future__ import annotations
 
@@ -44,10 +40,6 @@ log = logging.getLogger(__name__)
 ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "pids")
 RUNS = "chronoray-runs"
-DEFAULT_CPU_WEIGHT = 100  # a tier's weight that equals a nice-0 process's (v2's own scale)
-V1_SHARES_PER_WEIGHT = 1024 / DEFAULT_CPU_WEIGHT  # v1's cpu.shares scale: 1024 is nice 0
-V1_MAX_SHARES = 262144
-V2_MAX_WEIGHT = 10000
 
 
 class CgroupMode(str, enum.Enum):
@@ -60,18 +52,11 @@ class CgroupMode(str, enum.Enum):
 class CgroupSupport:
     mode: CgroupMode
     parents: tuple[Path, ...] = ()  # where run cgroups are made: one per v1 hierarchy, or one
-    cpu_parent: Path | None = None  # where executors' cpu groups are made; None: weight by nice
-    cpu_prefix: str = "executor-"  # their names: this and the executor's pid
 
     def describe(self) -> str:
         if self.mode is CgroupMode.NONE:
             return "no writable cgroups: memory by address-space rlimit only"
-        cpu = (
-            f"; CPU weight by cgroup under {self.cpu_parent}"
-            if self.cpu_parent
-            else "; CPU weight by nice value (no writable cpu controller)"
-        )
-        return f"cgroup {self.mode.value} under " + ", ".join(map(str, self.parents)) + cpu
+        return f"cgroup {self.mode.value} under " + ", ".join(str(p) for p in self.parents)
 
 
 def _own_v1_path(controller: str) -> str:
@@ -100,47 +85,31 @@ def detect(v2_root: str = str(ROOT / "chronoray")) -> CgroupSupport:
         return CgroupSupport(CgroupMode.NONE)
     if (ROOT / "cgroup.controllers").exists():  # the unified tree
         parent = Path(v2_root)
-        if not (_writable_dir(parent) and _delegate_v2(parent, {"memory", "pids"})):
-            return CgroupSupport(CgroupMode.NONE)
-        # chronoray's subtree keeps its default weight against its siblings
-        # (slices of processes, not processes, in v2)
-        weighed = _delegate_v2(parent, {"memory", "pids", "cpu"})
-        return CgroupSupport(CgroupMode.V2, (parent,), parent if weighed else None)
+        if _writable_dir(parent) and _delegate_v2(parent):
+            return CgroupSupport(CgroupMode.V2, (parent,))
+        return CgroupSupport(CgroupMode.NONE)
     parents = []
     for controller in V1_CONTROLLERS:
-        parent = _v1_runs_parent(controller)
-        if parent is None:
+        hierarchy = ROOT / controller
+        if not (hierarchy / "cgroup.procs").exists():
+            return CgroupSupport(CgroupMode.NONE)
+        parent = hierarchy / _own_v1_path(controller).lstrip("/") / RUNS
+        if not _writable_dir(parent):
             return CgroupSupport(CgroupMode.NONE)
         parents.append(parent)
-    # Executors' cpu groups beside the control plane's processes, not under
-    # a parent that would weigh all scripts as one process (module doc)
-    cpu = ROOT / "cpu"
-    cpu_parent = cpu / _own_v1_path("cpu").lstrip("/")
-    if not ((cpu / "cgroup.procs").exists() and _writable_dir(cpu_parent)):
-        return CgroupSupport(CgroupMode.V1, tuple(parents))
-    return CgroupSupport(CgroupMode.V1, tuple(parents), cpu_parent, f"{RUNS}-executor-")
+    return CgroupSupport(CgroupMode.V1, tuple(parents))
 
 
-def _v1_runs_parent(controller: str) -> Path | None:
-    hierarchy = ROOT / controller
-    if not (hierarchy / "cgroup.procs").exists():
-        return None
-    parent = hierarchy / _own_v1_path(controller).lstrip("/") / RUNS
-    return parent if _writable_dir(parent) else None
-
-
-def _delegate_v2(parent: Path, wanted: set[str]) -> bool:
-    """Enable ``wanted`` for the children of ``parent`` (and of its parent,
-    which must offer them)."""
-    return all(_enable_v2(node, wanted) for node in (parent.parent, parent))
-
-
-def _enable_v2(node: Path, wanted: set[str]) -> bool:
+def _delegate_v2(parent: Path) -> bool:
+    """Enable memory and pids for the children of ``parent`` (and of its
+    parent, which must offer them)."""
     try:
-        offered = set((node / "cgroup.controllers").read_text().split())
-        if not wanted <= offered:
-            return False
-        (node / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in sorted(wanted)))
+        for node in (parent.parent, parent):
+            wanted = {"memory", "pids"}
+            offered = set((node / "cgroup.controllers").read_text().split())
+            if not wanted <= offered:
+                return False
+            (node / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in wanted))
         return True
     except OSError:
         return False
@@ -150,25 +119,16 @@ def _enable_v2(node: Path, wanted: set[str]) -> bool:
 class RunLimits:
     memory_bytes: int
     processes: int
-    cpu_weight: int = DEFAULT_CPU_WEIGHT  # the tier's: which weight group the run joins
-    slots: int = 1  # the executor's: its group weighs one process per slot
 
 
 class RunCgroup:
     """One run's cgroups (one per v1 hierarchy, or one v2 directory), used
     again by later runs once empty (see ``CgroupPool``)."""
 
-    def __init__(
-        self,
-        parents: tuple[Path, ...],
-        mode: CgroupMode,
-        limits: RunLimits,
-        weight_group: Path | None = None,
-    ) -> None:
+    def __init__(self, parents: tuple[Path, ...], mode: CgroupMode, limits: RunLimits) -> None:
         self.mode = mode
         name = f"run-{uuid.uuid4().hex[:12]}"
         self.paths = tuple(parent / name for parent in parents)
-        self.weight_group = weight_group  # v1: the tier's cpu group, joined beside these
         self.limits: RunLimits | None = None
         made: list[Path] = []
         try:
@@ -210,8 +170,7 @@ class RunCgroup:
 
     def procs_files(self) -> list[str]:
         """What the launcher writes its pid to (``--cgroup=``)."""
-        joined = [*self.paths, self.weight_group] if self.weight_group else self.paths
-        return [str(path / "cgroup.procs") for path in joined]
+        return [str(path / "cgroup.procs") for path in self.paths]
 
     def _oom_count(self) -> int:
         for path in self.paths:
@@ -245,85 +204,30 @@ class CgroupPool:
     """Run cgroups made once per executor and used again: making and
     removing a memory cgroup for every run cost more than the rest of a
     start (bench/sandbox_start.py). Each executor process has a directory
-    of its own under the runs' parent, with a weight group per tier weight
-    in use; directories of executors that are gone are removed when the
-    next one starts."""
+    of its own under the runs' parent; directories of executors that are
+    gone are removed when the next one starts."""
 
     def __init__(self, support: CgroupSupport, keep: int = 64) -> None:
         self.support = support
         self._keep = keep
-        self._free: dict[int, list[RunCgroup]] = {}
+        self._free: list[RunCgroup] = []
         own = f"executor-{os.getpid()}"
         for parent in support.parents:
-            _remove_abandoned(parent, "executor-")
+            _remove_abandoned(parent)
         self._parents = tuple(parent / own for parent in support.parents)
         for parent in self._parents:
             parent.mkdir(exist_ok=True)
-        self._cpu_dir = None
-        self._cpu_weighed = 0  # the executor group's weight so far, in v2 units
-        if support.cpu_parent is not None:
-            _remove_abandoned(support.cpu_parent, support.cpu_prefix)
-            self._cpu_dir = support.cpu_parent / f"{support.cpu_prefix}{os.getpid()}"
-            self._cpu_dir.mkdir(exist_ok=True)
-        if support.mode is CgroupMode.V2:  # the run (or weight) cgroups below get controllers
-            controllers = {"memory", "pids", *(["cpu"] if self._cpu_dir else [])}
-            if not _enable_v2(self._parents[0], controllers):
-                raise OSError(f"{self._parents[0]}: controllers not delegated")
-
-    @property
-    def weighs_cpu(self) -> bool:
-        """Runs get their tier's CPU weight from a cgroup (else by nice)."""
-        return self._cpu_dir is not None
 
     def acquire(self, limits: RunLimits) -> RunCgroup:
-        free = self._free.get(self._key(limits), [])
-        while free:
-            cgroup = free.pop()
+        while self._free:
+            cgroup = self._free.pop()
             try:
                 cgroup.prepare(limits)
                 return cgroup
             except OSError:
                 log.warning("run cgroup %s refused new limits: removed", cgroup.paths[0])
                 cgroup.remove()
-        if self._cpu_dir is None:
-            return RunCgroup(self._parents, self.support.mode, limits)
-        self._weigh(limits)
-        group = self._weight_group(limits.cpu_weight)
-        if self.support.mode is CgroupMode.V2:  # one cgroup per process: the run's is inside
-            return RunCgroup((group,), self.support.mode, limits)
-        return RunCgroup(self._parents, self.support.mode, limits, weight_group=group)
-
-    def _key(self, limits: RunLimits) -> int:
-        return limits.cpu_weight if self._cpu_dir is not None else DEFAULT_CPU_WEIGHT
-
-    def _weigh(self, limits: RunLimits) -> None:
-        """The executor's group: one process per slot at the strongest
-        weight it runs (one tier per executor: that tier's)."""
-        assert self._cpu_dir is not None
-        weight = limits.slots * limits.cpu_weight
-        if weight <= self._cpu_weighed:
-            return
-        if self.support.mode is CgroupMode.V2:
-            (self._cpu_dir / "cpu.weight").write_text(str(min(V2_MAX_WEIGHT, weight)))
-        else:
-            shares = min(V1_MAX_SHARES, round(weight * V1_SHARES_PER_WEIGHT))
-            (self._cpu_dir / "cpu.shares").write_text(str(shares))
-        self._cpu_weighed = weight
-
-    def _weight_group(self, weight: int) -> Path:
-        """The tier's shared cpu cgroup, made the first time a run needs it."""
-        assert self._cpu_dir is not None
-        group = self._cpu_dir / f"weight-{weight}"
-        if not group.exists():
-            group.mkdir(exist_ok=True)
-            if self.support.mode is CgroupMode.V2:
-                (group / "cpu.weight").write_text(str(max(1, min(V2_MAX_WEIGHT, weight))))
-                if not _enable_v2(group, {"memory", "pids"}):
-                    raise OSError(f"{group}: memory and pids not delegated")
-            else:
-                shares = max(2, round(weight * V1_SHARES_PER_WEIGHT))
-                (group / "cpu.shares").write_text(str(shares))
-        return group
+        return RunCgroup(self._parents, self.support.mode, limits)
 
     def release(self, cgroup: RunCgroup) -> bool:
         """Take it back if the run left nothing in it (the common case: its
@@ -343,13 +247,13 @@ class CgroupPool:
             cgroup.remove()
 
     def _put_back(self, cgroup: RunCgroup) -> None:
-        if self.idle() < self._keep and cgroup.limits is not None:
-            self._free.setdefault(self._key(cgroup.limits), []).append(cgroup)
+        if len(self._free) < self._keep:
+            self._free.append(cgroup)
         else:
             cgroup.remove()
 
     def idle(self) -> int:
-        return sum(len(free) for free in self._free.values())
+        return len(self._free)
 
 
 @functools.lru_cache(maxsize=4)
@@ -357,24 +261,17 @@ def pool_for(support: CgroupSupport) -> CgroupPool:
     return CgroupPool(support)
 
 
-def _remove_abandoned(parent: Path, prefix: str) -> None:
-    """Executor directories whose process is gone, with their weight groups
-    and run cgroups (empty: the runs died with their executor's PID
-    namespaces)."""
-    for directory in parent.glob(f"{prefix}*"):
-        pid = directory.name.removeprefix(prefix)
+def _remove_abandoned(parent: Path) -> None:
+    """Executor directories whose process is gone, with their run cgroups
+    (empty: the runs died with their executor's PID namespaces)."""
+    for directory in parent.glob("executor-*"):
+        pid = directory.name.removeprefix("executor-")
         if pid.isdigit() and Path(f"/proc/{pid}").exists():
             continue
-        _remove_tree(directory)
-
-
-def _remove_tree(directory: Path) -> None:
-    """Children first: a cgroup with children cannot be removed."""
-    for child in directory.iterdir():
-        if child.is_dir():
-            _remove_tree(child)
-    _kill_all(directory, CgroupMode.V1)
-    _remove(directory)
+        for run in directory.glob("run-*"):
+            _kill_all(run, CgroupMode.V1)
+            _remove(run)
+        _remove(directory)
 
 
 def _try_write(path: Path, value: str) -> None:

@@ -337,7 +337,6 @@ class ExecutorShell:
             memory_mb=tier.script_memory,
             network=tier.network,
             cpu_weight=tier.cpu_weight,
-            slots=tier.slots,
             scratch_mb=tier.scratch_mb,
         )
         self._settings = settings

@@ -67,8 +67,7 @@ class SandboxLimits:
     network: NetworkPolicy = NetworkPolicy.EGRESS  # what the script reaches (actors/network.py)
     cgroups: bool = True  # off: rlimits only, even where a cgroup could be made
     cgroup_v2_root: str = "/sys/fs/cgroup/chronoray"
-    cpu_weight: int = 100  # the tier's CPU share: its cpu cgroup's weight, else a nice value
-    slots: int = 1  # the executor's: its cpu cgroup weighs one process per slot
+    cpu_weight: int = 100  # the script's CPU share by tier, as a nice value (see nice_for)
 
     def uid_range(self) -> tuple[int, int] | None:
         """The per-run uids of this limits' network policy (first, last)."""
@@ -149,7 +148,6 @@ class Isolation:
         limits: SandboxLimits,
         cgroup_procs: Sequence[str] = (),
         scratch_bytes: int = 0,
-        nice: int | None = None,
     ) -> list[str]:
         """Limits hold from the script's first instruction: set by a wrapper
         process, not a ``preexec_fn``, which would force a full fork of the
@@ -159,8 +157,7 @@ class Isolation:
             for name, value in _limits(timeout_s, limits, in_cgroup=bool(cgroup_procs)).items()
         ]
         isolated_network = limits.network is NetworkPolicy.NONE
-        if nice is None:
-            nice = nice_for(limits.cpu_weight)
+        nice = nice_for(limits.cpu_weight)
         if self.launcher is not None:  # one exec does it all
             user = [] if self.uid is None else [f"--uid={self.uid}", f"--gid={self.gid}"]
             namespace = ["--pidns"] if self.pid_namespace else []
@@ -169,10 +166,9 @@ class Isolation:
             joins = [f"--cgroup={procs}" for procs in cgroup_procs]
             if scratch_bytes:
                 namespace.append(f"--scratch={scratch_bytes}")
-            if nice:
-                namespace.append(f"--nice={nice}")
+            namespace.append(f"--nice={nice}")
             return [self.launcher, *joins, *namespace, *user, *flags, "--", *command]
-        wrapped = [PRLIMIT, *flags, "--", *([NICE, "-n", str(nice)] if nice else []), *command]
+        wrapped = [PRLIMIT, *flags, "--", NICE, "-n", str(nice), *command]
         if self.pid_namespace:
             # unshare drops to the user itself (groups cleared, no
             # capabilities): one exec fewer than a separate setpriv.
@@ -436,8 +432,6 @@ async def run_script(
                 RunLimits(
                     memory_bytes=limits.memory_mb * MiB,
                     processes=limits.processes,
-                    cpu_weight=limits.cpu_weight,
-                    slots=limits.slots,
                 )
             )
         except OSError:
@@ -464,8 +458,6 @@ async def run_script(
                     limits=limits,
                     cgroup_procs=cgroup.procs_files() if cgroup else (),
                     scratch_bytes=quota,
-                    # the tier's weight is its cgroup's, or else the nice value
-                    nice=0 if cgroup is not None and pool is not None and pool.weighs_cpu else None,
                 ),
                 cwd=scratch or "/",
                 env=env,
