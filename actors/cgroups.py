@@ -21,7 +21,10 @@ two processes against each control-plane process); a group per executor
 beside the control plane weighing one process per slot, p50 19 ms and p99
 196 ms (nice: 22 ms and 329 ms), but a fork bomb in it held its executor
 off the CPU: the 3 s timeout's kill landed after 3.75-5.2 s instead of
-3.05-3.10 s, and executors were declared lost in the hostile test."""
+3.05-3.10 s, and executors were declared lost in the hostile test.
+Where the kernel groups sessions (autogroup, on here) the nice value weighs
+only inside the script's own session, so every script weighs as one nice-0
+process whatever its tier (README, sandbox)."""
 
 from __future__ import annotations
 

@@ -22,8 +22,8 @@
  * of that many bytes, owned by the script's uid, also bound over /var/tmp
  * and /dev/shm (the places every user may write), and is started there; the
  * script (CMD's last argument) is opened first and passed as /dev/fd/N,
- * since /tmp, where it lies, is covered. --nice sets CMD's nice value and
- * its session's autogroup nice (the tier's CPU weight). The exit
+ * since /tmp, where it lies, is covered. --nice sets CMD's nice value (the
+ * tier's CPU weight). The exit
  * status is CMD's; a CMD killed by a signal makes this process die of it too.
  */
 #define _GNU_SOURCE
@@ -77,19 +77,6 @@ static void join_cgroup(const char *procs) {
     if (fprintf(file, "%d\n", (int)getpid()) < 0 || fclose(file) != 0) die(procs);
 }
 
-/* Where the kernel groups each session for scheduling (autogroup, on by
- * default), a process's nice value weighs it only against its own session:
- * the session's weight is its autogroup's nice. The launcher leads a new
- * session, so this gives the whole script tree the tier's weight as one
- * process of that nice would have. Best effort: without autogroup the
- * file is absent and the process nice set beside it holds. */
-static void session_nice(int nice) {
-    FILE *file = fopen("/proc/self/autogroup", "w");
-    if (file == NULL) return;
-    fprintf(file, "%d\n", nice);
-    fclose(file);
-}
-
 static void own_network(void) {
     if (unshare(CLONE_NEWNET) == -1) die("unshare network");
     int sock = socket(AF_INET, SOCK_DGRAM, 0);
@@ -140,7 +127,6 @@ int main(int argc, char **argv) {
             netns = 1;
         } else if (strncmp(argv[i], "--nice=", 7) == 0) {
             if (setpriority(PRIO_PROCESS, 0, atoi(argv[i] + 7)) == -1) die("setpriority");
-            session_nice(atoi(argv[i] + 7));
         } else if (strncmp(argv[i], "--scratch=", 10) == 0) {
             scratch = strtoull(argv[i] + 10, NULL, 10);
         } else if (strncmp(argv[i], "--cgroup=", 9) == 0) {

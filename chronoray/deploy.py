@@ -18,10 +18,13 @@ log = logging.getLogger(__name__)
 APP_NAME = "chronoray"
 
 
-def start_local_ray(settings: Settings, *, num_cpus: int | None = None, **init_kwargs) -> None:
+def start_local_ray(
+    settings: Settings, *, num_cpus: int | None = None, **init_kwargs
+) -> str | None:
     """A new single-node Ray that offers every tier's slot resource, with
     the dashboard's Jobs API on 127.0.0.1 (``ray job submit``) unless
-    ``dashboard_port`` is 0."""
+    ``dashboard_port`` is 0. Returns the dashboard's address: Ray moves it
+    to another port when the one asked for is taken."""
     from scheduling.tiers import local_node_resources
 
     dashboard = init_kwargs.pop("include_dashboard", settings.dashboard_port > 0)
@@ -33,7 +36,7 @@ def start_local_ray(settings: Settings, *, num_cpus: int | None = None, **init_k
             os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
         init_kwargs.setdefault("dashboard_host", "127.0.0.1")
         init_kwargs.setdefault("dashboard_port", settings.dashboard_port)
-    ray.init(
+    context = ray.init(
         address="local",
         num_cpus=num_cpus or os.cpu_count(),
         resources=local_node_resources(settings.tiers),
@@ -42,6 +45,7 @@ def start_local_ray(settings: Settings, *, num_cpus: int | None = None, **init_k
         log_to_driver=init_kwargs.pop("log_to_driver", False),
         **init_kwargs,
     )
+    return (context.dashboard_url or None) if dashboard else None
 
 
 def prepare_database(settings: Settings) -> int:

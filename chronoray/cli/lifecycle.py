@@ -41,11 +41,12 @@ def up(
     if port:
         settings = settings.with_(http_port=port)
     err.print(f"database: {settings.database_url}")
+    dashboard = None
     if address:
         ray.init(address=address, namespace=settings.namespace, log_to_driver=False)
     else:
         err.print("starting a local Ray …")
-        start_local_ray(settings)
+        dashboard = start_local_ray(settings)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -58,10 +59,15 @@ def up(
         state_file.write_text(json.dumps({"pid": os.getpid()}))
         console.print(f"local user {user_id}; its API token is kept in {token_file}")
         console.print(f"export CHRONORAY_TOKEN={token}", soft_wrap=True, highlight=False)
-        if not address and settings.dashboard_port:
+        if dashboard:
+            if not dashboard.endswith(f":{settings.dashboard_port}"):
+                err.print(
+                    f"[yellow]port {settings.dashboard_port} was taken: Ray's Jobs API "
+                    f"is at {dashboard}[/yellow]"
+                )
             console.print(
                 f"Ray jobs: RAY_AUTH_MODE=token ray job submit "
-                f"--address http://127.0.0.1:{settings.dashboard_port} -- python …",
+                f"--address http://{dashboard} -- python …",
                 soft_wrap=True,
                 highlight=False,
             )

@@ -34,6 +34,12 @@ def quickstart(port: int) -> str:
     return readme_block("quickstart").replace("127.0.0.1:8000", f"127.0.0.1:{port}")
 
 
+def listeners_on(port: int) -> str:
+    """Who listens on ``port`` (for a failure's message)."""
+    shown = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True, check=False)
+    return "\n".join(line for line in shown.stdout.splitlines() if f":{port} " in line)
+
+
 def json_objects(text: str) -> list[dict]:
     """curl prints bodies back to back, without newlines."""
     decoder, objects, at = json.JSONDecoder(), [], 0
@@ -93,6 +99,10 @@ def test_up_on_sqlite_serves_the_readme_quick_start(tmp_path):
 
         # The README's `ray job submit`, verbatim, from the checkout (the
         # dashboard on 127.0.0.1:8265, Ray's token auth on)
+        assert (
+            "Ray jobs: RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265"
+            in (tmp_path / "up.log").read_text()
+        ), (tmp_path / "up.log").read_text()[-3000:] + listeners_on(8265)
         job = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", readme_block("job-submit")],
             capture_output=True,
@@ -101,7 +111,7 @@ def test_up_on_sqlite_serves_the_readme_quick_start(tmp_path):
             cwd=ROOT,
             env={k: v for k, v in os.environ.items() if not k.startswith(("CHRONORAY_", "RAY_"))},
         )
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert job.returncode == 0, job.stdout[:3000] + job.stdout[-3000:] + listeners_on(8265)
         summary = json.loads(
             [line for line in job.stdout.splitlines() if line.startswith('{"scheduled"')][-1]
         )
