@@ -256,6 +256,7 @@ class Executor:
             output_tail=outcome.output_tail,
             launch_error=outcome.launch_error,
             oom_killed=outcome.oom_killed,
+            oom_known=outcome.oom_known,
         )
         text = outcome.launch_error or outcome.output_tail
         if spec.key in self._fenced_keys and outcome.exit_code == -9:

@@ -86,6 +86,7 @@ class ScriptOutcome:
     timed_out: bool = False
     launch_error: str | None = None
     oom_killed: bool = False  # by the run cgroup's own OOM count
+    oom_known: bool = False  # the run had a cgroup: oom_killed is its count, not a guess
 
 
 def interpreter_command(interpreter: Interpreter) -> list[str]:
@@ -496,9 +497,9 @@ async def run_script(
             await asyncio.wait_for(asyncio.shield(child.output_done), timeout=1.0)
         except asyncio.TimeoutError:
             child.abandon_output()
-        oom_killed = False
+        oom_killed = oom_known = False
         if pool is not None and cgroup is not None:
-            oom_killed = cgroup.oom_killed()
+            oom_killed, oom_known = cgroup.oom_killed(), True
             held, cgroup = cgroup, None
             if not pool.release(held):  # something escaped the group: it dies here
                 await asyncio.to_thread(pool.settle, held)
@@ -509,6 +510,7 @@ async def run_script(
             output_tail=child.output().decode("utf-8", errors="replace"),
             timed_out=timed_out,
             oom_killed=oom_killed,
+            oom_known=oom_known,
         )
     finally:
         if pool is not None and cgroup is not None:  # cancelled or failed on the way

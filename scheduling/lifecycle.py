@@ -30,11 +30,16 @@ def classify(
     output_tail: str,
     launch_error: str | None,
     oom_killed: bool = False,
+    oom_known: bool = False,
 ) -> FailureClass | None:
     """Why an attempt failed, from what the sandbox saw; ``None``: it succeeded.
     Memory: the run cgroup's OOM count rose (``oom_killed``), or, where runs
     have no cgroup, an allocation refused by the limit (the script says so)
-    or a SIGKILL the executor did not send (the kernel's OOM killer)."""
+    or a SIGKILL the executor did not send (the kernel's OOM killer). With a
+    cgroup (``oom_known``), a SIGKILL without an OOM kill came from outside
+    the run: Ray kills a worker's children as the worker exits, so this is
+    the executor ending (``chronoray down``, a pool scale-down), recorded as
+    executor_lost, not as the script's failure."""
     if launch_error:
         return FailureClass.LAUNCH_ERROR
     if timed_out:
@@ -43,6 +48,8 @@ def classify(
         return FailureClass.MEMORY
     if exit_code == 0:
         return None
+    if exit_code == -9 and oom_known:
+        return FailureClass.EXECUTOR_LOST
     if exit_code == -9 or any(sign in output_tail for sign in MEMORY_SIGNS):
         return FailureClass.MEMORY
     return FailureClass.EXIT_CODE

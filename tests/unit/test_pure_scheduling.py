@@ -360,3 +360,13 @@ def test_waiting_tasks_age_so_retries_cannot_starve_new_work():
     # priority is worth 10 s of waiting: task 1 (key T0) beats task 3 (T0 + 5 s)
     assert [s.task_id for s, _ in queue.take(FreeSlots([(0, "slot", 10)]))] == [2, 1, 3]
     assert queue.depth_by_priority() == {}
+
+
+def test_with_a_cgroup_a_sigkill_is_memory_only_by_its_oom_count():
+    """Ray SIGKILLs a worker's children as the worker exits (`chronoray down`
+    after its grace): with the cgroup's OOM count at hand, such a kill is the
+    executor's loss, not the script's memory (a CI run recorded it as memory)."""
+    killed = dict(exit_code=-9, timed_out=False, output_tail="", launch_error=None)
+    assert classify(**killed, oom_known=True) is FailureClass.EXECUTOR_LOST
+    assert classify(**killed, oom_known=True, oom_killed=True) is FailureClass.MEMORY
+    assert classify(**killed) is FailureClass.MEMORY  # no cgroup: the OOM killer's guess
