@@ -38,8 +38,8 @@ def classify(
     or a SIGKILL the executor did not send (the kernel's OOM killer). With a
     cgroup (``oom_known``), a SIGKILL without an OOM kill came from outside
     the run: Ray kills a worker's children as the worker exits, so this is
-    the executor ending (``chronoray down``, a pool scale-down), recorded as
-    executor_lost, not as the script's failure."""
+    the executor ending (``chronoray down``, or the pool removing one it
+    declared dead), recorded as executor_lost, not as the script's failure."""
     if launch_error:
         return FailureClass.LAUNCH_ERROR
     if timed_out:
