@@ -45,7 +45,33 @@ def start_local_ray(
         log_to_driver=init_kwargs.pop("log_to_driver", False),
         **init_kwargs,
     )
+    _record_as_current_cluster(context.address_info["gcs_address"])
     return (context.dashboard_url or None) if dashboard else None
+
+
+def _record_as_current_cluster(gcs_address: str) -> None:
+    """Write this cluster's address where `ray start` writes its own. A Ray
+    job's driver finds its cluster with "auto": the address file in the
+    cluster's temp dir, else any GCS process on the host. ``ray.init``
+    writes no file, so with a second Ray on the host a `ray job submit` to
+    our dashboard could run its driver against the other cluster."""
+    from ray._private.utils import write_ray_address
+    from ray._private.worker import global_worker
+
+    write_ray_address(gcs_address, global_worker.node.get_temp_dir_path())
+
+
+def forget_current_cluster() -> None:
+    """Remove the address file `start_local_ray` wrote, if it still names
+    this cluster (a later `ray start` may have replaced it)."""
+    from ray._common.utils import get_ray_address_file
+    from ray._private.worker import global_worker
+
+    if global_worker.node is None:
+        return
+    address_file = Path(get_ray_address_file(global_worker.node.get_temp_dir_path()))
+    if address_file.exists() and address_file.read_text() == global_worker.node.gcs_address:
+        address_file.unlink(missing_ok=True)
 
 
 def prepare_database(settings: Settings) -> int:

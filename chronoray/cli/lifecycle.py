@@ -31,7 +31,7 @@ def up(
 
     import ray
 
-    from chronoray.deploy import deploy, local_token, start_local_ray
+    from chronoray.deploy import deploy, forget_current_cluster, local_token, start_local_ray
     from chronoray.settings import Settings, local_token_file, up_state_file
 
     logging.basicConfig(
@@ -78,6 +78,8 @@ def up(
             _drain(settings, grace_s)
         finally:
             state_file.unlink(missing_ok=True)
+            if not address:
+                forget_current_cluster()
             ray.shutdown()
 
 

@@ -49,7 +49,11 @@ def json_objects(text: str) -> list[dict]:
     return objects
 
 
-def test_up_on_sqlite_serves_the_readme_quick_start(tmp_path):
+def test_up_on_sqlite_serves_the_readme_quick_start(tmp_path, deployment):
+    """``deployment`` keeps a second Ray on the host: a job's driver finds its
+    cluster by "auto", which picks any GCS on the host unless the cluster's
+    temp dir names it, so the job must still reach `up`'s cluster."""
+    other_gcs_port = deployment.head.address.rsplit(":", 1)[1]
     port = free_port()
     ray_tmp = tempfile.mkdtemp(prefix="cre-", dir="/tmp")  # Ray's socket paths must stay short
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHRONORAY_", "RAY_"))}
@@ -112,6 +116,9 @@ def test_up_on_sqlite_serves_the_readme_quick_start(tmp_path):
             env={k: v for k, v in os.environ.items() if not k.startswith(("CHRONORAY_", "RAY_"))},
         )
         assert job.returncode == 0, job.stdout[:3000] + job.stdout[-3000:] + listeners_on(8265)
+        driver_address = re.search(r"Using address (\S+) set in the environment", job.stdout)
+        assert driver_address, job.stdout[:3000]
+        assert not driver_address.group(1).endswith(f":{other_gcs_port}"), job.stdout[:3000]
         summary = json.loads(
             [line for line in job.stdout.splitlines() if line.startswith('{"scheduled"')][-1]
         )
@@ -142,6 +149,7 @@ def test_up_on_sqlite_serves_the_readme_quick_start(tmp_path):
         )
         assert down.returncode == 0, down.stdout + down.stderr
         assert up.wait(timeout=10) == 0
+        assert not list(Path(ray_tmp).rglob("ray_current_cluster")), "up left its address file"
         assert "every running script finished" in (tmp_path / "up.log").read_text()
         assert not (tmp_path / "data" / "up.json").exists()
         engine = create_engine(f"sqlite:///{tmp_path / 'data' / 'chronoray.db'}")
