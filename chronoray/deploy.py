@@ -36,8 +36,13 @@ def start_local_ray(
             os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
         init_kwargs.setdefault("dashboard_host", "127.0.0.1")
         init_kwargs.setdefault("dashboard_port", settings.dashboard_port)
+    labels: dict[str, str] = {}
+    for tier in settings.tiers:  # a tier whose labels conflict is refused by `up`'s check
+        for key, value in tier.labels.items():
+            labels.setdefault(key, value)
     context = ray.init(
         address="local",
+        labels=labels or None,
         num_cpus=num_cpus or os.cpu_count(),
         resources=local_node_resources(settings.tiers),
         namespace=settings.namespace,

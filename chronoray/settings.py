@@ -119,72 +119,19 @@ class Settings:
 
     @classmethod
     def from_env(
-        cls, env: Mapping[str, str] | None = None, *, data_dir: Path | None = None
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        data_dir: Path | None = None,
+        config: Path | None = None,
     ) -> "Settings":
-        """Read ``CHRONORAY_*`` variables; the database defaults to SQLite in
-        the user's data directory (the embedded default)."""
-        env = os.environ if env is None else env
-        data_dir = data_dir or data_dir_from(env)
-        url = env.get(f"{ENV_PREFIX}DATABASE_URL") or f"sqlite:///{data_dir / 'chronoray.db'}"
-        if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-        numbers = {
-            "num_shards": int,
-            "range_s": int,
-            "range_slices": int,
-            "lookahead_s": float,
-            "sweep_interval_s": float,
-            "prefire_ms": float,
-            "queue_lease_s": float,
-            "lease_grace_s": float,
-            "dispatcher_max_queued": int,
-            "executor_credits": int,
-            "http_port": int,
-            "dashboard_port": int,
-            "max_script_bytes": int,
-            "serve_replicas": int,
-            "max_batch_tasks": int,
-            "min_schedule_interval_s": float,
-            "retention_days": float,
-            "retention_interval_s": float,
-            "aging_s": float,
-            "zookeeper_session_timeout_s": float,
-            "rate_limit_per_s": float,
-            "rate_limit_burst": int,
-            "max_active_tasks": int,
-            "max_schedules": int,
-            "token_cache_s": float,
-        }
-        values: dict = {"database_url": url}
-        for name, kind in numbers.items():
-            raw = env.get(f"{ENV_PREFIX}{name.upper()}")
-            if raw:
-                values[name] = kind(raw)
-        if env.get(f"{ENV_PREFIX}ADMIN_TOKEN"):
-            values["admin_token"] = env[f"{ENV_PREFIX}ADMIN_TOKEN"]
-        if env.get(f"{ENV_PREFIX}DATABASE_REPLICA_URLS"):
-            values["database_replica_urls"] = tuple(
-                u.strip() for u in env[f"{ENV_PREFIX}DATABASE_REPLICA_URLS"].split(",") if u.strip()
-            )
-        if env.get(f"{ENV_PREFIX}HTTP_HOST"):
-            values["http_host"] = env[f"{ENV_PREFIX}HTTP_HOST"]
-        if env.get(f"{ENV_PREFIX}CONTROL_PLANE_RESOURCE"):
-            values["control_plane_resources"] = {env[f"{ENV_PREFIX}CONTROL_PLANE_RESOURCE"]: 0.01}
-        if env.get(f"{ENV_PREFIX}ZOOKEEPER_HOSTS"):
-            values["zookeeper_hosts"] = env[f"{ENV_PREFIX}ZOOKEEPER_HOSTS"]
-        if f"{ENV_PREFIX}SANDBOX_USER" in env:
-            # a name: every script as that one user; empty: as the executor's
-            # user; unset: a uid of its own per running script
-            values["sandbox"] = SandboxLimits(
-                run_as=env[f"{ENV_PREFIX}SANDBOX_USER"] or None, uid_base=None
-            )
-        if env.get(f"{ENV_PREFIX}NAMESPACE"):
-            values["namespace"] = env[f"{ENV_PREFIX}NAMESPACE"]
-        if env.get(f"{ENV_PREFIX}RETRY_BACKOFF_S"):
-            values["retry"] = RetryPolicy(backoff_base_s=float(env[f"{ENV_PREFIX}RETRY_BACKOFF_S"]))
-        if env.get(f"{ENV_PREFIX}SCRIPT_NETWORK"):
-            values["tiers"] = with_networks(local_tiers(), env[f"{ENV_PREFIX}SCRIPT_NETWORK"])
-        return cls(**values)
+        """Defaults, then the config file (``config`` or ``CHRONORAY_CONFIG``),
+        then ``CHRONORAY_*`` variables; the database defaults to SQLite in
+        the user's data directory (the embedded default). chronoray.config
+        also says where each value came from."""
+        from chronoray.config import load
+
+        return load(env, data_dir=data_dir, config=config).settings
 
 
 def with_networks(tiers: TierTable, spec: str) -> TierTable:

@@ -24,6 +24,7 @@ class Tier:
     num_cpus: float
     memory_mb: int
     resources: Mapping[str, float] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)  # a node must carry these
     executors: int = 1  # executors at start and at least (the pool's minimum)
     max_executors: int = 0  # the pool grows with queue depth up to this (0: = executors)
     slots: int = 4  # scripts one executor runs at once
@@ -47,6 +48,8 @@ class Tier:
         options: dict[str, Any] = {"num_cpus": self.num_cpus, "resources": dict(self.resources)}
         if self.memory_mb:
             options["memory"] = self.memory_mb * 1024 * 1024
+        if self.labels:
+            options["label_selector"] = dict(self.labels)
         return options
 
 
@@ -263,3 +266,38 @@ def local_node_resources(table: TierTable) -> dict[str, float]:
         for name, amount in tier.resources.items():
             totals[name] = totals.get(name, 0) + amount * tier.most_executors
     return totals
+
+
+@dataclass(frozen=True)
+class NodeOffer:
+    """What one node (or a node type the autoscaler can add) offers."""
+
+    name: str
+    resources: Mapping[str, float]
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+def homeless_tiers(table: TierTable, nodes: Sequence[NodeOffer]) -> dict[str, str]:
+    """Tiers no node can host one executor of, each with the reason: Ray
+    would keep their executors pending forever."""
+    problems: dict[str, str] = {}
+    for tier in table:
+        wanted = {**tier.resources}
+        if tier.num_cpus:
+            wanted["CPU"] = tier.num_cpus
+        fits = [
+            node
+            for node in nodes
+            if all(node.resources.get(name, 0) >= amount for name, amount in wanted.items())
+            and all(node.labels.get(k) == v for k, v in tier.labels.items())
+        ]
+        if fits:
+            continue
+        asks = ", ".join(f"{k}={v:g}" for k, v in wanted.items()) or "nothing"
+        labels = ", ".join(f"{k}={v}" for k, v in tier.labels.items())
+        problems[tier.name] = (
+            f"tier {tier.name!r} asks for {asks}"
+            + (f" on a node labelled {labels}" if labels else "")
+            + f"; no node offers it (nodes: {', '.join(n.name for n in nodes) or 'none'})"
+        )
+    return problems

@@ -15,6 +15,7 @@ from chronoray.cli.base import (
     console,
     err,
 )
+from chronoray.cli.configuration import CONFIG_OPTION, check_tiers_placeable, load_or_exit
 
 
 def up(
@@ -24,6 +25,7 @@ def up(
     grace_s: float = typer.Option(
         60.0, "--grace", help="on Ctrl-C or `chronoray down`: how long running scripts may finish"
     ),
+    config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Start chronoray (and a local Ray unless --address is given); stays in
     the foreground. Ctrl-C (or `chronoray down`) drains it and stops."""
@@ -32,12 +34,13 @@ def up(
     import ray
 
     from chronoray.deploy import deploy, forget_current_cluster, local_token, start_local_ray
-    from chronoray.settings import Settings, local_token_file, up_state_file
+    from chronoray.settings import local_token_file, up_state_file
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = Settings.from_env(data_dir=data_dir)
+    loaded = load_or_exit(config, data_dir)
+    settings = loaded.settings
     if port:
         settings = settings.with_(http_port=port)
     err.print(f"database: {settings.database_url}")
@@ -47,6 +50,11 @@ def up(
     else:
         err.print("starting a local Ray …")
         dashboard = start_local_ray(settings)
+    try:
+        check_tiers_placeable(loaded)
+    except typer.Exit:
+        ray.shutdown()
+        raise
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -110,13 +118,14 @@ def down(
     ),
     data_dir: Path | None = typer.Option(None, help="the data dir `chronoray up` was given"),
     grace_s: float = typer.Option(60.0, "--grace", help="how long running scripts may finish"),
+    config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Stop chronoray gracefully: take no more work, let running scripts
     finish and their results be stored, then stop. Queued and future tasks
     stay in the database for the next `chronoray up`."""
     import os
 
-    from chronoray.settings import Settings, up_state_file
+    from chronoray.settings import up_state_file
 
     state_file = up_state_file(data_dir)
     state = json.loads(state_file.read_text()) if state_file.exists() else None
@@ -140,7 +149,7 @@ def down(
         return
     import ray
 
-    settings = Settings.from_env(data_dir=data_dir)
+    settings = load_or_exit(config, data_dir).settings
     ray.init(address=address, namespace=settings.namespace, log_to_driver=False)
     try:
         _drain(settings, grace_s)

@@ -170,3 +170,33 @@ def test_up_on_sqlite_serves_the_readme_quick_start(tmp_path, deployment):
             subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert up.returncode == 0, (tmp_path / "up.log").read_text()[-3000:]
+
+
+def test_up_refuses_a_tier_no_node_can_host(tmp_path):
+    """Checked against the Ray that `up` started: a tier asking for more
+    CPUs than the node has would leave its executors pending forever."""
+    config = tmp_path / "chronoray.yaml"
+    config.write_text(
+        "dashboard_port: 0\n"
+        "tiers:\n"
+        "  - {name: small, min_priority: 0, resources: {chronoray_small: 1}}\n"
+        "  - {name: huge, min_priority: 5, num_cpus: 64, resources: {chronoray_huge: 1}}\n"
+    )
+    ray_tmp = tempfile.mkdtemp(prefix="cre-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHRONORAY_", "RAY_"))}
+    env.update({"CHRONORAY_DATA_DIR": str(tmp_path / "data"), "RAY_TMPDIR": ray_tmp})
+    try:
+        up = subprocess.run(
+            [str(Path(sys.executable).parent / "chronoray"), "up", "--config", str(config)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert up.returncode == 2, up.stdout + up.stderr
+    said = " ".join(up.stderr.split())
+    assert f"{config}:4: tier 'huge' asks for chronoray_huge=1, CPU=64" in said, said
+    assert "chronoray is up" not in up.stdout

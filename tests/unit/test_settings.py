@@ -47,7 +47,10 @@ SAMPLES = {
     "CHRONORAY_SANDBOX_USER": ("daemon", lambda s: s.sandbox.run_as),
     "CHRONORAY_SCRIPT_NETWORK": ("small=none", lambda s: [t.network for t in s.tiers]),
 }
-READ_ELSEWHERE = {"CHRONORAY_DATA_DIR"}  # where the SQLite file goes: the URL shows it
+READ_ELSEWHERE = {
+    "CHRONORAY_DATA_DIR",  # where the SQLite file goes: the URL shows it
+    "CHRONORAY_CONFIG",  # the file (tests/unit/test_config.py)
+}
 
 
 def documented() -> set[str]:
