@@ -54,6 +54,7 @@ class ExecutorSlots:
     client: ExecutorClient
     in_flight: dict[tuple[int, int], TaskSpec] = field(default_factory=dict)
     accepting: bool = True
+    node: str = ""  # the Ray node it runs on, recorded with the attempts it loses
     # The credit window: attempts it may hold per slot. Beyond its slots they
     # wait at the executor, which starts the next one itself when a slot
     # frees, without a round trip through the dispatcher.
@@ -284,6 +285,7 @@ class Dispatcher:
                         now=now,
                         executor_id=ex.executor_id,
                         tier=ex.tier,
+                        node_id=ex.node,
                         reason=f"executor {ex.executor_id} declared dead",
                     )
                     for spec in ex.in_flight.values()
@@ -436,6 +438,7 @@ class DispatcherShell:
                     client=ExecutorCalls(i.handle),
                     accepting=i.accepting,
                     credits=self._settings.executor_credits,
+                    node=i.node,
                 )
                 for i in infos
             ]

@@ -444,7 +444,7 @@ class ExecutorShell:
         while True:
             try:
                 alive = await asyncio.wait_for(
-                    self._pool.heartbeat.remote(executor.executor_id, executor.busy),
+                    self._pool.heartbeat.remote(executor.executor_id, executor.busy, self._node_id),
                     timeout=period,
                 )
             except Exception:

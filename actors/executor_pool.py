@@ -30,6 +30,7 @@ class ExecutorInfo:
     slots: int
     handle: Any
     accepting: bool = True  # False while draining: finish what runs, take nothing new
+    node: str = ""  # the Ray node it heartbeats from
 
 
 class ExecutorFactory(Protocol):
@@ -46,6 +47,7 @@ class Member:
     running: int = 0
     idle_since: float = 0.0
     draining: bool = False
+    node: str = ""  # the Ray node id its heartbeats come from
 
     @property
     def placed(self) -> bool:
@@ -90,13 +92,15 @@ class ExecutorPool:
                 self._start(tier, now)
 
     # -- membership --------------------------------------------------------
-    def heartbeat(self, executor_id: str, running: int) -> bool:
-        """False tells the executor it was declared dead (it must fence)."""
+    def heartbeat(self, executor_id: str, running: int, node: str = "") -> bool:
+        """False tells the executor it was declared dead (it must fence).
+        ``node``: the Ray node it runs on, for operators."""
         member = self._members.get(executor_id)
         if member is None:
             return False
         now = self._clock()
         member.last_heartbeat = now
+        member.node = node or member.node
         if running or member.running:
             member.idle_since = now
         member.running = running
@@ -107,7 +111,9 @@ class ExecutorPool:
         """Placed executors: what the dispatcher may use (draining ones only
         to finish their work)."""
         return [
-            replace(m.info, accepting=not m.draining) for m in self._members.values() if m.placed
+            replace(m.info, accepting=not m.draining, node=m.node)
+            for m in self._members.values()
+            if m.placed
         ]
 
     def status(self) -> dict[str, Any]:
@@ -131,6 +137,7 @@ class ExecutorPool:
                     "slots": m.info.slots,
                     "running": m.running,
                     "state": "draining" if m.draining else "live" if m.placed else "starting",
+                    "node": m.node or None,
                     "heartbeat_age_s": None
                     if m.last_heartbeat is None
                     else round(now - m.last_heartbeat, 3),
@@ -273,8 +280,8 @@ class ExecutorPoolShell:
             except Exception:
                 log.exception("pool tick failed")
 
-    async def heartbeat(self, executor_id: str, running: int) -> bool:
-        return self._pool.heartbeat(executor_id, running)
+    async def heartbeat(self, executor_id: str, running: int, node: str = "") -> bool:
+        return self._pool.heartbeat(executor_id, running, node)
 
     async def executors(self) -> list[ExecutorInfo]:
         return self._pool.executors()

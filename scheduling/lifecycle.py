@@ -190,6 +190,7 @@ def lost_result(
     now: datetime,
     executor_id: str = "",
     tier: str = "",
+    node_id: str = "",
     reason: str = "lease expired without a result",
 ) -> RunResult:
     """The result recorded for an attempt whose executor was lost: declared
@@ -198,7 +199,7 @@ def lost_result(
         spec,
         executor_id=executor_id,
         tier=tier,
-        node_id="",
+        node_id=node_id,
         started_at=None,
         finished_at=now,
         exit_code=None,

@@ -120,7 +120,7 @@ def check_tiers_placeable(loaded: Any) -> None:
 
     nodes = [
         NodeOffer(
-            name=node.get("NodeName") or node["NodeManagerAddress"],
+            name=f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})",
             resources=node.get("Resources", {}),
             labels=node.get("Labels") or {},
         )

@@ -70,6 +70,7 @@ def _pool_executors(as_json: bool) -> None:
         "executor": "executor_id",
         "tier": "tier",
         "state": "state",
+        "node": lambda ex: (ex.get("node") or "")[:12],
         "running": "running",
         "heartbeat age s": "heartbeat_age_s",
     }

@@ -61,8 +61,10 @@ def test_executors_join_after_their_first_heartbeat():
     assert [i.split("-")[0] for i in factory.created] == ["small", "large"]
     assert pool.executors() == []  # not placed yet: the dispatcher must not use them
     small = factory.created[0]
-    assert pool.heartbeat(small, 0)
-    assert [i.executor_id for i in pool.executors()] == [small]
+    assert pool.heartbeat(small, 0, "node-1")
+    assert [(i.executor_id, i.node) for i in pool.executors()] == [(small, "node-1")]
+    shown = {e["executor_id"]: e["node"] for e in pool.status()["executors"]}
+    assert shown == {small: "node-1", factory.created[1]: None}
 
 
 def test_silent_executor_is_declared_dead_replaced_and_refused():
@@ -138,15 +140,17 @@ def test_dispatcher_retries_the_attempts_of_an_executor_that_left():
             max_queued=100,
             clock=ManualClock(T0),
         )
-        await dispatcher.sync_members([ExecutorSlots(executor_id="a", client=first, **slots)])
+        await dispatcher.sync_members(
+            [ExecutorSlots(executor_id="a", client=first, node="node-a", **slots)]
+        )
         await dispatcher.submit([spec(1), spec(2)])
         assert first.received == [1, 2]
         lost = await dispatcher.sync_members(
             [ExecutorSlots(executor_id="b", client=second, **slots)]
         )
-        assert [(r.task_id, r.failure, r.executor_id) for r in lost] == [
-            (1, FailureClass.EXECUTOR_LOST, "a"),
-            (2, FailureClass.EXECUTOR_LOST, "a"),
+        assert [(r.task_id, r.failure, r.executor_id, r.node_id) for r in lost] == [
+            (1, FailureClass.EXECUTOR_LOST, "a", "node-a"),
+            (2, FailureClass.EXECUTOR_LOST, "a", "node-a"),
         ]
         await asyncio.sleep(0.05)  # outboxes flush
         assert [r.task_id for r in shards.results[0]] == [1, 2]
