@@ -1,6 +1,6 @@
 """A real multi-node Ray on this machine, as an operator builds one: `ray
 start --head`, worker nodes from `ray start --address`, each with other
-resources, and `chronoray up --address … --config …`. Each tier's executors
+resources, and `chronoray up --address … --config …` with four tiers. Each tier's executors
 land on the node that offers its resource; stopping a worker node moves
 its executors to a node that offers the same and retries its tasks; both
 `chronoray executors` and the ZooKeeper mirror show the move."""
@@ -27,6 +27,7 @@ from tests.ray_cluster import free_port, free_ports, wait_for
 pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
+TIERS = {"tiny": 0, "small": 2, "medium": 4, "large": 6}  # name → lowest priority
 RAY_ENV = {
     **{k: v for k, v in os.environ.items() if not k.startswith(("CHRONORAY_", "RAY_"))},
     "RAY_AUTH_MODE": "disabled",
@@ -101,8 +102,7 @@ def node_offering(address: str, resource: str, not_in: set[str] = frozenset()) -
 
 @pytest.fixture
 def cluster(tmp_path):
-    """A head offering the control plane and the small tier; worker `a`
-    offering the large tier."""
+    """A head offering the control plane and three tiers' resources."""
     temp_dir = Path(tempfile.mkdtemp(prefix="crn-", dir="/tmp"))  # short: Ray's socket paths
     port, client = free_ports(2)
     nodes = {
@@ -113,7 +113,8 @@ def cluster(tmp_path):
                 f"--port={port}",
                 f"--ray-client-server-port={client}",
                 "--num-cpus=1",
-                '--resources={"chronoray_control": 10, "chronoray_small": 2}',
+                '--resources={"chronoray_control": 10, "chronoray_tiny": 2, '
+                '"chronoray_small": 2, "chronoray_medium": 2}',
                 "--include-dashboard=false",
             ],
             temp_dir,
@@ -168,8 +169,9 @@ http_port: {http_port}
 zookeeper_hosts: {zookeeper}
 control_plane_resource: chronoray_control
 tiers:
-  - {{name: small, min_priority: 0, resources: {{chronoray_small: 1}},
-      min_executors: 1, max_executors: 2, slots: 2}}
+  - {{name: tiny, min_priority: 0, resources: {{chronoray_tiny: 1}}, slots: 2}}
+  - {{name: small, min_priority: 2, resources: {{chronoray_small: 1}}, slots: 2}}
+  - {{name: medium, min_priority: 4, resources: {{chronoray_medium: 1}}, slots: 2}}
   - {{name: large, min_priority: 6, resources: {{chronoray_large: 1}},
       min_executors: 1, max_executors: 2, slots: 2}}
 pool: {{heartbeat_s: 0.5, misses: 4, placement_timeout_s: 10}}
@@ -225,21 +227,42 @@ pool: {{heartbeat_s: 0.5, misses: 4, placement_timeout_s: 10}}
 
         def placed_on() -> dict[str, set[str]] | None:
             live = [e for e in executors() if e["state"] == "live"]
-            by_tier = {t: {e["node"] for e in live if e["tier"] == t} for t in ("small", "large")}
+            by_tier = {t: {e["node"] for e in live if e["tier"] == t} for t in TIERS}
             return by_tier if all(by_tier.values()) else None
 
-        # each tier on the node offering its resource, in both views
-        assert wait_for(placed_on, timeout_s=60, what="both tiers live") == {
+        # the file's four tiers, each on the node offering its resource, in both views
+        on_head = {("tiny", head), ("small", head), ("medium", head)}
+        assert wait_for(placed_on, timeout_s=60, what="the four tiers live") == {
+            "tiny": {head},
             "small": {head},
+            "medium": {head},
             "large": {node_a},
         }
         wait_for(
-            lambda: (
-                {(e["tier"], e["node"]) for e in mirrored()} == {("small", head), ("large", node_a)}
-            ),
+            lambda: {(e["tier"], e["node"]) for e in mirrored()} == on_head | {("large", node_a)},
             timeout_s=30,
-            what="the ZooKeeper mirror to show both tiers",
+            what="the ZooKeeper mirror to show the four tiers",
         )
+
+        # a task of each priority runs on its tier (one at a time: a task
+        # may take a stronger tier's free slot when its own has none)
+        api.post("/v1/scripts", json={"name": "where.sh", "body": "echo here"}).raise_for_status()
+        for priority in range(10):
+            task = api.post(
+                "/v1/tasks",
+                json={"script": "where.sh", "execute_at": time.time(), "priority": priority},
+            ).json()["task_id"]
+            view = wait_for(
+                lambda task=task: (
+                    (v := api.get(f"/v1/tasks/{task}").json())["status"] == "succeeded" and v
+                ),
+                timeout_s=30,
+                what=f"the priority {priority} task",
+            )
+            wanted = max(TIERS, key=lambda name: (TIERS[name] <= priority, TIERS[name]))
+            [run] = view["runs"]
+            assert (priority, run["tier"]) == (priority, wanted)
+            assert run["node_id"] == (node_a if wanted == "large" else head)
 
         api.post(
             "/v1/scripts",
@@ -292,9 +315,7 @@ pool: {{heartbeat_s: 0.5, misses: 4, placement_timeout_s: 10}}
         wait_for(moved, timeout_s=60, what="`chronoray executors` to show the move")
         assert all(e["node"] != node_a for e in executors())
         wait_for(
-            lambda: (
-                {(e["tier"], e["node"]) for e in mirrored()} == {("small", head), ("large", node_b)}
-            ),
+            lambda: {(e["tier"], e["node"]) for e in mirrored()} == on_head | {("large", node_b)},
             timeout_s=60,
             what="the ZooKeeper mirror to show the move",
         )
