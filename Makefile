@@ -20,12 +20,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# ZooKeeper and Java from Debian; PostgreSQL 15 binaries for throwaway clusters.
+# ZooKeeper and Java from Debian; PostgreSQL 15 binaries for throwaway clusters;
+# Redis for the GCS fault-tolerance test.
 system-deps:
 	@need=""; \
 	[ -f /usr/share/java/zookeeper.jar ] || need="$$need zookeeper"; \
 	command -v java >/dev/null || need="$$need default-jre-headless"; \
 	[ -x /usr/lib/postgresql/15/bin/initdb ] || need="$$need postgresql-15"; \
+	command -v redis-server >/dev/null || need="$$need redis-server"; \
 	if [ -n "$$need" ]; then \
 	  echo "installing:$$need"; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \

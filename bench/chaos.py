@@ -104,11 +104,15 @@ class Harness:
     break things: SIGKILL of any actor, of the whole cluster, restarts of
     PostgreSQL and ZooKeeper."""
 
-    def __init__(self, database_url: str, services_dir: Path) -> None:
+    def __init__(
+        self, database_url: str, services_dir: Path, *, gcs_redis: str | None = None
+    ) -> None:
+        """``gcs_redis``: a Redis for the GCS's tables (GCS fault tolerance)."""
         from tests.ray_cluster import settings_for_tests
         from tests.shared_dirs import shared_directory
 
         self.services_dir = services_dir
+        self.gcs_redis = gcs_redis
         self.settings = settings_for_tests(database_url)
         self.engine = create_engine(database_url, pool_pre_ping=True)
         self.ledgers = shared_directory("chronoray-chaos-")  # scripts do not see /tmp
@@ -147,7 +151,9 @@ class Harness:
         self.settings = settings or self.settings
         shard_handle.cache_clear()  # handles of a cluster that was killed are useless
         if self.head is None:
-            self.head = RayHead.start(local_node_resources(self.settings.tiers))
+            self.head = RayHead.start(
+                local_node_resources(self.settings.tiers), gcs_redis=self.gcs_redis
+            )
             os.environ["RAY_AUTH_MODE"] = "disabled"
             ray.init(
                 address=self.head.address,
@@ -187,6 +193,24 @@ class Harness:
         time.sleep(1)
         self.head.stop()
         self.head = None
+
+    def restart_gcs(self, down_s: float) -> None:
+        """SIGKILL the GCS server, and start it again ``down_s`` later with
+        the same command line and environment (what a supervisor does)."""
+        found = subprocess.run(
+            ["pgrep", "-f", f"gcs_server .*{self.head.temp_dir}"], capture_output=True, text=True
+        ).stdout.split()
+        assert len(found) == 1, f"GCS servers of this head: {found}"
+        pid = int(found[0])
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().rstrip(b"\0").split(b"\0")
+        env = dict(item.decode().split("=", 1) for item in environ if b"=" in item)
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(down_s)
+        log = open(self.head.temp_dir / "gcs-restarted.log", "ab")
+        subprocess.Popen(
+            [a.decode() for a in argv], env=env, stdout=log, stderr=log, start_new_session=True
+        )
 
     # processes
     def actor(self, name: str):
@@ -926,6 +950,67 @@ def s11_serve_kills(h: Harness, out: Outcome, scale: float) -> None:
 DRIVER_RATE, HTTP_RATE = 20, 5  # tasks/s
 
 
+def s13_gcs_restart(h: Harness, out: Outcome, scale: float) -> None:
+    """SIGKILL the GCS server under a steady load and start it again 15 s
+    later (GCS fault tolerance on Redis): the control-plane actors keep
+    their processes, tasks due in the outage run, nothing acknowledged is
+    lost or started twice, and submissions are answered again once it is back."""
+    from actors.handles import DISPATCHER_NAME, POOL_NAME, shard_name
+
+    ledger = shared_file(h.ledgers, "s13")
+    h.script("s13.sh", ledger)
+    over = max(40.0, 120 * scale)
+    start = time.time() + 3
+    due = h.submit(
+        [{"script": "s13.sh", "execute_at": at} for at in spread(start, int(800 * scale), over)]
+    )
+    names = [DISPATCHER_NAME, POOL_NAME] + [shard_name(i) for i in range(h.settings.num_shards)]
+    pids = {name: h.pid_of(h.actor(name)) for name in names}
+    answered: dict[int, float] = {}
+    refused = Counter()
+    stop = threading.Event()
+
+    def client() -> None:  # the steady load over HTTP, due 2-6 s after the answer
+        rng = random.Random(13)
+        with httpx.Client(base_url=h.url, timeout=30, headers=h.http.headers) as session:
+            while not stop.is_set():
+                batch = [
+                    {"script": "s13.sh", "execute_at": time.time() + rng.uniform(2, 6)}
+                    for _ in range(5)
+                ]
+                try:
+                    answer = session.post("/v1/tasks:batch", json={"tasks": batch})
+                except httpx.HTTPError as exc:
+                    refused[type(exc).__name__] += 1
+                    continue
+                if answer.status_code in (200, 201):
+                    now = time.time()
+                    for task, request in zip(answer.json()["tasks"], batch, strict=True):
+                        answered[task["task_id"]] = max(request["execute_at"], now)
+                else:
+                    refused[answer.status_code] += 1
+                time.sleep(0.5)
+
+    with load_threads(stop, [client]):
+        time.sleep(max(0.0, start + over * 0.25 - time.time()))
+        outage_began, before = time.time(), len(answered)
+        h.restart_gcs(down_s=15)
+        out.faults += 1
+        during = len(answered)
+        time.sleep(max(0.0, start + over - time.time()))
+    print(
+        f"  GCS down 15 s from {outage_began - start:.0f} s: {during - before} tasks answered "
+        f"over HTTP while it was down, {len(answered)} in all; refused {dict(refused)}",
+        flush=True,
+    )
+    out.check(len(answered) > during, "no submission was answered after the GCS came back")
+    stored = h.stored("s13.sh")
+    out.check(stored == len(due) + len(answered), f"{stored} rows for {len(due) + len(answered)}")
+    h.audit(out, ledger, {**due, **answered}, timeout_s=180)
+    after = {name: h.pid_of(h.actor(name)) for name in names}
+    out.check(after == pids, f"control-plane actors restarted: {pids} -> {after}")
+
+
 def paced(stop: threading.Event, per_s: float, catch_up_s: float = 10.0):
     """Yield ``per_s`` times a second until ``stop``; a turn that ran late is
     made up at once (up to ``catch_up_s`` of them), so a stall does not lower
@@ -1097,6 +1182,7 @@ SCENARIOS: dict[int, Callable] = {
     10: s10_two_owners,
     11: s11_serve_kills,
     12: s12_soak,
+    13: s13_gcs_restart,
 }
 
 
@@ -1113,6 +1199,7 @@ TITLES = {
     10: "two owners of one shard",
     11: "Serve replica and proxy SIGKILL",
     12: "soak: a random kill every few seconds",
+    13: "GCS SIGKILL, restarted 15 s later (GCS FT on Redis)",
 }
 
 
@@ -1170,13 +1257,30 @@ def main() -> None:
         help="one fault this often in the soak; a target still restarting from the last "
         "fault is not reached, and another is tried 0.5 s later",
     )
+    parser.add_argument(
+        "--gcs-redis",
+        default=os.environ.get("CHRONORAY_TEST_REDIS_ADDRESS"),
+        help="Redis for GCS fault tolerance (scenario 13 needs it; the Ray head uses it then)",
+    )
+    parser.add_argument(
+        "--any-postgres",
+        action="store_true",
+        help="run on PostgreSQL without durable settings (the test suite's, for scenarios "
+        "that do not restart it)",
+    )
     args = parser.parse_args()
-    if not durable(args.database_url):
+    if not durable(args.database_url) and not args.any_postgres:
         parser.error("PostgreSQL runs without durable settings: start it with CHRONORAY_DURABLE=1")
     from tests.conftest import create_postgres_database
 
     chosen = [int(n) for n in args.only.split(",") if n] or sorted(SCENARIOS)
-    harness = Harness(create_postgres_database("chaos"), args.services_dir)
+    if 13 in chosen and not args.gcs_redis:
+        parser.error("scenario 13 needs --gcs-redis (or CHRONORAY_TEST_REDIS_ADDRESS)")
+    harness = Harness(
+        create_postgres_database("chaos"),
+        args.services_dir,
+        gcs_redis=args.gcs_redis if 13 in chosen else None,
+    )
     harness.start()
     outcomes = []
     try:

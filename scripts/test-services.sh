@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Throwaway PostgreSQL and ZooKeeper for the test suite, on free ports, in a
-# private folder. `start DIR` prints shell exports; `stop DIR` ends both.
+# Throwaway PostgreSQL, ZooKeeper and Redis (Ray's GCS fault tolerance) for
+# the test suite, on free ports, in a private folder. `start DIR` prints
+# shell exports; `stop DIR` ends them.
 set -euo pipefail
 
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
@@ -18,9 +19,10 @@ as_postgres() {
 start() {
   local dir=$1
   mkdir -p "$dir"
-  local pg_port zk_port
+  local pg_port zk_port redis_port
   pg_port=$(free_port)
   zk_port=$(free_port)
+  redis_port=$(free_port)
 
   # PostgreSQL: a fresh cluster with trust auth, fsync off (throwaway data);
   # CHRONORAY_DURABLE=1 keeps PostgreSQL's durable defaults (the chaos harness
@@ -48,12 +50,22 @@ admin.enableServer=false
 CFG
   start-zookeeper "$dir"
 
+  # Redis: where a fault-tolerant Ray GCS keeps its tables; nothing on disk
+  mkdir -p "$dir/redis"
+  redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
+    --daemonize yes --pidfile "$dir/redis/pid" --logfile "$dir/redis/server.log" --dir "$dir/redis"
+  for _ in $(seq 1 100); do
+    redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+
   cat >"$dir/env" <<ENV
 export CHRONORAY_TEST_POSTGRES_URL=postgresql+psycopg://postgres@127.0.0.1:$pg_port/postgres
 export CHRONORAY_TEST_PG_PORT=$pg_port
 export CHRONORAY_TEST_PG_BIN=$PG_BIN
 export CHRONORAY_TEST_ZOOKEEPER_HOSTS=127.0.0.1:$zk_port
 export CHRONORAY_TEST_ZOOKEEPER_DIR=$dir/zk
+export CHRONORAY_TEST_REDIS_ADDRESS=127.0.0.1:$redis_port
 ENV
   cat "$dir/env"
 }
@@ -88,6 +100,7 @@ stop-zookeeper() {
 stop() {
   local dir=$1
   stop-zookeeper "$dir"
+  if [ -f "$dir/redis/pid" ]; then kill "$(cat "$dir/redis/pid")" 2>/dev/null || true; fi
   if [ -d "$dir/pg/data" ]; then as_postgres "$PG_BIN/pg_ctl" -D "$dir/pg/data" -m immediate stop >/dev/null 2>&1 || true; fi
 }
 

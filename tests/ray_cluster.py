@@ -67,16 +67,24 @@ class RayHead:
     process: subprocess.Popen
 
     @classmethod
-    def start(cls, resources: dict[str, float], num_cpus: int = 2) -> "RayHead":
+    def start(
+        cls, resources: dict[str, float], num_cpus: int = 2, *, gcs_redis: str | None = None
+    ) -> "RayHead":
+        """``gcs_redis``: GCS fault tolerance, its tables in this Redis (under
+        a namespace of this head's own). Then `ray start` does not block: a
+        blocking one tears the node down when the GCS dies."""
         port, dashboard, client, agent, metrics = free_ports(5)
         temp_dir = Path(tempfile.mkdtemp(prefix="crt-", dir="/tmp"))
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
+        if gcs_redis:
+            env["RAY_REDIS_ADDRESS"] = gcs_redis
+            env["RAY_external_storage_namespace"] = temp_dir.name
         process = subprocess.Popen(
             [
                 str(BIN / "ray"),
                 "start",
                 "--head",
-                "--block",
+                *([] if gcs_redis else ["--block"]),
                 "--disable-usage-stats",
                 f"--port={port}",
                 f"--num-cpus={num_cpus}",
@@ -97,6 +105,8 @@ class RayHead:
         )
         head = cls(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", temp_dir, process)
         try:
+            if gcs_redis and process.wait(timeout=120) != 0:
+                raise RuntimeError(f"ray start: {(temp_dir / 'head.log').read_text()[-3000:]}")
             wait_for(head._dashboard_up, timeout_s=90, interval_s=0.5, what="the Ray head")
         except BaseException:
             head.stop()
@@ -104,7 +114,7 @@ class RayHead:
         return head
 
     def _dashboard_up(self) -> bool:
-        if self.process.poll() is not None:
+        if self.process.poll() not in (None, 0):
             raise RuntimeError(
                 f"ray start exited: {(self.temp_dir / 'head.log').read_text()[-3000:]}"
             )
