@@ -11,8 +11,9 @@ are delegated: ``/sys/fs/cgroup/chronoray`` by
 default (``CHRONORAY_CGROUP_V2_ROOT``). Where neither can be written, runs
 keep the rlimits alone (``detect`` says which, once, at executor start).
 
-No cpu cgroup; the tier's CPU weight is the script's nice value
-(``nice_for``). Three cpu-cgroup layouts were measured and dropped: a cgroup
+No cpu cgroup; the tier's CPU weight is its scripts' session autogroup
+nice, set half a second after launch (``actors.sandbox.weigh_session``).
+Three cpu-cgroup layouts were measured and dropped: a cgroup
 per run under one parent of default weight made the launch → first line
 p50 248 ms and p99 4.3 s under chaos scenario 2's load (memory and pids
 alone: 43 ms and 374 ms); a group per tier under a parent of 2048, p50
@@ -21,10 +22,7 @@ two processes against each control-plane process); a group per executor
 beside the control plane weighing one process per slot, p50 19 ms and p99
 196 ms (nice: 22 ms and 329 ms), but a fork bomb in it held its executor
 off the CPU: the 3 s timeout's kill landed after 3.75-5.2 s instead of
-3.05-3.10 s, and executors were declared lost in the hostile test.
-Where the kernel groups sessions (autogroup, on here) the nice value weighs
-only inside the script's own session, so every script weighs as one nice-0
-process whatever its tier (README, sandbox)."""
+3.05-3.10 s, and executors were declared lost in the hostile test."""
 
 from __future__ import annotations
 

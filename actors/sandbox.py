@@ -99,6 +99,24 @@ def interpreter_command(interpreter: Interpreter) -> list[str]:
 
 
 FULL_CPU_WEIGHT = 400
+# A script's session takes its tier's weight this long after its launch: it
+# starts at the weight of any session, so a weak tier's start is as quick.
+SESSION_WEIGHT_AFTER_S = 0.5
+
+
+def weigh_session(pid: int, cpu_weight: int) -> bool:
+    """Give the session led by ``pid`` the tier's CPU weight as its
+    autogroup nice (``nice_for``). Where the kernel groups each session for
+    scheduling (autogroup), this, not a process's nice, is what weighs the
+    script tree against everything else. False where it cannot."""
+    nice = nice_for(cpu_weight)
+    if nice == 0 or not AUTOGROUP_ON:
+        return False
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(f"{nice}\n")
+        return True
+    except OSError:  # gone already, or not ours to change
+        return False
 
 
 def nice_for(cpu_weight: int) -> int:
@@ -195,6 +213,8 @@ class Isolation:
 
 
 PRLIMIT = shutil.which("prlimit") or "/usr/bin/prlimit"
+AUTOGROUP_FILE = Path("/proc/sys/kernel/sched_autogroup_enabled")
+AUTOGROUP_ON = AUTOGROUP_FILE.exists() and AUTOGROUP_FILE.read_text().strip() == "1"
 SH = "/bin/sh"
 NICE = shutil.which("nice") or "/usr/bin/nice"
 SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
@@ -477,6 +497,9 @@ async def run_script(
             )
         if on_start is not None:
             on_start(proc.pid)
+        weighed = asyncio.get_running_loop().call_later(
+            SESSION_WEIGHT_AFTER_S, weigh_session, proc.pid, limits.cpu_weight
+        )
         child = _Child(proc, limits.output_bytes)
         timed_out = False
         try:
@@ -484,9 +507,11 @@ async def run_script(
         except asyncio.TimeoutError:
             timed_out = True
         except asyncio.CancelledError:  # the attempt was cancelled: stop the script
+            weighed.cancel()
             kill_group(proc.pid)
             child.abandon_output()
             raise
+        weighed.cancel()
         # Grandchildren may still run: end the group (and with it the PID
         # namespace, whose PID 1 is in the group).
         kill_group(proc.pid)

@@ -187,3 +187,59 @@ def test_run_cgroups_are_used_again_and_those_of_gone_executors_removed(tmp_path
     (gone / "run-x").mkdir(parents=True)
     CgroupPool(SUPPORT)
     assert not gone.exists()
+
+
+BUSY_ON_CPU_0 = """
+taskset -c 0 python3 -c '
+import os, time
+end = time.time() + 4
+while time.time() < end:
+    pass
+times = os.times()
+print(f"{times.user + times.system:.3f}")
+'
+"""
+AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
+
+
+needs_autogroup = pytest.mark.skipif(
+    not AUTOGROUP.exists() or AUTOGROUP.read_text().strip() != "1",
+    reason="the tier's weight is its scripts' session autogroup nice: needs autogroup",
+)
+
+
+@needs_autogroup
+def test_a_script_session_takes_its_tiers_weight_after_its_start(tmp_path):
+    body = "cat /proc/self/autogroup; sleep 1; cat /proc/self/autogroup"
+    outcome = run(tmp_path, body, SandboxLimits(cpu_weight=100))
+    first, later = outcome.output_tail.splitlines()
+    assert first.endswith("nice 0") and later.endswith(f"nice {nice_for(100)}"), outcome
+    assert first.split()[0] == later.split()[0]  # one session's autogroup, weighed
+
+
+@needs_autogroup
+def test_tier_cpu_weights_hold_between_busy_scripts(tmp_path):
+    """Two scripts busy on one CPU at once for 4 s, of weight 100 and 400:
+    the stronger gets about four times the CPU once both have started
+    (each runs in a session of its own, so the weight is its session's, not
+    its process's nice; the first 0.5 s both weigh as any session)."""
+
+    async def both():
+        async def busy(weight: int, name: str):
+            script = tmp_path / name
+            script.write_text(BUSY_ON_CPU_0)
+            script.chmod(0o644)
+            return await run_script(
+                script_path=script,
+                interpreter=Interpreter.BASH,
+                variables={},
+                timeout_s=20,
+                limits=SandboxLimits(cpu_weight=weight),
+            )
+
+        return await asyncio.gather(busy(100, "weak"), busy(400, "strong"))
+
+    weak, strong = asyncio.run(both())
+    weak_s, strong_s = float(weak.output_tail), float(strong.output_tail)
+    print(f"CPU seconds in 4 s on one CPU: weight 100 {weak_s}, weight 400 {strong_s}")
+    assert strong_s > 2.5 * weak_s, (weak_s, strong_s)
