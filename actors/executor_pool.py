@@ -267,14 +267,21 @@ class ExecutorPoolShell:
     async def _tick_forever(self) -> None:
         from actors.handles import dispatcher_handle
 
+        dispatcher = None
         while True:
             await asyncio.sleep(self._settings.pool_timing.heartbeat_s)
             demand: dict[str, int] = {}
             try:
-                dispatcher = dispatcher_handle(self._settings.namespace)
+                # Looked up once, and again only after a failure: a lookup asks
+                # the GCS, and while the GCS is down it would hold this loop
+                # (and the heartbeats it answers).
+                if dispatcher is None:
+                    dispatcher = await asyncio.wait_for(
+                        asyncio.to_thread(dispatcher_handle, self._settings.namespace), timeout=2
+                    )
                 demand = await asyncio.wait_for(dispatcher.demand.remote(), timeout=2)
             except Exception:
-                pass  # not deployed yet, or restarting: size for the minimum
+                dispatcher = None  # not deployed yet, or restarting: size for the minimum
             try:
                 self._pool.tick(demand)
             except Exception:

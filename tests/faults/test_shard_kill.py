@@ -21,15 +21,17 @@ def test_killed_shard_restarts_and_every_task_runs_once(deployment, client, tmp_
     settings = deployment.settings
     ledger = shared_file(tmp_path, "ledger")
     client.register_script("ledger-kill.sh", f'echo "$CHRONORAY_TASK_ID" >> {ledger}')
-    # 100 tasks spread over the next 10 s, all inside ranges of one shard.
+    # 100 tasks over 8 s, all in one range (so one shard owns them): from
+    # 2 s on, or from the next range's start when this one ends sooner.
     now = datetime.now(timezone.utc)
     first = now + timedelta(seconds=2)
-    victim = settings.wheel.shard_of(first)
+    wheel = settings.wheel
+    if wheel.range_of(first + timedelta(seconds=8.5)) != wheel.range_of(first):
+        next_range = (wheel.range_of(first) + 1) * wheel.range_s
+        first = datetime.fromtimestamp(next_range + 0.5, timezone.utc)
+    victim = wheel.shard_of(first)
     times = [first + timedelta(milliseconds=80 * i) for i in range(100)]
-    times = [
-        t if settings.wheel.shard_of(t) == victim else t + timedelta(seconds=settings.range_s)
-        for t in times
-    ]
+    assert {wheel.shard_of(t) for t in times} == {victim}
     tasks = client.submit_many(
         [{"script": "ledger-kill.sh", "execute_at": t, "max_attempts": 1} for t in times]
     )
@@ -38,7 +40,8 @@ def test_killed_shard_restarts_and_every_task_runs_once(deployment, client, tmp_
 
     handle = shard_handle(victim, settings.namespace)
     pid = ray.get(handle.pid.remote())
-    time.sleep(3)  # some of the tasks have fired, most are still to come
+    # some of the tasks have fired, most are still to come
+    time.sleep(max(0.0, (first - datetime.now(timezone.utc)).total_seconds() + 1))
     os.kill(pid, signal.SIGKILL)
     assert ray.get(handle.pid.remote(), timeout=60) != pid  # restarted by Ray
 
