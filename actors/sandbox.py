@@ -507,11 +507,11 @@ async def run_script(
         except asyncio.TimeoutError:
             timed_out = True
         except asyncio.CancelledError:  # the attempt was cancelled: stop the script
-            weighed.cancel()
             kill_group(proc.pid)
             child.abandon_output()
             raise
-        weighed.cancel()
+        finally:
+            weighed.cancel()
         # Grandchildren may still run: end the group (and with it the PID
         # namespace, whose PID 1 is in the group).
         kill_group(proc.pid)

@@ -16,10 +16,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from actors.sandbox import SandboxLimits
+from chronoray.settings import ENV_PREFIX, Settings, data_dir_from, with_networks
 from scheduling.lifecycle import RetryPolicy
 from scheduling.tiers import NetworkPolicy, PoolTiming, Tier, TierTable, local_tiers
 
-ENV_PREFIX = "CHRONORAY_"
 CONFIG_VARIABLE = f"{ENV_PREFIX}CONFIG"
 
 # Each setting a top-level key of the file and a CHRONORAY_<KEY> variable set,
@@ -137,7 +137,7 @@ FileConfig = create_model(  # type: ignore[call-overload]
 class Loaded:
     """The effective settings and where each came from."""
 
-    settings: Any  # chronoray.settings.Settings (imported lazily: it imports this)
+    settings: Settings
     sources: dict[str, str]  # setting → "default", "FILE:LINE" or "CHRONORAY_X"
     tier_lines: dict[str, str]  # tier name → "FILE:LINE" of its entry
     cluster_config: Path | None = None
@@ -156,8 +156,6 @@ def load(
     config: Path | None = None,
 ) -> Loaded:
     """Defaults, then the config file, then the environment."""
-    from chronoray.settings import Settings, data_dir_from
-
     env = os.environ if env is None else env
     path = config_path(config, env)
     values: dict[str, Any] = {}
@@ -209,8 +207,6 @@ def load(
 
 
 def _settings_values(values: dict[str, Any], tiers: TierTable, pool: PoolTiming) -> dict:
-    from chronoray.settings import with_networks
-
     out = {k: v for k, v in values.items() if k not in _DERIVED}
     out["tiers"], out["pool_timing"] = tiers, pool
     if values.get("database_replica_urls"):

@@ -43,6 +43,10 @@ class Tier:
     def most_executors(self) -> int:
         return max(self.executors, self.max_executors)
 
+    def asks(self) -> dict[str, float]:
+        """The resources one executor takes of its node (CPU among them)."""
+        return {**self.resources, **({"CPU": self.num_cpus} if self.num_cpus else {})}
+
     def actor_options(self) -> dict[str, Any]:
         """Ray actor options that place an executor of this tier."""
         options: dict[str, Any] = {"num_cpus": self.num_cpus, "resources": dict(self.resources)}
@@ -282,9 +286,7 @@ def homeless_tiers(table: TierTable, nodes: Sequence[NodeOffer]) -> dict[str, st
     would keep their executors pending forever."""
     problems: dict[str, str] = {}
     for tier in table:
-        wanted = {**tier.resources}
-        if tier.num_cpus:
-            wanted["CPU"] = tier.num_cpus
+        wanted = tier.asks()
         fits = [
             node
             for node in nodes

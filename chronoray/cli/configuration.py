@@ -89,8 +89,7 @@ def show(
     ordered = list(settings.tiers)
     for i, tier in enumerate(ordered):
         top = ordered[i + 1].min_priority - 1 if i + 1 < len(ordered) else None
-        asks = {**tier.resources, **({"CPU": tier.num_cpus} if tier.num_cpus else {})}
-        placed = ", ".join(f"{k}={v:g}" for k, v in asks.items())
+        placed = ", ".join(f"{k}={v:g}" for k, v in tier.asks().items())
         if tier.labels:
             placed += " on " + ", ".join(f"{k}={v}" for k, v in tier.labels.items())
         tiers.add_row(
