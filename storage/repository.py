@@ -31,7 +31,7 @@ from scheduling.models import (
     TaskStatus,
     User,
 )
-from scheduling.schedules import NewSchedule, Schedule
+from scheduling.schedules import NewSchedule, OverlapPolicy, Schedule
 from scheduling.tiers import TierTable
 from scheduling.timeline import Wheel
 
@@ -170,13 +170,50 @@ class ScheduleStore(Protocol):
     def schedule_history(
         self, schedule_id: int, *, owner_id: int, limit: int = 100
     ) -> list[dict[str, Any]]: ...
+    def backfill_schedule(
+        self,
+        schedule_id: int,
+        *,
+        owner_id: int,
+        fires: Sequence[datetime],
+        overlap: OverlapPolicy,
+        now: datetime,
+    ) -> list[tuple[int, datetime]]: ...
+    def schedule_occurrences(
+        self, schedule_ids: Sequence[int], *, owner_id: int, start: datetime, end: datetime
+    ) -> tuple[dict[int, list[tuple[int, datetime, TaskStatus]]], dict[int, list[Run]]]: ...
+
+
+@dataclass(frozen=True)
+class ConsoleSession:
+    """A console sign-in: only the session id's and the token's SHA-256 are stored."""
+
+    session_hash: str
+    token_hash: str | None  # None for the admin
+    admin: bool
+    csrf_token: str
+    created_at: datetime
+    expires_at: datetime
+
+
+class ConsoleStore(Protocol):
+    """The console's sign-ins and the figures its overview shows."""
+
+    def task_counts(self, owner_id: int) -> dict[str, int]: ...
+    def queued_by_priority(self, owner_id: int) -> dict[int, int]: ...
+    def recent_starts(
+        self, owner_id: int, *, since: datetime
+    ) -> list[tuple[datetime, float, str]]: ...
+    def add_console_session(self, session: ConsoleSession) -> None: ...
+    def console_session(self, session_hash: str, *, now: datetime) -> ConsoleSession | None: ...
+    def end_console_session(self, session_hash: str) -> None: ...
 
 
 class ShardStore(TaskStore, FiringStore, Protocol):
     """What a shard asks: its submissions' group commit and the run path."""
 
 
-class Repository(Accounts, ScriptStore, TaskStore, ScheduleStore, Protocol):
+class Repository(Accounts, ScriptStore, TaskStore, ScheduleStore, ConsoleStore, Protocol):
     """Everything the service asks of storage."""
 
     tracks_writes: bool  # reads may go to replicas: note_write after a user's writes

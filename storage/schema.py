@@ -151,6 +151,9 @@ tasks = Table(
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
     Column("lost_count", Integer, nullable=False, server_default="0"),
+    # set on occurrences a backfill created: they run under this overlap
+    # policy, are never misfires and do not move the schedule's plan
+    Column("backfill_overlap", String(16), nullable=True),
     UniqueConstraint("schedule_id", "nominal_at", name="uq_tasks_schedule_occurrence"),
     UniqueConstraint("owner_id", "idempotency_key", name="uq_tasks_owner_idempotency_key"),
     UniqueConstraint("request_id", name="uq_tasks_request_id"),
@@ -176,6 +179,20 @@ runs = Table(
     Column("output_tail", Text, nullable=False),
     Column("failure", String(32), nullable=True),
     UniqueConstraint("task_id", "attempt", name="uq_runs_task_attempt"),
+    Index("ix_runs_started_at", "started_at"),  # the console's last-hour charts
+)
+
+# Console sign-ins: a random session id (only its SHA-256 stored) for the
+# API token it was exchanged for; that token's revocation ends the session.
+console_sessions = Table(
+    "console_sessions",
+    metadata,
+    Column("session_hash", String(64), primary_key=True),
+    Column("token_hash", String(64), nullable=True),  # NULL for the admin
+    Column("admin", Boolean, nullable=False),
+    Column("csrf_token", String(64), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
 )
 
 # A shard's epoch rises every time it (re)starts; a claim names the epoch it

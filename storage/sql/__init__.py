@@ -25,14 +25,15 @@ from scheduling.models import (
     SubmitResult,
     Task,
     TaskSpec,
+    TaskStatus,
     User,
 )
-from scheduling.schedules import MisfireRules, NewSchedule, Schedule
+from scheduling.schedules import MisfireRules, NewSchedule, OverlapPolicy, Schedule
 from scheduling.tiers import TierTable
 from scheduling.timeline import Wheel
 from storage.engines import make_engine
-from storage.repository import Claimed, OutcomeHook, TaskQuery
-from storage.sql import accounts, firing, rows, schedules, scripts, tasks
+from storage.repository import Claimed, ConsoleSession, OutcomeHook, TaskQuery
+from storage.sql import accounts, firing, rows, schedules, scripts, stats, tasks
 from storage.sql.replicas import Databases
 
 
@@ -290,6 +291,53 @@ class SqlTaskRepository:
     ) -> tuple[int, datetime]:
         with self.databases.begin() as conn:
             return schedules.trigger(conn, schedule_id, owner_id=owner_id, now=now)
+
+    def backfill_schedule(
+        self,
+        schedule_id: int,
+        *,
+        owner_id: int,
+        fires: Sequence[datetime],
+        overlap: OverlapPolicy,
+        now: datetime,
+    ) -> list[tuple[int, datetime]]:
+        with self.databases.begin() as conn:
+            return schedules.backfill(
+                conn, schedule_id, owner_id=owner_id, fires=fires, overlap=overlap, now=now
+            )
+
+    def schedule_occurrences(
+        self, schedule_ids: Sequence[int], *, owner_id: int, start: datetime, end: datetime
+    ) -> tuple[dict[int, list[tuple[int, datetime, TaskStatus]]], dict[int, list[Run]]]:
+        """The caller checked that ``owner_id`` owns each schedule."""
+        with self.databases.read(owner_id) as conn:
+            return schedules.occurrences_between(conn, schedule_ids, start=start, end=end)
+
+    # -- the console's figures -------------------------------------------------
+    def task_counts(self, owner_id: int) -> dict[str, int]:
+        with self.databases.read(owner_id) as conn:
+            return stats.status_counts(conn, owner_id)
+
+    def queued_by_priority(self, owner_id: int) -> dict[int, int]:
+        with self.databases.read(owner_id) as conn:
+            return stats.queued_by_priority(conn, owner_id)
+
+    def recent_starts(self, owner_id: int, *, since: datetime) -> list[tuple[datetime, float, str]]:
+        with self.databases.read(owner_id) as conn:
+            return stats.recent_starts(conn, owner_id, since=since)
+
+    # -- console sessions (always the primary: a logout ends one at once) ------
+    def add_console_session(self, session: ConsoleSession) -> None:
+        with self.databases.begin() as conn:
+            stats.add_session(conn, session)
+
+    def console_session(self, session_hash: str, *, now: datetime) -> ConsoleSession | None:
+        with self.databases.begin() as conn:
+            return stats.get_session(conn, session_hash, now=now)
+
+    def end_console_session(self, session_hash: str) -> None:
+        with self.databases.begin() as conn:
+            stats.end_session(conn, session_hash)
 
     def schedule_history(
         self, schedule_id: int, *, owner_id: int, limit: int = 100

@@ -242,6 +242,51 @@ def trigger(
     return task_id, now
 
 
+def backfill(
+    conn: Connection,
+    schedule_id: int,
+    *,
+    owner_id: int,
+    fires: Sequence[datetime],
+    overlap: OverlapPolicy,
+    now: datetime,
+) -> list[tuple[int, datetime]]:
+    """An occurrence for each nominal time that has none, due now; a time
+    that has one (run, skipped, or backfilled before) is left alone, so a
+    backfill sent twice creates nothing the second time."""
+    schedule = get_schedule(conn, schedule_id, owner_id=owner_id, lock=True)
+    created = []
+    for nominal in fires:
+        task_id = insert_occurrence(
+            conn, schedule, nominal, now=now, execute_at=now, backfill_overlap=overlap.value
+        )
+        if task_id is not None:
+            created.append((task_id, now))
+    return created
+
+
+def occurrences_between(
+    conn: Connection, schedule_ids: Sequence[int], *, start: datetime, end: datetime
+) -> tuple[dict[int, list[tuple[int, datetime, TaskStatus]]], dict[int, list[Any]]]:
+    """Occurrences of each schedule with a nominal time in [start, end)
+    (the unique key's index), and their runs."""
+    if not schedule_ids:
+        return {}, {}
+    found = conn.execute(
+        select(tasks.c.schedule_id, tasks.c.task_id, tasks.c.nominal_at, tasks.c.status).where(
+            tasks.c.schedule_id.in_(list(schedule_ids)),
+            tasks.c.nominal_at >= start,
+            tasks.c.nominal_at < end,
+        )
+    ).all()
+    by_schedule: dict[int, list[tuple[int, datetime, TaskStatus]]] = {}
+    for r in found:
+        by_schedule.setdefault(r.schedule_id, []).append(
+            (r.task_id, r.nominal_at, TaskStatus(r.status))
+        )
+    return by_schedule, rows.runs_of(conn, [r.task_id for r in found])
+
+
 def fire_occurrences(
     conn: Connection,
     task_ids: Sequence[int],
@@ -262,6 +307,7 @@ def fire_occurrences(
                 tasks.c.status,
                 tasks.c.buffered,
                 tasks.c.bucket,
+                tasks.c.backfill_overlap,
             ).where(tasks.c.task_id == task_id)
         ).first()
         if row is None or row.status != TaskStatus.SCHEDULED.value:
@@ -270,6 +316,11 @@ def fire_occurrences(
             schedule = get_schedule(conn, row.schedule_id, owner_id=None, lock=True)
         except ScheduleNotFound:
             continue  # deleted: its pending occurrences were cancelled
+        backfilled = row.backfill_overlap is not None
+        if backfilled:  # asked for on purpose: never a misfire, runs while paused
+            schedule = replace(
+                schedule, paused=False, overlap_policy=OverlapPolicy(row.backfill_overlap)
+            )
         others = and_(tasks.c.schedule_id == schedule.schedule_id, tasks.c.task_id != task_id)
         in_flight = conn.execute(
             select(func.count()).where(others, tasks.c.status.in_(IN_FLIGHT))
@@ -289,7 +340,7 @@ def fire_occurrences(
             in_flight=in_flight,
             waiting_before=waiting_before,
             rules=rules,
-            buffered=row.buffered,
+            buffered=row.buffered or backfilled,
         )
         # SKIP and CLAIM both move a scheduled occurrence: one condition serves both
         this = and_(
@@ -347,6 +398,14 @@ def fire_occurrences(
                     outcome.fired.append(extra_id)
         else:  # Action.WAIT: stays scheduled, fires when the run in flight ends
             conn.execute(update(tasks).where(this).values(buffered=True, updated_at=now))
+        if backfilled:  # beside the plan: it neither moves nor extends it
+            if plan.skipped:
+                conn.execute(
+                    update(schedules)
+                    .where(schedules.c.schedule_id == schedule.schedule_id)
+                    .values(skipped_fires=schedules.c.skipped_fires + plan.skipped)
+                )
+            continue
         conn.execute(
             update(schedules)
             .where(schedules.c.schedule_id == schedule.schedule_id)

@@ -34,8 +34,9 @@ def owner(repo):
 
 
 def create(repo, owner, **kw):
+    now = kw.pop("now", T - timedelta(seconds=30))
     new = NewSchedule(owner_id=owner, script_name="tick.sh", cron=kw.pop("cron", "* * * * *"), **kw)
-    return repo.add_schedule(new, now=kw.pop("now", T - timedelta(seconds=30)))
+    return repo.add_schedule(new, now=now)
 
 
 def occurrences(repo, schedule_id):
@@ -275,3 +276,56 @@ def _exists(repo, task_id) -> bool:
         return True
     except TaskNotFound:
         return False
+
+
+def test_backfill_creates_each_missing_time_once_and_fires_them_beside_the_plan(repo, owner):
+    """Backfilled times an hour old are no misfires (the schedule skips
+    misfires), fire under the backfill's overlap policy, and neither move
+    the plan nor add occurrences after them; a second backfill adds nothing."""
+    now = T + timedelta(hours=1)
+    schedule, _ = create(
+        repo, owner, cron="*/10 * * * *", misfire_policy=MisfirePolicy.SKIP, now=now
+    )
+    sid = schedule.schedule_id
+    before = occurrences(repo, sid)
+    window = [T + timedelta(minutes=10 * i) for i in range(6)]
+    created = repo.backfill_schedule(
+        sid, owner_id=owner, fires=window, overlap=OverlapPolicy.ALLOW, now=now
+    )
+    assert len(created) == 6 and {at for _, at in created} == {now}
+    again = repo.backfill_schedule(
+        sid, owner_id=owner, fires=window, overlap=OverlapPolicy.ALLOW, now=now
+    )
+    assert again == []
+    claimed = fire(repo, [task_id for task_id, _ in created], now)
+    assert sorted(s.nominal_at for s in claimed.specs) == window
+    assert claimed.follow_ups == []  # no chain from a backfilled time
+    after = repo.get_schedule(sid, owner_id=owner)
+    assert after.next_fire_at == schedule.next_fire_at and after.missed_fires == 0
+    assert len(occurrences(repo, sid)) == len(before) + 6
+
+
+def test_backfill_under_skip_runs_one_time_while_another_is_in_flight(repo, owner):
+    now = T + timedelta(hours=1)
+    schedule, _ = create(repo, owner, cron="*/10 * * * *", now=now)
+    window = [T, T + timedelta(minutes=10), T + timedelta(minutes=20)]
+    created = repo.backfill_schedule(
+        schedule.schedule_id, owner_id=owner, fires=window, overlap=OverlapPolicy.SKIP, now=now
+    )
+    claimed = fire(repo, [task_id for task_id, _ in created], now)
+    assert [s.nominal_at for s in claimed.specs] == [T]
+    statuses = {o.nominal_at: o.status for o in occurrences(repo, schedule.schedule_id)}
+    assert [statuses[at] for at in window] == ["queued", "skipped", "skipped"]
+    assert repo.get_schedule(schedule.schedule_id, owner_id=owner).skipped_fires == 2
+
+
+def test_occurrences_between_reads_a_window_with_runs(repo, owner):
+    schedule, (task_id, at) = create(repo, owner)
+    [spec] = fire(repo, [task_id], T).specs
+    repo.mark_running([spec], lease_grace_s=30, now=T)
+    finish(repo, spec, T + timedelta(seconds=1))
+    stored, runs = repo.schedule_occurrences(
+        [schedule.schedule_id], owner_id=owner, start=T, end=T + timedelta(seconds=1)
+    )
+    assert stored == {schedule.schedule_id: [(task_id, T, TaskStatus.SUCCEEDED)]}
+    assert [r.attempt for r in runs[task_id]] == [1]

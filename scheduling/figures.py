@@ -1,0 +1,48 @@
+"""The console's figures from plain records: percentiles and a fire-lag
+series over time."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in [0, 100]); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass(frozen=True)
+class LagBin:
+    start: datetime
+    fires: int
+    p50_ms: float | None
+    p99_ms: float | None
+
+
+def lag_series(
+    starts: Sequence[tuple[datetime, float]], *, since: datetime, until: datetime, bin_s: float
+) -> list[LagBin]:
+    """Starts (time, lag ms) grouped into bins of ``bin_s`` from ``since``:
+    each bin's count and lag p50/p99 (None in a bin without starts)."""
+    count = max(1, math.ceil((until - since).total_seconds() / bin_s))
+    bins: list[list[float]] = [[] for _ in range(count)]
+    for at, lag_ms in starts:
+        index = int((at - since).total_seconds() // bin_s)
+        if 0 <= index < count:
+            bins[index].append(lag_ms)
+    return [
+        LagBin(
+            start=since + timedelta(seconds=i * bin_s),
+            fires=len(lags),
+            p50_ms=percentile(lags, 50),
+            p99_ms=percentile(lags, 99),
+        )
+        for i, lags in enumerate(bins)
+    ]
