@@ -87,10 +87,18 @@ class ShardRouter:
     (each group-commits what it receives), and asks the dispatcher and the
     pool what they know. Every call is bounded by ``timeout_s``."""
 
-    def __init__(self, *, wheel: Wheel, namespace: str, timeout_s: float = CALL_TIMEOUT_S):
+    def __init__(
+        self,
+        *,
+        wheel: Wheel,
+        namespace: str,
+        timeout_s: float = CALL_TIMEOUT_S,
+        zookeeper_hosts: str | None = None,
+    ):
         self._wheel = wheel
         self._namespace = namespace
         self._timeout_s = timeout_s
+        self._zookeeper_hosts = zookeeper_hosts
 
     async def _call(self, shard: int, method: str, *args):
         return await call_shard(shard, self._namespace, method, *args, timeout_s=self._timeout_s)
@@ -136,6 +144,17 @@ class ShardRouter:
             return await asyncio.wait_for(pool.status.remote(), timeout=POOL_TIMEOUT_S)
         except Exception as exc:
             raise Unavailable(f"executor pool not reachable: {type(exc).__name__}") from None
+
+    async def mirror(self) -> dict | None:
+        """The ZooKeeper mirror's tree (None: no mirror configured)."""
+        if not self._zookeeper_hosts:
+            return None
+        from actors.zk_mirror import read_tree
+
+        try:
+            return await asyncio.to_thread(read_tree, self._zookeeper_hosts, timeout_s=2.0)
+        except Exception as exc:
+            raise Unavailable(f"ZooKeeper mirror not reachable: {type(exc).__name__}") from None
 
     async def metrics(self) -> dict[str, list | None]:
         """Every actor's Prometheus metric families, by source; a source that

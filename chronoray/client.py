@@ -15,11 +15,12 @@ from typing import Any, TypeVar
 import ray
 
 from actors.handles import DRIVER_CALL_TIMEOUT_S, ShardRouter, dispatcher_handle
+from scheduling.audit import Audit
 from scheduling.errors import ChronorayError, Forbidden
 from scheduling.models import ApiToken, Interpreter, Run, Script, Task, User
 from scheduling.schedules import Schedule
-from service.core import Service, TaskView
-from service.requests import ScheduleIn, SchedulePatch, TaskIn, TokenIn, UserIn
+from service.core import DEFAULT_LATE_S, BackfillResult, Service, TaskView
+from service.requests import BackfillIn, ScheduleIn, SchedulePatch, TaskIn, TokenIn, UserIn
 from storage.sql import SqlTaskRepository
 
 T = TypeVar("T")
@@ -197,3 +198,39 @@ class Client:
 
     def schedule_history(self, schedule_id: int, *, limit: int = 100) -> list[dict]:
         return _run(self._service.schedule_history(self.owner_id, schedule_id, limit))
+
+    def backfill_schedule(
+        self,
+        schedule_id: int,
+        start: datetime | str,
+        end: datetime | str,
+        *,
+        overlap_policy: str = "allow",
+    ) -> BackfillResult:
+        """As ``POST /v1/schedules/{id}/backfill``: every time of [start, end)
+        that has no occurrence yet runs once."""
+        body = BackfillIn.parse({"from": start, "to": end, "overlap_policy": overlap_policy})
+        return _run(self._service.backfill_schedule(self.owner_id, schedule_id, body))
+
+    def audit_schedule(
+        self,
+        schedule_id: int,
+        start: datetime | str | None = None,
+        end: datetime | str | None = None,
+        *,
+        late_after_s: float = DEFAULT_LATE_S,
+    ) -> Audit:
+        """As ``GET /v1/schedules/{id}/audit``: expected fires against what ran."""
+        since = start.isoformat() if isinstance(start, datetime) else start
+        until = end.isoformat() if isinstance(end, datetime) else end
+        return _run(
+            self._service.audit_schedule(
+                self.owner_id, schedule_id, start=since, end=until, late_after_s=late_after_s
+            )
+        )[1]
+
+    def preview_expression(
+        self, cron: str, timezone: str = "UTC", *, count: int = 5
+    ) -> list[datetime]:
+        """As ``GET /v1/schedules:preview``: the next fires of an expression."""
+        return _run(self._service.preview_expression(cron, timezone, count))

@@ -94,6 +94,9 @@ class Settings:
     rate_limit_burst: int = 400
     max_active_tasks: int = 100_000  # per user: scheduled, queued or running
     max_schedules: int = 1_000  # per user, not deleted
+    max_backfill_fires: int = 1_000  # occurrences one backfill may create (422 beyond)
+    max_audit_fires: int = 10_080  # expected times one audit compares (a week of minutes)
+    console_session_s: float = 12 * 3600.0  # a console sign-in lasts this long
     # read replicas: get/list queries go there; writes always to database_url
     database_replica_urls: tuple[str, ...] = ()
 

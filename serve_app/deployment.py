@@ -28,7 +28,11 @@ class ChronorayIngress:
         from serve_app.app import create_api
         from service.core import Service
 
-        router = ShardRouter(wheel=self._settings.wheel, namespace=self._settings.namespace)
+        router = ShardRouter(
+            wheel=self._settings.wheel,
+            namespace=self._settings.namespace,
+            zookeeper_hosts=self._settings.zookeeper_hosts,
+        )
         return create_api(Service(repo=self._repo, router=router, settings=self._settings))
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from scheduling.audit import Audit
 from scheduling.models import ApiToken, Run, Script, Task, User
 from scheduling.schedules import Schedule
+from service.core import BackfillResult
 
 
 def user_out(user: User) -> dict:
@@ -131,5 +133,40 @@ def history_out(entry: dict) -> dict:
                 "exit_code": run.exit_code,
             }
             for run in entry["runs"]
+        ],
+    }
+
+
+def backfill_out(result: BackfillResult) -> dict:
+    return {
+        "schedule_id": result.schedule_id,
+        "fires": [_iso(at) for at in result.fires],
+        "created": result.created,
+        "existing": len(result.fires) - len(result.created),
+    }
+
+
+def audit_out(
+    schedule_id: int, found: Audit, since: datetime, until: datetime, late_after_s: float
+) -> dict:
+    return {
+        "schedule_id": schedule_id,
+        "from": _iso(since),
+        "to": _iso(until),
+        "late_after_s": late_after_s,
+        "expected": found.expected,
+        "ran": found.ran,
+        "missed": found.count("missed"),
+        "late": found.count("late"),
+        "duplicated": found.count("duplicated"),
+        "findings": [
+            {
+                "nominal_at": _iso(f.nominal_at),
+                "kind": f.kind,
+                "task_id": f.task_id,
+                "lag_s": f.lag_s,
+                "detail": f.detail,
+            }
+            for f in found.findings
         ],
     }

@@ -13,11 +13,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from scheduling.errors import Forbidden, RateLimited, Unauthorized
 from scheduling.models import ApiToken
-from storage.repository import Accounts
+from storage.repository import Accounts, ConsoleSession, ConsoleStore
 
 TOKEN_PREFIX = "cr_"
 
@@ -127,3 +127,53 @@ class RateLimiter:
                     f"over {self._per_s:g} requests/s for this user", retry_after_s=wait_s
                 )
             self._buckets[user_id] = (tokens - 1.0, now)
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who a console page is shown to: the caller its session speaks for,
+    and the session's CSRF token (every form sends it back)."""
+
+    caller: Caller
+    csrf_token: str
+    session_hash: str
+
+
+class ConsoleSessions:
+    """An API token exchanged for a console session: the browser keeps a
+    random session id in an HttpOnly cookie, the database its SHA-256 and
+    the token's (never the token), so revoking the token or signing out
+    ends the session at once, on every API replica."""
+
+    def __init__(self, store: ConsoleStore, accounts: Accounts, *, lifetime_s: float) -> None:
+        self._store, self._accounts, self._lifetime_s = store, accounts, lifetime_s
+
+    def sign_in(self, caller: Caller, token: str, *, now: datetime) -> tuple[str, Viewer]:
+        """The new session's id (for the cookie) and who it shows pages to."""
+        session_id = secrets.token_urlsafe(32)
+        session = ConsoleSession(
+            session_hash=token_hash(session_id),
+            token_hash=None if caller.admin else token_hash(token),
+            admin=caller.admin,
+            csrf_token=secrets.token_urlsafe(32),
+            created_at=now,
+            expires_at=now + timedelta(seconds=self._lifetime_s),
+        )
+        self._store.add_console_session(session)
+        return session_id, Viewer(caller, session.csrf_token, session.session_hash)
+
+    def viewer(self, session_id: str, *, now: datetime) -> Viewer:
+        session = self._store.console_session(token_hash(session_id), now=now)
+        if session is None:
+            raise Unauthorized("sign in again: no session, or it ended", "session")
+        if session.admin:
+            return Viewer(Caller(admin=True), session.csrf_token, session.session_hash)
+        assert session.token_hash is not None
+        user_id = self._accounts.user_for_token(session.token_hash)
+        if user_id is None:  # the token was revoked since
+            self._store.end_console_session(session.session_hash)
+            raise Unauthorized("the token of this session was revoked", "session")
+        return Viewer(Caller(user_id=user_id), session.csrf_token, session.session_hash)
+
+    def sign_out(self, session_hash: str) -> None:
+        self._store.end_console_session(session_hash)

@@ -8,13 +8,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from chronoray.settings import Settings
+from scheduling.audit import ONE_TICK, Audit, Occurrence, audit, fires_in_window
 from scheduling.clock import Clock, SystemClock
-from scheduling.cron import validate_schedule
+from scheduling.cron import CronSchedule, validate_schedule
 from scheduling.errors import ChronorayError, InvalidInput, UnsupportedMediaType
+from scheduling.figures import LagBin, lag_series, percentile
 from scheduling.models import (
     ApiToken,
     Interpreter,
@@ -28,8 +30,9 @@ from scheduling.models import (
 )
 from scheduling.schedules import Schedule
 from scheduling.validation import validate_script_name
-from service.auth import Authenticator, Caller, issue_token
+from service.auth import Authenticator, Caller, ConsoleSessions, Viewer, issue_token
 from service.requests import (
+    BackfillIn,
     ScheduleIn,
     SchedulePatch,
     SendTaskIn,
@@ -37,6 +40,7 @@ from service.requests import (
     TokenIn,
     UserIn,
     media_type,
+    parse_instant,
     task_query,
 )
 from service.steps import (
@@ -71,6 +75,42 @@ RAW_SCRIPT_TYPES = frozenset(
 )
 
 
+DEFAULT_LATE_S = 60.0  # the audit's default: a first start later than this is late
+
+
+@dataclass(frozen=True)
+class BackfillResult:
+    schedule_id: int
+    fires: list[datetime]  # every nominal time in the window
+    created: list[int]  # tasks of the times that had no occurrence yet
+
+
+@dataclass(frozen=True)
+class Overview:
+    at: datetime
+    counts: dict[str, int]
+    fires_last_hour: int
+    lag_p50_ms: float | None
+    lag_p99_ms: float | None
+    series: list[LagBin]
+    queued_by_priority: dict[int, int]
+
+
+def audit_window(
+    schedule: Schedule, found: Sequence[Occurrence], *, start: datetime, end: datetime
+) -> tuple[datetime, datetime]:
+    """The part of [start, end) in which the schedule was meant to fire: not
+    before it existed (or its start_at), not after its end_at; a paused
+    schedule is audited up to its last occurrence (pauses are not recorded)."""
+    begin = max(start, schedule.created_at, schedule.start_at or start)
+    stop = end
+    if schedule.end_at is not None:
+        stop = min(stop, schedule.end_at + ONE_TICK)
+    if schedule.paused:
+        stop = min(stop, max((o.nominal_at for o in found), default=begin) + ONE_TICK)
+    return begin, stop
+
+
 @dataclass(frozen=True)
 class TaskView:
     """A task and every attempt of it so far."""
@@ -92,6 +132,8 @@ class Router(Protocol):
 
     async def metrics(self) -> dict[str, list[Any] | None]: ...
 
+    async def mirror(self) -> dict[str, Any] | None: ...
+
 
 class Service:
     def __init__(
@@ -107,6 +149,7 @@ class Service:
         self.auth = Authenticator(
             repo.user_for_token, admin_token=settings.admin_token, cache_s=settings.token_cache_s
         )
+        self.sessions = ConsoleSessions(repo, repo, lifetime_s=settings.console_session_s)
 
     async def _io(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.to_thread(call, *args, **kwargs)
@@ -115,6 +158,18 @@ class Service:
     async def caller(self, token: str) -> Caller:
         known = self.auth.cached(token)
         return known if known is not None else await self._io(self.auth.authenticate, token)
+
+    # -- console sessions --------------------------------------------------------
+    async def sign_in(self, token: str) -> tuple[str, Viewer]:
+        """A token (a user's or the admin's) for a console session id."""
+        caller = await self.caller(token)
+        return await self._io(self.sessions.sign_in, caller, token, now=self.clock.now())
+
+    async def viewer(self, session_id: str) -> Viewer:
+        return await self._io(self.sessions.viewer, session_id, now=self.clock.now())
+
+    async def sign_out(self, viewer: Viewer) -> None:
+        await self._io(self.sessions.sign_out, viewer.session_hash)
 
     async def local_user(self) -> int:
         return await self._io(local_user, self.repo, now=self.clock.now())
@@ -359,6 +414,103 @@ class Service:
         schedule = await self.get_schedule(owner, schedule_id)
         return schedule, upcoming_fires(schedule, bounded(count, 1, 100, "count"))
 
+    async def backfill_schedule(
+        self, owner: int, schedule_id: int, body: BackfillIn
+    ) -> BackfillResult:
+        """The occurrences the expression gives in a past window, each once:
+        a time that has an occurrence already is left alone."""
+        now = self.clock.now()
+        start, end = parse_instant(body.start, "from"), parse_instant(body.end, "to")
+        if end > now:
+            raise InvalidInput("a backfill covers the past: 'to' is after now", "to")
+        schedule = await self.get_schedule(owner, schedule_id)
+        fires = fires_in_window(
+            schedule.cron_schedule, start, end, cap=self.settings.max_backfill_fires
+        )
+        created = await self._io(
+            self.repo.backfill_schedule,
+            schedule_id,
+            owner_id=owner,
+            fires=fires,
+            overlap=body.overlap_policy,
+            now=now,
+        )
+        if created:
+            await self.router.track(created)
+        return BackfillResult(schedule_id, fires, [task_id for task_id, _ in created])
+
+    async def audit_schedules(
+        self,
+        owner: int,
+        schedules: Sequence[Schedule],
+        *,
+        start: datetime,
+        end: datetime,
+        late_after_s: float,
+    ) -> dict[int, Audit]:
+        """Each schedule's expected fires in [start, end) against what ran
+        (schedules already read for ``owner``)."""
+        now = self.clock.now()
+        end = min(end, now)
+        stored, runs = await self._io(
+            self.repo.schedule_occurrences,
+            [s.schedule_id for s in schedules],
+            owner_id=owner,
+            start=start,
+            end=end,
+        )
+        audits = {}
+        for schedule in schedules:
+            found = [
+                Occurrence(task_id, at, status, runs.get(task_id, []))
+                for task_id, at, status in stored.get(schedule.schedule_id, [])
+            ]
+            begin, stop = audit_window(schedule, found, start=start, end=end)
+            expected = (
+                fires_in_window(
+                    schedule.cron_schedule, begin, stop, cap=self.settings.max_audit_fires
+                )
+                if begin < stop
+                else []
+            )
+            audits[schedule.schedule_id] = audit(
+                expected, found, late_after_s=late_after_s, now=now
+            )
+        return audits
+
+    async def audit_schedule(
+        self,
+        owner: int,
+        schedule_id: int,
+        *,
+        start: str | float | None = None,
+        end: str | float | None = None,
+        late_after_s: float = DEFAULT_LATE_S,
+    ) -> tuple[Schedule, Audit, datetime, datetime]:
+        """One schedule over a window (default: the last 24 hours)."""
+        now = self.clock.now()
+        until = now if end is None else parse_instant(end, "to")
+        since = until - timedelta(days=1) if start is None else parse_instant(start, "from")
+        if until <= since:
+            raise InvalidInput("the window ends before it starts", "to")
+        if not 0 <= late_after_s <= 86400:
+            raise InvalidInput("late_after_s must be within [0, 86400]", "late_after_s")
+        schedule = await self.get_schedule(owner, schedule_id)
+        audits = await self.audit_schedules(
+            owner, [schedule], start=since, end=until, late_after_s=late_after_s
+        )
+        return schedule, audits[schedule_id], since, until
+
+    async def preview_expression(
+        self, cron: str, timezone_name: str = "UTC", count: int = 5
+    ) -> list[datetime]:
+        """The next fires of an expression not stored yet (the create form)."""
+        now = self.clock.now()
+        validate_schedule(
+            cron, timezone_name, now=now, min_interval_s=self.settings.min_schedule_interval_s
+        )
+        return CronSchedule(cron, timezone_name).upcoming(now, bounded(count, 1, 100, "count"))
+
     async def schedule_history(
         self, owner: int, schedule_id: int, limit: int = 100
     ) -> list[dict[str, Any]]:
@@ -373,6 +525,11 @@ class Service:
     async def list_executors(self) -> dict[str, Any]:
         return await self.router.executors()
 
+    async def mirror_view(self) -> dict[str, Any] | None:
+        """The ZooKeeper mirror as external tools read it (None: no mirror
+        configured); raises Unavailable when it does not answer."""
+        return await self.router.mirror()
+
     async def readiness(self, timeout_s: float = 2.0) -> dict[str, str]:
         """ "ok" or why not, for the database and every actor."""
         checks: dict[str, str] = {}
@@ -386,3 +543,24 @@ class Service:
 
     async def metrics_by_source(self) -> dict[str, list[Any] | None]:
         return await self.router.metrics()
+
+    async def overview(self, owner: int, *, bin_s: float = 300.0) -> Overview:
+        """The console's first page: the caller's tasks by status, the last
+        hour's fires and lag, the queue by priority, and what runs per tier."""
+        now = self.clock.now()
+        since = now - timedelta(hours=1)
+        counts = await self._io(self.repo.task_counts, owner)
+        queued = await self._io(self.repo.queued_by_priority, owner)
+        starts = await self._io(self.repo.recent_starts, owner, since=since)
+        lags = [lag for _, lag, _ in starts]
+        return Overview(
+            at=now,
+            counts=counts,
+            fires_last_hour=len(starts),
+            lag_p50_ms=percentile(lags, 50),
+            lag_p99_ms=percentile(lags, 99),
+            series=lag_series(
+                [(at, lag) for at, lag, _ in starts], since=since, until=now, bin_s=bin_s
+            ),
+            queued_by_priority=queued,
+        )

@@ -242,6 +242,24 @@ class RetryIn(Strict):
     attempts: StrictInt = Field(1, ge=1)
 
 
+class BackfillIn(Strict):
+    """A past window of a schedule to run: every nominal time in [from, to)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    start: Any = Field(alias="from", description="ISO 8601 with offset, or epoch s")
+    end: Any = Field(alias="to", description="not after now")
+    overlap_policy: OverlapPolicy = Field(
+        OverlapPolicy.ALLOW, description="how the backfilled runs overlap each other and live ones"
+    )
+
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _instant(cls, value: Any, info: ValidationInfo) -> Any:
+        parse_instant(value, {"start": "from", "end": "to"}.get(info.field_name or "", "time"))
+        return value
+
+
 class ScheduleFields(Strict):
     """Fields a schedule shares between create and change."""
 

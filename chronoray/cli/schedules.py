@@ -145,3 +145,52 @@ def schedules_runs(schedule_id: int, as_json: bool = JSON_OPTION) -> None:
         "lag ms": lambda o: (o["runs"][-1] if o["runs"] else {}).get("lag_ms"),
     }
     show(body, as_json, table(body["occurrences"], columns))
+
+
+@schedules_app.command("backfill")
+def schedules_backfill(
+    schedule_id: int,
+    start: str = typer.Option(..., "--from", help="ISO 8601 with offset, e.g. 2026-12-01T10:00Z"),
+    end: str = typer.Option(..., "--to", help="not after now"),
+    overlap: str = typer.Option("allow", help="allow, skip, buffer_one or cancel_previous"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Run the times of a past window [from, to) that have no occurrence yet, once each."""
+    body = api().call(
+        "POST",
+        f"/v1/schedules/{schedule_id}/backfill",
+        json={"from": start, "to": end, "overlap_policy": overlap},
+    )
+    show(
+        body,
+        as_json,
+        f"schedule {schedule_id}: {len(body['fires'])} times in the window, "
+        f"{len(body['created'])} backfilled, {body['existing']} had an occurrence already",
+    )
+
+
+@schedules_app.command("audit")
+def schedules_audit(
+    schedule_id: int,
+    start: str | None = typer.Option(None, "--from", help="default: 24 h before --to"),
+    end: str | None = typer.Option(None, "--to", help="default: now"),
+    late_after_s: float = typer.Option(60.0, help="a first start later than this is late"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Expected fires against what ran: missed, late, duplicated."""
+    params: dict[str, str | float] = {"late_after_s": late_after_s}
+    if start:
+        params["from"] = start
+    if end:
+        params["to"] = end
+    body = api().call("GET", f"/v1/schedules/{schedule_id}/audit", params=params)
+    summary = (
+        f"schedule {schedule_id} {body['from']} → {body['to']}: expected {body['expected']}, "
+        f"ran {body['ran']}, missed {body['missed']}, late {body['late']}, "
+        f"duplicated {body['duplicated']}"
+    )
+    findings = table(
+        body["findings"],
+        {"time": "nominal_at", "finding": "kind", "task": "task_id", "detail": "detail"},
+    )
+    show(body, as_json, *([findings] if body["findings"] else []), summary)

@@ -52,6 +52,9 @@ CLIENT_FOR = {
     ("post", "/v1/schedules/{schedule_id}/trigger"): "trigger_schedule",
     ("get", "/v1/schedules/{schedule_id}/preview"): "preview_schedule",
     ("get", "/v1/schedules/{schedule_id}/runs"): "schedule_history",
+    ("post", "/v1/schedules/{schedule_id}/backfill"): "backfill_schedule",
+    ("get", "/v1/schedules/{schedule_id}/audit"): "audit_schedule",
+    ("get", "/v1/schedules:preview"): "preview_expression",
 }
 HTTP_ONLY = {("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics")}
 

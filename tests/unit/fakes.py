@@ -59,7 +59,23 @@ class RepoRouter:
         return dict(self.probes)
 
     async def executors(self) -> dict:
-        return {"tiers": {"small": {"live": 1}}, "executors": [{"executor_id": "small-1"}]}
+        return {
+            "tiers": {"small": {"live": 1, "starting": 0, "min": 1, "max": 2, "unplaceable": None}},
+            "executors": [
+                {
+                    "executor_id": "small-1",
+                    "tier": "small",
+                    "slots": 2,
+                    "running": 0,
+                    "state": "live",
+                    "node": "n1",
+                    "heartbeat_age_s": 0.5,
+                }
+            ],
+        }
+
+    async def mirror(self) -> dict | None:
+        return None
 
     async def metrics(self) -> dict:
         from chronoray.metrics import ShardMetrics, pool_families
