@@ -21,13 +21,16 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # ZooKeeper and Java from Debian; PostgreSQL 15 binaries for throwaway clusters;
-# Redis for the GCS fault-tolerance test.
+# Redis for the GCS fault-tolerance test; Chromium and its driver for the
+# console's browser tests (Debian's: nothing downloads a browser).
 system-deps:
 	@need=""; \
 	[ -f /usr/share/java/zookeeper.jar ] || need="$$need zookeeper"; \
 	command -v java >/dev/null || need="$$need default-jre-headless"; \
 	[ -x /usr/lib/postgresql/15/bin/initdb ] || need="$$need postgresql-15"; \
 	command -v redis-server >/dev/null || need="$$need redis-server"; \
+	[ -x /usr/bin/chromium ] || need="$$need chromium"; \
+	[ -x /usr/bin/chromedriver ] || need="$$need chromium-driver"; \
 	if [ -n "$$need" ]; then \
 	  echo "installing:$$need"; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \

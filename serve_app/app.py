@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from chronoray.metrics import ApiMetrics
+from serve_app import console
 from serve_app.errors import ERROR_RESPONSES, install_error_handlers
 from serve_app.limits import BodySizeLimit, WriteTracker
 from serve_app.routes import operations, schedules, scripts, tasks, users
@@ -44,4 +45,5 @@ def create_api(service: Service) -> FastAPI:
     )
     for module in (operations, users, scripts, tasks, schedules):
         api.include_router(module.router)
+    console.install(api)
     return api

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from scheduling.errors import (
@@ -95,10 +96,20 @@ def error_response(error: ChronorayError) -> JSONResponse:
     return JSONResponse(error_body(error.code, error.detail, error.field), status, headers=headers)
 
 
+CONSOLE_PREFIX = "/ui/"
+
+
+def _console(request: Request) -> Any:
+    """The console's error pages, for a request to it (else None: JSON)."""
+    pages = getattr(request.app.state, "console_errors", None)
+    return pages if pages and request.url.path.startswith(CONSOLE_PREFIX) else None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ChronorayError)
-    async def _domain(_: Request, exc: ChronorayError) -> JSONResponse:
-        return error_response(exc)
+    async def _domain(request: Request, exc: ChronorayError) -> Response:
+        pages = _console(request)
+        return pages(request, exc) if pages else error_response(exc)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
@@ -108,5 +119,6 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body("internal_error", "an unexpected error; it is logged"), 500)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(error_from_validation(exc.errors()))
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        pages = _console(request)
+        return pages(request, exc) if pages else error_response(error_from_validation(exc.errors()))
