@@ -13,7 +13,6 @@ from scheduling.errors import InvalidInput
 from scheduling.models import Run, TaskStatus
 
 ONE_TICK = timedelta(microseconds=1)
-NOT_RUN = frozenset({TaskStatus.SKIPPED, TaskStatus.CANCELLED})
 
 
 def fires_in_window(
@@ -116,8 +115,9 @@ def audit(
                     )
                 )
         if not started:
-            waiting = (now - at).total_seconds() <= late_after_s
-            if in_flight or (waiting and found):
+            due_soon = (now - at).total_seconds() <= late_after_s
+            waiting = [o for o in found if o.status is TaskStatus.SCHEDULED]
+            if in_flight or (due_soon and waiting):
                 continue  # on its way
             status = found[0].status.value if found else "no occurrence"
             findings.append(

@@ -88,6 +88,9 @@ def test_misfire_policies_after_the_scheduler_stopped_over_three_fires(
     missed = CronSchedule(cron).fires_between(stopped_at, resumed_at, limit=100)
     assert len(missed) == 3
     time.sleep(8)  # the timers catch up; the runs finish
+    # the audit finds the three fires the skip policy dropped, and nothing else
+    audit = client.audit_schedule(ids["skip"], stopped_at, resumed_at)
+    assert [(f.nominal_at, f.kind) for f in audit.findings] == [(t, "missed") for t in missed]
     for schedule_id in ids.values():
         client.delete_schedule(schedule_id)
 

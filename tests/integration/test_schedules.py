@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from scheduling.cron import CronSchedule
 from tests.conftest import shared_file
 from tests.ray_cluster import wait_for
 
@@ -23,7 +24,11 @@ def test_every_two_seconds_fires_five_times_once_each_on_time(client, http, tmp_
     schedule = client.create_schedule("every2.sh", "*/2 * * * * *")
     first = schedule.next_fire_at
     wait_for(lambda: len(ledger_lines(ledger)) >= 5, timeout_s=30, what="five fires")
+    audit = client.audit_schedule(
+        schedule.schedule_id, first - timedelta(minutes=1), first + timedelta(seconds=9)
+    )
     client.delete_schedule(schedule.schedule_id)
+    assert audit.expected == 5 and audit.ran == 5 and audit.findings == []  # healthy
     time.sleep(2.5)  # nothing more may come after deletion but what was in flight
     lines = ledger_lines(ledger)
     fire_times = [datetime.fromisoformat(fire) for fire, _ in lines]
@@ -146,3 +151,27 @@ def test_three_hundred_schedules_on_one_instant_across_two_fires(client, tmp_pat
     wanted = {(str(i), at.isoformat()) for i in range(300) for at in (first, second)}
     got = [line for line in lines if line in wanted]
     assert len(got) == 600 and set(got) == wanted  # none missed, none twice
+
+
+def test_a_backfill_of_the_last_hour_runs_the_six_missing_times_once_each(client, http, tmp_path):
+    """Sent twice over HTTP, then once more through the Client: six runs,
+    one per missing */10 time, and the live plan untouched."""
+    ledger = shared_file(tmp_path, "ledger")
+    client.register_script("backfill.sh", f'echo "$CHRONORAY_FIRE_TIME" >> {ledger}')
+    schedule = client.create_schedule("backfill.sh", "*/10 * * * *", misfire_policy="skip")
+    now = datetime.now(UTC)
+    start = now - timedelta(hours=1)
+    window = {"from": start.isoformat(), "to": now.isoformat()}
+    path = f"/v1/schedules/{schedule.schedule_id}/backfill"
+    first, second = http.post(path, json=window), http.post(path, json=window)
+    assert first.status_code == 201 and second.status_code == 200, (first.text, second.text)
+    created = first.json()["created"]
+    assert len(created) == 6 and second.json()["created"] == []
+    views = client.wait(created, timeout_s=60)
+    assert {v.task.status.value for v in views} == {"succeeded"}
+    assert client.backfill_schedule(schedule.schedule_id, start, now).created == []
+    expected = [t for t in CronSchedule("*/10 * * * *").upcoming(start, 7) if t < now]
+    fired = sorted(datetime.fromisoformat(line[0]) for line in ledger_lines(ledger))
+    assert fired == expected and len(expected) == 6
+    assert client.get_schedule(schedule.schedule_id).next_fire_at == schedule.next_fire_at
+    client.delete_schedule(schedule.schedule_id)

@@ -91,6 +91,9 @@ def test_a_retry_after_a_failure_is_not_a_duplicate_and_work_on_its_way_is_not_m
     assert audit(at, [waiting], late_after_s=60, now=T0 + timedelta(seconds=5)).healthy
     stuck = audit(at, [waiting], late_after_s=60, now=T0 + timedelta(minutes=5))
     assert [f.kind for f in stuck.findings] == ["missed"]
+    skipped = Occurrence(1, T0, TaskStatus.SKIPPED)  # final: missed at once, not "on its way"
+    just_now = audit(at, [skipped], late_after_s=60, now=T0 + timedelta(seconds=5))
+    assert [f.kind for f in just_now.findings] == ["missed"]
 
 
 def test_lag_series_bins_and_percentiles():
