@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 SERVICES_DIR ?= $(CURDIR)/.run/services
 PYTEST_ARGS ?=
 
-.PHONY: run test install system-deps sandbox-deps services-start services-stop lint bench bench-http bench-sandbox bench-history chaos clean
+.PHONY: run test install system-deps sandbox-deps services-start services-stop lint bench bench-http bench-console bench-sandbox bench-history chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,14 @@ bench-http: install system-deps sandbox-deps
 	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
 	source $(SERVICES_DIR)/env && \
 	$(BIN)/python -m bench.submit_http --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(BENCH_ARGS)
+
+# The console's pages over 100,000 tasks and 1,000 schedules: server time per page.
+bench-console: install system-deps sandbox-deps
+	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
+	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
+	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
+	source $(SERVICES_DIR)/env && \
+	$(BIN)/python -m bench.console --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(BENCH_ARGS)
 
 # A long history against the run path: the shards' and the API's queries with
 # no finished rows and with 10 million (bench/history.py, ~15 minutes).

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 from scheduling.cron import CronSchedule
 from scheduling.errors import InvalidInput
-from scheduling.models import Run, TaskStatus
+from scheduling.models import TaskStatus
 
 ONE_TICK = timedelta(microseconds=1)
 
@@ -23,17 +23,25 @@ def fires_in_window(
     if end <= start:
         raise InvalidInput("the window ends before it starts", field_name)
     fires: list[datetime] = []
-    cursor = start - ONE_TICK
-    while True:
-        nxt = cron.next_after(cursor)
-        if nxt is None or nxt >= end:
-            return fires
-        fires.append(nxt)
+    for at in cron.instants_after(start - ONE_TICK):
+        if at >= end:
+            break
+        fires.append(at)
         if len(fires) > cap:
             raise InvalidInput(
                 f"the window holds more than {cap} fire times; narrow it", field_name
             )
-        cursor = nxt
+    return fires
+
+
+@dataclass(frozen=True)
+class Start:
+    """What the audit needs of an attempt: when it started and whether it
+    succeeded (not its output)."""
+
+    attempt: int
+    started_at: datetime | None
+    succeeded: bool
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,7 @@ class Occurrence:
     task_id: int
     nominal_at: datetime
     status: TaskStatus
-    runs: Sequence[Run] = ()
+    runs: Sequence[Start] = ()
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,7 @@ class Audit:
         return not self.findings
 
 
-def first_start(runs: Iterable[Run]) -> datetime | None:
+def first_start(runs: Iterable[Start]) -> datetime | None:
     starts = [r.started_at for r in runs if r.started_at is not None]
     return min(starts) if starts else None
 
@@ -104,7 +112,7 @@ def audit(
             )
         for occ in started:
             successes = sorted(
-                (r for r in occ.runs if r.failure is None and r.started_at is not None),
+                (r for r in occ.runs if r.succeeded and r.started_at is not None),
                 key=lambda r: r.attempt,
             )
             later = [r for r in occ.runs if successes and r.attempt > successes[0].attempt]

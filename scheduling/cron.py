@@ -14,6 +14,9 @@ Rules (README "CRON schedules"):
 
 from __future__ import annotations
 
+import functools
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -45,6 +48,23 @@ def zone_of(name: str, field: str = "timezone") -> ZoneInfo:
         raise InvalidInput(f"unknown IANA time zone {name[:64]!r}", field) from None
 
 
+@functools.lru_cache(maxsize=4096)
+def parsed_expression(expression: str) -> tuple[str, bool]:
+    """The expression as croniter reads it and whether it has seconds;
+    InvalidInput when croniter refuses it. Cached: pages and audits ask
+    for the same few expressions over and over."""
+    text = " ".join(expression.split())
+    text = ALIASES.get(text.lower(), text)
+    count = len(text.split(" "))
+    if count not in (5, 6):
+        raise InvalidInput("expected 5 fields, or 6 with leading seconds", "cron")
+    try:
+        croniter(text, datetime(2000, 1, 1), second_at_beginning=count == 6)
+    except (CroniterBadCronError, CroniterError, ValueError, KeyError) as exc:
+        raise InvalidInput(f"invalid cron expression: {exc}", "cron") from None
+    return text, count == 6
+
+
 @dataclass(frozen=True)
 class CronSchedule:
     """An expression bound to a zone; ``next_after`` is the whole API."""
@@ -61,16 +81,7 @@ class CronSchedule:
         return zone_of(self.zone_name)
 
     def _fields(self) -> tuple[str, bool]:
-        text = " ".join(self.expression.split())
-        text = ALIASES.get(text.lower(), text)
-        count = len(text.split(" "))
-        if count not in (5, 6):
-            raise InvalidInput("expected 5 fields, or 6 with leading seconds", "cron")
-        try:
-            croniter(text, datetime(2000, 1, 1), second_at_beginning=count == 6)
-        except (CroniterBadCronError, CroniterError, ValueError, KeyError) as exc:
-            raise InvalidInput(f"invalid cron expression: {exc}", "cron") from None
-        return text, count == 6
+        return parsed_expression(self.expression)
 
     def next_after(self, after: datetime) -> datetime | None:
         """The first fire instant strictly after ``after`` (UTC), or None when
@@ -98,16 +109,34 @@ class CronSchedule:
                 return instant
         return None
 
+    def instants_after(self, after: datetime) -> Iterator[datetime]:
+        """Every fire instant after ``after``, in order, from one walker
+        (next_after builds a walker per call: fine for one, slow for a day
+        of minutes)."""
+        require_aware(after, "after")
+        text, seconds = self._fields()
+        zone = self.zone
+        wall = after.astimezone(zone).replace(tzinfo=None)
+        walker = croniter(
+            text,
+            wall,
+            ret_type=datetime,
+            second_at_beginning=seconds,
+            max_years_between_matches=MAX_YEARS_BETWEEN_FIRES,
+        )
+        last = after
+        while True:
+            try:
+                candidate = walker.get_next(datetime)
+            except CroniterBadDateError:
+                return
+            instant = wall_to_instant(candidate, zone)
+            if instant > last:  # a repeated or skipped hour maps some walls back
+                last = instant
+                yield instant
+
     def upcoming(self, after: datetime, count: int) -> list[datetime]:
-        fires: list[datetime] = []
-        cursor = after
-        while len(fires) < count:
-            nxt = self.next_after(cursor)
-            if nxt is None:
-                break
-            fires.append(nxt)
-            cursor = nxt
-        return fires
+        return list(itertools.islice(self.instants_after(after), count))
 
     def fires_between(self, after: datetime, until: datetime, *, limit: int) -> list[datetime]:
         """Fire instants in (after, until], at most ``limit`` (the latest ones

@@ -46,3 +46,25 @@ def lag_series(
         )
         for i, lags in enumerate(bins)
     ]
+
+
+@dataclass(frozen=True)
+class LagFigures:
+    """The fires of a window: how many, their lag p50/p99, and per bin."""
+
+    fires: int
+    p50_ms: float | None
+    p99_ms: float | None
+    series: list[LagBin]
+
+
+def lag_figures(
+    starts: Sequence[tuple[datetime, float]], *, since: datetime, until: datetime, bin_s: float
+) -> LagFigures:
+    lags = [lag for _, lag in starts]
+    return LagFigures(
+        fires=len(lags),
+        p50_ms=percentile(lags, 50),
+        p99_ms=percentile(lags, 99),
+        series=lag_series(starts, since=since, until=until, bin_s=bin_s),
+    )

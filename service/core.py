@@ -16,7 +16,7 @@ from scheduling.audit import ONE_TICK, Audit, Occurrence, audit, fires_in_window
 from scheduling.clock import Clock, SystemClock
 from scheduling.cron import CronSchedule, validate_schedule
 from scheduling.errors import ChronorayError, InvalidInput, UnsupportedMediaType
-from scheduling.figures import LagBin, lag_series, percentile
+from scheduling.figures import LagBin
 from scheduling.models import (
     ApiToken,
     Interpreter,
@@ -551,16 +551,13 @@ class Service:
         since = now - timedelta(hours=1)
         counts = await self._io(self.repo.task_counts, owner)
         queued = await self._io(self.repo.queued_by_priority, owner)
-        starts = await self._io(self.repo.recent_starts, owner, since=since)
-        lags = [lag for _, lag, _ in starts]
+        lags = await self._io(self.repo.lag_figures, owner, since=since, until=now, bin_s=bin_s)
         return Overview(
             at=now,
             counts=counts,
-            fires_last_hour=len(starts),
-            lag_p50_ms=percentile(lags, 50),
-            lag_p99_ms=percentile(lags, 99),
-            series=lag_series(
-                [(at, lag) for at, lag, _ in starts], since=since, until=now, bin_s=bin_s
-            ),
+            fires_last_hour=lags.fires,
+            lag_p50_ms=lags.p50_ms,
+            lag_p99_ms=lags.p99_ms,
+            series=lags.series,
             queued_by_priority=queued,
         )

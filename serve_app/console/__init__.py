@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Callable, Coroutine
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader
 
@@ -69,7 +71,26 @@ FLASH = {  # ?done=<key> after a form: fixed texts, no user text in URLs
 templates = Environment(
     loader=FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True
 )
-router = APIRouter(prefix=PREFIX, include_in_schema=False)
+
+
+class TimedRoute(APIRoute):
+    """Answers carry ``Server-Timing: page;dur=<ms>``: the server's own time
+    for the page, which bench/console.py reads."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def timed(request: Request) -> Response:
+            started = time.perf_counter()
+            response = await handler(request)
+            took_ms = (time.perf_counter() - started) * 1000
+            response.headers["Server-Timing"] = f"page;dur={took_ms:.1f}"
+            return response
+
+        return timed
+
+
+router = APIRouter(prefix=PREFIX, include_in_schema=False, route_class=TimedRoute)
 
 
 # -- helpers the templates use --------------------------------------------------
@@ -166,9 +187,6 @@ def variables_of(text: str) -> dict[str, str]:
                 raise InvalidInput(f"write each variable as NAME=value: {line[:40]!r}", "variables")
             found[name.strip()] = value
     return found
-
-
-Page = Callable[..., Awaitable[Response]]
 
 
 # -- errors -----------------------------------------------------------------

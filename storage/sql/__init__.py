@@ -13,7 +13,9 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
+from scheduling.audit import Start
 from scheduling.errors import ChronorayError
+from scheduling.figures import LagFigures
 from scheduling.lifecycle import RetryPolicy
 from scheduling.models import (
     ApiToken,
@@ -308,7 +310,7 @@ class SqlTaskRepository:
 
     def schedule_occurrences(
         self, schedule_ids: Sequence[int], *, owner_id: int, start: datetime, end: datetime
-    ) -> tuple[dict[int, list[tuple[int, datetime, TaskStatus]]], dict[int, list[Run]]]:
+    ) -> tuple[dict[int, list[tuple[int, datetime, TaskStatus]]], dict[int, list[Start]]]:
         """The caller checked that ``owner_id`` owns each schedule."""
         with self.databases.read(owner_id) as conn:
             return schedules.occurrences_between(conn, schedule_ids, start=start, end=end)
@@ -322,9 +324,11 @@ class SqlTaskRepository:
         with self.databases.read(owner_id) as conn:
             return stats.queued_by_priority(conn, owner_id)
 
-    def recent_starts(self, owner_id: int, *, since: datetime) -> list[tuple[datetime, float, str]]:
+    def lag_figures(
+        self, owner_id: int, *, since: datetime, until: datetime, bin_s: float
+    ) -> LagFigures:
         with self.databases.read(owner_id) as conn:
-            return stats.recent_starts(conn, owner_id, since=since)
+            return stats.lag_figures(conn, owner_id, since=since, until=until, bin_s=bin_s)
 
     # -- console sessions (always the primary: a logout ends one at once) ------
     def add_console_session(self, session: ConsoleSession) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from scheduling.audit import Start
 from scheduling.errors import ScheduleNotFound, ScriptNotFound
 from scheduling.lifecycle import CANCEL, CLAIM, SKIP, STOP
 from scheduling.models import TaskStatus
@@ -32,7 +33,7 @@ from scheduling.schedules import (
     plan_occurrence,
 )
 from scheduling.timeline import bucket_of
-from storage.schema import newest_script, schedules, scripts, shards, tasks
+from storage.schema import newest_script, runs, schedules, scripts, shards, tasks
 from storage.sql import rows
 from storage.sql.rows import IN_FLIGHT
 
@@ -267,9 +268,9 @@ def backfill(
 
 def occurrences_between(
     conn: Connection, schedule_ids: Sequence[int], *, start: datetime, end: datetime
-) -> tuple[dict[int, list[tuple[int, datetime, TaskStatus]]], dict[int, list[Any]]]:
+) -> tuple[dict[int, list[tuple[int, datetime, TaskStatus]]], dict[int, list[Start]]]:
     """Occurrences of each schedule with a nominal time in [start, end)
-    (the unique key's index), and their runs."""
+    (the unique key's index), and their attempts' starts."""
     if not schedule_ids:
         return {}, {}
     found = conn.execute(
@@ -284,7 +285,18 @@ def occurrences_between(
         by_schedule.setdefault(r.schedule_id, []).append(
             (r.task_id, r.nominal_at, TaskStatus(r.status))
         )
-    return by_schedule, rows.runs_of(conn, [r.task_id for r in found])
+    starts: dict[int, list[Start]] = {}
+    task_ids = [r.task_id for r in found]
+    for i in range(0, len(task_ids), 5000):
+        for r in conn.execute(
+            select(runs.c.task_id, runs.c.attempt, runs.c.started_at, runs.c.failure).where(
+                runs.c.task_id.in_(task_ids[i : i + 5000])
+            )
+        ):
+            starts.setdefault(r.task_id, []).append(
+                Start(r.attempt, r.started_at, succeeded=r.failure is None)
+            )
+    return by_schedule, starts
 
 
 def fire_occurrences(

@@ -4,33 +4,18 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from scheduling.audit import Occurrence, audit, fires_in_window
+from scheduling.audit import Occurrence, Start, audit, fires_in_window
 from scheduling.cron import CronSchedule
 from scheduling.errors import InvalidInput
 from scheduling.figures import lag_series, percentile
-from scheduling.models import FailureClass, Run, TaskStatus
+from scheduling.models import FailureClass, TaskStatus
 
 UTC = timezone.utc
 T0 = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 
 
 def run(task_id, attempt, start_s, failure=None):
-    started = T0 + timedelta(seconds=start_s)
-    return Run(
-        run_id=task_id * 10 + attempt,
-        task_id=task_id,
-        attempt=attempt,
-        priority=0,
-        executor_id="small-1",
-        tier="small",
-        node_id="n",
-        due_at=started,
-        started_at=started,
-        finished_at=started + timedelta(seconds=1),
-        exit_code=0 if failure is None else 1,
-        output_tail="",
-        failure=failure,
-    )
+    return Start(attempt, T0 + timedelta(seconds=start_s), succeeded=failure is None)
 
 
 def test_a_window_holds_its_start_but_not_its_end():
