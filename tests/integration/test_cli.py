@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,28 @@ def test_users_scripts_file_submission_runs_and_executors(deployment, tmp_path):
 
     code, _, err = cli(deployment, "tasks", "list", token="cr_wrong")
     assert code == 1 and "401" in err
+
+
+def test_schedules_backfill_and_audit(deployment, tmp_path):
+    _, token = deployment.new_user("cli-backfill")
+    script = tmp_path / "tick.sh"
+    script.write_text("true")
+    cli(deployment, "scripts", "add", "tick.sh", str(script), token=token)
+    code, out, err = cli(
+        deployment, "schedules", "create", "tick.sh", "*/10 * * * *", "--json", token=token
+    )
+    assert code == 0, err
+    schedule_id = str(json.loads(out)["schedule_id"])
+    now = datetime.now(timezone.utc).replace(second=0, microsecond=0)
+    window = ["--from", (now - timedelta(minutes=30)).isoformat(), "--to", now.isoformat()]
+    code, out, err = cli(deployment, "schedules", "backfill", schedule_id, *window, token=token)
+    assert code == 0 and "3 times in the window, 3 backfilled, 0 had an occurrence" in out, err
+    code, out, _ = cli(
+        deployment, "schedules", "backfill", schedule_id, *window, "--json", token=token
+    )
+    assert json.loads(out)["created"] == [] and json.loads(out)["existing"] == 3
+    future = ["--from", now.isoformat(), "--to", (now + timedelta(hours=1)).isoformat()]
+    code, _, err = cli(deployment, "schedules", "backfill", schedule_id, *future, token=token)
+    assert code == 1 and "422" in err and "(to)" in err
+    code, out, err = cli(deployment, "schedules", "audit", schedule_id, token=token)
+    assert code == 0 and "expected 0, ran 0, missed 0, late 0, duplicated 0" in out, err

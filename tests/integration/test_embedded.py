@@ -125,6 +125,16 @@ def test_up_on_sqlite_serves_the_readme_quick_start(tmp_path, deployment):
         assert summary["scheduled"] == summary["succeeded"] == 20
 
         base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
+        # the README's console: sign in at /ui with the printed token (SQLite)
+        with httpx.Client(base_url=base, timeout=30) as browser:
+            form = browser.get("/ui/login")
+            check = re.search(r'name="login_check" value="([^"]+)"', form.text).group(1)
+            signed = browser.post("/ui/login", data={"token": token, "login_check": check})
+            assert signed.status_code == 303 and signed.headers["location"] == "/ui/"
+            overview = browser.get("/ui/")
+            assert overview.status_code == 200 and 'id="count-succeeded"' in overview.text
+            listed = browser.get("/ui/tasks")
+            assert listed.status_code == 200 and "hello.sh" in listed.text
         httpx.post(
             f"{base}/v1/scripts",
             json={"name": "slow.sh", "body": "sleep 3; echo drained"},
