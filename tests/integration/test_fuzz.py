@@ -18,7 +18,7 @@ from storage.schema import api_tokens
 pytestmark = [pytest.mark.ray, pytest.mark.postgres]
 
 MIN_REQUESTS = 2000
-EXAMPLES_PER_MODE = 45
+EXAMPLES_PER_MODE = 32  # 38 operations x 2 modes: ~2,240 requests
 
 
 @pytest.fixture(scope="session")

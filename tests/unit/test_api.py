@@ -394,7 +394,8 @@ def test_runs_and_their_output_per_task(client, repo):
 
 def test_executors_come_from_the_pool(client):
     body = client.get("/v1/executors").json()
-    assert body["executors"] == [{"executor_id": "small-1"}]
+    assert [e["executor_id"] for e in body["executors"]] == ["small-1"]
+    assert body["tiers"]["small"]["live"] == 1
 
 
 @pytest.mark.parametrize(
