@@ -86,33 +86,13 @@ class CronSchedule:
     def next_after(self, after: datetime) -> datetime | None:
         """The first fire instant strictly after ``after`` (UTC), or None when
         the expression never matches again."""
-        require_aware(after, "after")
-        text, seconds = self._fields()
-        zone = self.zone
-        # Walk wall times after the wall time of ``after``; in a repeated hour
-        # some map to instants not after ``after``, which are skipped below.
-        wall = after.astimezone(zone).replace(tzinfo=None)
-        walker = croniter(
-            text,
-            wall,
-            ret_type=datetime,
-            second_at_beginning=seconds,
-            max_years_between_matches=MAX_YEARS_BETWEEN_FIRES,
-        )
-        for _ in range(100_000):
-            try:
-                candidate = walker.get_next(datetime)
-            except CroniterBadDateError:
-                return None
-            instant = wall_to_instant(candidate, zone)
-            if instant > after:
-                return instant
-        return None
+        return next(self.instants_after(after), None)
 
     def instants_after(self, after: datetime) -> Iterator[datetime]:
-        """Every fire instant after ``after``, in order, from one walker
-        (next_after builds a walker per call: fine for one, slow for a day
-        of minutes)."""
+        """Every fire instant after ``after``, in order, from one walker.
+        Wall times are walked after the wall time of ``after``; in a repeated
+        hour some map to instants not after the last one, which are skipped.
+        croniter gives up after MAX_YEARS_BETWEEN_FIRES without a match."""
         require_aware(after, "after")
         text, seconds = self._fields()
         zone = self.zone

@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader
+from starlette.datastructures import FormData
 
 from scheduling.cron import zone_of
 from scheduling.errors import (
@@ -158,12 +159,18 @@ async def viewer_of(request: Request) -> Viewer:
     return await service_of(request).viewer(session_id)
 
 
-async def form_of(request: Request, viewer: Viewer) -> dict[str, str]:
-    """The posted fields, after the CSRF check."""
+async def checked_form(request: Request, viewer: Viewer) -> FormData:
+    """The posted form (text fields and files), after the CSRF check."""
     form = await request.form()
     sent = form.get("csrf")
     if not isinstance(sent, str) or not hmac.compare_digest(sent, viewer.csrf_token):
         raise Forbidden("the form's CSRF token does not match this session; reload the page")
+    return form
+
+
+async def form_of(request: Request, viewer: Viewer) -> dict[str, str]:
+    """The posted text fields, after the CSRF check."""
+    form = await checked_form(request, viewer)
     return {k: v for k, v in form.items() if isinstance(v, str)}
 
 
@@ -620,10 +627,7 @@ async def scripts_page(request: Request) -> Response:
 async def upload_script(request: Request) -> Response:
     viewer = await viewer_of(request)
     owner = viewer.caller.require_user()
-    form = await request.form()
-    sent = form.get("csrf")
-    if not isinstance(sent, str) or not hmac.compare_digest(sent, viewer.csrf_token):
-        raise Forbidden("the form's CSRF token does not match this session; reload the page")
+    form = await checked_form(request, viewer)
     name = str(form.get("name", "")).strip()
     upload = form.get("file")
     if upload is not None and not isinstance(upload, str) and upload.filename:
