@@ -37,6 +37,7 @@ from scheduling.models import Interpreter, TaskStatus
 from scheduling.schedules import MisfirePolicy, OverlapPolicy
 from serve_app.console.charts import Line, line_chart
 from serve_app.errors import status_for
+from serve_app.limits import WriteTracker
 from service.auth import Viewer
 from service.core import DEFAULT_LATE_S, Service
 from service.requests import BackfillIn, ScheduleIn, SchedulePatch, TaskIn, TokenIn, UserIn
@@ -153,10 +154,16 @@ def service_of(request: Request) -> Service:
 
 
 async def viewer_of(request: Request) -> Viewer:
+    """Who the session speaks for, under the API's own per-user rate limit
+    and read-your-writes tracking (a form's redirect reads what it wrote)."""
     session_id = request.cookies.get(SESSION_COOKIE)
     if not session_id:
         raise Unauthorized("sign in", "session")
-    return await service_of(request).viewer(session_id)
+    viewer = await service_of(request).viewer(session_id)
+    if viewer.caller.user_id is not None:
+        request.app.state.limiter.take(viewer.caller.user_id)
+        request.scope[WriteTracker.OWNER_KEY] = viewer.caller.user_id
+    return viewer
 
 
 async def checked_form(request: Request, viewer: Viewer) -> FormData:
@@ -221,14 +228,19 @@ def install(api: FastAPI) -> None:
 
 
 # -- sign-in ------------------------------------------------------------------
-@router.get("/login")
-async def login_page(request: Request) -> Response:
+def login_form(request: Request, status: int = 200, error: str | None = None) -> Response:
+    """The sign-in page with a fresh form token (double-submitted: cookie and field)."""
     check = secrets.token_urlsafe(24)
-    response = render(request, "login.html", login_check=check)
+    response = render(request, "login.html", status, error=error, login_check=check)
     response.set_cookie(
         LOGIN_COOKIE, check, httponly=True, samesite="strict", path=PREFIX, max_age=3600
     )
     return response
+
+
+@router.get("/login")
+async def login_page(request: Request) -> Response:
+    return login_form(request)
 
 
 @router.post("/login")
@@ -237,17 +249,13 @@ async def login(request: Request) -> Response:
     token, check = form.get("token"), form.get("login_check")
     cookie = request.cookies.get(LOGIN_COOKIE, "")
     if not (isinstance(check, str) and cookie and hmac.compare_digest(check, cookie)):
-        return render(
-            request, "login.html", 403, error="The form expired; try again.", login_check=cookie
-        )
+        return login_form(request, 403, "The form expired; try again.")
     if not isinstance(token, str) or not token.strip():
-        return render(request, "login.html", 422, error="Paste your API token.", login_check=cookie)
+        return login_form(request, 422, "Paste your API token.")
     try:
         session_id, viewer = await service_of(request).sign_in(token.strip())
     except Unauthorized:
-        return render(
-            request, "login.html", 401, error="Unknown or revoked token.", login_check=cookie
-        )
+        return login_form(request, 401, "Unknown or revoked token.")
     response = go("/users" if viewer.caller.admin else "/")
     response.set_cookie(
         SESSION_COOKIE,

@@ -143,6 +143,10 @@ def test_every_route_keeps_b_out_of_a(deployment, tenants):
     bodies = {
         ("post", "/v1/tasks/{task_id}/retry"): {"attempts": 1},
         ("patch", "/v1/schedules/{schedule_id}"): {"paused": True},
+        ("post", "/v1/schedules/{schedule_id}/backfill"): {
+            "from": time.time() - 3600,
+            "to": time.time() - 60,
+        },
     }
     # routes without an id: B's answer must not contain A's objects
     listing = {
@@ -156,6 +160,9 @@ def test_every_route_keeps_b_out_of_a(deployment, tenants):
         ("get", "/v1/scripts"): lambda: [b.get("/v1/scripts")],
         ("get", "/v1/me"): lambda: [b.get("/v1/me")],
         ("get", "/v1/executors"): lambda: [b.get("/v1/executors")],  # the pool, no tenant data
+        ("get", "/v1/schedules:preview"): lambda: [  # an expression's fires, no tenant data
+            b.get("/v1/schedules:preview", params={"cron": "0 0 1 1 *"})
+        ],
     }
     # writes without an id that name A's script: B has none by that name
     naming_a = {
