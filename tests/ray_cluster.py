@@ -124,9 +124,12 @@ class RayHead:
             return False
 
     def stop(self) -> None:
+        """A throwaway head: SIGTERM, then SIGKILL after 5 s (a blocking
+        `ray start` took more than 30 s to act on SIGTERM at the end of
+        every session)."""
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
+            self.process.wait(timeout=5)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
