@@ -14,6 +14,15 @@ from sqlalchemy import create_engine, text
 from tests.shared_dirs import shared_directory
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+SCREENSHOTS: list[Path] = []  # written by the browser tests; named in the run's summary
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if SCREENSHOTS:
+        folders = sorted({str(shot.parent) for shot in SCREENSHOTS})
+        terminalreporter.write_line(
+            f"console screenshots: {len(SCREENSHOTS)} PNGs in {', '.join(folders)}"
+        )
 
 
 @pytest.fixture

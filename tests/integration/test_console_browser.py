@@ -24,6 +24,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as seen
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from tests.conftest import SCREENSHOTS
+
 pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.browser]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SIZES = {"desktop": (1280, 800), "phone": (390, 844)}
@@ -38,7 +40,6 @@ def shots() -> Path:
         or Path(__file__).resolve().parents[2] / ".run" / "screenshots"
     )
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"\nconsole screenshots: {folder}")
     return folder
 
 
@@ -77,6 +78,7 @@ def photograph(driver, folder: Path, name: str) -> None:
         wait(driver).until(lambda d: d.execute_script("return document.readyState") == "complete")
         path = folder / f"{name}-{size}.png"
         assert driver.save_screenshot(str(path)) and path.stat().st_size > 5_000
+        SCREENSHOTS.append(path)
         overflow = driver.execute_script(
             "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
         )
