@@ -26,25 +26,25 @@ class LagBin:
     p99_ms: float | None
 
 
+def bin_starts(since: datetime, until: datetime, bin_s: float) -> list[datetime]:
+    """The start of each bin of ``bin_s`` from ``since`` (at least one)."""
+    count = max(1, math.ceil((until - since).total_seconds() / bin_s))
+    return [since + timedelta(seconds=i * bin_s) for i in range(count)]
+
+
 def lag_series(
     starts: Sequence[tuple[datetime, float]], *, since: datetime, until: datetime, bin_s: float
 ) -> list[LagBin]:
     """Starts (time, lag ms) grouped into bins of ``bin_s`` from ``since``:
     each bin's count and lag p50/p99 (None in a bin without starts)."""
-    count = max(1, math.ceil((until - since).total_seconds() / bin_s))
-    bins: list[list[float]] = [[] for _ in range(count)]
+    bins: list[list[float]] = [[] for _ in bin_starts(since, until, bin_s)]
     for at, lag_ms in starts:
         index = int((at - since).total_seconds() // bin_s)
-        if 0 <= index < count:
+        if 0 <= index < len(bins):
             bins[index].append(lag_ms)
     return [
-        LagBin(
-            start=since + timedelta(seconds=i * bin_s),
-            fires=len(lags),
-            p50_ms=percentile(lags, 50),
-            p99_ms=percentile(lags, 99),
-        )
-        for i, lags in enumerate(bins)
+        LagBin(start, len(lags), percentile(lags, 50), percentile(lags, 99))
+        for start, lags in zip(bin_starts(since, until, bin_s), bins, strict=True)
     ]
 
 

@@ -3,8 +3,7 @@ the last hour's starts) and its sign-in sessions."""
 
 from __future__ import annotations
 
-import math
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, delete, func, insert, select, tuple_
@@ -66,18 +65,12 @@ def lag_figures(
         .group_by(func.grouping_sets(bin_of, tuple_()))
     ):
         by_bin[None if r.bin is None else int(r.bin)] = (int(r.n), r.p50, r.p99)
-    total = by_bin.get(None, (0, None, None))
-    count = max(1, math.ceil((until - since).total_seconds() / bin_s))
+    empty = (0, None, None)
     series = [
-        figures.LagBin(
-            start=since + timedelta(seconds=i * bin_s),
-            fires=by_bin.get(i, (0, None, None))[0],
-            p50_ms=by_bin.get(i, (0, None, None))[1],
-            p99_ms=by_bin.get(i, (0, None, None))[2],
-        )
-        for i in range(count)
+        figures.LagBin(start, *by_bin.get(i, empty))
+        for i, start in enumerate(figures.bin_starts(since, until, bin_s))
     ]
-    return figures.LagFigures(fires=total[0], p50_ms=total[1], p99_ms=total[2], series=series)
+    return figures.LagFigures(*by_bin.get(None, empty), series=series)
 
 
 def add_session(conn: Connection, session: ConsoleSession) -> None:
