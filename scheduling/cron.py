@@ -122,15 +122,13 @@ class CronSchedule:
         """Fire instants in (after, until], at most ``limit`` (the latest ones
         are kept when there are more)."""
         fires: list[datetime] = []
-        cursor = after
-        while True:
-            nxt = self.next_after(cursor)
-            if nxt is None or nxt > until:
-                return fires[-limit:] if limit else []
+        for nxt in self.instants_after(after):
+            if nxt > until:
+                break
             fires.append(nxt)
             if len(fires) > 4 * limit:
                 del fires[:-limit]
-            cursor = nxt
+        return fires[-limit:] if limit else []
 
 
 def wall_to_instant(wall: datetime, zone: ZoneInfo) -> datetime:
