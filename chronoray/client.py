@@ -221,11 +221,9 @@ class Client:
         late_after_s: float = DEFAULT_LATE_S,
     ) -> Audit:
         """As ``GET /v1/schedules/{id}/audit``: expected fires against what ran."""
-        since = start.isoformat() if isinstance(start, datetime) else start
-        until = end.isoformat() if isinstance(end, datetime) else end
         return _run(
             self._service.audit_schedule(
-                self.owner_id, schedule_id, start=since, end=until, late_after_s=late_after_s
+                self.owner_id, schedule_id, start=start, end=end, late_after_s=late_after_s
             )
         )[1]
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 from chronoray.settings import Settings
 from scheduling.audit import ONE_TICK, Audit, Occurrence, audit, fires_in_window
 from scheduling.clock import Clock, SystemClock
-from scheduling.cron import CronSchedule, validate_schedule
+from scheduling.cron import validate_schedule
 from scheduling.errors import ChronorayError, InvalidInput, UnsupportedMediaType
 from scheduling.figures import LagBin
 from scheduling.models import (
@@ -483,8 +483,8 @@ class Service:
         owner: int,
         schedule_id: int,
         *,
-        start: str | float | None = None,
-        end: str | float | None = None,
+        start: str | float | datetime | None = None,
+        end: str | float | datetime | None = None,
         late_after_s: float = DEFAULT_LATE_S,
     ) -> tuple[Schedule, Audit, datetime, datetime]:
         """One schedule over a window (default: the last 24 hours)."""
@@ -506,10 +506,10 @@ class Service:
     ) -> list[datetime]:
         """The next fires of an expression not stored yet (the create form)."""
         now = self.clock.now()
-        validate_schedule(
+        checked = validate_schedule(
             cron, timezone_name, now=now, min_interval_s=self.settings.min_schedule_interval_s
         )
-        return CronSchedule(cron, timezone_name).upcoming(now, bounded(count, 1, 100, "count"))
+        return checked.upcoming(now, bounded(count, 1, 100, "count"))
 
     async def schedule_history(
         self, owner: int, schedule_id: int, limit: int = 100
