@@ -306,24 +306,25 @@ async def _pool_or_none(service: Service) -> dict[str, Any] | None:
         return None  # shown as unavailable; the rest of the page still answers
 
 
+async def _overview(request: Request, viewer: Viewer, template: str) -> Response:
+    service = service_of(request)
+    owner = viewer.caller.require_user()
+    context = overview_context(await service.overview(owner), await _pool_or_none(service))
+    return render(request, template, viewer=viewer, **context)
+
+
 @router.get("/")
 async def overview_page(request: Request) -> Response:
     viewer = await viewer_of(request)
     if viewer.caller.admin:
         return go("/users")
-    service = service_of(request)
-    owner = viewer.caller.require_user()
-    context = overview_context(await service.overview(owner), await _pool_or_none(service))
-    return render(request, "overview.html", viewer=viewer, **context)
+    return await _overview(request, viewer, "overview.html")
 
 
 @router.get("/fragments/overview")
 async def overview_fragment(request: Request) -> Response:
-    viewer = await viewer_of(request)
-    service = service_of(request)
-    owner = viewer.caller.require_user()
-    context = overview_context(await service.overview(owner), await _pool_or_none(service))
-    return render(request, "_overview.html", viewer=viewer, **context)
+    """What the overview polls: the page without its frame."""
+    return await _overview(request, await viewer_of(request), "_overview.html")
 
 
 # -- tasks ----------------------------------------------------------------------
@@ -379,24 +380,21 @@ async def submit_task(request: Request) -> Response:
     return go(f"/tasks/{result.task.task_id}", done="created")
 
 
-async def _task_context(request: Request, viewer: Viewer, task_id: int) -> dict[str, Any]:
-    owner = viewer.caller.require_user()
-    view = await service_of(request).get_task(owner, task_id)
-    return {"task": view.task, "runs": view.runs}
+async def _task(request: Request, task_id: int, template: str) -> Response:
+    viewer = await viewer_of(request)
+    view = await service_of(request).get_task(viewer.caller.require_user(), task_id)
+    return render(request, template, viewer=viewer, task=view.task, runs=view.runs)
 
 
 @router.get("/tasks/{task_id}")
 async def task_page(request: Request, task_id: int) -> Response:
-    viewer = await viewer_of(request)
-    context = await _task_context(request, viewer, task_id)
-    return render(request, "task.html", viewer=viewer, **context)
+    return await _task(request, task_id, "task.html")
 
 
 @router.get("/fragments/tasks/{task_id}")
 async def task_fragment(request: Request, task_id: int) -> Response:
-    viewer = await viewer_of(request)
-    context = await _task_context(request, viewer, task_id)
-    return render(request, "_task.html", viewer=viewer, **context)
+    """What a task's page polls: its facts and runs."""
+    return await _task(request, task_id, "_task.html")
 
 
 @router.post("/tasks/{task_id}/cancel")
@@ -520,17 +518,17 @@ async def schedule_page(request: Request, schedule_id: int) -> Response:
     schedule, fires = await service.preview_schedule(owner, schedule_id, 10)
     history = await service.schedule_history(owner, schedule_id, 60)
     _, audit, since, until = await service.audit_schedule(owner, schedule_id)
-    timeline = list(reversed(history))
-    lags = []
-    for entry in timeline:
+    occurrences = []  # newest first: (entry, its first start, that start's lag in ms)
+    for entry in history:
         starts = [r.started_at for r in entry["runs"] if r.started_at is not None]
-        lags.append(
-            None if not starts else (min(starts) - entry["nominal_at"]).total_seconds() * 1000
-        )
+        first = min(starts, default=None)
+        lag_ms = None if first is None else (first - entry["nominal_at"]).total_seconds() * 1000
+        occurrences.append((entry, first, lag_ms))
+    timeline = list(reversed(occurrences))
     chart = line_chart(
         "lag of each occurrence: its first start after its nominal time",
-        [e["nominal_at"].strftime("%H:%M") for e in timeline],
-        [Line("lag", "#2563eb", lags)],
+        [entry["nominal_at"].strftime("%H:%M") for entry, _, _ in timeline],
+        [Line("lag", "#2563eb", [lag_ms for _, _, lag_ms in timeline])],
         " ms",
     )
     return render(
@@ -539,7 +537,7 @@ async def schedule_page(request: Request, schedule_id: int) -> Response:
         viewer=viewer,
         schedule=schedule,
         fires=fires,
-        history=history,
+        occurrences=occurrences,
         chart=chart,
         audit=audit,
         audit_from=since,
