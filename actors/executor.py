@@ -26,11 +26,11 @@ from actors.network import RAY_FIXED_PORTS, ControlPlane, control_plane
 from actors.results import CommitThenReport, ResultRecorder
 from actors.sandbox import (
     SandboxLimits,
+    ScriptRun,
     cgroup_support,
     detect_isolation,
     kill_group,
     prepare_network,
-    run_script,
 )
 from scheduling.clock import Clock, SystemClock, to_epoch
 from scheduling.errors import Unavailable
@@ -104,6 +104,7 @@ class Executor:
         node_id: str = "",
         limits: SandboxLimits = SandboxLimits(),
         gate_lead_s: float = 0.05,
+        prespawn: bool = True,
         patience_s: float = 60.0,
         retry_s: float = 0.5,
     ) -> None:
@@ -117,6 +118,10 @@ class Executor:
         # The gate commits this long before the due instant, so its write is
         # not in the fire lag; a loss before the gate never uses an attempt.
         self._gate_lead_s = gate_lead_s
+        # Build each run's sandbox and start its launcher when the attempt is
+        # handed over, held before the script's exec until the instant.
+        self._prespawn = prespawn
+        self.discarded_held = 0  # held runs ended unreleased: nothing of theirs ran
         self._patience_s = patience_s  # how long to wait out a database outage
         self._retry_s = retry_s
         self._node_id = node_id or socket.gethostname()
@@ -224,20 +229,9 @@ class Executor:
             )
         if path is None:
             return None
-        # Handed over early (prefire): hold the task until its instant.
-        await self._sleep_until(to_epoch(spec.due_at) - self._gate_lead_s)
-        if self.fenced:
-            return None  # not started: the task is still queued, and goes elsewhere
-        if not await self._patiently(lambda: self._gate.start(spec), spec, "start gate"):
-            self.refused_at_gate += 1
-            log.info("attempt %s not started: it is not ours to run", spec.key)
-            return None
-        await self._sleep_until(to_epoch(spec.due_at))
-        if self.fenced:
-            return self._result(
-                spec, None, self._clock.now(), None, FENCED, FailureClass.EXECUTOR_LOST
-            )
-        outcome = await run_script(
+        # Handed over early (prefire): its sandbox is built now, its script
+        # held before its first line until the instant.
+        run = ScriptRun(
             script_path=path,
             interpreter=spec.interpreter,
             variables={
@@ -248,8 +242,27 @@ class Executor:
             },
             timeout_s=spec.timeout_s,
             limits=self._limits,
-            on_start=lambda pid: self._pids.__setitem__(spec.key, pid),
-        )
+        ).prepare(hold=self._prespawn)
+        try:
+            await self._sleep_until(to_epoch(spec.due_at) - self._gate_lead_s)
+            if self.fenced:
+                return None  # not started: the task is still queued, and goes elsewhere
+            if not await self._patiently(lambda: self._gate.start(spec), spec, "start gate"):
+                self.refused_at_gate += 1
+                log.info("attempt %s not started: it is not ours to run", spec.key)
+                return None
+            await self._sleep_until(to_epoch(spec.due_at))
+            if self.fenced:
+                return self._result(
+                    spec, None, self._clock.now(), None, FENCED, FailureClass.EXECUTOR_LOST
+                )
+            run.release(on_start=lambda pid: self._pids.__setitem__(spec.key, pid))
+            outcome = await run.finish()
+        finally:
+            if not run.closed:  # refused, fenced or cancelled before its release
+                if run.held:
+                    self.discarded_held += 1
+                run.discard()
         failure = classify(
             exit_code=outcome.exit_code,
             timed_out=outcome.timed_out,
@@ -352,6 +365,7 @@ class ExecutorShell:
             gate=store,
             node_id=self._node_id,
             limits=self._limits,
+            prespawn=settings.prespawn,
         )
         self._timing = settings.pool_timing
         self._pool = pool_handle(settings.namespace)
@@ -398,6 +412,7 @@ class ExecutorShell:
             "running": executor.busy,
             "fenced": executor.fenced,
             "refused_at_gate": executor.refused_at_gate,
+            "discarded_held": executor.discarded_held,
             # the sandbox probe (and the launcher build) ran: no run pays for it
             "sandbox_ready": detect_isolation.cache_info().currsize > 0,
             "network": self.network,

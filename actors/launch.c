@@ -8,7 +8,7 @@
  * falls back to that chain when no C compiler is present.
  *
  *   chronoray-launch [--cgroup=PROCS_FILE]... [--pidns] [--netns] [--scratch=BYTES]
- *                    [--nice=N] [--uid=N --gid=N] [--cpu=N] [--as=N]
+ *                    [--nice=N] [--uid=N --gid=N] [--hold=FD] [--cpu=N] [--as=N]
  *                    [--fsize=N] [--nofile=N] [--nproc=N] [--core=N] -- CMD ARGS...
  *
  * Dies with its parent (PR_SET_PDEATHSIG). With --pidns, CMD runs as PID 1 of
@@ -23,7 +23,12 @@
  * and /dev/shm (the places every user may write), and is started there; the
  * script (CMD's last argument) is opened first and passed as /dev/fd/N,
  * since /tmp, where it lies, is covered. --nice sets CMD's nice value (the
- * tier's CPU weight). The exit
+ * tier's CPU weight). With --hold, everything above is done and then CMD's
+ * exec waits on one byte from FD (a pipe the executor keeps the other end
+ * of): the executor builds the sandbox ahead of the due instant and writes
+ * that byte on it, so the script's first line follows within an exec. End
+ * of file instead (the executor closed the pipe: cancelled, fenced, or
+ * dead) exits HELD_DISCARDED and runs nothing. The exit
  * status is CMD's; a CMD killed by a signal makes this process die of it too.
  */
 #define _GNU_SOURCE
@@ -52,6 +57,19 @@ static const struct {
     {"--cpu=", RLIMIT_CPU},       {"--as=", RLIMIT_AS},       {"--fsize=", RLIMIT_FSIZE},
     {"--nofile=", RLIMIT_NOFILE}, {"--nproc=", RLIMIT_NPROC}, {"--core=", RLIMIT_CORE},
 };
+
+#define HELD_DISCARDED 125
+
+/* Wait for the executor's go; run nothing unless it came. */
+static void await_release(int fd) {
+    char go;
+    ssize_t n;
+    do {
+        n = read(fd, &go, 1);
+    } while (n == -1 && errno == EINTR);
+    if (n != 1) _exit(HELD_DISCARDED);
+    close(fd);
+}
 
 static void die(const char *what) {
     fprintf(stderr, "chronoray-launch: %s: %s\n", what, strerror(errno));
@@ -112,7 +130,7 @@ static void own_scratch(unsigned long long bytes, long uid, long gid, char **scr
 }
 
 int main(int argc, char **argv) {
-    int pidns = 0, netns = 0;
+    int pidns = 0, netns = 0, hold = -1;
     unsigned long long scratch = 0;
     long uid = -1, gid = -1;
     int i = 1;
@@ -135,6 +153,8 @@ int main(int argc, char **argv) {
             uid = atol(argv[i] + 6);
         } else if (strncmp(argv[i], "--gid=", 6) == 0) {
             gid = atol(argv[i] + 6);
+        } else if (strncmp(argv[i], "--hold=", 7) == 0) {
+            hold = atoi(argv[i] + 7);
         } else if (!set_limit(argv[i])) {
             fprintf(stderr, "chronoray-launch: unknown option %s\n", argv[i]);
             return 127;
@@ -170,6 +190,7 @@ int main(int argc, char **argv) {
         if (setgid((gid_t)gid) == -1) die("setgid");
     }
     if (uid >= 0 && setuid((uid_t)uid) == -1) die("setuid");
+    if (hold >= 0) await_release(hold);
     execvp(argv[i], argv + i);
     die(argv[i]);
     return 127;

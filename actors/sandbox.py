@@ -167,6 +167,7 @@ class Isolation:
         limits: SandboxLimits,
         cgroup_procs: Sequence[str] = (),
         scratch_bytes: int = 0,
+        hold_fd: int | None = None,
     ) -> list[str]:
         """Limits hold from the script's first instruction: set by a wrapper
         process, not a ``preexec_fn``, which would force a full fork of the
@@ -186,7 +187,11 @@ class Isolation:
             if scratch_bytes:
                 namespace.append(f"--scratch={scratch_bytes}")
             namespace.append(f"--nice={nice}")
+            if hold_fd is not None:
+                namespace.append(f"--hold={hold_fd}")
             return [self.launcher, *joins, *namespace, *user, *flags, "--", *command]
+        if hold_fd is not None:
+            raise ValueError("only the compiled launcher can hold a run")
         wrapped = [PRLIMIT, *flags, "--", NICE, "-n", str(nice), *command]
         if self.pid_namespace:
             # unshare drops to the user itself (groups cleared, no
@@ -427,83 +432,176 @@ def uid_leases(base: int, count: int) -> UidLeases:
     return UidLeases(base, count, Path(tempfile.gettempdir()) / "chronoray-uids")
 
 
-async def run_script(
-    *,
-    script_path: Path,
-    interpreter: Interpreter,
-    variables: Mapping[str, str],
-    timeout_s: float,
-    limits: SandboxLimits = SandboxLimits(),
-    on_start: Callable[[int], None] | None = None,
-) -> ScriptOutcome:
-    """Run the script to its end or its timeout. ``on_start`` gets the
-    process group id, for a caller that may have to kill it early."""
-    isolation = detect_isolation(limits.run_as, limits.pid_namespace, limits.launcher)
-    leases = None
-    uid_range = limits.uid_range()
-    if isolation.uid is not None and uid_range is not None:
-        leases = uid_leases(uid_range[0], limits.uid_count)
-        isolation = isolation.as_user(leases.acquire())
-    cgroup = None
-    support = cgroup_support(limits)
-    pool = pool_for(support) if support.mode is not CgroupMode.NONE else None
-    if pool is not None:
+class ScriptRun:
+    """One run of a script in its sandbox, in steps, so that its start-up
+    can be paid before its due instant. ``prepare`` takes the run's uid,
+    cgroup and scratch and, where the compiled launcher is in use, starts
+    it held: every wall is up and only the interpreter's exec is left, which
+    waits on a pipe. ``release`` lets it go (or starts it there, where
+    nothing could be held); ``finish`` waits for its end and frees what it
+    took; ``discard`` ends a run that must not run: a held launcher reads
+    end of file and exits without exec'ing anything."""
+
+    def __init__(
+        self,
+        *,
+        script_path: Path,
+        interpreter: Interpreter,
+        variables: Mapping[str, str],
+        timeout_s: float,
+        limits: SandboxLimits,
+    ) -> None:
+        self._timeout_s = timeout_s
+        self._limits = limits
+        self._isolation = detect_isolation(limits.run_as, limits.pid_namespace, limits.launcher)
+        self._leases: UidLeases | None = None
+        self._pool = None
+        self._cgroup = None
+        self._scratch: str | None = None
+        self._quota = 0
+        self._command = [*interpreter_command(interpreter), str(script_path)]
+        self._variables = dict(variables)
+        self._proc: subprocess.Popen | None = None
+        self._child: _Child | None = None
+        self._go: int | None = None  # the write end of a held launcher's pipe
+        self.started_at: datetime | None = None
+        self.launch_error: str | None = None
+        self.closed = False
+
+    @property
+    def pid(self) -> int | None:
+        """The launcher's pid, which leads the run's process group."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def held(self) -> bool:
+        return self._go is not None
+
+    def prepare(self, *, hold: bool = True) -> "ScriptRun":
+        """Take the run's sandbox; with ``hold``, start the launcher up to
+        the script's exec (only with the compiled launcher)."""
         try:
-            cgroup = pool.acquire(
-                RunLimits(
-                    memory_bytes=limits.memory_mb * MiB,
-                    processes=limits.processes,
+            self._take_sandbox()
+        except BaseException:
+            self._close()  # give back what was taken before the failure
+            raise
+        if hold and self._isolation.launcher is not None:
+            self._spawn(hold=True)
+        return self
+
+    def _take_sandbox(self) -> None:
+        limits, isolation = self._limits, self._isolation
+        uid_range = limits.uid_range()
+        if isolation.uid is not None and uid_range is not None:
+            self._leases = uid_leases(uid_range[0], limits.uid_count)
+            isolation = self._isolation = isolation.as_user(self._leases.acquire())
+        support = cgroup_support(limits)
+        self._pool = pool_for(support) if support.mode is not CgroupMode.NONE else None
+        if self._pool is not None:
+            try:
+                self._cgroup = self._pool.acquire(
+                    RunLimits(memory_bytes=limits.memory_mb * MiB, processes=limits.processes)
                 )
-            )
-        except OSError:
-            log.exception("no cgroup for this run: its rlimits alone hold it")
-    # A tmpfs of the tier's size where the launcher can mount one (root);
-    # else a directory on disk, removed afterwards.
-    quota = limits.scratch_mb * MiB if isolation.launcher and os.geteuid() == 0 else 0
-    scratch = None if quota else tempfile.mkdtemp(prefix="chronoray-run-")
-    if scratch is not None and isolation.uid is not None:
-        os.chown(scratch, isolation.uid, isolation.gid)
-    home = scratch or "/tmp"
-    env = {"PATH": SAFE_PATH, "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", **variables}
-    started_at = datetime.now(timezone.utc)
-    command = interpreter_command(interpreter)
-    try:
+            except OSError:
+                log.exception("no cgroup for this run: its rlimits alone hold it")
+        # A tmpfs of the tier's size where the launcher can mount one (root);
+        # else a directory on disk, removed afterwards.
+        self._quota = limits.scratch_mb * MiB if isolation.launcher and os.geteuid() == 0 else 0
+        if not self._quota:
+            self._scratch = tempfile.mkdtemp(prefix="chronoray-run-")
+            if isolation.uid is not None:
+                os.chown(self._scratch, isolation.uid, isolation.gid)
+
+    def _spawn(self, *, hold: bool) -> None:
+        if not os.access(self._command[0], os.X_OK):
+            self.launch_error = f"FileNotFoundError: interpreter {self._command[0]} not found"
+            return
+        home = self._scratch or "/tmp"
+        env = {"PATH": SAFE_PATH, "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
+        wait_on = None
+        if hold:
+            wait_on, self._go = os.pipe()
         try:
-            if not os.access(command[0], os.X_OK):
-                raise FileNotFoundError(f"interpreter {command[0]} not found")
             # vfork + exec returns in microseconds; see _Child for why not asyncio's spawn
-            proc = subprocess.Popen(  # noqa: ASYNC220
-                isolation.wrap(
-                    [*command, str(script_path)],
-                    timeout_s=timeout_s,
-                    limits=limits,
-                    cgroup_procs=cgroup.procs_files() if cgroup else (),
-                    scratch_bytes=quota,
+            self._proc = subprocess.Popen(
+                self._isolation.wrap(
+                    self._command,
+                    timeout_s=self._timeout_s,
+                    limits=self._limits,
+                    cgroup_procs=self._cgroup.procs_files() if self._cgroup else (),
+                    scratch_bytes=self._quota,
+                    hold_fd=wait_on,
                 ),
-                cwd=scratch or "/",
-                env=env,
+                cwd=self._scratch or "/",
+                env={**env, **self._variables},
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                pass_fds=() if wait_on is None else (wait_on,),
             )
         except OSError as exc:
-            return ScriptOutcome(
-                started_at=None,
-                finished_at=datetime.now(timezone.utc),
-                exit_code=None,
-                output_tail="",
-                launch_error=f"{type(exc).__name__}: {exc}",
-            )
-        if on_start is not None:
-            on_start(proc.pid)
+            self.launch_error = f"{type(exc).__name__}: {exc}"
+            self._close_go()
+            return
+        finally:
+            if wait_on is not None:
+                os.close(wait_on)
+        self._child = _Child(self._proc, self._limits.output_bytes)
+
+    def release(self, on_start: Callable[[int], None] | None = None) -> None:
+        """Let the script run now; ``on_start`` gets its process group."""
+        self.started_at = datetime.now(timezone.utc)
+        if self._go is not None:
+            try:
+                os.write(self._go, b"g")
+            except BrokenPipeError:
+                pass  # the launcher died before its release: finish reports how
+            self._close_go()
+        elif self._proc is None and self.launch_error is None:
+            self._spawn(hold=False)
+        if self._proc is not None and on_start is not None:
+            on_start(self._proc.pid)
+
+    def _close_go(self) -> None:
+        if self._go is not None:
+            os.close(self._go)
+            self._go = None
+
+    def discard(self) -> None:
+        """End this run before or instead of its release: a held launcher
+        sees end of file and runs nothing; whatever started is killed."""
+        self._close_go()
+        if self._proc is not None:
+            kill_group(self._proc.pid)
+        if self._child is not None:
+            self._child.abandon_output()  # its pidfd reader still reaps it
+        self._close()
+
+    async def finish(self) -> ScriptOutcome:
+        """Wait for the released script's end (or its timeout) and free its
+        sandbox. Cancelled: the script is killed."""
+        try:
+            if self._proc is None or self._child is None or self.started_at is None:
+                return ScriptOutcome(
+                    started_at=None,
+                    finished_at=datetime.now(timezone.utc),
+                    exit_code=None,
+                    output_tail="",
+                    launch_error=self.launch_error or "the run was never released",
+                )
+            return await self._wait(self._proc, self._child)
+        finally:
+            self._close()
+
+    async def _wait(self, proc: subprocess.Popen, child: _Child) -> ScriptOutcome:
+        limits, isolation = self._limits, self._isolation
         weighed = asyncio.get_running_loop().call_later(
             SESSION_WEIGHT_AFTER_S, weigh_session, proc.pid, limits.cpu_weight
         )
-        child = _Child(proc, limits.output_bytes)
         timed_out = False
         try:
-            await asyncio.wait_for(asyncio.shield(child.exited), timeout=timeout_s)
+            await asyncio.wait_for(asyncio.shield(child.exited), timeout=self._timeout_s)
         except asyncio.TimeoutError:
             timed_out = True
         except asyncio.CancelledError:  # the attempt was cancelled: stop the script
@@ -515,7 +613,7 @@ async def run_script(
         # Grandchildren may still run: end the group (and with it the PID
         # namespace, whose PID 1 is in the group).
         kill_group(proc.pid)
-        if leases is not None and not isolation.pid_namespace:
+        if self._leases is not None and not isolation.pid_namespace:
             kill_user(isolation.uid)  # without a namespace: setsid escapes, by their uid
         await child.exited
         try:
@@ -523,13 +621,13 @@ async def run_script(
         except asyncio.TimeoutError:
             child.abandon_output()
         oom_killed = oom_known = False
-        if pool is not None and cgroup is not None:
-            oom_killed, oom_known = cgroup.oom_killed(), True
-            held, cgroup = cgroup, None
-            if not pool.release(held):  # something escaped the group: it dies here
-                await asyncio.to_thread(pool.settle, held)
+        if self._pool is not None and self._cgroup is not None:
+            oom_killed, oom_known = self._cgroup.oom_killed(), True
+            held, self._cgroup = self._cgroup, None
+            if not self._pool.release(held):  # something escaped the group: it dies here
+                await asyncio.to_thread(self._pool.settle, held)
         return ScriptOutcome(
-            started_at=started_at,
+            started_at=self.started_at,
             finished_at=datetime.now(timezone.utc),
             exit_code=proc.returncode,
             output_tail=child.output().decode("utf-8", errors="replace"),
@@ -537,13 +635,41 @@ async def run_script(
             oom_killed=oom_killed,
             oom_known=oom_known,
         )
-    finally:
-        if pool is not None and cgroup is not None:  # cancelled or failed on the way
-            pool.settle(cgroup)
-        if scratch is not None:
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._close_go()
+        if self._pool is not None and self._cgroup is not None:  # not ended through _wait
+            self._pool.settle(self._cgroup)
+            self._cgroup = None
+        if self._scratch is not None:
             try:
-                os.rmdir(scratch)  # the common case: the script left nothing
+                os.rmdir(self._scratch)  # the common case: the script left nothing
             except OSError:
-                shutil.rmtree(scratch, ignore_errors=True)
-        if leases is not None:
-            leases.release(isolation.uid)  # its processes are gone with the namespace
+                shutil.rmtree(self._scratch, ignore_errors=True)
+        if self._leases is not None:
+            self._leases.release(self._isolation.uid)  # its processes are gone with the namespace
+
+
+async def run_script(
+    *,
+    script_path: Path,
+    interpreter: Interpreter,
+    variables: Mapping[str, str],
+    timeout_s: float,
+    limits: SandboxLimits = SandboxLimits(),
+    on_start: Callable[[int], None] | None = None,
+) -> ScriptOutcome:
+    """Run the script now, to its end or its timeout. ``on_start`` gets the
+    process group id, for a caller that may have to kill it early."""
+    run = ScriptRun(
+        script_path=script_path,
+        interpreter=interpreter,
+        variables=variables,
+        timeout_s=timeout_s,
+        limits=limits,
+    ).prepare(hold=False)
+    run.release(on_start)
+    return await run.finish()

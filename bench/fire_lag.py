@@ -8,6 +8,8 @@
   the due time.
 * burst: M tasks due at one instant; drain rate = M / (last first line -
   the instant).
+* minute: K schedules on ``* * * * *``; for one minute's fires, due → first
+  line p50/p99, and how many schedules fired that minute other than once.
 * each run also measures the floor (bench/floor.py: the same launcher
   spawned by a plain loop at the same concurrency, and bare ``bash -c``),
   CPU seconds per task by process class (bench/procstat.py) and memory; the
@@ -155,6 +157,51 @@ def burst(client, engine, count: int, lead_s: float) -> dict[str, float]:
     }
 
 
+def minute(client, engine, count: int) -> dict[str, float]:
+    """``count`` schedules firing every minute: one minute's fires, each
+    schedule once, timed from the minute to the script's first line."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from storage.schema import tasks
+
+    now = datetime.now(timezone.utc)
+    boundary = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    if (boundary - now).total_seconds() < 20:  # creating them must not straddle it
+        boundary += timedelta(minutes=1)
+    with ThreadPoolExecutor(8) as creators:
+        created = list(
+            creators.map(
+                lambda _: client.create_schedule("stamp.sh", "* * * * *", max_attempts=1),
+                range(count),
+            )
+        )
+    ids = [s.schedule_id for s in created]
+    print(f"minute: {count} schedules on * * * * *; measuring the fires of {boundary:%H:%M}")
+    time.sleep(max(0.0, (boundary - datetime.now(timezone.utc)).total_seconds()) + 1)
+    with engine.connect() as conn:
+        fired = conn.execute(
+            select(tasks.c.task_id, tasks.c.schedule_id).where(
+                tasks.c.schedule_id.in_(ids), tasks.c.nominal_at == boundary
+            )
+        ).all()
+    wait_all(engine, [r.task_id for r in fired], timeout_s=300)
+    for schedule_id in ids:
+        client.delete_schedule(schedule_id)
+    per_schedule = {i: 0 for i in ids}
+    for row in fired:
+        per_schedule[row.schedule_id] += 1
+    off = sum(1 for n in per_schedule.values() if n != 1)
+    rows = [r for r in run_rows(engine, [r.task_id for r in fired]) if not r.failure]
+    lags = [(float(r.output_tail.split()[0]) - boundary.timestamp()) * 1000 for r in rows]
+    print(f"minute: {len(fired)} fires of {count} schedules; {off} fired other than once")
+    report("minute fire lag (the minute -> script's first line)", lags)
+    return {
+        "minute p50 ms": percentile(lags, 50),
+        "minute p99 ms": percentile(lags, 99),
+        "minute schedules not fired exactly once": float(off),
+    }
+
+
 def floors(args, limits, slots: int) -> dict[str, float]:
     """The same work without chronoray, in this command (bench/floor.py)."""
     found = {}
@@ -206,6 +253,13 @@ def main() -> None:
     parser.add_argument("--spread-tasks", type=int, default=3000)
     parser.add_argument("--spread-s", type=float, default=30.0)
     parser.add_argument("--burst-tasks", type=int, default=10000)
+    parser.add_argument("--minute-schedules", type=int, default=300)
+    parser.add_argument(
+        "--prespawn",
+        choices=["on", "off"],
+        default="on",
+        help="executors build each run's sandbox at hand-over and hold it until the instant",
+    )
     parser.add_argument("--lead-s", type=float, default=20.0)
     parser.add_argument("--executors", type=int, default=2, help="per tier")
     parser.add_argument("--slots", type=int, default=8, help="per executor")
@@ -229,12 +283,13 @@ def main() -> None:
         sandbox=SANDBOXES[args.sandbox],
         executor_credits=args.credits,
         range_slices=args.slices,
+        prespawn=args.prespawn == "on",
     )
     slots = sum(tier.slots * tier.executors for tier in tiers)
     print(
         f"settings: shards={args.shards} executors/tier={args.executors} slots/executor={args.slots} "
         f"({slots} slots) credits={args.credits} slices={settings.wheel.slices} "
-        f"prefire_ms={settings.prefire_ms} sandbox={args.sandbox} "
+        f"prefire_ms={settings.prefire_ms} prespawn={args.prespawn} sandbox={args.sandbox} "
         f"cpus={os.cpu_count()} postgresql={durability(args.database_url)}"
     )
     start_local_ray(settings, logging_level="error", include_dashboard=False)
@@ -258,6 +313,8 @@ def main() -> None:
                 found |= spread(client, engine, args.spread_tasks, args.spread_s, args.lead_s)
             if args.burst_tasks:
                 found |= burst(client, engine, args.burst_tasks, args.lead_s)
+            if args.minute_schedules:
+                found |= minute(client, engine, args.minute_schedules)
             runs.append(found)
             floor_runs.append(floors(args, settings.sandbox, slots))
     finally:

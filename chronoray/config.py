@@ -34,6 +34,7 @@ SCALARS: dict[str, type] = {
     "lookahead_s": float,
     "sweep_interval_s": float,
     "prefire_ms": float,
+    "prespawn": bool,
     "queue_lease_s": float,
     "lease_grace_s": float,
     "dispatcher_max_queued": int,
@@ -236,6 +237,13 @@ _DERIVED = {
 def _from_text(variable: str, text: str, kind: type) -> Any:
     if kind is list:
         return [part.strip() for part in text.split(",") if part.strip()]
+    if kind is bool:
+        word = text.strip().lower()
+        if word in {"1", "true", "yes", "on"}:
+            return True
+        if word in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(variable, f"{text!r} is not true or false")
     try:
         return kind(text)
     except ValueError:

@@ -207,6 +207,7 @@ def test_an_attempt_refused_at_the_start_gate_never_starts(tmp_path):
         assert ledger.read_text().split() == ["1"]
         assert [r.task_id for r in sink.results] == [1]  # nothing to say about the other
         assert executor.refused_at_gate == 1
+        assert executor.discarded_held == 1  # its sandbox was built, and ended unrun
 
     asyncio.run(scenario())
 
@@ -297,3 +298,45 @@ def test_attempts_beyond_its_slots_wait_and_start_as_slots_free(tmp_path):
         assert sum(1 for start, end in spans if start <= moment < end) <= 2
     assert spans[2][0] >= min(end for _, end in spans[:2])  # the third waited for a slot
     assert sorted(task_id for task_id, _ in gate.asked) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("ending", ["cancel", "fence"])
+def test_a_held_run_ended_before_its_instant_is_killed_without_running(tmp_path, ending):
+    """Pre-spawn: an attempt handed over early has its launcher started and
+    held at once; cancelled or fenced before its instant, that launcher
+    ends and the script never runs."""
+    ledger = tmp_path / "ledger"
+
+    class Ledger(Scripts):
+        def get_script_body(self, script_id):
+            return f"echo $CHRONORAY_TASK_ID >> {ledger}".encode()
+
+    sink, gate = Sink(), Gate()
+    marker = f"MARK=held-{ending}"
+
+    async def scenario():
+        executor = new_executor(tmp_path, Ledger(), sink, gate)
+        lead_s = 30 if ending == "cancel" else 1.5  # fenced: ends at its gate's time
+        due = datetime.now(timezone.utc) + timedelta(seconds=lead_s)
+        job = replace(spec(5, due=due), script_sha256="9" * 64, variables={"MARK": marker[5:]})
+        await executor.run_batch([job])
+        for _ in range(200):  # the launcher is up long before the instant
+            if processes_with(marker):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("no held launcher")
+        if ending == "cancel":
+            assert await executor.cancel([job.key]) == 1
+        else:  # its gate is never asked: the task stays queued for another executor
+            executor.lose_contact("test")
+        for _ in range(200):
+            if not processes_with(marker) and not await executor.running():
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the held launcher outlived its attempt")
+        assert not ledger.exists() and sink.results == [] and gate.asked == []
+        assert executor.discarded_held == 1
+
+    asyncio.run(scenario())

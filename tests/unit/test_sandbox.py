@@ -3,6 +3,7 @@
 import asyncio
 import os
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from actors.cgroups import CgroupMode
 from actors.sandbox import (
     SandboxLimits,
+    ScriptRun,
     cgroup_support,
     detect_isolation,
     run_script,
@@ -237,3 +239,99 @@ def test_the_launcher_reports_the_scripts_exit_status_and_signal(tmp_path):
         )
     )
     assert outcome.exit_code == -15
+
+
+def held_launchers(marker: str) -> list[int]:
+    """Processes of a run (by its variable) that are still the launcher,
+    waiting in a pipe read to exec the interpreter."""
+    launcher = detect_isolation("nobody").launcher
+    found = []
+    for pid in processes_with(marker):
+        try:
+            if os.readlink(f"/proc/{pid}/exe") == launcher:
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def uid_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+
+
+async def until(condition, what: str, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while not (found := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+    return found
+
+
+def held_run(path: Path, marker: str, hold: bool = True) -> ScriptRun:
+    return ScriptRun(
+        script_path=path,
+        interpreter=Interpreter.BASH,
+        variables={"MARK": marker},
+        timeout_s=10,
+        limits=SandboxLimits(),
+    ).prepare(hold=hold)
+
+
+@needs_root
+def test_a_held_run_has_its_sandbox_built_and_starts_only_when_released(tmp_path):
+    ran = tmp_path / "ran"
+    script = write(tmp_path, f"echo $$ $(id -u) > {ran}; echo ran")
+    tmp_path.chmod(0o777)
+
+    async def scenario():
+        run = held_run(script, "MARK=held-released")
+        assert run.held
+        # the script's own process is up as the run's uid, still the launcher
+        first, last = SandboxLimits().uid_range()
+        held = await until(
+            lambda: [p for p in held_launchers("MARK=held-released") if uid_of(p) >= first],
+            "the held launcher to drop to the run's uid",
+        )
+        assert len(held) == 1 and first <= uid_of(held[0]) <= last
+        assert not ran.exists()
+        released_at = datetime.now(timezone.utc)
+        run.release()
+        outcome = await run.finish()
+        assert (outcome.exit_code, outcome.output_tail) == (0, "ran\n")
+        assert outcome.started_at >= released_at and run.closed
+        pid, uid = ran.read_text().split()
+        assert pid == "1" and first <= int(uid) <= last  # its own namespace, its own uid
+
+    asyncio.run(scenario())
+
+
+@needs_root
+def test_a_discarded_held_run_runs_nothing_and_leaves_nothing(tmp_path):
+    ran = tmp_path / "ran"
+    script = write(tmp_path, f"touch {ran}")
+    tmp_path.chmod(0o777)
+
+    async def scenario():
+        run = held_run(script, "MARK=held-discarded")
+        await until(lambda: held_launchers("MARK=held-discarded"), "the held launcher")
+        run.discard()
+        await until(lambda: not processes_with("MARK=held-discarded"), "the launcher's end")
+        assert run.closed and not ran.exists()
+
+    asyncio.run(scenario())
+
+
+def test_a_run_that_cannot_start_reports_a_launch_error_held_or_not(tmp_path, monkeypatch):
+    script = write(tmp_path, "true")
+    monkeypatch.setattr("actors.sandbox.interpreter_command", lambda _: ["/nonexistent/bash"])
+
+    async def scenario(hold):
+        run = held_run(script, "MARK=never", hold=hold)
+        run.release()
+        return await run.finish()
+
+    for hold in (True, False):
+        outcome = asyncio.run(scenario(hold))
+        assert outcome.started_at is None and "not found" in outcome.launch_error

@@ -19,6 +19,7 @@ SAMPLES = {
     "CHRONORAY_RANGE_S": ("120", lambda s: s.range_s),
     "CHRONORAY_RANGE_SLICES": ("0", lambda s: s.range_slices),
     "CHRONORAY_PREFIRE_MS": ("100", lambda s: s.prefire_ms),
+    "CHRONORAY_PRESPAWN": ("off", lambda s: s.prespawn),
     "CHRONORAY_LOOKAHEAD_S": ("30", lambda s: s.lookahead_s),
     "CHRONORAY_SWEEP_INTERVAL_S": ("2", lambda s: s.sweep_interval_s),
     "CHRONORAY_QUEUE_LEASE_S": ("20", lambda s: s.queue_lease_s),
@@ -73,6 +74,13 @@ def test_each_variable_changes_its_setting(tmp_path):
     for name, (value, where) in SAMPLES.items():
         changed = Settings.from_env({name: value}, data_dir=tmp_path)
         assert where(changed) != where(default), name
+
+
+def test_a_switch_takes_words_and_refuses_others(tmp_path):
+    for text, wanted in [("false", False), ("0", False), ("On", True), ("yes", True)]:
+        assert Settings.from_env({"CHRONORAY_PRESPAWN": text}, data_dir=tmp_path).prespawn is wanted
+    with pytest.raises(ValueError, match="CHRONORAY_PRESPAWN: 'maybe' is not true or false"):
+        Settings.from_env({"CHRONORAY_PRESPAWN": "maybe"}, data_dir=tmp_path)
 
 
 def test_data_dir_places_the_embedded_database(tmp_path):
