@@ -31,6 +31,7 @@ from scheduling.models import (
 from scheduling.schedules import Schedule
 from scheduling.validation import validate_script_name
 from service.auth import Authenticator, Caller, ConsoleSessions, Viewer, issue_token
+from service.caps import Caps
 from service.requests import (
     BackfillIn,
     ScheduleIn,
@@ -45,7 +46,6 @@ from service.requests import (
 )
 from service.steps import (
     bounded,
-    check_caps,
     local_user,
     new_batch,
     new_schedule,
@@ -150,9 +150,20 @@ class Service:
             repo.user_for_token, admin_token=settings.admin_token, cache_s=settings.token_cache_s
         )
         self.sessions = ConsoleSessions(repo, repo, lifetime_s=settings.console_session_s)
+        self.caps = Caps(
+            repo.count_active,
+            max_active_tasks=settings.max_active_tasks,
+            max_schedules=settings.max_schedules,
+        )
 
     async def _io(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.to_thread(call, *args, **kwargs)
+
+    async def _check_caps(self, owner: int, *, tasks: int = 0, schedules: int = 0) -> None:
+        """429 past a cap; counts in the database only when its kept counts
+        are stale or near a cap (service/caps.py)."""
+        if not self.caps.admit_cached(owner, tasks=tasks, schedules=schedules):
+            await self._io(self.caps.check, owner, tasks=tasks, schedules=schedules)
 
     # -- who calls ------------------------------------------------------------
     async def caller(self, token: str) -> Caller:
@@ -257,7 +268,7 @@ class Service:
     ) -> list[SubmitResult | ChronorayError]:
         """Each to the shard owning its time; one result (or error) each."""
         news = [new_task(body, owner_id=owner, settings=self.settings) for body in bodies]
-        await self._io(check_caps, self.repo, self.settings, owner, tasks=len(news))
+        await self._check_caps(owner, tasks=len(news))
         return await self.router.submit(news)
 
     async def submit_task(self, owner: int, body: TaskIn) -> SubmitResult:
@@ -269,7 +280,7 @@ class Service:
     async def submit_batch(self, owner: int, items: Sequence[Any]) -> list[SubmitResult]:
         """All or nothing, in one transaction; an error names its item."""
         news = new_batch(items, owner_id=owner, settings=self.settings)
-        await self._io(check_caps, self.repo, self.settings, owner, tasks=len(news))
+        await self._check_caps(owner, tasks=len(news))
         results = await self._io(store_batch, self.repo, news, now=self.clock.now())
         await self.router.track([(r.task.task_id, r.task.execute_at) for r in results])
         return results
@@ -369,7 +380,7 @@ class Service:
     async def create_schedule(self, owner: int, body: ScheduleIn) -> Schedule:
         now = self.clock.now()
         new = new_schedule(body, owner_id=owner, settings=self.settings, now=now)
-        await self._io(check_caps, self.repo, self.settings, owner, schedules=1)
+        await self._check_caps(owner, schedules=1)
         schedule, follow_up = await self._io(self.repo.add_schedule, new, now=now)
         await self._follow(follow_up)
         return schedule

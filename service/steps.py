@@ -14,7 +14,6 @@ from scheduling.errors import (
     BatchRejected,
     ChronorayError,
     InvalidInput,
-    RateLimited,
     RunNotFound,
     TooLarge,
     in_batch,
@@ -24,9 +23,6 @@ from scheduling.schedules import MisfirePolicy, NewSchedule, OverlapPolicy, Sche
 from scheduling.validation import validate_script_name
 from service.requests import ScheduleFields, ScheduleIn, TaskIn, encode_cursor, parse_instant
 from storage.repository import Accounts, Repository, TaskQuery
-
-CAP_RETRY_AFTER_S = 30.0  # active work drains in about this long; a guess to space retries
-
 
 LOCAL_USER = ("local", "user")  # whom the embedded default acts for without a token
 
@@ -100,25 +96,6 @@ def run_of(runs: Sequence[Run], task_id: int, attempt: int) -> Run:
         if run.attempt == attempt:
             return run
     raise RunNotFound(f"task {task_id} has no run of attempt {attempt}", "attempt")
-
-
-def check_caps(
-    repo: Repository, settings: Settings, owner_id: int, *, tasks: int = 0, schedules: int = 0
-) -> None:
-    """429 when this submission would take a user past their caps."""
-    active, live = repo.count_active(owner_id)
-    if tasks and active + tasks > settings.max_active_tasks:
-        raise RateLimited(
-            f"{active} active tasks; the cap is {settings.max_active_tasks}",
-            "tasks",
-            CAP_RETRY_AFTER_S,
-        )
-    if schedules and live + schedules > settings.max_schedules:
-        raise RateLimited(
-            f"{live} schedules; the cap is {settings.max_schedules}",
-            "schedules",
-            CAP_RETRY_AFTER_S,
-        )
 
 
 def new_batch(items: Sequence[Any], *, owner_id: int, settings: Settings) -> list[NewTask]:
