@@ -18,16 +18,11 @@ from sqlalchemy import (
     Integer,
     String,
     and_,
-    bindparam,
-    column,
     exists,
-    func,
     insert,
     select,
     update,
-    values,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
 
 from scheduling.lifecycle import (
     CLAIM,
@@ -178,7 +173,7 @@ def mark_running(
     started: list[tuple[int, int]] = []
     unique = {(spec.task_id, spec.attempt, spec.epoch): spec for spec in specs}
     for chunk in _chunks(list(unique.values())):
-        gate = _rows_of(
+        gate = rows.rows_of(
             conn,
             ("task_id", BigInteger, [spec.task_id for spec in chunk]),
             ("attempt", Integer, [spec.attempt for spec in chunk]),
@@ -296,7 +291,7 @@ def _apply_results(
     # catch-up occurrence keeps in its claiming shard's range)
     due = [o.execute_at or row.execute_at for _, o, row in decided]
     buckets = [bucket_of(o.execute_at) if o.execute_at else row.bucket for _, o, row in decided]
-    applied = _rows_of(
+    applied = rows.rows_of(
         conn,
         ("task_id", BigInteger, [r.task_id for r, _, _ in decided]),
         ("attempt", Integer, [r.attempt for r, _, _ in decided]),
@@ -356,21 +351,6 @@ CHUNK = 1000  # rows per statement: well inside every driver's parameter limit
 
 def _chunks(items: list[T]) -> list[list[T]]:
     return [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
-
-
-def _rows_of(conn: Connection, *columns: tuple[str, Any, list[Any]]) -> Any:
-    """One row per item, named ``v``, to update many rows in one statement
-    (``UPDATE … FROM v``). On PostgreSQL ``unnest`` of one array parameter
-    per column: the statement's text does not depend on the batch, so it is
-    compiled once and cached. SQLite has no arrays: a VALUES list there."""
-    if conn.dialect.name == "postgresql":
-        arrays = [
-            bindparam(f"v_{name}", value=items, type_=ARRAY(kind)) for name, kind, items in columns
-        ]
-        names = [column(name, kind) for name, kind, _ in columns]
-        return func.unnest(*arrays).table_valued(*names).render_derived(with_types=False).alias("v")
-    table = values(*(column(name, kind) for name, kind, _ in columns), name="v")
-    return table.data(list(zip(*(items for _, _, items in columns), strict=True))).cte("v")
 
 
 def stale_queued(

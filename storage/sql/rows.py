@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, any_, bindparam, column, func, select, values
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from scheduling.models import (
     FINAL_STATUSES,
@@ -173,3 +174,30 @@ def run_values(result: RunResult) -> dict[str, Any]:
         "output_tail": tail(result.output_tail),
         "failure": result.failure.value if result.failure else None,
     }
+
+
+def rows_of(conn: Connection, *columns: tuple[str, Any, list[Any]]) -> Any:
+    """One row per item, named ``v``, to update many rows in one statement
+    (``UPDATE … FROM v``). On PostgreSQL ``unnest`` of one array parameter
+    per column: the statement's text does not depend on the batch, so it is
+    compiled once and cached. SQLite has no arrays: a VALUES list there."""
+    if conn.dialect.name == "postgresql":
+        arrays = [
+            bindparam(f"v_{name}", value=items, type_=ARRAY(kind)) for name, kind, items in columns
+        ]
+        names = [column(name, kind) for name, kind, _ in columns]
+        return func.unnest(*arrays).table_valued(*names).render_derived(with_types=False).alias("v")
+    table = values(*(column(name, kind) for name, kind, _ in columns), name="v")
+    return table.data(list(zip(*(items for _, _, items in columns), strict=True))).cte("v")
+
+
+def among(conn: Connection, column_: Any, items: Any) -> Any:
+    """``column_ IN items``; on PostgreSQL ``= ANY`` of one array parameter,
+    so the statement's text does not grow with the items (psycopg parses a
+    statement's text on every execution once it is long: a thousand ids
+    cost more than the query)."""
+    items = list(items)
+    if conn.dialect.name == "postgresql":
+        array = bindparam(f"among_{column_.name}", value=items, type_=ARRAY(column_.type))
+        return column_ == any_(array)
+    return column_.in_(items)
