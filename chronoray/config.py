@@ -51,6 +51,7 @@ SCALARS: dict[str, type] = {
     "max_script_bytes": int,
     "max_batch_tasks": int,
     "serve_replicas": int,
+    "serve_ingress": str,
     "admin_token": str,
     "token_cache_s": float,
     "rate_limit_per_s": float,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +38,7 @@ def start_local_ray(
             os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
         init_kwargs.setdefault("dashboard_host", "127.0.0.1")
         init_kwargs.setdefault("dashboard_port", settings.dashboard_port)
+    os.environ.update(ingress_environment(settings))
     labels: dict[str, str] = {}
     for tier in settings.tiers:  # a tier whose labels conflict is refused by `up`'s check
         for key, value in tier.labels.items():
@@ -52,6 +55,50 @@ def start_local_ray(
     )
     _record_as_current_cluster(context.address_info["gcs_address"])
     return (context.dashboard_url or None) if dashboard else None
+
+
+def ingress_environment(settings: Settings) -> dict[str, str]:
+    """What Serve reads, as each of its processes starts, to take HTTP
+    through HAProxy instead of its Python proxy (`serve_ingress`): set
+    before Ray starts (``ray start`` on a cluster: cluster.yaml). HAProxy
+    keeps its files in a directory of this process's own and its stats on a
+    free port, so two Rays on one host do not share them. Measured with
+    ``make bench-http`` (README, Benchmarks)."""
+    if settings.serve_ingress != "haproxy":
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    state = _haproxy_directory(settings.http_port)
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # two cores: one thread measured best
+        "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(state / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(state / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state / "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+    }
+
+
+def _haproxy_directory(http_port: int) -> Path:
+    """One directory per user and HTTP port (two Rays cannot share a port,
+    so they never share it; a restart reuses it), short because Serve puts a
+    56-character directory under it and HAProxy refuses a socket path past
+    97 characters."""
+    directory = Path("/tmp") / f"cr-hap-{os.geteuid()}-{http_port}"
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        info = directory.stat()
+        if info.st_uid == os.geteuid() and not info.st_mode & 0o077:
+            return directory
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="cr-hap-"))  # not ours to use: a new one
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _record_as_current_cluster(gcs_address: str) -> None:

@@ -38,6 +38,9 @@ def up_state_file(data_dir: Path | None = None) -> Path:
     return (data_dir or data_dir_from()) / "up.json"
 
 
+SERVE_INGRESSES = ("haproxy", "proxy")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     database_url: str
@@ -90,6 +93,10 @@ class Settings:
     max_batch_tasks: int = 1000  # POST /v1/tasks:batch, in one transaction
     max_priority: int = 9
     serve_replicas: int = 1
+    # what takes HTTP on http_port: "haproxy" (Serve's HAProxy in front of
+    # replicas that serve HTTP themselves) or "proxy" (Serve's Python proxy);
+    # read when Ray starts (chronoray up), see chronoray.deploy.ingress_environment
+    serve_ingress: str = "haproxy"
     # users, tokens and abuse limits
     admin_token: str | None = field(default=None, repr=False)  # POST /v1/users etc.; off when unset
     token_cache_s: float = 2.0  # how long a checked token is trusted before asking the database
@@ -104,6 +111,8 @@ class Settings:
     database_replica_urls: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.serve_ingress not in SERVE_INGRESSES:
+            raise ValueError(f"serve_ingress must be one of {SERVE_INGRESSES}")
         if self.executor_credits < 1:
             raise ValueError("executor_credits must be at least 1")
         if self.retention_days and self.retention_days * 86400 < self.misfire.catch_up_window_s:

@@ -41,3 +41,13 @@ def test_the_control_plane_resource_is_offered_by_the_head_only(config):
         if node["resources"].get("chronoray_control", 0) > 0
     ]
     assert offering == [config["head_node_type"]]
+
+
+def test_every_node_starts_ray_with_the_default_ingress_serve_variables(config):
+    """Serve reads them as its processes start: `ray start` must carry them."""
+    from chronoray.settings import Settings
+
+    assert Settings(database_url="sqlite://").serve_ingress == "haproxy"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        [start] = [c for c in config[key] if "ray start" in c]
+        assert start.startswith("RAY_SERVE_ENABLE_HA_PROXY=1 "), start

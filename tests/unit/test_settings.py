@@ -29,6 +29,7 @@ SAMPLES = {
     "CHRONORAY_NAMESPACE": ("other", lambda s: s.namespace),
     "CHRONORAY_MAX_SCRIPT_BYTES": ("1024", lambda s: s.max_script_bytes),
     "CHRONORAY_SERVE_REPLICAS": ("2", lambda s: s.serve_replicas),
+    "CHRONORAY_SERVE_INGRESS": ("proxy", lambda s: s.serve_ingress),
     "CHRONORAY_TOKEN_CACHE_S": ("0", lambda s: s.token_cache_s),
     "CHRONORAY_RETRY_BACKOFF_S": ("4", lambda s: s.retry.backoff_base_s),
     "CHRONORAY_MIN_SCHEDULE_INTERVAL_S": ("10", lambda s: s.min_schedule_interval_s),
@@ -83,6 +84,11 @@ def test_a_switch_takes_words_and_refuses_others(tmp_path):
         Settings.from_env({"CHRONORAY_PRESPAWN": "maybe"}, data_dir=tmp_path)
 
 
+def test_an_unknown_ingress_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="serve_ingress must be one of"):
+        Settings.from_env({"CHRONORAY_SERVE_INGRESS": "nginx"}, data_dir=tmp_path)
+
+
 def test_data_dir_places_the_embedded_database(tmp_path):
     settings = Settings.from_env({"CHRONORAY_DATA_DIR": str(tmp_path / "d")})
     assert settings.database_url == f"sqlite:///{tmp_path / 'd' / 'chronoray.db'}"
@@ -96,3 +102,19 @@ def test_a_credit_window_below_one_is_refused(tmp_path):
 def test_a_retention_shorter_than_the_misfire_catch_up_window_is_refused(tmp_path):
     with pytest.raises(ValueError, match="retention_days"):
         Settings.from_env({"CHRONORAY_RETENTION_DAYS": "0.01"}, data_dir=tmp_path)
+
+
+def test_the_haproxy_ingress_has_files_of_its_own_and_a_socket_path_haproxy_takes():
+    from chronoray.deploy import ingress_environment
+
+    first, second = (
+        ingress_environment(Settings(database_url="sqlite://", http_port=port))
+        for port in (8000, 8001)
+    )
+    assert first["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    socket = Path(first["RAY_SERVE_HAPROXY_SOCKET_PATH"])
+    # Serve adds a directory of 56 characters; HAProxy refuses paths past 97
+    assert len(str(socket.parent / ("x" * 56) / socket.name)) <= 97
+    assert socket.parent != Path(second["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent
+    proxy = ingress_environment(Settings(database_url="sqlite://", serve_ingress="proxy"))
+    assert proxy == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
