@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 SERVICES_DIR ?= $(CURDIR)/.run/services
 PYTEST_ARGS ?=
 
-.PHONY: run test install system-deps sandbox-deps services-start services-stop lint bench bench-http bench-console bench-sandbox bench-history chaos clean
+.PHONY: run test install system-deps sandbox-deps bench-deps services-start services-stop lint bench bench-http bench-console bench-sandbox bench-history chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,14 @@ sandbox-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq iptables >/dev/null; \
 	fi
 
+# The HTTP benchmark's load generator (wrk, from Debian's packages).
+bench-deps:
+	@if ! command -v wrk >/dev/null; then \
+	  echo "installing: wrk"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk >/dev/null; \
+	fi
+
 run: install sandbox-deps
 	$(BIN)/chronoray up
 
@@ -74,7 +82,7 @@ bench-sandbox: install sandbox-deps
 	$(BIN)/python -m bench.sandbox_start $(SANDBOX_BENCH_ARGS)
 
 # Submission throughput through Ray Serve: POST /v1/tasks against /v1/tasks:batch.
-bench-http: install system-deps sandbox-deps
+bench-http: install system-deps sandbox-deps bench-deps
 	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
 	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
 	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \

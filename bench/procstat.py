@@ -36,6 +36,7 @@ CONTROL_PLANE = (
     "serve replica",
     "serve proxy",
     "serve controller",
+    "serve haproxy",
     "ray system",
 )
 
@@ -51,6 +52,8 @@ def process_class(cmdline: str, comm: str) -> str | None:
             if any(candidate.startswith(prefix) for candidate in candidates):
                 return role
         return f"ray::{name}"
+    if comm == "haproxy" or cmdline.split(" ", 1)[0].endswith("/haproxy"):
+        return "serve haproxy"
     if comm == "postgres" or "postgres" in cmdline.split(" ", 1)[0]:
         return "postgresql"
     if any(

@@ -1,33 +1,60 @@
-"""Submission throughput through Ray Serve: single tasks against batches.
+"""Submission throughput through Ray Serve and the Python driver, against
+floors run in the same command.
 
-Deploys chronoray on a new local Ray with HTTP on a free port, then
-  - single: `POST /v1/tasks`, one task per request, from --clients threads;
-  - batch: `POST /v1/tasks:batch` of --batch-size tasks per request (one
-    transaction each), from the same threads;
-and prints tasks/s and request latency for each. Tasks are due in an hour,
-so nothing runs meanwhile.
+Deploys chronoray on a new local Ray with HTTP on a free port, then, in each
+of --rounds rounds (the summary prints their median):
+  - single: `POST /v1/tasks`, one task per request, for --single-s seconds
+    from --clients keep-alive connections of wrk (a C load generator with
+    two threads: the clients share this box's two cores);
+  - batch: `POST /v1/tasks:batch` of --batch-size tasks per request;
+  - driver: `chronoray.Client.submit_batch` of --batch-size tasks per call,
+    from the same number of threads, in this process (the actor-handle path);
+and the floors:
+  - single: plain uvicorn with a FastAPI app awaiting one actor call per
+    request on the same Ray (bench/floor_http.py), the same wrk load;
+  - batch: a bare PostgreSQL insert loop of the same rows, --batch-size per
+    transaction.
+CPU per task by process class (bench/procstat.py) is printed for the single
+requests. Tasks are due in an hour, so nothing runs meanwhile.
 
-    python -m bench.submit_http --database-url postgresql+psycopg://...
+--ab runs the ingress levers each alone on a new Ray (Serve reads them as
+its processes start): Serve's Python proxy, HAProxy
+(chronoray's default), and the proxy with RAY_SERVE_THROUGHPUT_OPTIMIZED=1.
+
+    python -m bench.submit_http --database-url postgresql+psycopg://... [--ab]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+import psycopg
 import ray
 
+from bench import procstat
 from chronoray.deploy import deploy, local_token, start_local_ray, teardown
 from chronoray.settings import Settings
 from scheduling.tiers import local_tiers
+
+WRK = shutil.which("wrk") or "/usr/bin/wrk"  # make bench-http installs it
+LEVERS = {
+    "proxy": ("proxy", {}),
+    "haproxy": ("haproxy", {}),
+    "proxy + throughput-optimized": ("proxy", {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
+}
 
 
 def free_port() -> int:
@@ -36,7 +63,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run(url: str, bodies: list[tuple[str, dict]], clients: int, token: str) -> list[float]:
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def post_all(url: str, bodies: list[tuple[str, dict]], clients: int, token: str) -> list[float]:
     """POST every body from ``clients`` threads; returns each request's seconds."""
 
     def worker(chunk: list[tuple[str, dict]]) -> list[float]:
@@ -56,37 +88,111 @@ def run(url: str, bodies: list[tuple[str, dict]], clients: int, token: str) -> l
         return [t for part in pool.map(worker, chunks) for t in part]
 
 
-def report(name: str, tasks: int, elapsed: float, latencies: list[float]) -> None:
-    ordered = sorted(latencies)
-    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+def timed(name: str, count: int, work) -> dict[str, float]:
+    """Run ``work()`` (returns per-request seconds) and report count/s and latency."""
+    started = time.perf_counter()
+    latencies = work()
+    elapsed = time.perf_counter() - started
+    figures = {
+        f"{name} /s": count / elapsed,
+        f"{name} p50 ms": statistics.median(latencies) * 1000,
+        f"{name} p99 ms": percentile(latencies, 99) * 1000,
+    }
     print(
-        f"{name}: {tasks} tasks in {elapsed:.1f} s = {tasks / elapsed:.0f} tasks/s; "
-        f"{len(latencies)} requests, p50 {statistics.median(ordered) * 1000:.1f} ms, "
-        f"p99 {p99 * 1000:.1f} ms"
+        f"{name}: {count} in {elapsed:.1f} s = {count / elapsed:.0f}/s; {len(latencies)} calls, "
+        f"p50 {figures[f'{name} p50 ms']:.1f} ms, p99 {figures[f'{name} p99 ms']:.1f} ms"
     )
+    return figures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--database-url", default=os.environ.get("CHRONORAY_BENCH_DATABASE_URL"))
-    parser.add_argument("--single-tasks", type=int, default=2000)
-    parser.add_argument("--batches", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--clients", type=int, default=16)
-    args = parser.parse_args()
-    if not args.database_url:
-        parser.error("--database-url (or CHRONORAY_BENCH_DATABASE_URL) is required")
+def floor_inserts(database_url: str, rows: int, batch_size: int) -> dict[str, float]:
+    """A bare PostgreSQL insert loop: ``batch_size`` rows per transaction."""
+    url = database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url) as conn:
+        # a logged table (a TEMP one skips the WAL), dropped afterwards
+        conn.execute(
+            "CREATE TABLE floor_tasks (id bigserial PRIMARY KEY, script text, "
+            "execute_at timestamptz, variables jsonb)"
+        )
+        conn.commit()
+        due = datetime.now(timezone.utc)
+        took = []
+        started = time.perf_counter()
+        for _ in range(0, rows, batch_size):
+            began = time.perf_counter()
+            with conn.transaction():
+                conn.execute(
+                    "INSERT INTO floor_tasks (script, execute_at, variables) "
+                    "SELECT 'bench.sh', unnest(%s::timestamptz[]), '{}'::jsonb",
+                    ([due] * batch_size,),
+                )
+            took.append(time.perf_counter() - began)
+        elapsed = time.perf_counter() - started
+        conn.execute("DROP TABLE floor_tasks")
+    print(f"floor batch: {rows} rows in {elapsed:.1f} s = {rows / elapsed:.0f}/s")
+    return {"batch /s": rows / elapsed, "batch p50 ms": statistics.median(took) * 1000}
 
+
+class FloorServer:
+    """bench/floor_http.py on a free port, attached to this Ray."""
+
+    def __init__(self, gcs_address: str) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.floor_http",
+                "--ray-address",
+                gcs_address,
+                "--port",
+                str(self.port),
+            ],
+            cwd=Path(__file__).resolve().parents[1],
+            # an explicit address needs the token mode said (RAY_NOTES.md)
+            env={"RAY_AUTH_MODE": "token", **os.environ},
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.post(f"{self.url}/v1/tasks", json={}).raise_for_status()
+                return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("the floor server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def one_configuration(args, lever: str) -> tuple[list[dict], list[dict]]:
+    """Start Ray with this ingress lever, deploy, and measure --rounds rounds."""
+    ingress, extra_env = LEVERS[lever]
+    saved = {name: os.environ.get(name) for name in extra_env}
+    os.environ.update(extra_env)
     settings = Settings(
         database_url=args.database_url,
         namespace=f"chronoray-bench-{uuid.uuid4().hex[:6]}",
         tiers=local_tiers(executors=1, slots=4),
         http_port=free_port(),
+        serve_ingress=ingress,
+        max_active_tasks=10_000_000,
+        rate_limit_per_s=1e6,  # the per-user limit would bind first: measure the path
+        rate_limit_burst=1_000_000,
     )
-    print(f"clients={args.clients} batch_size={args.batch_size} cpus={os.cpu_count()}")
+    print(
+        f"\n== {lever}: clients={args.clients} batch_size={args.batch_size} cpus={os.cpu_count()}"
+    )
     start_local_ray(settings, logging_level="error", include_dashboard=False)
+    ours: list[dict] = []
+    floors: list[dict] = []
+    floor_server = None
     try:
         url = deploy(settings)
+        assert url is not None
         with tempfile.TemporaryDirectory() as keep:
             _, token = local_token(settings, Path(keep) / "token")
         httpx.post(
@@ -94,31 +200,163 @@ def main() -> None:
             json={"name": "bench.sh", "body": "true"},
             headers={"Authorization": f"Bearer {token}"},
         ).raise_for_status()
+        from chronoray import Client
+
+        client = Client(namespace=settings.namespace)
+        floor_server = FloorServer(ray.get_runtime_context().gcs_address)
         due = time.time() + 3600
 
         def task(i: int) -> dict:
             return {"script": "bench.sh", "execute_at": due + i % 600}
 
-        run(url, [("/v1/tasks", task(i)) for i in range(50)], args.clients, token)  # warm up
-        bodies = [("/v1/tasks", task(i)) for i in range(args.single_tasks)]
-        started = time.perf_counter()
-        latencies = run(url, bodies, args.clients, token)
-        report("single", args.single_tasks, time.perf_counter() - started, latencies)
-
-        bodies = [
-            (
-                "/v1/tasks:batch",
-                {"tasks": [task(b * args.batch_size + i) for i in range(args.batch_size)]},
-            )
-            for b in range(args.batches)
-        ]
-        started = time.perf_counter()
-        latencies = run(url, bodies, min(args.clients, args.batches), token)
-        total = args.batches * args.batch_size
-        report("batch", total, time.perf_counter() - started, latencies)
+        post_all(url, [("/v1/tasks", task(i)) for i in range(200)], args.clients, token)  # warm up
+        for number in range(1, args.rounds + 1):
+            print(f"-- round {number} of {args.rounds}")
+            found, floor = one_round(args, url, token, client, floor_server.url, task)
+            ours.append(found)
+            floors.append(floor)
     finally:
+        if floor_server is not None:
+            floor_server.stop()
         teardown(settings)
         ray.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return ours, floors
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {token}"
+"""
+
+
+def wrk(url: str, body: dict, token: str, clients: int, seconds: float) -> dict[str, float]:
+    """``POST /v1/tasks`` of one task from ``clients`` keep-alive connections
+    of wrk (C, two threads) for ``seconds``: requests/s and latency."""
+    import json
+    import re
+
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        script.write(WRK_SCRIPT.format(body=json.dumps(body), token=token))
+        script.flush()
+        out = subprocess.run(
+            [
+                WRK,
+                "-t2",
+                f"-c{clients}",
+                f"-d{seconds:.0f}s",
+                "--latency",
+                "-s",
+                script.name,
+                f"{url}/v1/tasks",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk saw failures:\n{out}")
+
+    def ms(text: str) -> float:
+        value, unit = re.match(r"([0-9.]+)(us|ms|s)", text).groups()
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    return {
+        "single requests": float(requests),
+        "single /s": float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1)),
+        "single p50 ms": ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
+        "single p99 ms": ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),
+    }
+
+
+def one_round(args, url: str, token: str, client, floor_url: str, task) -> tuple[dict, dict]:
+    """chronoray's figures and the floors', each over the same bodies."""
+    before = procstat.snapshot()
+    found = wrk(url, task(0), token, args.clients, args.single_s)
+    used = procstat.cpu_by_class(before, procstat.snapshot())
+    requests = int(found.pop("single requests"))
+    print(
+        f"single: {requests} in {args.single_s:.0f} s = {found['single /s']:.0f}/s, "
+        f"p50 {found['single p50 ms']:.1f} ms, p99 {found['single p99 ms']:.1f} ms"
+    )
+    found["single control-plane CPU ms/task"] = procstat.report(used, requests, "single")
+    floor = wrk(floor_url, task(0), token, args.clients, args.single_s)
+    floor.pop("single requests")
+    print(f"floor single: {floor['single /s']:.0f}/s, p50 {floor['single p50 ms']:.1f} ms")
+    total = args.batches * args.batch_size
+    if not total:
+        return found, floor
+
+    def batch_of(number: int) -> list[dict]:
+        return [task(number * args.batch_size + i) for i in range(args.batch_size)]
+
+    batches = [("/v1/tasks:batch", {"tasks": batch_of(b)}) for b in range(args.batches)]
+    threads = min(args.clients, args.batches)
+    found |= timed("batch", total, lambda: post_all(url, batches, threads, token))
+
+    def one_call(number: int) -> float:
+        began = time.perf_counter()
+        client.submit_batch(batch_of(number))
+        return time.perf_counter() - began
+
+    def driver() -> list[float]:
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(one_call, range(args.batches)))
+
+    found |= timed("driver batch", total, driver)
+    floor |= floor_inserts(args.database_url, total, args.batch_size)
+    floor["driver batch /s"] = floor["batch /s"]
+    return found, floor
+
+
+def summary(lever: str, ours: list[dict], floors: list[dict]) -> None:
+    print(f"\nsummary ({lever}): median of {len(ours)} rounds (each value in brackets)")
+    print("| figure | chronoray | floor | chronoray / floor |")
+    print("|---|---|---|---|")
+    for name in ours[0]:
+        values = [r[name] for r in ours]
+        shown = f"{statistics.median(values):.1f} ({', '.join(f'{v:.1f}' for v in values)})"
+        if name in floors[0]:
+            base = statistics.median(f[name] for f in floors)
+            print(f"| {name} | {shown} | {base:.1f} | {statistics.median(values) / base:.2f} |")
+        else:
+            print(f"| {name} | {shown} | — | — |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--database-url", default=os.environ.get("CHRONORAY_BENCH_DATABASE_URL"))
+    parser.add_argument("--single-s", type=float, default=10.0, help="seconds of POST /v1/tasks")
+    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ingress", choices=sorted(LEVERS), default="haproxy")
+    parser.add_argument("--ab", action="store_true", help="each ingress lever alone, in turn")
+    args = parser.parse_args()
+    if not args.database_url:
+        parser.error("--database-url (or CHRONORAY_BENCH_DATABASE_URL) is required")
+    levers = list(LEVERS) if args.ab else [args.ingress]
+    results = {lever: one_configuration(args, lever) for lever in levers}
+    for lever, (ours, floors) in results.items():
+        summary(lever, ours, floors)
+    if len(results) > 1:
+        print("\nA/B: each ingress lever alone (medians)")
+        print("| ingress | POST /v1/tasks req/s | p50 ms | p99 ms | batch tasks/s |")
+        print("|---|---|---|---|---|")
+        for lever, (ours, _) in results.items():
+            med = {k: statistics.median(r[k] for r in ours) for k in ours[0]}
+            print(
+                f"| {lever} | {med['single /s']:.0f} | {med['single p50 ms']:.1f} | "
+                f"{med['single p99 ms']:.1f} | {med['batch /s']:.0f} |"
+            )
 
 
 if __name__ == "__main__":
