@@ -30,6 +30,7 @@ from sqlalchemy import select
 
 from actors.sandbox import SandboxLimits
 from bench import floor, procstat
+from bench.figures import median_table, percentile
 from chronoray.deploy import deploy, start_local_ray, teardown
 from chronoray.settings import Settings
 from scheduling.tiers import local_tiers
@@ -41,11 +42,6 @@ SANDBOXES = {
     "wrappers": SandboxLimits(launcher=False),  # the same through setpriv, unshare, prlimit
     "plain": SandboxLimits(uid_base=None, run_as=None, pid_namespace=False),  # limits only
 }
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 def submit(client, requests: list[dict]) -> list[int]:
@@ -220,17 +216,7 @@ def floors(args, limits, slots: int) -> dict[str, float]:
 def summary(runs: list[dict[str, float]], floor_runs: list[dict[str, float]]) -> None:
     """Medians of the runs beside the floor's, with the ratio where one exists."""
     print(f"\nsummary: median of {len(runs)} runs (each value in brackets)")
-    print("| figure | chronoray | sandboxed floor | chronoray / floor |")
-    print("|---|---|---|---|")
-    for name in runs[0]:
-        values = [run[name] for run in runs]
-        ours = statistics.median(values)
-        shown = f"{ours:.1f} ({', '.join(f'{v:.1f}' for v in values)})"
-        if name in floor_runs[0]:
-            base = statistics.median(run[name] for run in floor_runs)
-            print(f"| {name} | {shown} | {base:.1f} | {ours / base:.2f} |")
-        else:
-            print(f"| {name} | {shown} | — | — |")
+    median_table(runs, floor_runs)
     if "bare burst drain tasks/s" not in floor_runs[0]:
         return
     bare = statistics.median(run["bare burst drain tasks/s"] for run in floor_runs)
@@ -254,6 +240,9 @@ def main() -> None:
     parser.add_argument("--spread-s", type=float, default=30.0)
     parser.add_argument("--burst-tasks", type=int, default=10000)
     parser.add_argument("--minute-schedules", type=int, default=300)
+    parser.add_argument(
+        "--prefire-ms", type=float, default=250.0, help="how early tasks are handed over"
+    )
     parser.add_argument(
         "--prespawn",
         choices=["on", "off"],
@@ -284,6 +273,7 @@ def main() -> None:
         executor_credits=args.credits,
         range_slices=args.slices,
         prespawn=args.prespawn == "on",
+        prefire_ms=args.prefire_ms,
     )
     slots = sum(tier.slots * tier.executors for tier in tiers)
     print(

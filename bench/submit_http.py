@@ -45,6 +45,7 @@ import psycopg
 import ray
 
 from bench import procstat
+from bench.figures import median_table, percentile
 from chronoray.deploy import deploy, local_token, start_local_ray, teardown
 from chronoray.settings import Settings
 from scheduling.tiers import local_tiers
@@ -61,11 +62,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 def post_all(url: str, bodies: list[tuple[str, dict]], clients: int, token: str) -> list[float]:
@@ -318,16 +314,7 @@ def one_round(args, url: str, token: str, client, floor_url: str, task) -> tuple
 
 def summary(lever: str, ours: list[dict], floors: list[dict]) -> None:
     print(f"\nsummary ({lever}): median of {len(ours)} rounds (each value in brackets)")
-    print("| figure | chronoray | floor | chronoray / floor |")
-    print("|---|---|---|---|")
-    for name in ours[0]:
-        values = [r[name] for r in ours]
-        shown = f"{statistics.median(values):.1f} ({', '.join(f'{v:.1f}' for v in values)})"
-        if name in floors[0]:
-            base = statistics.median(f[name] for f in floors)
-            print(f"| {name} | {shown} | {base:.1f} | {statistics.median(values) / base:.2f} |")
-        else:
-            print(f"| {name} | {shown} | — | — |")
+    median_table(ours, floors)
 
 
 def main() -> None:
