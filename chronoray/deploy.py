@@ -233,7 +233,28 @@ def deploy_http(settings: Settings) -> str:
 
     serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
     serve.run(build_application(settings), name=APP_NAME, route_prefix="/", blocking=False)
-    return f"http://{settings.http_host}:{settings.http_port}"
+    url = f"http://{settings.http_host}:{settings.http_port}"
+    _await_http(url.replace("//0.0.0.0:", "//127.0.0.1:"))
+    return url
+
+
+def _await_http(url: str, timeout_s: float = 60.0) -> None:
+    """Return once ``GET /healthz`` answers 200 on the public port: Serve
+    says an app is running before its ingress routes to it (HAProxy takes
+    the new replica in a moment later and answers 503 until then)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            log.warning("%s/healthz did not answer 200 within %.0f s", url, timeout_s)
+            return
+        time.sleep(0.1)
 
 
 def deploy(settings: Settings, *, http: bool = True) -> str | None:

@@ -184,6 +184,9 @@ def settings_for_tests(database_url: str) -> Settings:
         zookeeper_hosts=f"{zookeeper}/{namespace}" if zookeeper else None,
         zookeeper_session_timeout_s=4.0,
         admin_token=f"admin-{uuid.uuid4().hex}",
+        # the session's `ray start` runs without Serve's HAProxy variables;
+        # the HAProxy default is tested end to end by test_embedded (chronoray up)
+        serve_ingress="proxy",
     )
 
 
