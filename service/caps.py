@@ -3,7 +3,8 @@ kept here rather than a ``COUNT(*)`` per request: with a million active
 tasks that count cost 130-220 ms on every submission.
 
 An owner's counts are read from the database at most once per
-``refresh_s`` while a submission leaves them well below a cap, and what
+``refresh_s`` while a submission leaves them well below a cap (by one
+caller: concurrent ones go on with the kept counts meanwhile), and what
 this process admitted since is added to them; within ``near`` of a cap
 every check counts again, so a cap holds exactly where it binds. Between
 reads, what other API replicas admitted is not seen: far from a cap that
@@ -27,6 +28,7 @@ class _Counts:
     active: int
     live: int
     read_at: float
+    refreshing: bool = False  # one caller is counting again; the others use these
 
 
 class Caps:
@@ -53,7 +55,10 @@ class Caps:
         it leaves them well below the caps; False: ``check`` must count."""
         with self._lock:
             known = self._counts.get(owner_id)
-            if known is None or self._stale(known) or self._near_cap(known, tasks, schedules):
+            if known is None or self._near_cap(known, tasks, schedules):
+                return False
+            if self._stale(known) and not known.refreshing:
+                known.refreshing = True  # this caller counts; concurrent ones need not
                 return False
             self._admit(known, tasks, schedules)
             return True
@@ -61,7 +66,13 @@ class Caps:
     def check(self, owner_id: int, *, tasks: int = 0, schedules: int = 0) -> None:
         """Count the owner's tasks and schedules in the database; 429 when
         this submission would take them past a cap, else admit it."""
-        active, live = self._count(owner_id)
+        try:
+            active, live = self._count(owner_id)
+        except BaseException:
+            with self._lock:
+                if (known := self._counts.get(owner_id)) is not None:
+                    known.refreshing = False  # the next caller counts instead
+            raise
         with self._lock:
             self.reads += 1
             known = self._counts[owner_id] = _Counts(active, live, self._monotonic())

@@ -12,8 +12,11 @@ class Database:
 
     def __init__(self, active=0, live=0):
         self.active, self.live, self.asked = active, live, 0
+        self.away = False
 
     def count(self, owner_id):
+        if self.away:
+            raise ConnectionError("database away")
         self.asked += 1
         return self.active, self.live
 
@@ -86,3 +89,26 @@ def test_schedules_have_their_own_cap_and_owners_their_own_counts():
     caps_other = caps_over(other, clock)
     submit(caps_other, other, owner=2, schedules=1)
     assert other.live == 1
+
+
+def test_one_caller_counts_again_when_stale_while_the_others_use_the_kept_counts():
+    db, clock = Database(), Clock()
+    caps = caps_over(db, clock)
+    submit(caps, db, tasks=1)
+    clock.now += 2.5
+    assert not caps.admit_cached(1, tasks=1)  # this one counts again ...
+    assert all(caps.admit_cached(1, tasks=1) for _ in range(10))  # ... the rest need not
+    caps.check(1, tasks=1)
+    assert db.asked == 2
+
+
+def test_a_failed_count_lets_the_next_caller_count():
+    db, clock = Database(), Clock()
+    caps = caps_over(db, clock)
+    submit(caps, db, tasks=1)
+    clock.now += 2.5
+    assert not caps.admit_cached(1, tasks=1)
+    db.away = True
+    with pytest.raises(ConnectionError):
+        caps.check(1, tasks=1)
+    assert not caps.admit_cached(1, tasks=1)  # stale, and nobody is counting
