@@ -469,11 +469,6 @@ class ScriptRun:
         self.closed = False
 
     @property
-    def pid(self) -> int | None:
-        """The launcher's pid, which leads the run's process group."""
-        return self._proc.pid if self._proc is not None else None
-
-    @property
     def held(self) -> bool:
         return self._go is not None
 

@@ -31,8 +31,7 @@ import ray
 from sqlalchemy import insert, text
 
 from bench.fire_lag import durability
-from bench.submit_http import free_port
-from chronoray.deploy import deploy, local_token, start_local_ray, teardown
+from chronoray.deploy import deploy, free_port, local_token, start_local_ray, teardown
 from chronoray.settings import Settings
 from scheduling.cron import CronSchedule
 from scheduling.tiers import local_tiers

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,7 +45,7 @@ import ray
 
 from bench import procstat
 from bench.figures import median_table, percentile
-from chronoray.deploy import deploy, local_token, start_local_ray, teardown
+from chronoray.deploy import deploy, free_port, local_token, start_local_ray, teardown
 from chronoray.settings import Settings
 from scheduling.tiers import local_tiers
 
@@ -56,12 +55,6 @@ LEVERS = {
     "haproxy": ("haproxy", {}),
     "proxy + throughput-optimized": ("proxy", {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def post_all(url: str, bodies: list[tuple[str, dict]], clients: int, token: str) -> list[float]:

@@ -75,7 +75,7 @@ def ingress_environment(settings: Settings) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(state / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state / "server-state"),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
     }
 
 
@@ -95,7 +95,7 @@ def _haproxy_directory(http_port: int) -> Path:
     return Path(tempfile.mkdtemp(prefix="cr-hap-"))  # not ours to use: a new one
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])

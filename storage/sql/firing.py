@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -42,7 +42,6 @@ from storage.schema import UtcDateTime, runs, shards, tasks
 from storage.sql import rows, schedules
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def start_shard(conn: Connection, shard: int, *, now: datetime) -> int:
@@ -172,7 +171,7 @@ def mark_running(
     script must not start."""
     started: list[tuple[int, int]] = []
     unique = {(spec.task_id, spec.attempt, spec.epoch): spec for spec in specs}
-    for chunk in _chunks(list(unique.values())):
+    for chunk in rows.chunks(list(unique.values())):
         gate = rows.rows_of(
             conn,
             ("task_id", BigInteger, [spec.task_id for spec in chunk]),
@@ -228,7 +227,7 @@ def record_results(
             rounds.append([])
         rounds[turn].append(result)
     for one_per_task in rounds:
-        for chunk in _chunks(one_per_task):
+        for chunk in rows.chunks(one_per_task):
             _apply_results(
                 conn,
                 chunk,
@@ -344,13 +343,6 @@ def _apply_results(
             ended_schedules.add(row.schedule_id)
     if run_rows:
         conn.execute(insert(runs), run_rows)
-
-
-CHUNK = 1000  # rows per statement: well inside every driver's parameter limit
-
-
-def _chunks(items: list[T]) -> list[list[T]]:
-    return [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
 
 
 def stale_queued(

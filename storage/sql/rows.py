@@ -4,7 +4,7 @@ these, so a column added to the schema is mapped in one place."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, any_, bindparam, column, func, select, values
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -25,6 +25,8 @@ from scheduling.models import (
 )
 from storage.repository import tail
 from storage.schema import runs, scripts, tasks
+
+T = TypeVar("T")
 
 ACTIVE = sorted(s.value for s in TaskStatus if s not in FINAL_STATUSES)
 IN_FLIGHT = sorted(s.value for s in IN_FLIGHT_STATUSES)
@@ -174,6 +176,13 @@ def run_values(result: RunResult) -> dict[str, Any]:
         "output_tail": tail(result.output_tail),
         "failure": result.failure.value if result.failure else None,
     }
+
+
+CHUNK = 1000  # rows per statement: well inside every driver's parameter limit
+
+
+def chunks(items: list[T]) -> list[list[T]]:
+    return [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
 
 
 def rows_of(conn: Connection, *columns: tuple[str, Any, list[Any]]) -> Any:

@@ -135,15 +135,13 @@ def _insert(conn: Connection, new_rows: list[dict[str, Any]]) -> list[int]:
         return list(returned.scalars().all())
     first = new_rows[0]
     ids_of: dict[str, int] = {}
-    for start in range(0, len(new_rows), 1000):
-        chunk = new_rows[start : start + 1000]
+    for chunk in rows.chunks(new_rows):
         columns = [
-            (name, String if name == "variables" else tasks.c[name].type, [r[name] for r in chunk])
+            ("variables", String, [json.dumps(r["variables"]) for r in chunk])  # cast back below
+            if name == "variables"
+            else (name, tasks.c[name].type, [r[name] for r in chunk])
             for name in _PER_TASK
         ]
-        for i, (name, kind, items) in enumerate(columns):
-            if name == "variables":  # as JSON text, cast back below
-                columns[i] = (name, kind, [json.dumps(v) for v in items])
         given = rows.rows_of(conn, *columns)
         selected = [
             cast(given.c.variables, tasks.c.variables.type)
