@@ -104,7 +104,7 @@ class Executor:
         node_id: str = "",
         limits: SandboxLimits = SandboxLimits(),
         gate_lead_s: float = 0.05,
-        prespawn: bool = True,
+        prespawn: bool = False,
         patience_s: float = 60.0,
         retry_s: float = 0.5,
     ) -> None:

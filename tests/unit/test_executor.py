@@ -196,6 +196,7 @@ def test_an_attempt_refused_at_the_start_gate_never_starts(tmp_path):
             scripts=ScriptCache(Ledger(), tmp_path / "cache"),
             sink=sink,
             gate=gate,
+            prespawn=True,  # the refused one's sandbox is built before its gate
         )
         mine, theirs = (replace(spec(i), script_sha256="f" * 64) for i in (1, 2))
         await executor.run_batch([mine, theirs])
@@ -315,7 +316,7 @@ def test_a_held_run_ended_before_its_instant_is_killed_without_running(tmp_path,
     marker = f"MARK=held-{ending}"
 
     async def scenario():
-        executor = new_executor(tmp_path, Ledger(), sink, gate)
+        executor = new_executor(tmp_path, Ledger(), sink, gate, prespawn=True)
         lead_s = 30 if ending == "cancel" else 1.5  # fenced: ends at its gate's time
         due = datetime.now(timezone.utc) + timedelta(seconds=lead_s)
         job = replace(spec(5, due=due), script_sha256="9" * 64, variables={"MARK": marker[5:]})
