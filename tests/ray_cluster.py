@@ -187,8 +187,6 @@ def settings_for_tests(database_url: str) -> Settings:
         # the session's `ray start` runs without Serve's HAProxy variables;
         # the HAProxy default is tested end to end by test_embedded (chronoray up)
         serve_ingress="proxy",
-        # the held start (off by default) runs under the integration and fault suites too
-        prespawn=True,
     )
 
 
