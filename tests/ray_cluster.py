@@ -251,3 +251,16 @@ def runs_per_task(deployment: Deployment, task_ids) -> dict[int, int]:
                 .group_by(runs.c.task_id)
             ).all()
         )
+
+
+def run_rows(deployment: Deployment, task_ids) -> list[dict]:
+    """The runs table's rows for these tasks (for failure messages)."""
+    from sqlalchemy import select
+
+    from storage.schema import runs
+
+    with deployment.repo.engine.connect() as conn:
+        rows = conn.execute(
+            select(runs).where(runs.c.task_id.in_(list(task_ids))).order_by(runs.c.run_id)
+        )
+        return [dict(row._mapping) for row in rows]

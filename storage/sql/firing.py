@@ -24,6 +24,7 @@ from sqlalchemy import (
     update,
 )
 
+from scheduling.errors import Unavailable
 from scheduling.lifecycle import (
     CLAIM,
     RESULT_SOURCE,
@@ -42,6 +43,10 @@ from storage.schema import UtcDateTime, runs, shards, tasks
 from storage.sql import rows, schedules
 
 log = logging.getLogger(__name__)
+
+# The start gate moves an attempt once, so a result is decided again at
+# most once; a third round is slack.
+RESULT_ROUNDS = 3
 
 
 def start_shard(conn: Connection, shard: int, *, now: datetime) -> int:
@@ -228,16 +233,27 @@ def record_results(
         rounds[turn].append(result)
     for one_per_task in rounds:
         for chunk in rows.chunks(one_per_task):
-            _apply_results(
-                conn,
-                chunk,
-                policy=policy,
-                now=now,
-                tiers=tiers,
-                on_outcome=on_outcome,
-                watch=watch,
-                ended_schedules=ended_schedules,
-            )
+            # A decision holds only for the status it was made from: the
+            # start gate may commit between the read and the write, and a
+            # loss read as "queued" (free) is then a loss after the start.
+            # Those are decided again from the row as it is now; the gate
+            # moves an attempt once, so a second round is the most it takes.
+            undecided = chunk
+            for _ in range(RESULT_ROUNDS):
+                undecided = _apply_results(
+                    conn,
+                    undecided,
+                    policy=policy,
+                    now=now,
+                    tiers=tiers,
+                    on_outcome=on_outcome,
+                    watch=watch,
+                    ended_schedules=ended_schedules,
+                )
+                if not undecided:
+                    break
+            else:  # rows that keep moving under the write: the caller retries later
+                raise Unavailable(f"{len(undecided)} results overtaken {RESULT_ROUNDS} times")
     return watch + schedules.waiting_occurrences(conn, ended_schedules, now=now)
 
 
@@ -251,14 +267,18 @@ def _apply_results(
     on_outcome: OutcomeHook | None,
     watch: list[tuple[int, datetime]],
     ended_schedules: set[int],
-) -> None:
-    """Results of distinct tasks: one UPDATE for all, one INSERT of their runs."""
+) -> list[RunResult]:
+    """Results of distinct tasks: one UPDATE for all, one INSERT of their
+    runs. Returns the results whose task changed status between this read
+    and the write while still on their attempt: to be decided again."""
     current = {
         row.task_id: row
         for row in conn.execute(
             select(
                 tasks.c.task_id,
                 tasks.c.status,
+                tasks.c.attempt,
+                tasks.c.epoch,
                 tasks.c.max_attempts,
                 tasks.c.schedule_id,
                 tasks.c.lost_count,
@@ -285,7 +305,7 @@ def _apply_results(
         )
         decided.append((result, outcome, row))
     if not decided:
-        return
+        return []
     # a retry moves; anything else keeps its time and bucket (which a
     # catch-up occurrence keeps in its claiming shard's range)
     due = [o.execute_at or row.execute_at for _, o, row in decided]
@@ -295,6 +315,7 @@ def _apply_results(
         ("task_id", BigInteger, [r.task_id for r, _, _ in decided]),
         ("attempt", Integer, [r.attempt for r, _, _ in decided]),
         ("epoch", Integer, [r.epoch for r, _, _ in decided]),
+        ("seen", String, [row.status for _, _, row in decided]),
         ("status", String, [o.status.value for _, o, _ in decided]),
         ("next_attempt", Integer, [o.attempt for _, o, _ in decided]),
         ("priority", Integer, [o.priority for _, o, _ in decided]),
@@ -311,6 +332,7 @@ def _apply_results(
                 tasks.c.attempt == applied.c.attempt,
                 tasks.c.epoch == applied.c.epoch,
                 tasks.c.status.in_(rows.status_values(RESULT_SOURCE)),
+                tasks.c.status == applied.c.seen,  # the status the outcome was decided from
             )
             .values(
                 status=applied.c.status,
@@ -327,7 +349,13 @@ def _apply_results(
         ).scalars()
     )
     run_rows = []
+    overtaken = []
     for result, outcome, row in decided:
+        if result.task_id not in changed and _was_current(
+            result, attempt=row.attempt, epoch=row.epoch, status=row.status
+        ):
+            overtaken.append(result)
+            continue
         if result.task_id not in changed:
             log.info(
                 "stale result ignored",
@@ -343,6 +371,15 @@ def _apply_results(
             ended_schedules.add(row.schedule_id)
     if run_rows:
         conn.execute(insert(runs), run_rows)
+    return overtaken
+
+
+def _was_current(result: RunResult, *, attempt: int, epoch: int, status: str) -> bool:
+    """The task was on this result's attempt when read: if the write missed
+    it, its status moved in between (a start gate), not its attempt."""
+    return (
+        attempt == result.attempt and epoch == result.epoch and TaskStatus(status) in RESULT_SOURCE
+    )
 
 
 def stale_queued(

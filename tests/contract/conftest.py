@@ -51,3 +51,11 @@ def repo(request, tmp_path):
     repository, engine = _repository(request.param, request, tmp_path)
     yield repository
     engine.dispose()
+
+
+@pytest.fixture(params=[POSTGRES])
+def postgres_repo(request, tmp_path):
+    """For races between transactions: SQLite serializes its writers."""
+    repository, engine = _repository(request.param, request, tmp_path)
+    yield repository
+    engine.dispose()

@@ -290,6 +290,42 @@ def test_a_loss_before_the_start_gate_never_uses_an_attempt(repo, owner):
     assert (task.attempt, task.max_attempts, task.lost_count) == (4, 4, 3)
 
 
+def test_a_loss_read_before_the_start_gate_and_written_after_it_uses_the_attempt(
+    postgres_repo, monkeypatch
+):
+    """A loss (an executor declared dead) is decided from the status it
+    read. If the start gate commits between that read and the write, the
+    script may be running: the loss must not be free, or the attempt would
+    run again beside it. The gate is committed from another connection at
+    the moment of the decision."""
+    from scheduling.lifecycle import lost_result
+    from storage.sql import firing
+
+    repo = postgres_repo
+    owner = repo.ensure_user(first_name="ada", last_name="lovelace", now=T0)
+    repo.add_script(
+        owner_id=owner, name="job.sh", interpreter=Interpreter.BASH, body=b"echo hi", now=T0
+    )
+    spec = claimed(repo, owner, max_attempts=1)
+    decided_from = []
+    real = firing.may_have_started
+
+    def gate_commits_meanwhile(result, status):
+        decided_from.append(status)
+        if len(decided_from) == 1:
+            assert repo.mark_running([spec], lease_grace_s=5, now=T0) == [spec.key]
+        return real(result, status)
+
+    monkeypatch.setattr(firing, "may_have_started", gate_commits_meanwhile)
+    repo.record_results([lost_result(spec, now=T0)], policy=POLICY, now=T0)
+    assert decided_from == [TaskStatus.QUEUED, TaskStatus.RUNNING]  # decided again
+    task = repo.get_task(spec.task_id)
+    # the loss came after the start: it used the only attempt, no second run
+    assert (task.status, task.attempt, task.max_attempts) == (TaskStatus.DEAD, 1, 1)
+    [run] = repo.list_runs(spec.task_id)
+    assert (run.attempt, run.failure) == (1, FailureClass.EXECUTOR_LOST)
+
+
 def test_cancel_only_before_start(repo, owner):
     [task] = submit(repo, new(owner, 100))
     assert repo.cancel_task(task.task_id, owner_id=owner, now=T0).status is TaskStatus.CANCELLED
