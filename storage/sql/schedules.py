@@ -9,12 +9,25 @@ create an occurrence twice.
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, exists, func, insert, select, update
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Integer,
+    and_,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 
 from scheduling.audit import Start
@@ -26,6 +39,7 @@ from scheduling.schedules import (
     MisfirePolicy,
     MisfireRules,
     NewSchedule,
+    OccurrencePlan,
     OverlapPolicy,
     Schedule,
     first_fire,
@@ -33,7 +47,7 @@ from scheduling.schedules import (
     plan_occurrence,
 )
 from scheduling.timeline import bucket_of
-from storage.schema import newest_script, runs, schedules, scripts, shards, tasks
+from storage.schema import UtcDateTime, newest_script, runs, schedules, scripts, shards, tasks
 from storage.sql import rows
 from storage.sql.rows import IN_FLIGHT
 
@@ -92,9 +106,31 @@ def insert_occurrence(
     **extra: Any,
 ) -> int | None:
     """One occurrence row; None when it exists already (the unique key)."""
+    script_id = _latest_script_id(conn, schedule.owner_id, schedule.script_name)
+    values = occurrence_values(
+        schedule, nominal, script_id=script_id, now=now, status=status, **extra
+    )
+    try:
+        with conn.begin_nested():
+            return int(
+                conn.execute(insert(tasks).values(**values).returning(tasks.c.task_id)).scalar_one()
+            )
+    except IntegrityError:
+        return None
+
+
+def occurrence_values(
+    schedule: Schedule,
+    nominal: datetime,
+    *,
+    script_id: int,
+    now: datetime,
+    status: TaskStatus = TaskStatus.SCHEDULED,
+    **extra: Any,
+) -> dict[str, Any]:
     values = {
         "owner_id": schedule.owner_id,
-        "script_id": _latest_script_id(conn, schedule.owner_id, schedule.script_name),
+        "script_id": script_id,
         "schedule_id": schedule.schedule_id,
         "nominal_at": nominal,
         "execute_at": extra.pop(
@@ -116,13 +152,7 @@ def insert_occurrence(
         **extra,
     }
     values.setdefault("bucket", bucket_of(values["execute_at"]))
-    try:
-        with conn.begin_nested():
-            return int(
-                conn.execute(insert(tasks).values(**values).returning(tasks.c.task_id)).scalar_one()
-            )
-    except IntegrityError:
-        return None
+    return values
 
 
 def add_schedule(
@@ -311,7 +341,17 @@ def fire_occurrences(
 ) -> FireOutcome:
     outcome = FireOutcome()
     current_epoch = exists().where(shards.c.shard == shard, shards.c.epoch == epoch)
-    for task_id in task_ids:
+    rest = _fire_on_time(
+        conn,
+        task_ids,
+        current_epoch=current_epoch,
+        epoch=epoch,
+        lease_until=lease_until,
+        now=now,
+        rules=rules,
+        outcome=outcome,
+    )
+    for task_id in rest:
         row = conn.execute(
             select(
                 tasks.c.schedule_id,
@@ -433,6 +473,162 @@ def fire_occurrences(
             if next_id is not None:
                 outcome.follow_ups.append((next_id, plan.next_fire_at))
     return outcome
+
+
+def _fire_on_time(
+    conn: Connection,
+    task_ids: Sequence[int],
+    *,
+    current_epoch: Any,
+    epoch: int,
+    lease_until: datetime,
+    now: datetime,
+    rules: MisfireRules,
+    outcome: FireOutcome,
+) -> list[int]:
+    """The common case for the whole batch in a few statements: occurrences
+    whose plan is to fire at their own nominal time, one per schedule. Their
+    schedules are locked (in id order), the others of each schedule counted
+    in one query, and the claims, the schedules' next times and the next
+    occurrences each written in one statement. Returns the occurrences left
+    to the one-by-one path: anything else (late, buffered, overlapping, a
+    backfill, paused, two of one schedule in the batch)."""
+    found = conn.execute(
+        select(
+            tasks.c.task_id,
+            tasks.c.schedule_id,
+            tasks.c.nominal_at,
+            tasks.c.buffered,
+            tasks.c.backfill_overlap,
+        ).where(
+            rows.among(conn, tasks.c.task_id, task_ids),
+            tasks.c.status == TaskStatus.SCHEDULED.value,
+        )
+    ).all()
+    per_schedule = Counter(row.schedule_id for row in found)
+    found = [r for r in found if per_schedule[r.schedule_id] == 1 and r.backfill_overlap is None]
+    if not found:
+        return list(task_ids)
+    locked = {
+        row.schedule_id: schedule_from_row(row)
+        for row in conn.execute(
+            select(schedules)
+            .where(
+                rows.among(conn, schedules.c.schedule_id, [r.schedule_id for r in found]),
+                schedules.c.deleted.is_(False),
+            )
+            .order_by(schedules.c.schedule_id)
+            .with_for_update()
+        )
+    }
+    # every other occurrence the plan looks at: in flight, or due and waiting
+    others: dict[int, list[Any]] = defaultdict(list)
+    for other in conn.execute(
+        select(tasks.c.task_id, tasks.c.schedule_id, tasks.c.status, tasks.c.nominal_at).where(
+            rows.among(conn, tasks.c.schedule_id, list(locked)),
+            or_(
+                tasks.c.status.in_(IN_FLIGHT),
+                and_(tasks.c.status == TaskStatus.SCHEDULED.value, tasks.c.execute_at <= now),
+            ),
+        )
+    ):
+        others[other.schedule_id].append(other)
+    plans: dict[int, tuple[Schedule, OccurrencePlan]] = {}
+    for row in found:
+        schedule = locked.get(row.schedule_id)
+        if schedule is None or schedule.paused:
+            continue
+        mine = [o for o in others[row.schedule_id] if o.task_id != row.task_id]
+        plan = plan_occurrence(
+            schedule,
+            nominal=row.nominal_at,
+            now=now,
+            in_flight=sum(o.status in IN_FLIGHT for o in mine),
+            waiting_before=sum(
+                o.status == TaskStatus.SCHEDULED.value and o.nominal_at < row.nominal_at
+                for o in mine
+            ),
+            rules=rules,
+            buffered=row.buffered,
+        )
+        if (
+            plan.action is Action.FIRE
+            and plan.fire_at == (row.nominal_at,)
+            and not plan.cancel_previous
+        ):
+            plans[row.task_id] = (schedule, plan)
+    if not plans:
+        return list(task_ids)
+    claims = rows.rows_of(conn, ("task_id", BigInteger, list(plans)))
+    fired = (
+        conn.execute(
+            update(tasks)
+            .where(
+                tasks.c.task_id == claims.c.task_id,
+                tasks.c.status.in_(rows.status_values(CLAIM.source)),
+                current_epoch,
+            )
+            .values(
+                status=CLAIM.target.value, epoch=epoch, lease_expires_at=lease_until, updated_at=now
+            )
+            .returning(tasks.c.task_id)
+        )
+        .scalars()
+        .all()
+    )
+    outcome.fired += fired
+    moved = [plans[task_id] for task_id in fired]
+    if moved:
+        advanced = rows.rows_of(
+            conn,
+            ("schedule_id", BigInteger, [s.schedule_id for s, _ in moved]),
+            ("next_fire_at", UtcDateTime, [p.next_fire_at for _, p in moved]),
+            ("missed", Integer, [p.missed for _, p in moved]),
+            ("skipped", Integer, [p.skipped for _, p in moved]),
+        )
+        conn.execute(
+            update(schedules)
+            .where(schedules.c.schedule_id == advanced.c.schedule_id)
+            .values(
+                next_fire_at=advanced.c.next_fire_at,
+                missed_fires=schedules.c.missed_fires + advanced.c.missed,
+                skipped_fires=schedules.c.skipped_fires + advanced.c.skipped,
+                updated_at=now,
+            )
+        )
+        _insert_next(conn, [(s, p.next_fire_at) for s, p in moved if p.next_fire_at], now, outcome)
+    return [t for t in task_ids if t not in plans]
+
+
+def _insert_next(
+    conn: Connection,
+    nexts: list[tuple[Schedule, datetime]],
+    now: datetime,
+    outcome: FireOutcome,
+) -> None:
+    """The schedules' next occurrences; one that exists already (the unique
+    key) is left as it is. One statement on PostgreSQL."""
+    if conn.dialect.name != "postgresql":
+        for schedule, nominal in nexts:
+            next_id = insert_occurrence(conn, schedule, nominal, now=now)
+            if next_id is not None:
+                outcome.follow_ups.append((next_id, nominal))
+        return
+    script_ids: dict[tuple[int, str], int] = {}
+    values = []
+    for schedule, nominal in nexts:
+        key = (schedule.owner_id, schedule.script_name)
+        if key not in script_ids:
+            script_ids[key] = _latest_script_id(conn, *key)
+        values.append(occurrence_values(schedule, nominal, script_id=script_ids[key], now=now))
+    for chunk in rows.chunks(values):
+        inserted = conn.execute(
+            postgresql.insert(tasks)
+            .values(chunk)
+            .on_conflict_do_nothing(constraint="uq_tasks_schedule_occurrence")
+            .returning(tasks.c.task_id, tasks.c.nominal_at)
+        ).all()
+        outcome.follow_ups += [(row.task_id, row.nominal_at) for row in inserted]
 
 
 def waiting_occurrences(

@@ -329,3 +329,52 @@ def test_occurrences_between_reads_a_window_with_runs(repo, owner):
     )
     assert stored == {schedule.schedule_id: [(task_id, T, TaskStatus.SUCCEEDED)]}
     assert [r.attempt for r in runs[task_id]] == [1]
+
+
+def test_occurrences_due_together_fire_as_one_batch_beside_those_a_policy_decides(repo, owner):
+    """Sixty schedules on time at 12:01 are claimed together; in the same
+    claim a late one (fire_once) and an overlapping one (skip) still get
+    their policies. On PostgreSQL the on-time ones take a fixed number of
+    statements, not a dozen each."""
+    from sqlalchemy import event
+
+    on_time = [create(repo, owner, now=T + timedelta(seconds=30)) for _ in range(60)]
+    late, (late_id, _) = create(repo, owner, misfire_policy=MisfirePolicy.FIRE_ONCE)
+    busy, (busy_first, _) = create(repo, owner, overlap_policy=OverlapPolicy.SKIP)
+    epoch = repo.start_shard(0, now=T)
+    [running] = fire(repo, [busy_first], T, epoch).specs
+    repo.mark_running([running], lease_grace_s=30, now=T)
+    busy_second = occurrences(repo, busy.schedule_id)[1].task_id
+    statements: list[str] = []
+
+    def note(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    event.listen(repo.engine, "before_cursor_execute", note)
+    try:
+        now = T + timedelta(
+            minutes=1, seconds=5
+        )  # 5 s after 12:01; the late one's 12:00 is 65 s old
+        ids = [task_id for _, (task_id, _) in on_time] + [late_id, busy_second]
+        claimed = fire(repo, ids, now, epoch)
+    finally:
+        event.remove(repo.engine, "before_cursor_execute", note)
+    fired = {s.task_id for s in claimed.specs}
+    assert fired == {task_id for _, (task_id, _) in on_time} | {late_id}
+    for schedule, _ in on_time:
+        assert [(o.nominal_at, o.status) for o in occurrences(repo, schedule.schedule_id)] == [
+            (T + timedelta(minutes=1), "queued"),
+            (T + timedelta(minutes=2), "scheduled"),
+        ]
+        assert repo.get_schedule(
+            schedule.schedule_id, owner_id=owner
+        ).next_fire_at == T + timedelta(minutes=2)
+    # late under fire_once: runs its latest time (12:01), one missed (12:00)
+    assert repo.get_task(late_id).nominal_at == T + timedelta(minutes=1)
+    assert repo.get_schedule(late.schedule_id, owner_id=owner).missed_fires == 1
+    assert repo.get_task(busy_second).status is TaskStatus.SKIPPED
+    assert repo.get_schedule(busy.schedule_id, owner_id=owner).skipped_fires == 1
+    assert sorted(at for _, at in claimed.follow_ups) == [T + timedelta(minutes=2)] * 62
+    if repo.engine.dialect.name == "postgresql":
+        # one by one, each on-time occurrence took about a dozen statements
+        assert len(statements) < 60, len(statements)
