@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 SERVICES_DIR ?= $(CURDIR)/.run/services
 PYTEST_ARGS ?=
 
-.PHONY: run test install system-deps sandbox-deps bench-deps services-start services-stop lint bench bench-http bench-console bench-sandbox bench-history chaos clean
+.PHONY: run test install system-deps sandbox-deps bench-deps services-start services-stop lint bench bench-http bench-million bench-console bench-sandbox bench-history chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -88,6 +88,15 @@ bench-http: install system-deps sandbox-deps bench-deps
 	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
 	source $(SERVICES_DIR)/env && \
 	$(BIN)/python -m bench.submit_http --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(BENCH_ARGS)
+
+# A million future tasks through /v1/tasks:batch and Client.submit_batch:
+# accept rate, memory, list latency, a sample firing (bench/million.py).
+bench-million: install system-deps sandbox-deps
+	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
+	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
+	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
+	source $(SERVICES_DIR)/env && \
+	$(BIN)/python -m bench.million --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(BENCH_ARGS)
 
 # The console's pages over 100,000 tasks and 1,000 schedules: server time per page.
 bench-console: install system-deps sandbox-deps

@@ -108,11 +108,11 @@ def report(used: Counter[str], tasks: int, label: str) -> float:
     return control * 1000 / tasks
 
 
-def resident_mb() -> float:
+def resident_mb(exclude: tuple[str, ...] = ()) -> float:
     """Memory of every counted process (Ray, Serve, chronoray's actors,
-    PostgreSQL) in MB, as proportional set size: a page shared by n
-    processes counts 1/n in each, so shared libraries are not summed n
-    times as resident sizes would be."""
+    PostgreSQL) but the classes in ``exclude``, in MB, as proportional set
+    size: a page shared by n processes counts 1/n in each, so shared
+    libraries are not summed n times as resident sizes would be."""
     total = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -123,7 +123,8 @@ def resident_mb() -> float:
             with open(f"/proc/{entry}/stat") as f:
                 stat = f.read()
             comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-            if process_class(cmdline, comm) is None:
+            role = process_class(cmdline, comm)
+            if role is None or role in exclude:
                 continue
             with open(f"/proc/{entry}/smaps_rollup") as f:
                 pss_kb = next(int(line.split()[1]) for line in f if line.startswith("Pss:"))

@@ -54,7 +54,30 @@ def start_local_ray(
         **init_kwargs,
     )
     _record_as_current_cluster(context.address_info["gcs_address"])
+    if dashboard:
+        wait_for_job_agent()
     return (context.dashboard_url or None) if dashboard else None
+
+
+def wait_for_job_agent(timeout_s: float = 60.0) -> bool:
+    """Wait until this node's dashboard agent has registered: the Jobs API
+    answers `ray job submit` with "No available agent" until then (it waits
+    10 s for one), and on a busy machine the agent can start later than
+    that. False, with a warning, if it did not come within ``timeout_s``."""
+    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    key = DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX + ray.get_runtime_context().get_node_id()
+    deadline = time.monotonic() + timeout_s
+    while _internal_kv_get(key, namespace=KV_NAMESPACE_DASHBOARD) is None:
+        if time.monotonic() > deadline:
+            log.warning(
+                "Ray's dashboard agent did not register in %.0f s: no Ray jobs yet", timeout_s
+            )
+            return False
+        time.sleep(0.25)
+    return True
 
 
 def ingress_environment(settings: Settings) -> dict[str, str]:

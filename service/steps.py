@@ -149,7 +149,8 @@ def new_task(body: TaskIn, *, owner_id: int, settings: Settings) -> NewTask:
         max_attempts=body.max_attempts,
         timeout_s=timeout_s,
         idempotency_key=body.idempotency_key,
-        request_hash=body.request_hash(),
+        # only a key can be replayed: without one there is nothing to compare
+        request_hash=body.request_hash() if body.idempotency_key is not None else None,
     )
 
 
