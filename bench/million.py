@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import ray
+from sqlalchemy import select
 
 from bench import floor, procstat
 from bench.figures import median_table, percentile
@@ -45,6 +46,7 @@ from chronoray.deploy import deploy, free_port, local_token, start_local_ray, te
 from chronoray.settings import Settings
 from scheduling.tiers import local_tiers
 from storage.engines import make_engine
+from storage.schema import tasks
 
 PATHS = ("batch", "driver")
 
@@ -128,6 +130,20 @@ def list_pages(args, path: str) -> dict[str, float]:
 def sample_lag(args, path: str, ids: list[int]) -> dict[str, float]:
     wait_all(args.engine, ids, timeout_s=args.sample_lead_s + 120)
     rows = run_rows(args.engine, ids)
+    ran = {r.task_id for r in rows if not r.failure}
+    for r in rows:
+        if r.failure:
+            print(f"{path}: sample task {r.task_id} failed: {r.failure}: {r.output_tail[-300:]!r}")
+    with args.engine.connect() as conn:
+        for task in conn.execute(
+            select(tasks.c.task_id, tasks.c.status, tasks.c.attempt, tasks.c.execute_at).where(
+                tasks.c.task_id.in_(sorted(set(ids) - ran))
+            )
+        ):
+            print(
+                f"{path}: sample task {task.task_id} did not run: {task.status}, "
+                f"attempt {task.attempt}, due {task.execute_at:%H:%M:%S.%f}"
+            )
     lag = [
         (float(r.output_tail.split()[0]) - r.due_at.timestamp()) * 1000
         for r in rows
