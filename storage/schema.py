@@ -159,7 +159,8 @@ tasks = Table(
     UniqueConstraint("request_id", name="uq_tasks_request_id"),
     Index("ix_tasks_status_bucket", "status", "bucket"),
     Index("ix_tasks_status_lease", "status", "lease_expires_at"),
-    Index("ix_tasks_owner_status", "owner_id", "status"),
+    Index("ix_tasks_owner_status", "owner_id", "status"),  # the caps' counts
+    Index("ix_tasks_owner_task", "owner_id", "task_id"),  # a user's list, newest first
 )
 
 runs = Table(

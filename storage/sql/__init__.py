@@ -36,6 +36,7 @@ from scheduling.timeline import Wheel
 from storage.engines import make_engine
 from storage.repository import Claimed, ConsoleSession, OutcomeHook, TaskQuery
 from storage.sql import accounts, firing, rows, schedules, scripts, stats, tasks
+from storage.sql.analyze import FreshStatistics
 from storage.sql.replicas import Databases
 
 
@@ -58,6 +59,7 @@ class SqlTaskRepository:
         self.read_engines = self.databases.read_engines
         self.tracks_writes = self.databases.tracks_writes
         self.misfire_rules = misfire_rules or MisfireRules()
+        self.statistics = FreshStatistics(engine)
 
     @classmethod
     def connect(
@@ -155,10 +157,12 @@ class SqlTaskRepository:
     ) -> list[SubmitResult | ChronorayError]:
         """Group commit: every valid submission in one transaction (see
         ``tasks.add_tasks``)."""
-        return self.databases.write(
+        results = self.databases.write(
             lambda conn: tasks.add_tasks(conn, new_tasks, now=now, atomic=atomic),
             what="store the tasks",
         )
+        self.statistics.stored(len(new_tasks))
+        return results
 
     def get_task(self, task_id: int, *, owner_id: int | None = None) -> Task:
         with self.databases.read(owner_id) as conn:

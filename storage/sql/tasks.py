@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 from typing import cast as typed
 
-from sqlalchemy import Connection, String, cast, delete, insert, literal, select, update
+from sqlalchemy import Connection, Select, String, cast, delete, insert, literal, select, update
 
 from scheduling.errors import (
     BatchRejected,
@@ -213,6 +213,11 @@ def get_task(conn: Connection, task_id: int, *, owner_id: int | None) -> Task:
 
 
 def list_tasks(conn: Connection, query: TaskQuery) -> list[Task]:
+    return [rows.task(row) for row in conn.execute(list_query(query)).all()]
+
+
+def list_query(query: TaskQuery) -> Select[Any]:
+    """A page of one user's tasks, newest first (ix_tasks_owner_task)."""
     conditions = [tasks.c.owner_id == query.owner_id]
     if query.statuses:
         conditions.append(tasks.c.status.in_(sorted(s.value for s in query.statuses)))
@@ -226,13 +231,13 @@ def list_tasks(conn: Connection, query: TaskQuery) -> list[Task]:
         conditions.append(tasks.c.execute_at < query.due_before)
     if query.below_id is not None:
         conditions.append(tasks.c.task_id < query.below_id)
-    found = conn.execute(
+    page: Select[Any] = (
         rows.with_script_name(*rows.TASK_COLUMNS)
         .where(*conditions)
         .order_by(tasks.c.task_id.desc())
         .limit(query.limit)
-    ).all()
-    return [rows.task(row) for row in found]
+    )
+    return page
 
 
 def cancel_task(conn: Connection, task_id: int, *, owner_id: int | None, now: datetime) -> Task:

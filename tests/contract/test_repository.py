@@ -584,3 +584,40 @@ def test_a_large_batch_stores_each_task_as_given_in_its_order(repo, owner):
         )
     if repo.engine.dialect.name == "postgresql":
         assert len(sent) == 2 and sent[0] == sent[1]  # 1,000 and 500 rows, one text
+
+
+def test_a_page_of_a_users_tasks_is_read_in_its_order_soon_after_a_bulk_load(postgres_repo):
+    """Right after a bulk load into an empty table the planner believes it
+    is still empty and sorted every task of the user for a page of 50
+    (106-180 ms at 200,000). The repository analyzes the table once enough
+    tasks were stored; then the page is read from an index, in order."""
+    import time
+
+    from sqlalchemy import text
+
+    from storage.repository import TaskQuery
+    from storage.sql import tasks as task_sql
+
+    repo = postgres_repo
+    owner = repo.ensure_user(first_name="ada", last_name="lovelace", now=T0)
+    repo.add_script(
+        owner_id=owner, name="job.sh", interpreter=Interpreter.BASH, body=b"echo hi", now=T0
+    )
+    for _ in range(12):
+        repo.add_tasks([new(owner, 3600 + i) for i in range(1000)], now=T0, atomic=True)
+
+    def plan() -> str:
+        with repo.engine.connect() as conn:
+            query = task_sql.list_query(TaskQuery(owner_id=owner, limit=50))
+            compiled = query.compile(conn, compile_kwargs={"literal_binds": True})
+            return "\n".join(row[0] for row in conn.execute(text(f"EXPLAIN {compiled}")))
+
+    deadline = time.monotonic() + 30
+    while repo.statistics.analyses == 0:  # the analysis runs on a thread of its own
+        assert time.monotonic() < deadline, "the table was not analyzed after 12,000 tasks"
+        time.sleep(0.05)
+    shown = plan()
+    assert "Index Scan Backward" in shown and "Sort" not in shown, shown
+    page = repo.list_tasks(TaskQuery(owner_id=owner, limit=50))
+    assert len(page) == 50
+    assert [t.task_id for t in page] == sorted((t.task_id for t in page), reverse=True)
