@@ -39,9 +39,11 @@ def run(tmp_path: Path, body: str, limits: SandboxLimits, *, interpreter=Interpr
 
 
 def leftovers() -> list[Path]:
-    """Run cgroups with a process still in them. Empty ones stay, for the
-    next run (the pool), but only this many."""
-    runs = [p for parent in SUPPORT.parents for p in parent.glob("executor-*/run-*")]
+    """This process's run cgroups with a process still in them (not those
+    of executors elsewhere on the host). Empty ones stay, for the next run
+    (the pool), but only this many."""
+    mine = f"executor-{os.getpid()}/run-*"
+    runs = [p for parent in SUPPORT.parents for p in parent.glob(mine)]
     assert len(runs) <= len(SUPPORT.parents) * 64
     return [run for run in runs if (run / "cgroup.procs").read_text().split()]
 
