@@ -279,8 +279,15 @@ class Executor:
         )
 
     async def _sleep_until(self, epoch_s: float) -> None:
-        delay = epoch_s - to_epoch(self._clock.now())
-        if delay > 0:
+        """Until the wall clock reads ``epoch_s``, never before: asyncio
+        sleeps on the monotonic clock, and the wall clock can fall behind
+        it (a clean-clone run started a script 0.188 ms before its instant,
+        by the wall clock the fire lag is read from), so it sleeps again
+        for what is left."""
+        for _ in range(100):  # each round sleeps what the clock says is left
+            delay = epoch_s - to_epoch(self._clock.now())
+            if delay <= 0:
+                return
             await asyncio.sleep(delay)
 
     def _result(self, spec, started_at, finished_at, exit_code, text, failure) -> RunResult:

@@ -341,3 +341,27 @@ def test_a_held_run_ended_before_its_instant_is_killed_without_running(tmp_path,
         assert executor.discarded_held == 1
 
     asyncio.run(scenario())
+
+
+def test_the_wait_for_the_instant_ends_by_the_wall_clock_never_before(tmp_path):
+    """asyncio sleeps on the monotonic clock; a wall clock running behind
+    it (here at 80 % of its pace) must not see a script start early: the
+    executor sleeps again for what its clock says is left."""
+
+    class SlowWallClock:
+        def __init__(self):
+            self.began = datetime.now(timezone.utc)
+            self.monotonic = asyncio.get_running_loop().time()
+
+        def now(self):
+            elapsed = asyncio.get_running_loop().time() - self.monotonic
+            return self.began + timedelta(seconds=0.8 * elapsed)
+
+    async def scenario():
+        clock = SlowWallClock()
+        executor = new_executor(tmp_path, Scripts(), Sink(), Gate(), clock=clock)
+        instant = clock.now() + timedelta(seconds=0.5)
+        await executor._sleep_until(instant.timestamp())
+        return clock.now() - instant
+
+    assert asyncio.run(scenario()) >= timedelta(0)
