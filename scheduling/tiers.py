@@ -238,18 +238,22 @@ def slot_tier(
     )
 
 
-def local_tiers(*, executors: int = 2, slots: int = 4) -> TierTable:
+def local_tiers(
+    *, executors: int = 1, slots: int = 4, max_executors: int | None = None
+) -> TierTable:
     """The embedded default on one small machine: the same tiers, but each
     executor needs only a custom slot resource the local node provides
     (see ``local_node_resources``), never a CPU — on 2 cores CPU-sized
-    executors would starve the control plane."""
+    executors would starve the control plane. One executor per tier while
+    idle (each is a Ray worker of about 70 MB), grown on demand to
+    ``max_executors`` (4, or twice ``executors`` if that is more)."""
     return TierTable(
         [
             slot_tier(
                 name,
                 low,
                 executors=executors,
-                max_executors=executors * 2,
+                max_executors=max_executors or max(4, executors * 2),
                 slots=slots,
                 script_memory_mb=memory,
                 cpu_weight=weight,
