@@ -34,14 +34,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
-import psycopg
 import ray
 from sqlalchemy import select
 
 from bench import floor, procstat
 from bench.figures import median_table, percentile
 from bench.fire_lag import durability, run_rows, wait_all
-from bench.submit_http import floor_inserts, post_all
+from bench.submit_http import floor_inserts, post_all, truncate_tasks
 from chronoray.deploy import deploy, free_port, local_token, start_local_ray, teardown
 from chronoray.settings import Settings
 from scheduling.tiers import local_tiers
@@ -173,17 +172,12 @@ def senders(args) -> dict[str, Callable[[list[list[dict]]], None]]:
     return {"batch": over_http, "driver": through_driver}
 
 
-def truncate(database_url: str) -> None:
-    with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
-        conn.execute("TRUNCATE runs, tasks")
-
-
 def one_round(args) -> tuple[dict[str, float], dict[str, float]]:
     found: dict[str, float] = {}
     floor_figures: dict[str, float] = {}
     send = senders(args)
     for path in args.paths:
-        truncate(args.database_url)
+        truncate_tasks(args.database_url)
         start = datetime.now(timezone.utc) + timedelta(hours=1)
         figures, sample_ids = load(args, path, send[path], start)
         found |= figures
@@ -192,7 +186,7 @@ def one_round(args) -> tuple[dict[str, float], dict[str, float]]:
     inserted = floor_inserts(args.database_url, args.tasks, args.batch_size)
     for path in args.paths:
         floor_figures[f"{path} accepted /s"] = inserted["batch /s"]
-    truncate(args.database_url)
+    truncate_tasks(args.database_url)
     return found, floor_figures
 
 

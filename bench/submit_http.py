@@ -94,6 +94,12 @@ def timed(name: str, count: int, work) -> dict[str, float]:
     return figures
 
 
+def truncate_tasks(database_url: str) -> None:
+    """Empty the tasks and runs tables: each round starts from nothing."""
+    with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        conn.execute("TRUNCATE runs, tasks")
+
+
 def floor_inserts(database_url: str, rows: int, batch_size: int) -> dict[str, float]:
     """A bare PostgreSQL insert loop: ``batch_size`` rows per transaction."""
     url = database_url.replace("postgresql+psycopg://", "postgresql://")
@@ -276,10 +282,7 @@ def wrk(url: str, body: dict, token: str, clients: int, seconds: float) -> dict[
 def one_round(args, url: str, token: str, client, floor_url: str, task) -> tuple[dict, dict]:
     """chronoray's figures and the floors', each over the same bodies, from
     an empty tasks table (what earlier rounds stored would weigh on this one)."""
-    with psycopg.connect(
-        args.database_url.replace("postgresql+psycopg://", "postgresql://")
-    ) as conn:
-        conn.execute("TRUNCATE runs, tasks")
+    truncate_tasks(args.database_url)
     before = procstat.snapshot()
     found = wrk(url, task(0), token, args.clients, args.single_s)
     used = procstat.cpu_by_class(before, procstat.snapshot())
