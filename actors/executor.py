@@ -41,6 +41,7 @@ from scheduling.tiers import Tier
 log = logging.getLogger(__name__)
 
 FENCED = "the executor lost contact with its pool and killed the script"
+NOT_STARTED = "not started here: {why}; offered again"
 
 
 class ExecutorFenced(RuntimeError):
@@ -190,7 +191,21 @@ class Executor:
     async def _run(self, spec: TaskSpec) -> None:
         try:
             async with self._slots:
-                result = await self._attempt(spec)
+                try:
+                    result = await self._attempt(spec)
+                except Exception as exc:
+                    # A fault of ours (its sandbox could not be built, say): the
+                    # attempt ends as a launch error, never silently, which
+                    # would leave the task queued until its lease ran out.
+                    log.exception("attempt %s failed in the executor", spec.key)
+                    result = self._result(
+                        spec,
+                        None,
+                        self._clock.now(),
+                        None,
+                        f"executor error: {type(exc).__name__}: {exc}",
+                        FailureClass.LAUNCH_ERROR,
+                    )
             if result is not None:
                 self._outbox.put([result])
         except asyncio.CancelledError:
@@ -202,8 +217,7 @@ class Executor:
 
     async def _patiently(self, step, spec: TaskSpec, what: str):
         """``step()`` retried through database outages for ``patience_s``;
-        None if the database stayed away (the attempt stays queued, and its
-        shard hands it over again)."""
+        None if the database stayed away."""
         deadline = max(self._clock.now(), spec.due_at).timestamp() + self._patience_s
         while True:
             try:
@@ -228,7 +242,7 @@ class Executor:
                 FailureClass.LAUNCH_ERROR,
             )
         if path is None:
-            return None
+            return self._not_started(spec, "the database did not answer for its script")
         # Handed over early (prefire): its sandbox is built now, its script
         # held before its first line until the instant.
         run = ScriptRun(
@@ -246,11 +260,14 @@ class Executor:
         try:
             await self._sleep_until(to_epoch(spec.due_at) - self._gate_lead_s)
             if self.fenced:
-                return None  # not started: the task is still queued, and goes elsewhere
-            if not await self._patiently(lambda: self._gate.start(spec), spec, "start gate"):
+                return self._not_started(spec, "the executor lost contact with its pool")
+            started = await self._patiently(lambda: self._gate.start(spec), spec, "start gate")
+            if started is None:
+                return self._not_started(spec, "the database did not answer at its start gate")
+            if not started:
                 self.refused_at_gate += 1
                 log.info("attempt %s not started: it is not ours to run", spec.key)
-                return None
+                return None  # someone else's: nothing to say about it
             await self._sleep_until(to_epoch(spec.due_at))
             if self.fenced:
                 return self._result(
@@ -289,6 +306,22 @@ class Executor:
             if delay <= 0:
                 return
             await asyncio.sleep(delay)
+
+    def _not_started(self, spec: TaskSpec, why: str) -> RunResult:
+        """An attempt given up before its start: reported as lost, which
+        costs the task no attempt while its row is still queued, and puts it
+        back on its shard's timer at once, rather than leaving it queued
+        until its lease runs out (the gate fences this attempt off for good
+        once the loss is committed)."""
+        log.warning("attempt %s %s", spec.key, NOT_STARTED.format(why=why))
+        return self._result(
+            spec,
+            None,
+            self._clock.now(),
+            None,
+            NOT_STARTED.format(why=why),
+            FailureClass.EXECUTOR_LOST,
+        )
 
     def _result(self, spec, started_at, finished_at, exit_code, text, failure) -> RunResult:
         return RunResult.of(

@@ -329,16 +329,25 @@ def test_a_held_run_ended_before_its_instant_is_killed_without_running(tmp_path,
             raise AssertionError("no held launcher")
         if ending == "cancel":
             assert await executor.cancel([job.key]) == 1
-        else:  # its gate is never asked: the task stays queued for another executor
+        else:  # its gate is never asked: it is reported lost before its start
             executor.lose_contact("test")
         for _ in range(200):
-            if not processes_with(marker) and not await executor.running():
+            if (
+                not processes_with(marker)
+                and not await executor.running()
+                and not await executor.holding()
+            ):
                 break
             await asyncio.sleep(0.05)
         else:
             raise AssertionError("the held launcher outlived its attempt")
-        assert not ledger.exists() and sink.results == [] and gate.asked == []
+        assert not ledger.exists() and gate.asked == []
         assert executor.discarded_held == 1
+        if ending == "cancel":
+            assert sink.results == []
+        else:
+            [lost] = sink.results
+            assert (lost.failure, lost.started_at) == (FailureClass.EXECUTOR_LOST, None)
 
     asyncio.run(scenario())
 
@@ -365,3 +374,82 @@ def test_the_wait_for_the_instant_ends_by_the_wall_clock_never_before(tmp_path):
         return clock.now() - instant
 
     assert asyncio.run(scenario()) >= timedelta(0)
+
+
+class Report(Sink):
+    """A sink that says when the first result arrived."""
+
+    def __init__(self):
+        super().__init__()
+        self.arrived = asyncio.Event()
+
+    async def report_results(self, results):
+        await super().report_results(results)
+        self.arrived.set()
+
+
+def never_started(tmp_path, sink, gate, *, due_in_s=0.0, fence=False, **options):
+    """Run one attempt of a script that appends to a ledger; returns the
+    ledger's path once its result arrived (or raises after 20 s)."""
+    ledger = tmp_path / "ledger"
+
+    class Ledger(Scripts):
+        def get_script_body(self, script_id):
+            return f"echo $CHRONORAY_TASK_ID >> {ledger}".encode()
+
+    async def scenario():
+        executor = new_executor(tmp_path, Ledger(), sink, gate, **options)
+        due = datetime.now(timezone.utc) + timedelta(seconds=due_in_s)
+        await executor.run_batch([replace(spec(8, due=due), script_sha256="8" * 64)])
+        if fence:
+            executor.lose_contact("test")
+        await sink.arrived.wait()
+        assert await executor.running() == []
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=20))
+    return ledger
+
+
+def test_an_attempt_fenced_before_its_gate_is_reported_lost_not_left_queued(tmp_path):
+    """Given up before its start, an attempt is reported lost at once (a
+    loss before the start costs no attempt), so its task is offered again
+    now rather than when its queue lease runs out ten minutes later."""
+    sink, gate = Report(), Gate()
+    ledger = never_started(tmp_path, sink, gate, due_in_s=1.0, fence=True)
+    [lost] = sink.results
+    assert (lost.failure, lost.started_at, lost.key) == (FailureClass.EXECUTOR_LOST, None, (8, 1))
+    assert "lost contact with its pool" in lost.output_tail
+    assert gate.asked == [] and not ledger.exists()
+
+
+def test_a_database_outage_past_patience_at_the_gate_reports_the_attempt_lost(tmp_path):
+    from scheduling.errors import Unavailable
+
+    class DownGate(Gate):
+        async def start(self, spec):
+            self.asked.append(spec.key)
+            raise Unavailable("database unavailable")
+
+    sink, gate = Report(), DownGate()
+    ledger = never_started(tmp_path, sink, gate, patience_s=0.2, retry_s=0.05)
+    [lost] = sink.results
+    assert (lost.failure, lost.started_at) == (FailureClass.EXECUTOR_LOST, None)
+    assert "start gate" in lost.output_tail
+    assert len(gate.asked) > 1 and not ledger.exists()  # retried, then given up
+
+
+def test_a_fault_of_the_executor_ends_the_attempt_as_a_launch_error(tmp_path, monkeypatch):
+    """An exception out of the executor's own steps (here: its sandbox could
+    not be built) ends the attempt with a result naming it, never silently."""
+    from actors import executor as executor_module
+
+    def no_sandbox(self, *, hold=True):
+        raise OSError("all 4096 sandbox uids are in use")
+
+    monkeypatch.setattr(executor_module.ScriptRun, "prepare", no_sandbox)
+    sink, gate = Report(), Gate()
+    ledger = never_started(tmp_path, sink, gate)
+    [failed] = sink.results
+    assert failed.failure is FailureClass.LAUNCH_ERROR and failed.started_at is None
+    assert "sandbox uids are in use" in failed.output_tail
+    assert not ledger.exists()
