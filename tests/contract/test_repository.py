@@ -586,6 +586,22 @@ def test_a_large_batch_stores_each_task_as_given_in_its_order(repo, owner):
         assert len(sent) == 2 and sent[0] == sent[1]  # 1,000 and 500 rows, one text
 
 
+@pytest.mark.parametrize("size", [1, 3, 1001])
+def test_a_batch_of_alike_tasks_returns_each_as_stored(repo, owner, size):
+    """Fields the rows of a batch agree on go as one value, not an array,
+    and what a submission returns is built from what it wrote, not read
+    back: each must equal the task as read (a burst due at one instant;
+    a batch of one)."""
+    news = [new(owner, seconds=30, variables={"SAME": "yes"}, priority=2) for _ in range(size)]
+    results = repo.add_tasks(news, now=T0)
+    assert len({r.task.task_id for r in results}) == size
+    for result_ in results:
+        stored = repo.get_task(result_.task.task_id)
+        assert result_.created and stored == result_.task
+        assert stored.nominal_at == stored.execute_at == T0 + timedelta(seconds=30)
+        assert (stored.variables, stored.priority, stored.lost_count) == ({"SAME": "yes"}, 2, 0)
+
+
 def test_a_page_of_a_users_tasks_is_read_in_its_order_soon_after_a_bulk_load(postgres_repo):
     """Right after a bulk load into an empty table the planner believes it
     is still empty and sorted every task of the user for a page of 50
