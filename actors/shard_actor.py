@@ -116,9 +116,14 @@ class Shard:
         self.wake.set()
 
     async def _route(self, entries: Sequence[tuple[int, datetime]]) -> None:
-        """Track our own tasks; tell the owner shard about the others."""
+        """Track our own tasks; tell the owner shard about the others (only
+        those inside the look-ahead: the owner would drop the rest, which
+        its sweep finds in time)."""
+        horizon = self._clock.now() + timedelta(seconds=self._settings.lookahead_s)
         by_shard: dict[int, list[tuple[int, datetime]]] = {}
         for task_id, due_at in entries:
+            if due_at > horizon:
+                continue
             by_shard.setdefault(self._wheel.owner_of(task_id, due_at), []).append((task_id, due_at))
         for shard, owned in by_shard.items():
             if shard == self.index:

@@ -282,7 +282,15 @@ class Service:
         news = new_batch(items, owner_id=owner, settings=self.settings)
         await self._check_caps(owner, tasks=len(news))
         results = await self._io(store_batch, self.repo, news, now=self.clock.now())
-        await self.router.track([(r.task.task_id, r.task.execute_at) for r in results])
+        # Only what falls inside the shards' look-ahead goes on their timers
+        # now; the rest their sweeps find in time (a million future tasks
+        # made a million hints the shards dropped).
+        horizon = self.clock.now() + timedelta(seconds=self.settings.lookahead_s)
+        soon = [
+            (r.task.task_id, r.task.execute_at) for r in results if r.task.execute_at <= horizon
+        ]
+        if soon:
+            await self.router.track(soon)
         return results
 
     async def send_task(self, owner: int, body: SendTaskIn) -> SubmitResult | Schedule:

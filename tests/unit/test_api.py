@@ -7,7 +7,7 @@ import pytest
 
 from chronoray.settings import Settings
 from tests.sqlite import rows_in, sqlite_repository
-from tests.unit.fakes import user_api
+from tests.unit.fakes import RepoRouter, user_api
 
 SETTINGS = Settings(database_url="sqlite://", max_script_bytes=1024, max_request_bytes=4096)
 
@@ -316,6 +316,21 @@ def test_batch_stores_every_task_in_one_go_and_replays_idempotently(client, repo
     assert [t["task_id"] for t in again.json()["tasks"]] == [
         t["task_id"] for t in created.json()["tasks"]
     ]
+
+
+def test_a_batch_tells_the_shards_only_of_tasks_inside_their_look_ahead(repo):
+    """Tasks due beyond the look-ahead are left to the shards' sweeps: a
+    million future tasks need no hint each."""
+    router = RepoRouter(repo, lambda: datetime.now(timezone.utc))
+    api = user_api(repo, SETTINGS, router=router)
+    assert api.post("/v1/scripts", json={"name": "hello.sh", "body": "echo"}).status_code == 201
+    soon = (datetime.now(timezone.utc) + timedelta(seconds=5)).isoformat()
+    items = [batch_item(0), {"script": "hello.sh", "execute_at": soon}, batch_item(2)]
+    response = api.post("/v1/tasks:batch", json={"tasks": items})
+    assert response.status_code == 201 and rows_in(repo, "tasks") == 3
+    assert [task_id for task_id, _ in router.tracked] == [response.json()["tasks"][1]["task_id"]]
+    far = api.post("/v1/tasks:batch", json={"tasks": [batch_item(3), batch_item(4)]})
+    assert far.status_code == 201 and len(router.tracked) == 1  # no call for them at all
 
 
 @pytest.mark.parametrize(

@@ -225,6 +225,31 @@ def test_a_retry_that_moves_to_another_range_is_handed_to_its_owner():
     run(scenario())
 
 
+def test_a_shard_hints_its_peers_only_of_tasks_inside_the_look_ahead():
+    """Beyond the look-ahead an owner would drop the hint: none is sent, and
+    the owner's sweep finds the tasks once they come inside it."""
+    world = World(settings=SETTINGS.with_(num_shards=2, range_slices=2))
+
+    async def scenario():
+        base = T0 - timedelta(seconds=T0.timestamp() % 120)  # shard 0's range, as is base + 240 s
+        later = base + timedelta(seconds=240)
+        world.clock._now = base
+        shard, owner = world.shard(0), world.shard(1)
+        await shard.start()
+        await owner.start()
+        results = await shard.submit([world.new((later - T0).total_seconds()) for _ in range(4)])
+        assert world.peers.tracked == {}
+        world.clock._now = later - timedelta(seconds=SETTINGS.lookahead_s / 2)
+        await owner.sweep()
+        world.clock._now = later
+        assert await owner.fire_due() == 2  # the odd ids: its slice
+        assert sorted(s.task_id for s in world.dispatcher.received) == sorted(
+            r.task.task_id for r in results if r.task.task_id % 2
+        )
+
+    run(scenario())
+
+
 def test_in_a_sliced_range_the_submitting_shard_hands_each_task_to_its_owner():
     world = World(settings=SETTINGS.with_(num_shards=2, range_slices=2))
 
