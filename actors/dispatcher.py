@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import ray
 
 from actors.batching import GroupCommitter
+from actors.executor import ExecutorDraining
 from actors.handles import ExecutorCalls, ShardResults
 from scheduling.clock import Clock, SystemClock
 from scheduling.lifecycle import lost_result
@@ -346,13 +347,17 @@ class Dispatcher:
     async def _send(self, ex: ExecutorSlots, specs: list[TaskSpec]) -> None:
         try:
             await ex.client.run_batch(specs)
+            return
+        except ExecutorDraining:  # the pool retires it; the membership says so soon
+            ex.accepting = False
+            log.info("executor %s is draining: %d tasks placed again", ex.executor_id, len(specs))
         except Exception:
             log.warning(
                 "executor %s refused %d tasks; requeued", ex.executor_id, len(specs), exc_info=True
             )
-            for spec in specs:
-                ex.in_flight.pop(spec.key, None)
-            self._queue.push_many(specs)
+        for spec in specs:
+            ex.in_flight.pop(spec.key, None)
+        self._queue.push_many(specs)
 
 
 # -- Ray shell ---------------------------------------------------------------

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,6 +47,19 @@ NOT_STARTED = "not started here: {why}; offered again"
 
 class ExecutorFenced(RuntimeError):
     """Refused work: this executor lost contact with its pool."""
+
+
+class ExecutorDraining(RuntimeError):
+    """Refused work: the pool is retiring this executor (the dispatcher
+    places the attempts elsewhere)."""
+
+
+class Heartbeat(str, Enum):
+    """The pool's answer to a heartbeat."""
+
+    LIVE = "live"
+    DRAIN = "drain"  # take nothing new; say when nothing is held, then go
+    DEAD = "dead"  # declared dead: fence, and exit
 
 
 class ScriptSource(Protocol):
@@ -129,6 +143,7 @@ class Executor:
         self._slots = asyncio.Semaphore(slots)
         self._running: dict[tuple[int, int], tuple[TaskSpec, asyncio.Task]] = {}
         self.fenced = False  # lost contact with the pool: take no new work
+        self.draining = False  # the pool retires it: take no new work, finish the rest
         self._pids: dict[tuple[int, int], int] = {}  # running scripts' process groups
         self._fenced_keys: set[tuple[int, int]] = set()
         self.refused_at_gate = 0  # attempts someone else owned: never started here
@@ -141,6 +156,8 @@ class Executor:
         for attempts already here."""
         if self.fenced:
             raise ExecutorFenced(f"executor {self.executor_id} lost contact with its pool")
+        if self.draining:
+            raise ExecutorDraining(f"executor {self.executor_id} is draining")
         taken = 0
         for spec in specs:
             if spec.key in self._running:
@@ -160,6 +177,12 @@ class Executor:
     @property
     def busy(self) -> int:
         return len(self._running)
+
+    @property
+    def drained(self) -> bool:
+        """Draining, and holding nothing: no attempt taken, no result not
+        yet acknowledged. Nothing can be added, so the pool may remove it."""
+        return self.draining and not self._running and not self._outbox.pending()
 
     async def cancel(self, keys: Sequence[tuple[int, int]]) -> int:
         """Kill these attempts' scripts; no result is reported for them."""
@@ -451,6 +474,7 @@ class ExecutorShell:
             "slots": executor.slots,
             "running": executor.busy,
             "fenced": executor.fenced,
+            "draining": executor.draining,
             "refused_at_gate": executor.refused_at_gate,
             "discarded_held": executor.discarded_held,
             # the sandbox probe (and the launcher build) ran: no run pays for it
@@ -498,16 +522,20 @@ class ExecutorShell:
         acknowledged = time.monotonic()
         while True:
             try:
-                alive = await asyncio.wait_for(
-                    self._pool.heartbeat.remote(executor.executor_id, executor.busy, self._node_id),
+                reply = await asyncio.wait_for(
+                    self._pool.heartbeat.remote(
+                        executor.executor_id, executor.busy, self._node_id, executor.drained
+                    ),
                     timeout=period,
                 )
             except Exception:
-                alive = None  # no answer: the pool may be restarting
-            if alive:
+                reply = None  # no answer: the pool may be restarting
+            if reply in (Heartbeat.LIVE, Heartbeat.DRAIN):
                 acknowledged = time.monotonic()
                 executor.regain_contact()
-            elif alive is False:
+                # a restarted pool knows nothing of a drain: it answers LIVE
+                executor.draining = reply == Heartbeat.DRAIN
+            elif reply == Heartbeat.DEAD:
                 executor.lose_contact("the pool declared this executor dead")
                 await self._outbox_flushed()
                 self._exit()

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import ray
 
-from actors.executor import EXECUTOR_PREFIX, ExecutorActor
+from actors.executor import EXECUTOR_PREFIX, ExecutorActor, Heartbeat
 from actors.handles import named_actor
 from scheduling.tiers import MemberView, PoolTiming, Tier, TierTable, plan_size
 
@@ -47,6 +47,10 @@ class Member:
     running: int = 0
     idle_since: float = 0.0
     draining: bool = False
+    # Draining, and its last heartbeat said it holds nothing and takes
+    # nothing new: only then is it removed (removing it on the pool's own
+    # view lost attempts the dispatcher had just placed on it).
+    drained: bool = False
     node: str = ""  # the Ray node id its heartbeats come from
 
     @property
@@ -92,20 +96,25 @@ class ExecutorPool:
                 self._start(tier, now)
 
     # -- membership --------------------------------------------------------
-    def heartbeat(self, executor_id: str, running: int, node: str = "") -> bool:
-        """False tells the executor it was declared dead (it must fence).
-        ``node``: the Ray node it runs on, for operators."""
+    def heartbeat(
+        self, executor_id: str, running: int, node: str = "", drained: bool = False
+    ) -> Heartbeat:
+        """DEAD tells the executor it was declared dead (it must fence);
+        DRAIN that it is being retired (it takes nothing new, and says
+        ``drained`` once it holds nothing). ``node``: the Ray node it runs
+        on, for operators."""
         member = self._members.get(executor_id)
         if member is None:
-            return False
+            return Heartbeat.DEAD
         now = self._clock()
+        member.drained = member.draining and drained
         member.last_heartbeat = now
         member.node = node or member.node
         if running or member.running:
             member.idle_since = now
         member.running = running
         self._unplaceable.pop(member.tier.name, None)
-        return True
+        return Heartbeat.DRAIN if member.draining else Heartbeat.LIVE
 
     def executors(self) -> list[ExecutorInfo]:
         """Placed executors: what the dispatcher may use (draining ones only
@@ -180,6 +189,7 @@ class ExecutorPool:
                 running=m.running,
                 idle_for_s=now - m.idle_since,
                 draining=m.draining,
+                drained=m.drained,
             )
             for m in self._of(tier)
         ]
@@ -287,8 +297,10 @@ class ExecutorPoolShell:
             except Exception:
                 log.exception("pool tick failed")
 
-    async def heartbeat(self, executor_id: str, running: int, node: str = "") -> bool:
-        return self._pool.heartbeat(executor_id, running, node)
+    async def heartbeat(
+        self, executor_id: str, running: int, node: str = "", drained: bool = False
+    ) -> Heartbeat:
+        return self._pool.heartbeat(executor_id, running, node, drained)
 
     async def executors(self) -> list[ExecutorInfo]:
         return self._pool.executors()

@@ -79,6 +79,7 @@ class MemberView:
     running: int
     idle_for_s: float
     draining: bool = False
+    drained: bool = False  # draining, and it said it holds nothing and takes nothing new
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,10 @@ def plan_size(
     """Size one tier for ``demand`` (tasks wanting it: queued plus running):
     enough executors for the demand, between the tier's minimum and maximum.
     Nothing is started while one is pending on a tier no node can place;
-    only executors idle for ``idle_s`` are drained, and a drained one is
-    removed after two more heartbeats of idleness (nothing more will come)."""
+    only executors idle for ``idle_s`` are drained, and a draining one is
+    removed once it said it holds nothing and takes nothing new (the pool's
+    own view of its work is a heartbeat old: the dispatcher may have placed
+    attempts on it since)."""
     active = [m for m in members if not m.draining]
     wanted = min(max(tier.executors, math.ceil(demand / tier.slots)), tier.most_executors)
     pending = any(not m.placed for m in active)
@@ -110,12 +113,7 @@ def plan_size(
     elif len(active) > wanted:
         idle = [m for m in active if m.placed and m.running == 0 and m.idle_for_s >= timing.idle_s]
         drain = [m.executor_id for m in idle[: len(active) - wanted]]
-    settled = timing.idle_s + timing.heartbeat_s * 2
-    remove = [
-        m.executor_id
-        for m in members
-        if (m.draining or m.executor_id in drain) and m.running == 0 and m.idle_for_s >= settled
-    ]
+    remove = [m.executor_id for m in members if m.draining and m.drained]
     return SizePlan(start=start, drain=tuple(drain), remove=tuple(remove))
 
 

@@ -453,3 +453,73 @@ def test_a_fault_of_the_executor_ends_the_attempt_as_a_launch_error(tmp_path, mo
     assert failed.failure is FailureClass.LAUNCH_ERROR and failed.started_at is None
     assert "sandbox uids are in use" in failed.output_tail
     assert not ledger.exists()
+
+
+def test_a_draining_executor_takes_nothing_new_and_is_drained_once_it_holds_nothing(tmp_path):
+    """The pool removes an executor only once it said it is drained: while
+    it holds an attempt (running, or its result unacknowledged) it is not."""
+    from actors.executor import ExecutorDraining
+
+    sink = Report()
+
+    async def scenario():
+        executor = new_executor(tmp_path, Scripts(), sink, Gate(), slots=1)
+        job = replace(spec(1), script_sha256="a" * 64)
+        await executor.run_batch([job])
+        executor.draining = True  # the pool's heartbeat answer said DRAIN
+        assert not executor.drained  # its attempt is still here
+        with pytest.raises(ExecutorDraining):
+            await executor.run_batch([replace(job, task_id=2)])
+        await sink.arrived.wait()
+        for _ in range(100):  # the outbox forgets the result once acknowledged
+            if executor.drained:
+                break
+            await asyncio.sleep(0.02)
+        assert executor.drained and [r.task_id for r in sink.results] == [1]
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=20))
+
+
+def test_the_executor_follows_the_pools_answers_to_its_heartbeats(tmp_path):
+    """DRAIN: it takes nothing new and says it is drained once it holds
+    nothing; LIVE again (a restarted pool knows of no drain): it takes work."""
+    from actors.executor import ExecutorShell, Heartbeat
+    from scheduling.tiers import PoolTiming
+
+    class Pool:
+        """The pool actor's handle, as the shell calls it."""
+
+        def __init__(self, replies):
+            self.replies = list(replies)
+            self.beats = []  # (draining when answered, drained as sent)
+            self.done = asyncio.Event()
+
+        @property
+        def heartbeat(self):
+            return self
+
+        def remote(self, executor_id, running, node, drained):
+            answered = asyncio.get_running_loop().create_future()
+            reply = self.replies.pop(0)
+            self.beats.append((shell._executor.draining, drained))
+            answered.set_result(reply)
+            if not self.replies:
+                self.done.set()
+            return answered
+
+    shell = ExecutorShell.__new__(ExecutorShell)  # no Ray actor: its heartbeat loop alone
+
+    async def scenario():
+        shell._executor = new_executor(tmp_path, Scripts(), Sink(), Gate())
+        shell._pool = Pool([Heartbeat.LIVE, Heartbeat.DRAIN, Heartbeat.DRAIN, Heartbeat.LIVE])
+        shell._timing = PoolTiming(heartbeat_s=0.01)
+        shell._node_id, shell._mirror = "node", None
+        beating = asyncio.ensure_future(shell._heartbeat_forever())
+        await shell._pool.done.wait()
+        await asyncio.sleep(0.03)  # the last answer is taken in
+        beating.cancel()
+        return shell._executor.draining
+
+    assert asyncio.run(asyncio.wait_for(scenario(), timeout=10)) is False
+    # not draining, not draining, then drained (nothing held), then drained again
+    assert shell._pool.beats == [(False, False), (False, False), (True, True), (True, True)]

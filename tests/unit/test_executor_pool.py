@@ -4,6 +4,7 @@ dispatcher following it, with fake executors and a hand-driven clock."""
 import asyncio
 
 from actors.dispatcher import Dispatcher, ExecutorSlots
+from actors.executor import ExecutorDraining, Heartbeat
 from actors.executor_pool import ExecutorPool
 from scheduling.clock import ManualClock
 from scheduling.models import FailureClass
@@ -51,9 +52,14 @@ def build():
     return pool, clock, factory
 
 
-def beat_all(pool, running=0):
+def beat_all(pool, running=0, told=None):
+    """Every executor heartbeats; one told to drain (``told``, kept across
+    calls) says it is drained on its next beat when it runs nothing."""
+    told = set() if told is None else told
     for executor_id in [e["executor_id"] for e in pool.status()["executors"]]:
-        pool.heartbeat(executor_id, running)
+        reply = pool.heartbeat(executor_id, running, drained=executor_id in told and not running)
+        if reply == Heartbeat.DRAIN:
+            told.add(executor_id)
 
 
 def test_executors_join_after_their_first_heartbeat():
@@ -61,7 +67,7 @@ def test_executors_join_after_their_first_heartbeat():
     assert [i.split("-")[0] for i in factory.created] == ["small", "large"]
     assert pool.executors() == []  # not placed yet: the dispatcher must not use them
     small = factory.created[0]
-    assert pool.heartbeat(small, 0, "node-1")
+    assert pool.heartbeat(small, 0, "node-1") == Heartbeat.LIVE
     assert [(i.executor_id, i.node) for i in pool.executors()] == [(small, "node-1")]
     shown = {e["executor_id"]: e["node"] for e in pool.status()["executors"]}
     assert shown == {small: "node-1", factory.created[1]: None}
@@ -79,7 +85,7 @@ def test_silent_executor_is_declared_dead_replaced_and_refused():
     assert pool.tick({}) == [small]
     assert small not in [i.executor_id for i in pool.executors()]
     assert len(factory.created) == 3 and factory.created[2].startswith("small-")  # replaced
-    assert pool.heartbeat(small, 1) is False  # a late heartbeat: it must fence itself
+    assert pool.heartbeat(small, 1) == Heartbeat.DEAD  # a late heartbeat: it must fence itself
     assert factory.destroyed == []  # given time to exit by itself
     clock.now = 3.5 + TIMING.reap_after_s
     pool.heartbeat(large, 0)
@@ -106,9 +112,10 @@ def test_a_tier_grows_with_demand_and_shrinks_when_idle():
     pool.tick({"small": 10})  # 10 tasks / 4 slots → 3, the maximum
     assert sum(i.startswith("small-") for i in factory.created) == 3
     beat_all(pool, running=1)
+    told: set[str] = set()
     for step in range(1, 30):
         clock.now = float(step)
-        beat_all(pool)
+        beat_all(pool, told=told)
         pool.tick({})
     small = [e for e in pool.status()["executors"] if e["tier"] == "small"]
     assert len(small) == 1  # back to the minimum
@@ -174,3 +181,55 @@ def test_the_pool_never_mistakes_itself_for_an_executor():
     from actors.handles import POOL_NAME
 
     assert not POOL_NAME.startswith(EXECUTOR_PREFIX)
+
+
+def test_a_draining_executor_is_removed_only_after_it_says_it_holds_nothing():
+    pool, clock, factory = build()
+    beat_all(pool)
+    pool.tick({"small": 8})  # grown to two small executors
+    beat_all(pool)
+    extra = factory.created[2]
+    clock.now = TIMING.idle_s + 1
+    beat_all(pool)
+    pool.tick({})  # idle for long enough: one is drained
+    [drained_one] = [e for e in pool.status()["executors"] if e["state"] == "draining"]
+    busy_with = 2  # attempts the dispatcher placed on it before it learned of the drain
+    assert pool.heartbeat(drained_one["executor_id"], busy_with) == Heartbeat.DRAIN
+    for _ in range(5):  # however long: still holding work, never removed
+        clock.now += 1
+        beat_all(pool)
+        pool.heartbeat(drained_one["executor_id"], busy_with)
+        pool.tick({})
+    assert factory.destroyed == [] and extra in factory.created
+    pool.heartbeat(drained_one["executor_id"], 0, drained=True)
+    pool.tick({})
+    assert factory.destroyed == [drained_one["executor_id"]]
+    assert pool.heartbeat(drained_one["executor_id"], 0) == Heartbeat.DEAD
+
+
+def test_attempts_a_draining_executor_refuses_are_placed_elsewhere():
+    class Draining(FakeExecutor):
+        async def run_batch(self, specs):
+            raise ExecutorDraining("executor a is draining")
+
+    async def scenario():
+        retiring, other = Draining(), FakeExecutor()
+        slots = dict(tier="small", tier_rank=0, slots=2)
+        dispatcher = Dispatcher(
+            tiers=TIERS, executors=[], shards=FakeShardLink(), max_queued=100, clock=ManualClock(T0)
+        )
+        await dispatcher.sync_members([ExecutorSlots(executor_id="a", client=retiring, **slots)])
+        await dispatcher.submit([spec(1), spec(2)])
+        assert dispatcher.stats()["executors"]["a"] == {
+            "tier": "small",
+            "slots": 2,
+            "credits": 1,
+            "running": 0,
+            "accepting": False,
+        }
+        other_slots = ExecutorSlots(executor_id="b", client=other, **slots)
+        retired = ExecutorSlots(executor_id="a", client=retiring, accepting=False, **slots)
+        await dispatcher.sync_members([retired, other_slots])  # as the pool says
+        assert sorted(other.received) == [1, 2]
+
+    asyncio.run(scenario())
