@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 SERVICES_DIR ?= $(CURDIR)/.run/services
 PYTEST_ARGS ?=
 
-.PHONY: run test install system-deps sandbox-deps bench-deps services-start services-stop lint bench bench-http bench-million bench-console bench-sandbox bench-history chaos clean
+.PHONY: run test install system-deps sandbox-deps bench-deps services-start services-stop lint bench bench-http bench-million bench-run-burst bench-console bench-sandbox bench-history chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -97,6 +97,10 @@ bench-million: install system-deps sandbox-deps
 	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
 	source $(SERVICES_DIR)/env && \
 	$(BIN)/python -m bench.million --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(BENCH_ARGS)
+
+# make run's memory in a burst of 10,000 (chronoray up: local Ray, SQLite).
+bench-run-burst: install sandbox-deps
+	$(BIN)/python -m bench.run_burst $(BENCH_ARGS)
 
 # The console's pages over 100,000 tasks and 1,000 schedules: server time per page.
 bench-console: install system-deps sandbox-deps

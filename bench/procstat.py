@@ -113,7 +113,12 @@ def resident_mb(exclude: tuple[str, ...] = ()) -> float:
     PostgreSQL) but the classes in ``exclude``, in MB, as proportional set
     size: a page shared by n processes counts 1/n in each, so shared
     libraries are not summed n times as resident sizes would be."""
-    total = 0
+    return sum(mb for mb, _ in resident_by_class(exclude).values())
+
+
+def resident_by_class(exclude: tuple[str, ...] = ()) -> dict[str, tuple[float, int]]:
+    """``resident_mb`` by process class: {class: (MB of PSS, processes)}."""
+    found: dict[str, tuple[float, int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -130,17 +135,21 @@ def resident_mb(exclude: tuple[str, ...] = ()) -> float:
                 pss_kb = next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
         except (OSError, StopIteration, ValueError):
             continue
-        total += pss_kb * 1024
-    return total / 2**20
+        mb, count = found.get(role, (0.0, 0))
+        found[role] = (mb + pss_kb / 1024, count + 1)
+    return found
 
 
 class PeakMemory:
-    """Samples ``resident_mb`` every ``every_s`` on a thread; ``peak`` after ``stop``."""
+    """Samples ``resident_by_class`` every ``every_s`` on a thread; ``peak``
+    (MB) and what it was made of, ``peak_by_class``, after ``stop``."""
 
-    def __init__(self, every_s: float = 0.5) -> None:
+    def __init__(self, every_s: float = 0.5, exclude: tuple[str, ...] = ()) -> None:
         import threading
 
-        self.peak = resident_mb()
+        self._exclude = exclude
+        self.peak_by_class = resident_by_class(exclude)
+        self.peak = sum(mb for mb, _ in self.peak_by_class.values())
         self._stop = threading.Event()
         self._every_s = every_s
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -148,7 +157,10 @@ class PeakMemory:
 
     def _run(self) -> None:
         while not self._stop.wait(self._every_s):
-            self.peak = max(self.peak, resident_mb())
+            found = resident_by_class(self._exclude)
+            total = sum(mb for mb, _ in found.values())
+            if total > self.peak:
+                self.peak, self.peak_by_class = total, found
 
     def stop(self) -> float:
         self._stop.set()

@@ -24,10 +24,16 @@ def test_every_two_seconds_fires_five_times_once_each_on_time(client, http, tmp_
     client.register_script("every2.sh", f'echo "$CHRONORAY_FIRE_TIME $(date +%s.%N)" >> {ledger}')
     schedule = client.create_schedule("every2.sh", "*/2 * * * * *")
     first = schedule.next_fire_at
+    window = (first - timedelta(minutes=1), first + timedelta(seconds=9))
     wait_for(lambda: len(ledger_lines(ledger)) >= 5, timeout_s=30, what="five fires")
-    audit = client.audit_schedule(
-        schedule.schedule_id, first - timedelta(minutes=1), first + timedelta(seconds=9)
+    # The ledger's line is written while the script runs, its run recorded
+    # when it ends: a clean-clone run audited the fifth in between (ran 4).
+    wait_for(
+        lambda: client.audit_schedule(schedule.schedule_id, *window).ran >= 5,
+        timeout_s=10,
+        what="five runs recorded",
     )
+    audit = client.audit_schedule(schedule.schedule_id, *window)
     client.delete_schedule(schedule.schedule_id)
     assert audit.expected == 5 and audit.ran == 5 and audit.findings == []  # healthy
     time.sleep(2.5)  # nothing more may come after deletion but what was in flight
