@@ -217,9 +217,11 @@ class Executor:
                 try:
                     result = await self._attempt(spec)
                 except Exception as exc:
-                    # A fault of ours (its sandbox could not be built, say): the
-                    # attempt ends as a launch error, never silently, which
-                    # would leave the task queued until its lease ran out.
+                    # A fault of ours, not the script's (its sandbox could not
+                    # be built, say): reported as a loss, never silently (a
+                    # queued task waited for its lease; a running one for the
+                    # orphan recovery, which reports the same loss). Free while
+                    # the task is queued, and bounded by the free losses.
                     log.exception("attempt %s failed in the executor", spec.key)
                     result = self._result(
                         spec,
@@ -227,7 +229,7 @@ class Executor:
                         self._clock.now(),
                         None,
                         f"executor error: {type(exc).__name__}: {exc}",
-                        FailureClass.LAUNCH_ERROR,
+                        FailureClass.EXECUTOR_LOST,
                     )
             if result is not None:
                 self._outbox.put([result])

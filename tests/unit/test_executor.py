@@ -438,9 +438,10 @@ def test_a_database_outage_past_patience_at_the_gate_reports_the_attempt_lost(tm
     assert len(gate.asked) > 1 and not ledger.exists()  # retried, then given up
 
 
-def test_a_fault_of_the_executor_ends_the_attempt_as_a_launch_error(tmp_path, monkeypatch):
+def test_a_fault_of_the_executor_reports_the_attempt_lost(tmp_path, monkeypatch):
     """An exception out of the executor's own steps (here: its sandbox could
-    not be built) ends the attempt with a result naming it, never silently."""
+    not be built) ends the attempt with a result naming it, never silently:
+    a loss, as the orphan recovery would report it, not the script's failure."""
     from actors import executor as executor_module
 
     def no_sandbox(self, *, hold=True):
@@ -450,7 +451,7 @@ def test_a_fault_of_the_executor_ends_the_attempt_as_a_launch_error(tmp_path, mo
     sink, gate = Report(), Gate()
     ledger = never_started(tmp_path, sink, gate)
     [failed] = sink.results
-    assert failed.failure is FailureClass.LAUNCH_ERROR and failed.started_at is None
+    assert failed.failure is FailureClass.EXECUTOR_LOST and failed.started_at is None
     assert "sandbox uids are in use" in failed.output_tail
     assert not ledger.exists()
 
