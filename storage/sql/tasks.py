@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 from typing import cast as typed
 
@@ -102,28 +103,9 @@ def add_tasks(
 
 
 def _as_stored(row: dict[str, Any], *, task_id: int, script_name: str) -> Task:
-    """The task a new row (``_new_row``) becomes once inserted as ``task_id``."""
-    return Task(
-        task_id=task_id,
-        owner_id=row["owner_id"],
-        script_id=row["script_id"],
-        script_name=script_name,
-        execute_at=row["execute_at"],
-        status=TaskStatus(row["status"]),
-        priority=row["priority"],
-        attempt=row["attempt"],
-        max_attempts=row["max_attempts"],
-        variables=row["variables"],
-        timeout_s=row["timeout_s"],
-        idempotency_key=row["idempotency_key"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        lease_expires_at=row["lease_expires_at"],
-        epoch=row["epoch"],
-        schedule_id=row["schedule_id"],
-        nominal_at=row["nominal_at"],
-        lost_count=0,
-    )
+    """The task a new row (``_new_row``) becomes once inserted as ``task_id``:
+    through ``rows.task``, the one mapper of a stored row."""
+    return rows.task(SimpleNamespace(**row, task_id=task_id, script_name=script_name, lost_count=0))
 
 
 # What may differ between new tasks: each goes as an array when it does, as
