@@ -10,6 +10,7 @@
  *   chronoray-launch [--cgroup=PROCS_FILE]... [--pidns] [--netns] [--scratch=BYTES]
  *                    [--nice=N] [--uid=N --gid=N] [--hold=FD] [--cpu=N] [--as=N]
  *                    [--fsize=N] [--nofile=N] [--nproc=N] [--core=N] -- CMD ARGS...
+ *   chronoray-launch --serve=REQUESTS,EVENTS    (the fork server: see serve below)
  *
  * Dies with its parent (PR_SET_PDEATHSIG). With --pidns, CMD runs as PID 1 of
  * a new PID namespace in a child that dies with this process, so killing this
@@ -43,6 +44,10 @@
 #include <fcntl.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
+#include <poll.h>
+#include <stdint.h>
+#include <sys/signalfd.h>
+#include <sys/uio.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -129,7 +134,7 @@ static void own_scratch(unsigned long long bytes, long uid, long gid, char **scr
     if (chdir("/tmp") == -1) die("chdir /tmp");
 }
 
-int main(int argc, char **argv) {
+static int launch(int argc, char **argv) {
     int pidns = 0, netns = 0, hold = -1;
     unsigned long long scratch = 0;
     long uid = -1, gid = -1;
@@ -194,4 +199,137 @@ int main(int argc, char **argv) {
     execvp(argv[i], argv + i);
     die(argv[i]);
     return 127;
+}
+
+/* The fork server (--serve=REQUESTS,EVENTS): one per executor, started once,
+ * so that a run costs a fork of this small process instead of the executor's
+ * Popen and an exec of the launcher. Each request on REQUESTS is one
+ * SOCK_SEQPACKET message: the working directory, the number of environment
+ * entries, the entries, then the launcher's arguments (argv[0] first), each
+ * NUL-terminated; with SCM_RIGHTS the run's output pipe and, for a held run,
+ * its go pipe (the child finds it as HOLD_FD). The child does what one exec
+ * of this launcher does, in a session of its own; the reply is its pid, or
+ * -errno. Every child's end is reaped here and reported on EVENTS as
+ * {pid, wait status}. End of file on REQUESTS (the executor is done, or
+ * dead) ends the server, and with it (PR_SET_PDEATHSIG) each run it began. */
+#define MAX_REQUEST (256 * 1024)
+#define HOLD_FD 3
+
+extern char **environ;
+
+static char **split_fields(char *at, char *end, size_t count) {
+    char **fields = calloc(count + 1, sizeof *fields);
+    if (fields == NULL) die("calloc");
+    for (size_t k = 0; k < count && at < end; k++) {
+        fields[k] = at;
+        at += strlen(at) + 1;
+    }
+    return fields;
+}
+
+static size_t count_fields(const char *at, const char *end) {
+    size_t count = 0;
+    for (; at < end; at += strlen(at) + 1) count++;
+    return count;
+}
+
+static void start_run(char *request, size_t length, int out, int hold) {
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL); /* the server blocks SIGCHLD; the run must not */
+    if (setsid() == -1) die("setsid");
+    int null = open("/dev/null", O_RDONLY);
+    if (null == -1 || dup2(null, 0) == -1 || dup2(out, 1) == -1 || dup2(out, 2) == -1)
+        die("stdio");
+    if (hold >= 0 && dup2(hold, HOLD_FD) == -1) die("hold");
+    close_range(hold >= 0 ? HOLD_FD + 1 : HOLD_FD, ~0U, 0);
+    char *end = request + length;
+    char *cwd = request;
+    char *at = cwd + strlen(cwd) + 1;
+    if (at >= end) _exit(127);
+    size_t env_count = strtoul(at, NULL, 10);
+    at += strlen(at) + 1;
+    char **env = split_fields(at, end, env_count);
+    for (size_t k = 0; k < env_count && at < end; k++) at += strlen(at) + 1;
+    size_t argc = count_fields(at, end);
+    char **argv = split_fields(at, end, argc);
+    if (chdir(cwd) == -1) die(cwd);
+    environ = env;
+    _exit(launch((int)argc, argv));
+}
+
+static void report_exits(int events) {
+    int status;
+    pid_t pid;
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        int32_t report[2] = {pid, status};
+        (void)send(events, report, sizeof report, MSG_NOSIGNAL);
+    }
+}
+
+static int serve(const char *sockets) {
+    int requests, events;
+    if (sscanf(sockets, "%d,%d", &requests, &events) != 2) {
+        fprintf(stderr, "chronoray-launch: --serve=REQUESTS,EVENTS\n");
+        return 127;
+    }
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) == -1) die("prctl");
+    sigset_t child_ends;
+    sigemptyset(&child_ends);
+    sigaddset(&child_ends, SIGCHLD);
+    if (sigprocmask(SIG_BLOCK, &child_ends, NULL) == -1) die("sigprocmask");
+    int ends = signalfd(-1, &child_ends, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (ends == -1) die("signalfd");
+    static char request[MAX_REQUEST];
+    struct pollfd watch[2] = {{requests, POLLIN, 0}, {ends, POLLIN, 0}};
+    for (;;) {
+        if (poll(watch, 2, -1) == -1) {
+            if (errno == EINTR) continue;
+            die("poll");
+        }
+        if (watch[1].revents) {
+            struct signalfd_siginfo info;
+            while (read(ends, &info, sizeof info) == sizeof info) {
+            }
+            report_exits(events);
+        }
+        if (!watch[0].revents) continue;
+        union {
+            char buffer[CMSG_SPACE(2 * sizeof(int))];
+            struct cmsghdr align;
+        } control;
+        struct iovec iov = {request, sizeof request};
+        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buffer,
+                             .msg_controllen = sizeof control.buffer};
+        ssize_t n = recvmsg(requests, &msg, MSG_CMSG_CLOEXEC);
+        if (n == 0) return 0;
+        if (n == -1) {
+            if (errno == EINTR) continue;
+            die("recvmsg");
+        }
+        int fds[2] = {-1, -1};
+        size_t fd_count = 0;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+                size_t here = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+                for (size_t k = 0; k < here && fd_count < 2; k++)
+                    memcpy(&fds[fd_count++], CMSG_DATA(c) + k * sizeof(int), sizeof(int));
+            }
+        }
+        int32_t reply;
+        if (fd_count < 1 || (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || request[n - 1] != '\0') {
+            reply = -EINVAL;
+        } else {
+            pid_t pid = fork();
+            if (pid == 0) start_run(request, (size_t)n, fds[0], fd_count > 1 ? fds[1] : -1);
+            reply = pid == -1 ? -errno : pid;
+        }
+        for (size_t k = 0; k < fd_count; k++) close(fds[k]);
+        if (send(requests, &reply, sizeof reply, MSG_NOSIGNAL) == -1) return 0;
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc == 2 && strncmp(argv[1], "--serve=", 8) == 0) return serve(argv[1] + 8);
+    return launch(argc, argv);
 }

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from actors.cgroups import CgroupMode, CgroupSupport, RunLimits, pool_for
 from actors.cgroups import detect as detect_cgroups
+from actors.fork_server import HOLD_FD, fork_server
 from actors.network import UID_RANGE_INDEX, ControlPlane, install_egress_filter
 from scheduling.models import Interpreter
 from scheduling.tiers import NetworkPolicy
@@ -64,6 +65,7 @@ class SandboxLimits:
     run_as: str | None = "nobody"
     pid_namespace: bool = True  # off: only the process group is killed (setsid escapes survive)
     launcher: bool = True  # off: util-linux wrappers even when actors/launch.c can be built
+    fork_server: bool = True  # off: each run is a Popen of the launcher (actors/fork_server.py)
     network: NetworkPolicy = NetworkPolicy.EGRESS  # what the script reaches (actors/network.py)
     cgroups: bool = True  # off: rlimits only, even where a cgroup could be made
     cgroup_v2_root: str = "/sys/fs/cgroup/chronoray"
@@ -317,24 +319,40 @@ def prepare_network(limits: SandboxLimits, plane: ControlPlane) -> str:
 
 
 class _Child:
-    """A child started with ``subprocess.Popen`` (vfork + exec: cheap even
-    from a large process; the event loop's own spawn forks the whole
-    executor, which measured as its main cost) and watched from the event
-    loop through a pidfd and its non-blocking output pipe."""
+    """A started run, watched from the event loop: its exit (a future of its
+    exit code) and its non-blocking output pipe. Started by the fork server
+    (actors/fork_server.py), which reports its end, or by ``Popen`` (vfork +
+    exec: cheap even from a large process; the event loop's own spawn forks
+    the whole executor, which measured as its main cost), watched through a
+    pidfd and reaped here."""
 
-    def __init__(self, proc: subprocess.Popen, output_limit: int) -> None:
-        self.proc = proc
+    def __init__(
+        self, pid: int, output_fd: int, exited: asyncio.Future[int], output_limit: int
+    ) -> None:
+        self.pid = pid
         self._limit = output_limit
         self._kept = bytearray()
         loop = asyncio.get_running_loop()
         self._loop = loop
         self.output_done = loop.create_future()
-        self.exited = loop.create_future()
-        self._out = proc.stdout.fileno()
+        self.exited = exited
+        self._out = output_fd
         os.set_blocking(self._out, False)
         loop.add_reader(self._out, self._on_output)
-        self._pidfd = os.pidfd_open(proc.pid)
-        loop.add_reader(self._pidfd, self._on_exit)
+
+    @classmethod
+    def popen(cls, proc: subprocess.Popen, output_fd: int, output_limit: int) -> "_Child":
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[int] = loop.create_future()
+        pidfd = os.pidfd_open(proc.pid)
+
+        def on_exit() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            exited.set_result(proc.wait())  # reaps at once: the pidfd said it exited
+
+        loop.add_reader(pidfd, on_exit)
+        return cls(proc.pid, output_fd, exited, output_limit)
 
     def _on_output(self) -> None:
         try:
@@ -346,26 +364,19 @@ class _Child:
             if len(self._kept) > 2 * self._limit:
                 del self._kept[: -self._limit]
             return
-        self._loop.remove_reader(self._out)
-        self.proc.stdout.close()
-        if not self.output_done.done():
-            self.output_done.set_result(None)
+        self._stop_reading()
 
-    def _on_exit(self) -> None:
-        self._loop.remove_reader(self._pidfd)
-        os.close(self._pidfd)
-        self.proc.wait()  # reaps at once: the pidfd said it exited
-        if not self.exited.done():
-            self.exited.set_result(self.proc.returncode)
+    def _stop_reading(self) -> None:
+        if not self.output_done.done():
+            self._loop.remove_reader(self._out)
+            os.close(self._out)
+            self.output_done.set_result(None)
 
     def output(self) -> bytes:
         return bytes(self._kept[-self._limit :])
 
     def abandon_output(self) -> None:
-        if not self.output_done.done():
-            self._loop.remove_reader(self._out)
-            self.proc.stdout.close()
-            self.output_done.set_result(None)
+        self._stop_reading()
 
 
 def kill_group(pid: int) -> None:
@@ -461,7 +472,6 @@ class ScriptRun:
         self._quota = 0
         self._command = [*interpreter_command(interpreter), str(script_path)]
         self._variables = dict(variables)
-        self._proc: subprocess.Popen | None = None
         self._child: _Child | None = None
         self._go: int | None = None  # the write end of a held launcher's pipe
         self.started_at: datetime | None = None
@@ -513,36 +523,69 @@ class ScriptRun:
             return
         home = self._scratch or "/tmp"
         env = {"PATH": SAFE_PATH, "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
+        env.update(self._variables)
+        cwd = self._scratch or "/"
         wait_on = None
         if hold:
             wait_on, self._go = os.pipe()
+        output, output_end = os.pipe()
         try:
-            # vfork + exec returns in microseconds; see _Child for why not asyncio's spawn
-            self._proc = subprocess.Popen(
-                self._isolation.wrap(
-                    self._command,
-                    timeout_s=self._timeout_s,
-                    limits=self._limits,
-                    cgroup_procs=self._cgroup.procs_files() if self._cgroup else (),
-                    scratch_bytes=self._quota,
-                    hold_fd=wait_on,
-                ),
-                cwd=self._scratch or "/",
-                env={**env, **self._variables},
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                pass_fds=() if wait_on is None else (wait_on,),
-            )
+            launched = self._through_server(env, cwd, output_end, wait_on)
+            if launched is None:
+                # vfork + exec returns in microseconds; see _Child for why not asyncio's spawn
+                proc = subprocess.Popen(
+                    self._wrap(hold_fd=wait_on),
+                    cwd=cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=output_end,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    pass_fds=() if wait_on is None else (wait_on,),
+                )
+                self._child = _Child.popen(proc, output, self._limits.output_bytes)
+            else:
+                pid, exited = launched
+                self._child = _Child(pid, output, exited, self._limits.output_bytes)
         except OSError as exc:
             self.launch_error = f"{type(exc).__name__}: {exc}"
             self._close_go()
+            os.close(output)
             return
         finally:
+            os.close(output_end)
             if wait_on is not None:
                 os.close(wait_on)
-        self._child = _Child(self._proc, self._limits.output_bytes)
+
+    def _wrap(self, *, hold_fd: int | None) -> list[str]:
+        return self._isolation.wrap(
+            self._command,
+            timeout_s=self._timeout_s,
+            limits=self._limits,
+            cgroup_procs=self._cgroup.procs_files() if self._cgroup else (),
+            scratch_bytes=self._quota,
+            hold_fd=hold_fd,
+        )
+
+    def _through_server(
+        self, env: Mapping[str, str], cwd: str, output_end: int, wait_on: int | None
+    ) -> tuple[int, asyncio.Future[int]] | None:
+        """Start the run through this executor's fork server; ``None`` where
+        there is none (then ``Popen`` starts it)."""
+        launcher = self._isolation.launcher
+        if launcher is None or not self._limits.fork_server:
+            return None
+        server = fork_server(launcher)
+        if server is None:
+            return None
+        hold_fd = None if wait_on is None else HOLD_FD
+        try:
+            return server.spawn(
+                self._wrap(hold_fd=hold_fd), env=env, cwd=cwd, output_fd=output_end, hold_fd=wait_on
+            )
+        except OSError:
+            log.exception("the fork server did not start a run: starting it through Popen")
+            return None
 
     def release(self, on_start: Callable[[int], None] | None = None) -> None:
         """Let the script run now; ``on_start`` gets its process group."""
@@ -553,10 +596,10 @@ class ScriptRun:
             except BrokenPipeError:
                 pass  # the launcher died before its release: finish reports how
             self._close_go()
-        elif self._proc is None and self.launch_error is None:
+        elif self._child is None and self.launch_error is None:
             self._spawn(hold=False)
-        if self._proc is not None and on_start is not None:
-            on_start(self._proc.pid)
+        if self._child is not None and on_start is not None:
+            on_start(self._child.pid)
 
     def _close_go(self) -> None:
         if self._go is not None:
@@ -567,8 +610,8 @@ class ScriptRun:
         """End this run before or instead of its release: a held launcher
         sees end of file and runs nothing; whatever started is killed."""
         self._close_go()
-        if self._proc is not None:
-            kill_group(self._proc.pid)
+        if self._child is not None:
+            kill_group(self._child.pid)
         if self._child is not None:
             self._child.abandon_output()  # its pidfd reader still reaps it
         self._close()
@@ -577,7 +620,7 @@ class ScriptRun:
         """Wait for the released script's end (or its timeout) and free its
         sandbox. Cancelled: the script is killed."""
         try:
-            if self._proc is None or self._child is None or self.started_at is None:
+            if self._child is None or self.started_at is None:
                 return ScriptOutcome(
                     started_at=None,
                     finished_at=datetime.now(timezone.utc),
@@ -585,14 +628,14 @@ class ScriptRun:
                     output_tail="",
                     launch_error=self.launch_error or "the run was never released",
                 )
-            return await self._wait(self._proc, self._child)
+            return await self._wait(self._child)
         finally:
             self._close()
 
-    async def _wait(self, proc: subprocess.Popen, child: _Child) -> ScriptOutcome:
+    async def _wait(self, child: _Child) -> ScriptOutcome:
         limits, isolation = self._limits, self._isolation
         weighed = asyncio.get_running_loop().call_later(
-            SESSION_WEIGHT_AFTER_S, weigh_session, proc.pid, limits.cpu_weight
+            SESSION_WEIGHT_AFTER_S, weigh_session, child.pid, limits.cpu_weight
         )
         timed_out = False
         try:
@@ -600,17 +643,17 @@ class ScriptRun:
         except asyncio.TimeoutError:
             timed_out = True
         except asyncio.CancelledError:  # the attempt was cancelled: stop the script
-            kill_group(proc.pid)
+            kill_group(child.pid)
             child.abandon_output()
             raise
         finally:
             weighed.cancel()
         # Grandchildren may still run: end the group (and with it the PID
         # namespace, whose PID 1 is in the group).
-        kill_group(proc.pid)
+        kill_group(child.pid)
         if self._leases is not None and not isolation.pid_namespace:
             kill_user(isolation.uid)  # without a namespace: setsid escapes, by their uid
-        await child.exited
+        exit_code = await child.exited
         try:
             await asyncio.wait_for(asyncio.shield(child.output_done), timeout=1.0)
         except asyncio.TimeoutError:
@@ -624,7 +667,7 @@ class ScriptRun:
         return ScriptOutcome(
             started_at=self.started_at,
             finished_at=datetime.now(timezone.utc),
-            exit_code=proc.returncode,
+            exit_code=exit_code,
             output_tail=child.output().decode("utf-8", errors="replace"),
             timed_out=timed_out,
             oom_killed=oom_killed,

@@ -38,7 +38,8 @@ from storage.engines import make_engine
 from storage.schema import runs
 
 SANDBOXES = {
-    "full": SandboxLimits(),  # PID namespace, own uid, limits: one exec of actors/launch.c
+    "full": SandboxLimits(),  # PID namespace, own uid, limits: a fork of the fork server
+    "launcher": SandboxLimits(fork_server=False),  # the same, each run a Popen of the launcher
     "wrappers": SandboxLimits(launcher=False),  # the same through setpriv, unshare, prlimit
     "plain": SandboxLimits(uid_base=None, run_as=None, pid_namespace=False),  # limits only
 }
@@ -232,8 +233,9 @@ def main() -> None:
         "--sandbox",
         choices=sorted(SANDBOXES),
         default="full",
-        help="full (default): PID namespace + own uid via actors/launch.c; wrappers: the "
-        "same through util-linux; plain: rlimits only",
+        help="full (default): PID namespace + own uid, each run forked by the executor's fork "
+        "server; launcher: the same, each run a Popen of actors/launch.c; wrappers: the same "
+        "through util-linux; plain: rlimits only",
     )
     parser.add_argument("--database-url", default=os.environ.get("CHRONORAY_BENCH_DATABASE_URL"))
     parser.add_argument("--spread-tasks", type=int, default=3000)

@@ -3,11 +3,14 @@ launcher without them (the floor: PID namespace, uid and rlimits, the
 host's network, a scratch directory on disk), in the same command.
 
 Variants, each adding to the floor: the run cgroup; the scratch tmpfs; both
-with each network policy (``egress`` with both is the default). For each,
+with each network policy (``egress`` with both is the default); and the
+default once more with each run a ``Popen`` of the launcher instead of a
+fork of the fork server (actors/fork_server.py). For each,
 through the executor's own launch path
 (``actors.sandbox.run_script``): due → the script's first line
 (``$EPOCHREALTIME``) for scripts started one at a time, and the rate of a
-burst started 8 at a time. The variants take turns within each round; the
+burst started 8 at a time, with the CPU the starting process (the
+executor's part) spent per start in it. The variants take turns within each round; the
 summary is the median of the rounds.
 
     .venv/bin/python -m bench.sandbox_start [--starts 200] [--burst 500] [--repeat 3]
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 from dataclasses import replace
 
 from actors.network import ControlPlane, remove_egress_filter
@@ -35,6 +39,8 @@ VARIANTS = {
     "+ both, network host": replace(FLOOR, cgroups=True, scratch_mb=256),
     "+ both, network egress (the default)": replace(BENCH_LIMITS, network=NetworkPolicy.EGRESS),
     "+ both, network none": replace(BENCH_LIMITS, network=NetworkPolicy.NONE),
+    # the default again, each run a Popen of the launcher instead of a fork of the fork server
+    "the default without the fork server": replace(BENCH_LIMITS, fork_server=False),
 }
 BENCH_CHAIN_PLANE = ControlPlane(
     addresses=frozenset({"127.0.0.1", "::1"}), ports=frozenset({5432, 6379, 8000, 8265})
@@ -52,7 +58,10 @@ def one_round(args) -> dict[str, float]:
         lags = floor.spread(args.starts, args.starts * 0.02, 1, limits=limits)
         figures[f"{name}: start p50 ms"] = percentile(lags, 0.5)
         figures[f"{name}: start p99 ms"] = percentile(lags, 0.99)
+        cpu_before = time.process_time()  # the starting process's own CPU: the executor's share
         figures[f"{name}: burst starts/s"] = floor.burst(args.burst, 8, limits=limits)
+        cpu_ms = (time.process_time() - cpu_before) * 1000 / args.burst
+        figures[f"{name}: starter CPU ms per start"] = cpu_ms
     return figures
 
 
@@ -77,16 +86,24 @@ def main() -> None:
     finally:
         remove_egress_filter(*egress)
     print(f"\nmedian of {args.repeat} rounds, each variant beside the floor\n")
-    print("| sandbox | start p50 ms | start p99 ms | burst starts/s | burst vs floor |")
-    print("|---|---|---|---|---|")
+    print(
+        "| sandbox | start p50 ms | start p99 ms | burst starts/s | burst vs floor "
+        "| starter CPU ms per start |"
+    )
+    print("|---|---|---|---|---|---|")
     first = next(iter(VARIANTS))
     base = statistics.median(r[f"{first}: burst starts/s"] for r in rounds)
     for name in VARIANTS:
-        p50, p99, rate = (
+        p50, p99, rate, cpu = (
             statistics.median(r[f"{name}: {figure}"] for r in rounds)
-            for figure in ("start p50 ms", "start p99 ms", "burst starts/s")
+            for figure in (
+                "start p50 ms",
+                "start p99 ms",
+                "burst starts/s",
+                "starter CPU ms per start",
+            )
         )
-        print(f"| {name} | {p50:.2f} | {p99:.2f} | {rate:.0f} | {rate / base:.2f} |")
+        print(f"| {name} | {p50:.2f} | {p99:.2f} | {rate:.0f} | {rate / base:.2f} | {cpu:.2f} |")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -167,3 +168,34 @@ def user_api(repo, settings, router=None, *, name: str = "local"):
     )
     api.owner_id = owner
     return api
+
+
+def uid_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+
+
+def held_launchers() -> list[int]:
+    """Processes of a run still in the launcher, waiting in a pipe read to
+    exec the interpreter: as root, those dropped to a run's uid. Forked by
+    the fork server, such a process still shows the server's environment
+    (only an exec sets /proc's), so they are not found by a variable."""
+    from actors import fork_server
+    from actors.sandbox import SandboxLimits, detect_isolation
+
+    launcher = detect_isolation("nobody").launcher
+    first, last = SandboxLimits().uid_range()
+    servers = {server.pid for server in fork_server._servers.values()}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in servers:
+            continue
+        try:
+            if os.readlink(entry / "exe") != launcher:
+                continue
+            uid = uid_of(int(entry.name))
+        except (OSError, ValueError):
+            continue
+        if os.geteuid() != 0 or first <= uid <= last:
+            found.append(int(entry.name))
+    return found

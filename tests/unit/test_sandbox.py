@@ -18,7 +18,7 @@ from actors.sandbox import (
     uid_leases,
 )
 from scheduling.models import Interpreter
-from tests.unit.fakes import processes_with
+from tests.unit.fakes import held_launchers, processes_with, uid_of
 
 
 def write(tmp_path: Path, body: str, name="script") -> Path:
@@ -242,25 +242,6 @@ def test_the_launcher_reports_the_scripts_exit_status_and_signal(tmp_path):
     assert outcome.exit_code == -15
 
 
-def held_launchers(marker: str) -> list[int]:
-    """Processes of a run (by its variable) that are still the launcher,
-    waiting in a pipe read to exec the interpreter."""
-    launcher = detect_isolation("nobody").launcher
-    found = []
-    for pid in processes_with(marker):
-        try:
-            if os.readlink(f"/proc/{pid}/exe") == launcher:
-                found.append(pid)
-        except OSError:
-            continue
-    return found
-
-
-def uid_of(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
-
-
 async def until(condition, what: str, timeout_s: float = 10.0):
     deadline = time.monotonic() + timeout_s
     while not (found := condition()):
@@ -270,31 +251,32 @@ async def until(condition, what: str, timeout_s: float = 10.0):
     return found
 
 
-def held_run(path: Path, marker: str, hold: bool = True) -> ScriptRun:
+def held_run(path: Path, marker: str, hold: bool = True, fork_server: bool = True) -> ScriptRun:
     return ScriptRun(
         script_path=path,
         interpreter=Interpreter.BASH,
         variables={"MARK": marker},
         timeout_s=10,
-        limits=SandboxLimits(),
+        limits=SandboxLimits(fork_server=fork_server),
     ).prepare(hold=hold)
 
 
+START_PATHS = {"fork server": True, "Popen of the launcher": False}
+
+
 @needs_root
-def test_a_held_run_has_its_sandbox_built_and_starts_only_when_released(tmp_path):
+@pytest.mark.parametrize("start_path", START_PATHS)
+def test_a_held_run_has_its_sandbox_built_and_starts_only_when_released(tmp_path, start_path):
     ran = tmp_path / "ran"
     script = write(tmp_path, f"echo $$ $(id -u) > {ran}; echo ran")
     tmp_path.chmod(0o777)
 
     async def scenario():
-        run = held_run(script, "MARK=held-released")
+        run = held_run(script, "MARK=held-released", fork_server=START_PATHS[start_path])
         assert run.held
         # the script's own process is up as the run's uid, still the launcher
         first, last = SandboxLimits().uid_range()
-        held = await until(
-            lambda: [p for p in held_launchers("MARK=held-released") if uid_of(p) >= first],
-            "the held launcher to drop to the run's uid",
-        )
+        held = await until(held_launchers, "the held launcher to drop to the run's uid")
         assert len(held) == 1 and first <= uid_of(held[0]) <= last
         assert not ran.exists()
         released_at = datetime.now(timezone.utc)
@@ -309,16 +291,17 @@ def test_a_held_run_has_its_sandbox_built_and_starts_only_when_released(tmp_path
 
 
 @needs_root
-def test_a_discarded_held_run_runs_nothing_and_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("start_path", START_PATHS)
+def test_a_discarded_held_run_runs_nothing_and_leaves_nothing(tmp_path, start_path):
     ran = tmp_path / "ran"
     script = write(tmp_path, f"touch {ran}")
     tmp_path.chmod(0o777)
 
     async def scenario():
-        run = held_run(script, "MARK=held-discarded")
-        await until(lambda: held_launchers("MARK=held-discarded"), "the held launcher")
+        run = held_run(script, "MARK=held-discarded", fork_server=START_PATHS[start_path])
+        await until(held_launchers, "the held launcher")
         run.discard()
-        await until(lambda: not processes_with("MARK=held-discarded"), "the launcher's end")
+        await until(lambda: not held_launchers(), "the launcher's end")
         assert run.closed and not ran.exists()
 
     asyncio.run(scenario())
