@@ -20,6 +20,7 @@ from scheduling.clock import Clock, SystemClock
 from scheduling.errors import ChronorayError, Unavailable
 from scheduling.fire_timer import FireTimer
 from scheduling.models import CommittedResults, NewTask, RunResult, SubmitResult, TaskSpec
+from scheduling.timeline import within_lookahead
 from storage.repository import ShardStore
 
 log = logging.getLogger(__name__)
@@ -109,21 +110,21 @@ class Shard:
 
     async def track(self, entries: Sequence[tuple[int, datetime]]) -> None:
         """Watch these tasks if they fall inside the look-ahead window."""
-        horizon = self._clock.now() + timedelta(seconds=self._settings.lookahead_s)
-        for task_id, due_at in entries:
-            if due_at <= horizon:
-                self._timer.add(task_id, due_at)
+        for task_id, due_at in self._soon(entries):
+            self._timer.add(task_id, due_at)
         self.wake.set()
+
+    def _soon(self, entries: Sequence[tuple[int, datetime]]) -> list[tuple[int, datetime]]:
+        return within_lookahead(
+            entries, now=self._clock.now(), lookahead_s=self._settings.lookahead_s
+        )
 
     async def _route(self, entries: Sequence[tuple[int, datetime]]) -> None:
         """Track our own tasks; tell the owner shard about the others (only
         those inside the look-ahead: the owner would drop the rest, which
         its sweep finds in time)."""
-        horizon = self._clock.now() + timedelta(seconds=self._settings.lookahead_s)
         by_shard: dict[int, list[tuple[int, datetime]]] = {}
-        for task_id, due_at in entries:
-            if due_at > horizon:
-                continue
+        for task_id, due_at in self._soon(entries):
             by_shard.setdefault(self._wheel.owner_of(task_id, due_at), []).append((task_id, due_at))
         for shard, owned in by_shard.items():
             if shard == self.index:

@@ -15,8 +15,9 @@ one while the others idle. Submissions still go to the range's own shard
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from scheduling.clock import to_epoch
 
@@ -26,6 +27,17 @@ BUCKET_S = 10
 def bucket_of(at: datetime) -> int:
     """Epoch seconds of the 10 s bucket that holds ``at``."""
     return math.floor(to_epoch(at) / BUCKET_S) * BUCKET_S
+
+
+def within_lookahead(
+    entries: Iterable[tuple[int, datetime]], *, now: datetime, lookahead_s: float
+) -> list[tuple[int, datetime]]:
+    """The (task id, due) entries a shard's timer takes now: those due
+    within its look-ahead window. Its sweeps find the rest in time, so a
+    hint beyond it is work for nothing (a million future tasks made a
+    million hints the shards dropped)."""
+    horizon = now + timedelta(seconds=lookahead_s)
+    return [(task_id, due_at) for task_id, due_at in entries if due_at <= horizon]
 
 
 @dataclass(frozen=True, kw_only=True)

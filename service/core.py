@@ -29,6 +29,7 @@ from scheduling.models import (
     User,
 )
 from scheduling.schedules import Schedule
+from scheduling.timeline import within_lookahead
 from scheduling.validation import validate_script_name
 from service.auth import Authenticator, Caller, ConsoleSessions, Viewer, issue_token
 from service.caps import Caps
@@ -282,13 +283,11 @@ class Service:
         news = new_batch(items, owner_id=owner, settings=self.settings)
         await self._check_caps(owner, tasks=len(news))
         results = await self._io(store_batch, self.repo, news, now=self.clock.now())
-        # Only what falls inside the shards' look-ahead goes on their timers
-        # now; the rest their sweeps find in time (a million future tasks
-        # made a million hints the shards dropped).
-        horizon = self.clock.now() + timedelta(seconds=self.settings.lookahead_s)
-        soon = [
-            (r.task.task_id, r.task.execute_at) for r in results if r.task.execute_at <= horizon
-        ]
+        soon = within_lookahead(
+            ((r.task.task_id, r.task.execute_at) for r in results),
+            now=self.clock.now(),
+            lookahead_s=self.settings.lookahead_s,
+        )
         if soon:
             await self.router.track(soon)
         return results

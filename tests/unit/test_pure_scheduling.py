@@ -21,7 +21,7 @@ from scheduling.models import FailureClass, Interpreter, TaskSpec, TaskStatus
 from scheduling.placement import FreeSlots
 from scheduling.ready_queue import ReadyQueue
 from scheduling.tiers import local_node_resources, local_tiers, production_tiers
-from scheduling.timeline import Wheel, bucket_of
+from scheduling.timeline import Wheel, bucket_of, within_lookahead
 from tests.conftest import T0
 
 UTC = timezone.utc
@@ -370,3 +370,15 @@ def test_with_a_cgroup_a_sigkill_is_memory_only_by_its_oom_count():
     assert classify(**killed, oom_known=True) is FailureClass.EXECUTOR_LOST
     assert classify(**killed, oom_known=True, oom_killed=True) is FailureClass.MEMORY
     assert classify(**killed) is FailureClass.MEMORY  # no cgroup: the OOM killer's guess
+
+
+def test_only_what_is_due_within_the_lookahead_goes_on_a_timer():
+    now = datetime(2026, 12, 5, 12, 0, tzinfo=timezone.utc)
+    entries = [
+        (1, now - timedelta(seconds=5)),  # overdue: at once
+        (2, now + timedelta(seconds=60)),  # on the window's edge: in
+        (3, now + timedelta(seconds=60, microseconds=1)),  # beyond: the sweep's
+        (4, now + timedelta(days=30)),
+    ]
+    assert within_lookahead(entries, now=now, lookahead_s=60) == entries[:2]
+    assert within_lookahead(iter(entries), now=now, lookahead_s=0) == entries[:1]
