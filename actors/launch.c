@@ -233,11 +233,12 @@ static size_t count_fields(const char *at, const char *end) {
     return count;
 }
 
-static void start_run(char *request, size_t length, int out, int hold) {
+static void start_run(char *request, size_t length, int out, int hold, int ready) {
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL); /* the server blocks SIGCHLD; the run must not */
     if (setsid() == -1) die("setsid");
+    close(ready); /* its group exists: the executor may kill it by its pid from now on */
     int null = open("/dev/null", O_RDONLY);
     if (null == -1 || dup2(null, 0) == -1 || dup2(out, 1) == -1 || dup2(out, 2) == -1)
         die("stdio");
@@ -320,8 +321,25 @@ static int serve(const char *sockets) {
         if (fd_count < 1 || (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || request[n - 1] != '\0') {
             reply = -EINVAL;
         } else {
-            pid_t pid = fork();
-            if (pid == 0) start_run(request, (size_t)n, fds[0], fd_count > 1 ? fds[1] : -1);
+            /* Reply only once the child leads its own session, as Popen's
+             * start_new_session does: a kill of its group sent at once must
+             * not miss it. The child closes its end of this pipe then. */
+            int ready[2];
+            pid_t pid = -1;
+            if (pipe2(ready, O_CLOEXEC) == 0) {
+                pid = fork();
+                if (pid == 0) {
+                    close(ready[0]);
+                    start_run(request, (size_t)n, fds[0], fd_count > 1 ? fds[1] : -1, ready[1]);
+                }
+                int failed = errno;
+                close(ready[1]);
+                char none;
+                while (pid > 0 && read(ready[0], &none, 1) == -1 && errno == EINTR) {
+                }
+                close(ready[0]);
+                errno = failed;
+            }
             reply = pid == -1 ? -errno : pid;
         }
         for (size_t k = 0; k < fd_count; k++) close(fds[k]);

@@ -83,15 +83,24 @@ def test_runs_are_the_servers_children_and_each_is_reaped_with_its_exit_status(t
     assert second is not first and not first.alive and children_of(first.pid) == []
 
 
-def test_a_run_started_by_the_server_has_it_as_its_parent(tmp_path):
+def test_a_run_leads_its_own_group_as_soon_as_its_start_returns(tmp_path):
+    """The executor fences, cancels and times out a run by killing its
+    process group, possibly at once: the server answers only after the
+    child has its own session (a clean-clone run killed one whose setsid
+    had not happened yet, and missed it)."""
+
     async def scenario():
-        run = started(script(tmp_path, "sleep 30"), "parented")
         server = fork_server(LAUNCHER)
+        for k in range(30):
+            run = started(script(tmp_path, "sleep 30", f"s{k}"), f"grouped-{k}")
+            os.killpg(run.pid, signal.SIGKILL)  # raises if the group does not exist yet
+            outcome = await asyncio.wait_for(run.finish(), 5)
+            assert outcome.exit_code == -signal.SIGKILL
+        run = started(script(tmp_path, "sleep 30"), "parented")
         assert parent_of(run.pid) == server.pid
-        os.killpg(run.pid, signal.SIGKILL)  # how the executor fences a running script
-        outcome = await asyncio.wait_for(run.finish(), 5)
-        assert outcome.exit_code == -signal.SIGKILL
-        assert processes_with("MARK=parented") == []
+        os.killpg(run.pid, signal.SIGKILL)
+        assert (await asyncio.wait_for(run.finish(), 5)).exit_code == -signal.SIGKILL
+        assert processes_with("MARK=grouped-") == processes_with("MARK=parented") == []
 
     asyncio.run(scenario())
 
