@@ -40,6 +40,18 @@ def ledger_script(client, name: str, ledger, body: str = "") -> None:
     client.register_script(name, ledger_body(ledger, body))
 
 
+def describe_runs(view) -> list[str]:
+    """What each run of a task ended as, for a failure's message: the
+    executor's own errors are in the output tail (the test cluster's logs
+    go with it)."""
+    return [
+        f"task {view.task.task_id} attempt {run.attempt} on {run.executor_id}: "
+        f"{run.failure.value if run.failure else 'ok'} exit {run.exit_code} "
+        f"started {run.started_at}: {run.output_tail[-300:]!r}"
+        for run in view.runs
+    ]
+
+
 def assert_each_ran_once(ledger, task_ids) -> None:
     ran = Counter(task_id for task_id, _ in ledger_lines(ledger).elements())
     assert {t: ran[t] for t in task_ids if ran[t] != 1} == {}, "a task ran other than once"
@@ -74,7 +86,9 @@ def test_down_lets_running_scripts_finish_and_the_next_start_runs_the_rest(
 
     deploy(deployment.settings)
     views = client.wait([t.task_id for t in long + future], timeout_s=90, poll_s=0.5)
-    assert Counter(v.task.status.value for v in views) == {"succeeded": 12}
+    assert Counter(v.task.status.value for v in views) == {"succeeded": 12}, [
+        describe_runs(v) for v in views if v.task.status.value != "succeeded"
+    ]
     assert [v.task.attempt for v in views[:2]] == [2, 2]
     assert [v.runs[0].failure.value for v in views[:2]] == ["executor_lost"] * 2
     lines = ledger_lines(ledger)
