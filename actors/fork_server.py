@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -25,6 +26,10 @@ from collections.abc import Mapping, Sequence
 log = logging.getLogger(__name__)
 
 HOLD_FD = 3  # where a run's child finds its go pipe (launch.c)
+# A start request is one datagram: it must fit the socket's send buffer
+# (about 208 KiB here) and launch.c's MAX_REQUEST. Variables may reach 64 ×
+# 4 KiB; a run that large starts through Popen instead.
+MAX_REQUEST_BYTES = 128 * 1024
 REPLY_TIMEOUT_S = 5.0  # a fork of the small server; far longer means it is wedged
 KILLED = -signal.SIGKILL
 
@@ -76,12 +81,20 @@ class ForkServer:
         if any("\0" in field for field in fields):
             raise ValueError("embedded null byte")  # as Popen says
         payload = b"".join(field.encode() + b"\0" for field in fields)
+        if len(payload) > MAX_REQUEST_BYTES:
+            # not the server's fault: it keeps serving (closing it would end its runs)
+            raise OSError(errno.EMSGSIZE, f"a start of {len(payload)} bytes is too large to send")
         fds = array.array("i", [output_fd] if hold_fd is None else [output_fd, hold_fd])
         try:
             self._requests.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        except OSError as exc:
+            if exc.errno != errno.EMSGSIZE:
+                self.close()  # a dead server: the next run starts a new one
+            raise
+        try:
             reply = self._requests.recv(4)
         except OSError:
-            self.close()  # a timeout or a dead server: the next run starts a new one
+            self.close()  # a wedged or dead server: the next run starts a new one
             raise
         if len(reply) != 4:
             self.close()

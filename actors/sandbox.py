@@ -583,8 +583,8 @@ class ScriptRun:
             return server.spawn(
                 self._wrap(hold_fd=hold_fd), env=env, cwd=cwd, output_fd=output_end, hold_fd=wait_on
             )
-        except OSError:
-            log.exception("the fork server did not start a run: starting it through Popen")
+        except OSError as exc:
+            log.warning("the fork server did not start a run (%s): starting it through Popen", exc)
             return None
 
     def release(self, on_start: Callable[[int], None] | None = None) -> None:

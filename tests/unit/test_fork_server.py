@@ -126,6 +126,31 @@ def test_runs_die_with_their_server_and_are_reported_killed_then_a_new_server_st
     asyncio.run(scenario())
 
 
+def test_a_start_too_large_to_send_goes_through_popen_and_the_others_keep_running(tmp_path):
+    """Variables may reach 64 × 4 KiB, more than one datagram to the server
+    holds: that run starts through Popen, and the server, with the runs it
+    started, stays up (closing it would have killed them)."""
+
+    async def scenario():
+        server = fork_server(LAUNCHER)
+        running = started(script(tmp_path, "sleep 30", "long"), "survivor")
+        big = ScriptRun(
+            script_path=script(tmp_path, 'echo "${#V0} ${#V63}"', "big"),
+            interpreter=Interpreter.BASH,
+            variables={f"V{k}": "x" * 4096 for k in range(64)},
+            timeout_s=10,
+            limits=SandboxLimits(),
+        ).prepare(hold=False)
+        big.release()
+        assert (await big.finish()).output_tail == "4096 4096\n"
+        assert server.alive and fork_server(LAUNCHER) is server
+        assert parent_of(running.pid) == server.pid  # still running, still the server's
+        os.killpg(running.pid, signal.SIGKILL)
+        assert (await asyncio.wait_for(running.finish(), 5)).exit_code == -signal.SIGKILL
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("fork_server_on", [True, False], ids=["fork server", "Popen"])
 def test_both_start_paths_give_the_same_environment_and_directory(tmp_path, fork_server_on):
     async def scenario():
