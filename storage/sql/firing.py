@@ -127,7 +127,7 @@ def claim(
                 update(tasks)
                 .where(
                     tasks.c.task_id.in_(plain),
-                    tasks.c.status.in_(rows.status_values(CLAIM.source)),
+                    rows.in_status(CLAIM.source),
                     current_epoch,
                 )
                 .values(
@@ -194,7 +194,7 @@ def mark_running(
                 tasks.c.task_id == gate.c.task_id,
                 tasks.c.attempt == gate.c.attempt,
                 tasks.c.epoch == gate.c.epoch,
-                tasks.c.status.in_(rows.status_values(START.source)),
+                rows.in_status(START.source),
             )
             .values(status=START.target.value, lease_expires_at=gate.c.lease, updated_at=now)
             .returning(tasks.c.task_id, tasks.c.attempt)
@@ -331,8 +331,9 @@ def _apply_results(
                 tasks.c.task_id == applied.c.task_id,
                 tasks.c.attempt == applied.c.attempt,
                 tasks.c.epoch == applied.c.epoch,
-                tasks.c.status.in_(rows.status_values(RESULT_SOURCE)),
-                tasks.c.status == applied.c.seen,  # the status the outcome was decided from
+                rows.in_status(RESULT_SOURCE),
+                # the status the outcome was decided from
+                rows.unindexed_status() == applied.c.seen,
             )
             .values(
                 status=applied.c.status,

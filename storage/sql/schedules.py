@@ -397,7 +397,7 @@ def fire_occurrences(
         # SKIP and CLAIM both move a scheduled occurrence: one condition serves both
         this = and_(
             tasks.c.task_id == task_id,
-            tasks.c.status.in_(rows.status_values(CLAIM.source)),
+            rows.in_status(CLAIM.source),
             current_epoch,
         )
         if plan.action is Action.SKIP:
@@ -565,7 +565,7 @@ def _fire_on_time(
             update(tasks)
             .where(
                 tasks.c.task_id == claims.c.task_id,
-                tasks.c.status.in_(rows.status_values(CLAIM.source)),
+                rows.in_status(CLAIM.source),
                 current_epoch,
             )
             .values(

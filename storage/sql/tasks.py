@@ -263,7 +263,7 @@ def cancel_task(conn: Connection, task_id: int, *, owner_id: int | None, now: da
         return task
     changed = conn.execute(
         update(tasks)
-        .where(tasks.c.task_id == task_id, tasks.c.status.in_(rows.status_values(CANCEL.source)))
+        .where(tasks.c.task_id == task_id, rows.in_status(CANCEL.source))
         .values(status=CANCEL.target.value, updated_at=now)
     ).rowcount
     if not changed:
@@ -287,7 +287,7 @@ def redrive(
         .where(
             tasks.c.task_id == task_id,
             tasks.c.attempt == task.attempt,
-            tasks.c.status.in_(rows.status_values(REDRIVE.source)),
+            rows.in_status(REDRIVE.source),
         )
         .values(
             status=outcome.status.value,
@@ -329,6 +329,6 @@ def purge_finished(conn: Connection, *, before: datetime, limit: int) -> int:
     conn.execute(delete(schema.runs).where(schema.runs.c.task_id.in_(ids)))
     return int(
         conn.execute(
-            delete(tasks).where(tasks.c.task_id.in_(ids), tasks.c.status.in_(finished))
+            delete(tasks).where(tasks.c.task_id.in_(ids), rows.unindexed_status().in_(finished))
         ).rowcount
     )
