@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 
 CONNECT_TIMEOUT_S = 5
 STATEMENT_TIMEOUT_S = 60
+# A connection back in use within this long of its last use is not pinged:
+# in steady work every checkout is that soon, and a ping per checkout was a
+# round trip and a statement per transaction. A server that dropped it in
+# between fails that one transaction (Unavailable: every caller retries)
+# and the pool replaces all its connections.
+PING_IDLE_S = 5.0
+RECYCLE_S = 1800  # no connection outlives a server-side idle or lifetime limit
 
 
-def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+def make_engine(url: str, *, pool_size: int = 5, ping_idle_s: float = PING_IDLE_S) -> Engine:
     """An engine with the settings chronoray relies on per backend.
 
     SQLite (the embedded default) is shared by several actor processes, so
@@ -33,11 +42,11 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         return engine
     # A half-open connection must not hang a fire loop: bounded connects,
     # TCP keepalives that notice a vanished server, bounded statements.
-    return create_engine(
+    engine = create_engine(
         url,
         pool_size=pool_size,
         max_overflow=10,
-        pool_pre_ping=True,
+        pool_recycle=RECYCLE_S,
         connect_args={
             "connect_timeout": CONNECT_TIMEOUT_S,
             "keepalives": 1,
@@ -47,3 +56,29 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
             "options": f"-c statement_timeout={STATEMENT_TIMEOUT_S * 1000}",
         },
     )
+    ping_when_idle(engine, ping_idle_s)
+    return engine
+
+
+def ping_when_idle(engine: Engine, idle_s: float) -> None:
+    """Ping a pooled connection at checkout only when it sat unused for
+    ``idle_s`` or more; a ping that fails makes the pool discard it and
+    check out (or open) another (``DisconnectionError``)."""
+
+    @event.listens_for(engine, "connect")
+    def _opened(_dbapi_conn: Any, record: Any) -> None:
+        record.info["last_used"] = time.monotonic()
+
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_conn: Any, record: Any) -> None:
+        if record is not None:
+            record.info["last_used"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        if time.monotonic() - record.info.get("last_used", 0.0) < idle_s:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:
+            raise DisconnectionError(f"idle connection failed its ping: {exc}") from exc

@@ -1,0 +1,84 @@
+"""Pooled PostgreSQL connections: pinged only after sitting idle (no round
+trip per checkout in steady work), and a connection the server dropped is
+replaced, by the ping or by the pool after the one transaction it failed."""
+
+import time
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from scheduling.errors import Unavailable
+from storage.engines import make_engine
+from storage.sql.replicas import Databases
+from tests.conftest import postgres_admin_url
+
+pytestmark = pytest.mark.postgres
+
+IDLE_S = 0.5
+
+
+@pytest.fixture
+def counted():
+    """An engine on the test server whose pings are counted, and a way to
+    end the server side of every connection it holds."""
+    engine = make_engine(postgres_admin_url(), pool_size=2, ping_idle_s=IDLE_S)
+    pings = []
+    real_ping = engine.dialect.do_ping
+
+    def counting_ping(dbapi_conn):
+        pings.append(time.monotonic())
+        return real_ping(dbapi_conn)
+
+    engine.dialect.do_ping = counting_ping
+    admin = create_engine(postgres_admin_url(), isolation_level="AUTOCOMMIT")
+
+    def terminate(pids):
+        with admin.connect() as conn:
+            for pid in pids:
+                conn.execute(text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": pid})
+
+    yield engine, pings, terminate
+    engine.dispose()
+    admin.dispose()
+
+
+def backend_pid(databases: Databases) -> int:
+    with databases.begin() as conn:
+        return conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+
+
+def test_a_connection_used_again_soon_is_not_pinged(counted):
+    engine, pings, _ = counted
+    databases = Databases(engine)
+    first = backend_pid(databases)
+    for _ in range(20):
+        assert backend_pid(databases) == first
+    assert pings == []
+
+
+def test_an_idle_connection_is_pinged_and_a_dropped_one_replaced_unseen(counted):
+    engine, pings, terminate = counted
+    databases = Databases(engine)
+    dropped = backend_pid(databases)
+    terminate([dropped])
+    time.sleep(IDLE_S * 1.5)
+    # the ping finds it gone; the pool opens another, the caller sees nothing
+    assert backend_pid(databases) != dropped
+    assert len(pings) == 1
+
+
+def test_a_connection_dropped_while_busy_fails_one_transaction_and_the_pool_renews(counted):
+    engine, _, terminate = counted
+    databases = Databases(engine)
+    with engine.connect() as first, engine.connect() as second:  # both pooled connections
+        pids = [
+            conn.execute(text("SELECT pg_backend_pid()")).scalar_one() for conn in (first, second)
+        ]
+        first.rollback()
+        second.rollback()
+    terminate(pids)
+    with pytest.raises(Unavailable):
+        backend_pid(databases)
+    # the failure invalidated the whole pool, not just the connection it hit
+    assert backend_pid(databases) not in pids
+    assert backend_pid(databases) not in pids
