@@ -60,6 +60,14 @@ def make_engine(url: str, *, pool_size: int = 5, ping_idle_s: float = PING_IDLE_
     return engine
 
 
+def make_replica_engine(url: str, *, pool_size: int = 5) -> Engine:
+    """A read replica's engine: pinged at every checkout, because only a
+    checkout that fails sends a read to the primary instead
+    (``Databases.read``); a query that fails on a dropped connection is an
+    error to its caller."""
+    return make_engine(url, pool_size=pool_size, ping_idle_s=0.0)
+
+
 def ping_when_idle(engine: Engine, idle_s: float) -> None:
     """Ping a pooled connection at checkout only when it sat unused for
     ``idle_s`` or more; a ping that fails makes the pool discard it and

@@ -33,7 +33,7 @@ from scheduling.models import (
 from scheduling.schedules import MisfireRules, NewSchedule, OverlapPolicy, Schedule
 from scheduling.tiers import TierTable
 from scheduling.timeline import Wheel
-from storage.engines import make_engine
+from storage.engines import make_engine, make_replica_engine
 from storage.repository import Claimed, ConsoleSession, OutcomeHook, TaskQuery
 from storage.sql import accounts, firing, rows, schedules, scripts, stats, tasks
 from storage.sql.analyze import FreshStatistics
@@ -73,7 +73,7 @@ class SqlTaskRepository:
         """On the primary at ``url``; get and list queries on the replicas."""
         return cls(
             make_engine(url, pool_size=pool_size),
-            read_engines=[make_engine(u, pool_size=pool_size) for u in replica_urls],
+            read_engines=[make_replica_engine(u, pool_size=pool_size) for u in replica_urls],
             misfire_rules=misfire_rules,
         )
 

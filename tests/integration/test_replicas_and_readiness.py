@@ -15,7 +15,7 @@ from scheduling.models import Interpreter, NewTask
 from serve_app.app import create_api
 from service.auth import issue_token
 from service.core import Service
-from storage.engines import make_engine
+from storage.engines import make_engine, make_replica_engine
 from storage.migrate import upgrade
 from storage.repository import TaskQuery
 from storage.schema import users
@@ -60,7 +60,7 @@ def set_replay(replica_engine, paused: bool) -> None:
 def replicated_task(primary, replica, name: str):
     """A repository reading from the replica, a new user with a script and
     a task due in an hour, replayed on the replica."""
-    primary_engine, replica_engine = make_engine(primary.url), make_engine(replica.url)
+    primary_engine, replica_engine = make_engine(primary.url), make_replica_engine(replica.url)
     repo = SqlTaskRepository(primary_engine, read_engines=[replica_engine])
     owner = repo.add_user(first_name=name, last_name="Replica", now=now()).user_id
     repo.add_script(
@@ -111,7 +111,7 @@ def test_queries_go_to_the_replica_writes_to_the_primary(primary_and_replica):
 
 def test_get_after_create_over_http_is_consistent_with_a_lagging_replica(primary_and_replica):
     primary, replica = primary_and_replica
-    primary_engine, replica_engine = make_engine(primary.url), make_engine(replica.url)
+    primary_engine, replica_engine = make_engine(primary.url), make_replica_engine(replica.url)
     repo = SqlTaskRepository(primary_engine, read_engines=[replica_engine])
     owner = repo.add_user(first_name="Hal", last_name="Http", now=now()).user_id
     _, token = issue_token(repo, user_id=owner, label="t", now=now())
