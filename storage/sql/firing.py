@@ -18,6 +18,7 @@ from sqlalchemy import (
     Integer,
     String,
     and_,
+    bindparam,
     exists,
     insert,
     select,
@@ -177,31 +178,42 @@ def mark_running(
     started: list[tuple[int, int]] = []
     unique = {(spec.task_id, spec.attempt, spec.epoch): spec for spec in specs}
     for chunk in rows.chunks(list(unique.values())):
-        gate = rows.rows_of(
+        moved = rows.execute_with_rows(
             conn,
-            ("task_id", BigInteger, [spec.task_id for spec in chunk]),
-            ("attempt", Integer, [spec.attempt for spec in chunk]),
-            ("epoch", Integer, [spec.epoch for spec in chunk]),
-            (
-                "lease",
-                UtcDateTime,
-                [running_lease(spec, lease_grace_s=lease_grace_s, now=now) for spec in chunk],
-            ),
-        )
-        moved = conn.execute(
-            update(tasks)
-            .where(
-                tasks.c.task_id == gate.c.task_id,
-                tasks.c.attempt == gate.c.attempt,
-                tasks.c.epoch == gate.c.epoch,
-                rows.in_status(START.source),
-            )
-            .values(status=START.target.value, lease_expires_at=gate.c.lease, updated_at=now)
-            .returning(tasks.c.task_id, tasks.c.attempt)
+            _start_gate,
+            [
+                ("task_id", BigInteger, [spec.task_id for spec in chunk]),
+                ("attempt", Integer, [spec.attempt for spec in chunk]),
+                ("epoch", Integer, [spec.epoch for spec in chunk]),
+                (
+                    "lease",
+                    UtcDateTime,
+                    [running_lease(spec, lease_grace_s=lease_grace_s, now=now) for spec in chunk],
+                ),
+            ],
+            {"now": now},
         ).all()
         moved_keys = {(row.task_id, row.attempt) for row in moved}
         started += [key for key in dict.fromkeys(s.key for s in chunk) if key in moved_keys]
     return started
+
+
+def _start_gate(gate: Any) -> Any:
+    return (
+        update(tasks)
+        .where(
+            tasks.c.task_id == gate.c.task_id,
+            tasks.c.attempt == gate.c.attempt,
+            tasks.c.epoch == gate.c.epoch,
+            rows.in_status(START.source),
+        )
+        .values(
+            status=START.target.value,
+            lease_expires_at=gate.c.lease,
+            updated_at=bindparam("now", type_=UtcDateTime),
+        )
+        .returning(tasks.c.task_id, tasks.c.attempt)
+    )
 
 
 def record_results(
@@ -310,8 +322,7 @@ def _apply_results(
     # catch-up occurrence keeps in its claiming shard's range)
     due = [o.execute_at or row.execute_at for _, o, row in decided]
     buckets = [bucket_of(o.execute_at) if o.execute_at else row.bucket for _, o, row in decided]
-    applied = rows.rows_of(
-        conn,
+    applied = [
         ("task_id", BigInteger, [r.task_id for r, _, _ in decided]),
         ("attempt", Integer, [r.attempt for r, _, _ in decided]),
         ("epoch", Integer, [r.epoch for r, _, _ in decided]),
@@ -323,32 +334,8 @@ def _apply_results(
         ("lost_count", Integer, [o.lost_count for _, o, _ in decided]),
         ("execute_at", UtcDateTime, due),
         ("bucket", BigInteger, buckets),
-    )
-    changed = set(
-        conn.execute(
-            update(tasks)
-            .where(
-                tasks.c.task_id == applied.c.task_id,
-                tasks.c.attempt == applied.c.attempt,
-                tasks.c.epoch == applied.c.epoch,
-                rows.in_status(RESULT_SOURCE),
-                # the status the outcome was decided from
-                rows.unindexed_status() == applied.c.seen,
-            )
-            .values(
-                status=applied.c.status,
-                attempt=applied.c.next_attempt,
-                priority=applied.c.priority,
-                max_attempts=applied.c.max_attempts,
-                lost_count=applied.c.lost_count,
-                execute_at=applied.c.execute_at,
-                bucket=applied.c.bucket,
-                lease_expires_at=None,
-                updated_at=now,
-            )
-            .returning(tasks.c.task_id)
-        ).scalars()
-    )
+    ]
+    changed = set(rows.execute_with_rows(conn, _result_write, applied, {"now": now}).scalars())
     run_rows = []
     overtaken = []
     for result, outcome, row in decided:
@@ -373,6 +360,32 @@ def _apply_results(
     if run_rows:
         conn.execute(insert(runs), run_rows)
     return overtaken
+
+
+def _result_write(applied: Any) -> Any:
+    return (
+        update(tasks)
+        .where(
+            tasks.c.task_id == applied.c.task_id,
+            tasks.c.attempt == applied.c.attempt,
+            tasks.c.epoch == applied.c.epoch,
+            rows.in_status(RESULT_SOURCE),
+            # the status the outcome was decided from
+            rows.unindexed_status() == applied.c.seen,
+        )
+        .values(
+            status=applied.c.status,
+            attempt=applied.c.next_attempt,
+            priority=applied.c.priority,
+            max_attempts=applied.c.max_attempts,
+            lost_count=applied.c.lost_count,
+            execute_at=applied.c.execute_at,
+            bucket=applied.c.bucket,
+            lease_expires_at=None,
+            updated_at=bindparam("now", type_=UtcDateTime),
+        )
+        .returning(tasks.c.task_id)
+    )
 
 
 def _was_current(result: RunResult, *, attempt: int, epoch: int, status: str) -> bool:

@@ -4,6 +4,7 @@ these, so a column added to the schema is mapped in one place."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, any_, bindparam, column, func, select, values
@@ -215,6 +216,32 @@ def rows_of(conn: Connection, *columns: tuple[str, Any, list[Any]]) -> Any:
         return func.unnest(*arrays).table_valued(*names).render_derived(with_types=False).alias("v")
     table = values(*(column(name, kind) for name, kind, _ in columns), name="v")
     return table.data(list(zip(*(items for _, _, items in columns), strict=True))).cte("v")
+
+
+_BUILT: dict[Callable[[Any], Any], Any] = {}  # builder: its statement over unbound arrays
+
+
+def execute_with_rows(
+    conn: Connection,
+    build: Callable[[Any], Any],
+    columns: Sequence[tuple[str, Any, list[Any]]],
+    params: dict[str, Any],
+) -> Any:
+    """Execute ``build(v)``, ``v`` being ``rows_of(columns)``, with ``params``
+    for its other bind parameters. On PostgreSQL the statement is built once
+    per ``build``, over array parameters bound at each call: SQLAlchemy then
+    neither rebuilds it nor walks it for its cache key per call (0.33 ms of
+    an executor's CPU for the start gate's statement, paid per task when
+    tasks come one at a time)."""
+    if conn.dialect.name != "postgresql":
+        return conn.execute(build(rows_of(conn, *columns)), params)
+    statement = _BUILT.get(build)
+    if statement is None:
+        arrays = [bindparam(f"v_{name}", type_=ARRAY(kind)) for name, kind, _ in columns]
+        names = [column(name, kind) for name, kind, _ in columns]
+        given = func.unnest(*arrays).table_valued(*names).render_derived(with_types=False)
+        statement = _BUILT[build] = build(given.alias("v"))
+    return conn.execute(statement, {f"v_{name}": items for name, _, items in columns} | params)
 
 
 def among(conn: Connection, column_: Any, items: Any) -> Any:
