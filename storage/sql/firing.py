@@ -198,15 +198,19 @@ def mark_running(
     return started
 
 
+def _same_attempt(given: Any) -> tuple[Any, ...]:
+    """The rows of ``given``'s attempts: the same task, attempt and epoch."""
+    return (
+        tasks.c.task_id == given.c.task_id,
+        tasks.c.attempt == given.c.attempt,
+        tasks.c.epoch == given.c.epoch,
+    )
+
+
 def _start_gate(gate: Any) -> Any:
     return (
         update(tasks)
-        .where(
-            tasks.c.task_id == gate.c.task_id,
-            tasks.c.attempt == gate.c.attempt,
-            tasks.c.epoch == gate.c.epoch,
-            rows.in_status(START.source),
-        )
+        .where(*_same_attempt(gate), rows.in_status(START.source))
         .values(
             status=START.target.value,
             lease_expires_at=gate.c.lease,
@@ -366,9 +370,7 @@ def _result_write(applied: Any) -> Any:
     return (
         update(tasks)
         .where(
-            tasks.c.task_id == applied.c.task_id,
-            tasks.c.attempt == applied.c.attempt,
-            tasks.c.epoch == applied.c.epoch,
+            *_same_attempt(applied),
             rows.in_status(RESULT_SOURCE),
             # the status the outcome was decided from
             rows.unindexed_status() == applied.c.seen,
