@@ -209,13 +209,21 @@ def rows_of(conn: Connection, *columns: tuple[str, Any, list[Any]]) -> Any:
     per column: the statement's text does not depend on the batch, so it is
     compiled once and cached. SQLite has no arrays: a VALUES list there."""
     if conn.dialect.name == "postgresql":
-        arrays = [
-            bindparam(f"v_{name}", value=items, type_=ARRAY(kind)) for name, kind, items in columns
-        ]
-        names = [column(name, kind) for name, kind, _ in columns]
-        return func.unnest(*arrays).table_valued(*names).render_derived(with_types=False).alias("v")
+        return _unnest(
+            [
+                bindparam(f"v_{name}", value=items, type_=ARRAY(kind))
+                for name, kind, items in columns
+            ],
+            columns,
+        )
     table = values(*(column(name, kind) for name, kind, _ in columns), name="v")
     return table.data(list(zip(*(items for _, _, items in columns), strict=True))).cte("v")
+
+
+def _unnest(arrays: list[Any], columns: Sequence[tuple[str, Any, list[Any]]]) -> Any:
+    """``unnest(arrays…) AS v(columns…)``: one array parameter per column."""
+    names = [column(name, kind) for name, kind, _ in columns]
+    return func.unnest(*arrays).table_valued(*names).render_derived(with_types=False).alias("v")
 
 
 _BUILT: dict[Callable[[Any], Any], Any] = {}  # builder: its statement over unbound arrays
@@ -237,10 +245,8 @@ def execute_with_rows(
         return conn.execute(build(rows_of(conn, *columns)), params)
     statement = _BUILT.get(build)
     if statement is None:
-        arrays = [bindparam(f"v_{name}", type_=ARRAY(kind)) for name, kind, _ in columns]
-        names = [column(name, kind) for name, kind, _ in columns]
-        given = func.unnest(*arrays).table_valued(*names).render_derived(with_types=False)
-        statement = _BUILT[build] = build(given.alias("v"))
+        unbound = [bindparam(f"v_{name}", type_=ARRAY(kind)) for name, kind, _ in columns]
+        statement = _BUILT[build] = build(_unnest(unbound, columns))
     return conn.execute(statement, {f"v_{name}": items for name, _, items in columns} | params)
 
 

@@ -329,6 +329,6 @@ def purge_finished(conn: Connection, *, before: datetime, limit: int) -> int:
     conn.execute(delete(schema.runs).where(schema.runs.c.task_id.in_(ids)))
     return int(
         conn.execute(
-            delete(tasks).where(tasks.c.task_id.in_(ids), rows.unindexed_status().in_(finished))
+            delete(tasks).where(tasks.c.task_id.in_(ids), rows.in_status(FINAL_STATUSES))
         ).rowcount
     )
