@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-import uuid
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -93,7 +93,7 @@ class NewTask:
     # Minted once per submission and carried by every retry of the call that
     # stores it (Ray replays calls to a restarted shard): the second store
     # returns the first task instead of inserting another.
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=lambda: secrets.token_hex(16))
 
     def __post_init__(self) -> None:
         require_aware(self.execute_at, "execute_at")
