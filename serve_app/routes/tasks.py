@@ -6,7 +6,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from scheduling.models import SubmitResult
 from serve_app.deps import AGAIN, MAX_ID, Attempt, ObjectId, Owner, Svc, count
 from serve_app.limits import StrictJsonRoute
-from serve_app.render import run_out, schedule_out, task_out
+from serve_app.render import run_out, schedule_out, task_out, tasks_out
 from service.requests import RetryIn, SendTaskIn, TaskBatchIn, TaskIn
 
 router = APIRouter(tags=["tasks"], route_class=StrictJsonRoute)
@@ -33,7 +33,7 @@ async def submit_batch(
     created = sum(r.created for r in results)
     count(request, "batch", created)
     return JSONResponse(
-        {"tasks": [task_out(r.task) for r in results], "created": created},
+        {"tasks": tasks_out([r.task for r in results]), "created": created},
         status_code=201 if created else 200,
     )
 
@@ -82,7 +82,7 @@ async def list_tasks(
         limit=limit,
         cursor=cursor,
     )
-    return {"tasks": [task_out(task) for task in page], "next_cursor": next_cursor}
+    return {"tasks": tasks_out(page), "next_cursor": next_cursor}
 
 
 @router.get("/v1/tasks/{task_id}/runs")
@@ -105,7 +105,7 @@ async def run_output(
 async def list_dead(service: Svc, owner: Owner, limit: int = Query(100, ge=1, le=1000)) -> dict:
     """Tasks that used up their attempts; ``POST /v1/tasks/{id}/retry``
     runs one again."""
-    return {"tasks": [task_out(task) for task in await service.list_dead(owner, limit)]}
+    return {"tasks": tasks_out(await service.list_dead(owner, limit))}
 
 
 @router.post("/v1/tasks/{task_id}/retry")
