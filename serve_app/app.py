@@ -12,6 +12,7 @@ from chronoray.metrics import ApiMetrics
 from serve_app import console
 from serve_app.errors import ERROR_RESPONSES, install_error_handlers
 from serve_app.limits import BodySizeLimit, WriteTracker
+from serve_app.render import JsonAnswer
 from serve_app.routes import operations, schedules, scripts, tasks, users
 from service.auth import RateLimiter
 from service.core import Service
@@ -30,6 +31,7 @@ def create_api(service: Service) -> FastAPI:
         "takes Authorization: Bearer; another user's objects are 404.",
         responses=ERROR_RESPONSES,
         generate_unique_id_function=operation_id,
+        default_response_class=JsonAnswer,
     )
     install_error_handlers(api)
     api.add_middleware(WriteTracker, repo=service.repo)

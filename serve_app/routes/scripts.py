@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from scheduling.models import Interpreter
 from serve_app.deps import AGAIN, Owner, Svc
 from serve_app.limits import StrictJsonRoute
-from serve_app.render import script_out
+from serve_app.render import JsonAnswer, script_out
 from service.requests import ScriptIn
 
 router = APIRouter(tags=["scripts"], route_class=StrictJsonRoute)
@@ -26,13 +26,13 @@ BYTES_ANSWER = {
 }
 
 
-def _stored(answer) -> JSONResponse:
+def _stored(answer) -> JsonAnswer:
     script, created = answer
-    return JSONResponse(script_out(script), status_code=201 if created else 200)
+    return JsonAnswer(script_out(script), status_code=201 if created else 200)
 
 
 @router.post("/v1/scripts", status_code=201, responses=AGAIN)
-async def register_script(service: Svc, owner: Owner, body: ScriptIn) -> JSONResponse:
+async def register_script(service: Svc, owner: Owner, body: ScriptIn) -> JsonAnswer:
     """Register a script from JSON; the same body again is the same version (200)."""
     return _stored(
         await service.register_script(
@@ -48,7 +48,7 @@ async def upload_script(
     name: str,
     request: Request,
     interpreter: Interpreter = Interpreter.BASH,
-) -> JSONResponse:
+) -> JsonAnswer:
     """Upload a script as the raw request body (application/octet-stream,
     or text/plain, text/x-sh, text/x-shellscript, application/x-sh,
     text/x-python, text/x-script.python); a changed body is a new version."""

@@ -1,51 +1,51 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse
 
 from scheduling.models import SubmitResult
 from serve_app.deps import AGAIN, MAX_ID, Attempt, ObjectId, Owner, Svc, count
 from serve_app.limits import StrictJsonRoute
-from serve_app.render import run_out, schedule_out, task_out, tasks_out
+from serve_app.render import JsonAnswer, run_out, schedule_out, task_out, tasks_out
 from service.requests import RetryIn, SendTaskIn, TaskBatchIn, TaskIn
 
 router = APIRouter(tags=["tasks"], route_class=StrictJsonRoute)
 TEXT_ANSWER = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
 
 
-def _submitted(request: Request, result: SubmitResult) -> JSONResponse:
+def _submitted(request: Request, result: SubmitResult) -> JsonAnswer:
     count(request, "task")
-    return JSONResponse(task_out(result.task), status_code=201 if result.created else 200)
+    return JsonAnswer(task_out(result.task), status_code=201 if result.created else 200)
 
 
 @router.post("/v1/tasks", status_code=201, responses=AGAIN)
-async def submit_task(service: Svc, owner: Owner, body: TaskIn, request: Request) -> JSONResponse:
+async def submit_task(service: Svc, owner: Owner, body: TaskIn, request: Request) -> JsonAnswer:
     return _submitted(request, await service.submit_task(owner, body))
 
 
 @router.post("/v1/tasks:batch", status_code=201, responses=AGAIN)
 async def submit_batch(
     service: Svc, owner: Owner, body: TaskBatchIn, request: Request
-) -> JSONResponse:
+) -> JsonAnswer:
     """Up to ``max_batch_tasks`` tasks in one transaction: all are
     stored, or none (the error names the item)."""
     results = await service.submit_batch(owner, body.tasks)
     created = sum(r.created for r in results)
     count(request, "batch", created)
-    return JSONResponse(
+    return JsonAnswer(
         {"tasks": tasks_out([r.task for r in results]), "created": created},
         status_code=201 if created else 200,
     )
 
 
 @router.post("/sendTask", status_code=201, responses=AGAIN)
-async def send_task(service: Svc, owner: Owner, body: SendTaskIn, request: Request) -> JSONResponse:
+async def send_task(service: Svc, owner: Owner, body: SendTaskIn, request: Request) -> JsonAnswer:
     """The original API: once at ``execute_at``, or on a ``cron``."""
     answer = await service.send_task(owner, body)
     if isinstance(answer, SubmitResult):
         return _submitted(request, answer)
     count(request, "schedule")
-    return JSONResponse(schedule_out(answer), status_code=201)
+    return JsonAnswer(schedule_out(answer), status_code=201)
 
 
 @router.get("/v1/tasks/{task_id}")
