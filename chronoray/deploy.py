@@ -84,8 +84,8 @@ def ingress_environment(settings: Settings) -> dict[str, str]:
     """What Serve reads, as each of its processes starts, to take HTTP
     through HAProxy instead of its Python proxy (`serve_ingress`): set
     before Ray starts (``ray start`` on a cluster: cluster.yaml). HAProxy
-    keeps its files in a directory of this process's own and its stats on a
-    free port, so two Rays on one host do not share them. Measured with
+    keeps its files in a directory of this process's own and its stats and
+    metrics on free ports, so two Rays on one host do not share them. Measured with
     ``make bench-http`` (README, Benchmarks)."""
     if settings.serve_ingress != "haproxy":
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
@@ -99,6 +99,9 @@ def ingress_environment(settings: Settings) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state / "server-state"),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        # Ray 2.60's HAProxy binds a Prometheus frontend even with metrics off,
+        # on 9101 unless told: a second deployment on the host failed to start
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
     }
 
 

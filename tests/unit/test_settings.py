@@ -116,5 +116,7 @@ def test_the_haproxy_ingress_has_files_of_its_own_and_a_socket_path_haproxy_take
     # Serve adds a directory of 56 characters; HAProxy refuses paths past 97
     assert len(str(socket.parent / ("x" * 56) / socket.name)) <= 97
     assert socket.parent != Path(second["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent
+    for port in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        assert first[port] != second[port]  # HAProxy binds both, metrics on or off
     proxy = ingress_environment(Settings(database_url="sqlite://", serve_ingress="proxy"))
     assert proxy == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
