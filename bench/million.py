@@ -202,6 +202,7 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    parser.add_argument("--serve-replicas", type=int, default=1, help="API replicas behind Serve")
     args = parser.parse_args()
     if not args.database_url:
         parser.error("--database-url (or CHRONORAY_BENCH_DATABASE_URL) is required")
@@ -213,6 +214,7 @@ def main() -> None:
         max_active_tasks=10_000_000,
         rate_limit_per_s=1e6,  # the per-user limit would bind first: measure the path
         rate_limit_burst=10_000_000,
+        serve_replicas=args.serve_replicas,
     )
     print(
         f"settings: tasks={args.tasks} batch_size={args.batch_size} clients={args.clients} "
