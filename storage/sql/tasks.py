@@ -139,12 +139,13 @@ def _insert(conn: Connection, new_rows: list[dict[str, Any]]) -> list[int]:
     ids_of: dict[str, int] = {}
     for chunk in rows.chunks(new_rows):
         first = chunk[0]
-        if any(r["nominal_at"] != r["execute_at"] for r in chunk):
+        values = {name: [r[name] for r in chunk] for name in first}  # each column once
+        if values["nominal_at"] != values["execute_at"]:
             raise ValueError("a new task's nominal_at is its execute_at")
         same = [  # request_id never: each row's own, it matches ids to rows
             n
             for n in first
-            if n not in ("nominal_at", "request_id") and all(r[n] == first[n] for r in chunk)
+            if n not in ("nominal_at", "request_id") and values[n].count(first[n]) == len(chunk)
         ]
         if differing := [n for n in first if n not in same and n not in (*_PER_TASK, "nominal_at")]:
             raise ValueError(f"per-task columns missing from _PER_TASK: {differing}")
@@ -152,9 +153,9 @@ def _insert(conn: Connection, new_rows: list[dict[str, Any]]) -> list[int]:
         given = rows.rows_of(
             conn,
             *(
-                ("variables", String, [json.dumps(r["variables"]) for r in chunk])  # cast below
+                ("variables", String, [json.dumps(v) for v in values["variables"]])  # cast below
                 if name == "variables"
-                else (name, tasks.c[name].type, [r[name] for r in chunk])
+                else (name, tasks.c[name].type, values[name])
                 for name in varying
             ),
         )
@@ -171,9 +172,9 @@ def _insert(conn: Connection, new_rows: list[dict[str, Any]]) -> list[int]:
             .from_select(
                 [*varying, *same, "nominal_at"], select(*selected, nominal_at.label("nominal_at"))
             )
-            .returning(tasks.c.task_id, tasks.c.request_id)
+            .returning(tasks.c.request_id, tasks.c.task_id)
         )
-        ids_of.update({row.request_id: row.task_id for row in inserted})
+        ids_of.update(inserted.tuples().all())
     return [ids_of[r["request_id"]] for r in new_rows]
 
 
