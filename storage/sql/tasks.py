@@ -174,7 +174,7 @@ def _insert(conn: Connection, new_rows: list[dict[str, Any]]) -> list[int]:
             )
             .returning(tasks.c.request_id, tasks.c.task_id)
         )
-        ids_of.update(inserted.tuples().all())
+        ids_of.update((request_id, task_id) for request_id, task_id in inserted.all())
     return [ids_of[r["request_id"]] for r in new_rows]
 
 
