@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from scheduling.errors import (
@@ -24,6 +24,7 @@ from scheduling.errors import (
     Unavailable,
     UnsupportedMediaType,
 )
+from serve_app.render import JsonAnswer
 from service.requests import error_from_validation
 
 log = logging.getLogger(__name__)
@@ -90,10 +91,10 @@ def error_headers(error: ChronorayError, status: int) -> dict[str, str] | None:
     return {"Retry-After": str(RETRY_AFTER_S[status])} if status in RETRY_AFTER_S else None
 
 
-def error_response(error: ChronorayError) -> JSONResponse:
+def error_response(error: ChronorayError) -> JsonAnswer:
     status = status_for(error)
     headers = error_headers(error, status)
-    return JSONResponse(error_body(error.code, error.detail, error.field), status, headers=headers)
+    return JsonAnswer(error_body(error.code, error.detail, error.field), status, headers=headers)
 
 
 CONSOLE_PREFIX = "/ui/"
@@ -112,11 +113,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return pages(request, exc) if pages else error_response(exc)
 
     @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+    async def _bug(request: Request, exc: Exception) -> JsonAnswer:
         # Not a domain error: a bug. Logged with its traceback; the client
         # gets JSON like every other error, and nothing of the internals.
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal_error", "an unexpected error; it is logged"), 500)
+        return JsonAnswer(error_body("internal_error", "an unexpected error; it is logged"), 500)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import GaugeMetricFamily
 
 from chronoray.metrics import exposition
 from serve_app.deps import Owner, Svc
 from serve_app.limits import StrictJsonRoute
+from serve_app.render import JsonAnswer
 
 router = APIRouter(tags=["operations"], route_class=StrictJsonRoute)
 
@@ -34,12 +35,12 @@ async def healthz() -> dict:
 
 
 @router.get("/readyz")
-async def readyz(service: Svc) -> JSONResponse:
+async def readyz(service: Svc) -> JsonAnswer:
     """The database, the dispatcher and every shard answer."""
     checks = await service.readiness()
     ready = all(v == "ok" for v in checks.values())
     headers = None if ready else {"Retry-After": "5"}
-    return JSONResponse({"ready": ready, "checks": checks}, 200 if ready else 503, headers=headers)
+    return JsonAnswer({"ready": ready, "checks": checks}, 200 if ready else 503, headers=headers)
 
 
 @router.get("/v1/executors")

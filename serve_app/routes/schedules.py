@@ -1,12 +1,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
 
 from scheduling.cron import zone_of
 from serve_app.deps import ObjectId, Owner, Svc, count
 from serve_app.limits import StrictJsonRoute
-from serve_app.render import audit_out, backfill_out, history_out, schedule_out
+from serve_app.render import JsonAnswer, audit_out, backfill_out, history_out, schedule_out
 from service.core import DEFAULT_LATE_S
 from service.requests import BackfillIn, ScheduleIn, SchedulePatch
 
@@ -16,10 +15,10 @@ router = APIRouter(tags=["schedules"], route_class=StrictJsonRoute)
 @router.post("/v1/schedules", status_code=201)
 async def create_schedule(
     service: Svc, owner: Owner, body: ScheduleIn, request: Request
-) -> JSONResponse:
+) -> JsonAnswer:
     schedule = await service.create_schedule(owner, body)
     count(request, "schedule")
-    return JSONResponse(schedule_out(schedule), status_code=201)
+    return JsonAnswer(schedule_out(schedule), status_code=201)
 
 
 @router.get("/v1/schedules")
@@ -94,13 +93,13 @@ async def schedule_history(
 @router.post("/v1/schedules/{schedule_id}/backfill", status_code=201)
 async def backfill_schedule(
     service: Svc, owner: Owner, schedule_id: ObjectId, body: BackfillIn
-) -> JSONResponse:
+) -> JsonAnswer:
     """Run the occurrences the expression gives in a past window [from, to),
     each once: a time that has an occurrence already (run, skipped or
     backfilled before) is left alone, so sending it twice runs nothing twice.
     More than ``max_backfill_fires`` times is a 422."""
     result = await service.backfill_schedule(owner, schedule_id, body)
-    return JSONResponse(backfill_out(result), status_code=201 if result.created else 200)
+    return JsonAnswer(backfill_out(result), status_code=201 if result.created else 200)
 
 
 @router.get("/v1/schedules/{schedule_id}/audit")
