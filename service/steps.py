@@ -18,7 +18,16 @@ from scheduling.errors import (
     TooLarge,
     in_batch,
 )
-from scheduling.models import Interpreter, NewTask, Run, Script, SubmitResult, Task
+from scheduling.models import (
+    Interpreter,
+    NewTask,
+    Run,
+    Script,
+    SubmitResult,
+    Task,
+    new_request_id,
+    trusted,
+)
 from scheduling.schedules import MisfirePolicy, NewSchedule, OverlapPolicy, Schedule, first_fire
 from scheduling.validation import validate_script_name
 from service.requests import ScheduleFields, ScheduleIn, TaskIn, encode_cursor, parse_instant

@@ -23,6 +23,7 @@ from scheduling.models import (
     TaskSpec,
     TaskStatus,
     User,
+    trusted,
 )
 from storage.repository import tail
 from storage.schema import runs, scripts, tasks
@@ -76,27 +77,33 @@ def with_script_name(*columns: Any) -> Any:
     return select(*columns).join(scripts, scripts.c.script_id == tasks.c.script_id)
 
 
+STATUS_OF = {status.value: status for status in TaskStatus}  # a fifth of TaskStatus()'s time
+
+
 def task(row: Any) -> Task:
-    return Task(
-        task_id=row.task_id,
-        owner_id=row.owner_id,
-        script_id=row.script_id,
-        script_name=row.script_name,
-        execute_at=row.execute_at,
-        status=TaskStatus(row.status),
-        priority=row.priority,
-        attempt=row.attempt,
-        max_attempts=row.max_attempts,
-        variables=dict(row.variables),
-        timeout_s=row.timeout_s,
-        idempotency_key=row.idempotency_key,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        lease_expires_at=row.lease_expires_at,
-        epoch=row.epoch,
-        schedule_id=row.schedule_id,
-        nominal_at=row.nominal_at,
-        lost_count=row.lost_count,
+    return trusted(
+        Task,
+        {
+            "task_id": row.task_id,
+            "owner_id": row.owner_id,
+            "script_id": row.script_id,
+            "script_name": row.script_name,
+            "execute_at": row.execute_at,
+            "status": STATUS_OF[row.status],
+            "priority": row.priority,
+            "attempt": row.attempt,
+            "max_attempts": row.max_attempts,
+            "variables": dict(row.variables),
+            "timeout_s": row.timeout_s,
+            "idempotency_key": row.idempotency_key,
+            "created_at": row.created_at,
+            "updated_at": row.updated_at,
+            "lease_expires_at": row.lease_expires_at,
+            "epoch": row.epoch,
+            "schedule_id": row.schedule_id,
+            "nominal_at": row.nominal_at,
+            "lost_count": row.lost_count,
+        },
     )
 
 

@@ -1,5 +1,6 @@
 """Table tests for the pure scheduling package."""
 
+import dataclasses
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -17,7 +18,7 @@ from scheduling.lifecycle import (
     after_redrive,
     classify,
 )
-from scheduling.models import FailureClass, Interpreter, TaskSpec, TaskStatus
+from scheduling.models import FailureClass, Interpreter, Task, TaskSpec, TaskStatus, trusted
 from scheduling.placement import FreeSlots
 from scheduling.ready_queue import ReadyQueue
 from scheduling.tiers import local_node_resources, local_tiers, production_tiers
@@ -382,3 +383,35 @@ def test_only_what_is_due_within_the_lookahead_goes_on_a_timer():
     ]
     assert within_lookahead(entries, now=now, lookahead_s=60) == entries[:2]
     assert within_lookahead(iter(entries), now=now, lookahead_s=0) == entries[:1]
+
+
+def test_trusted_builds_what_the_constructor_builds_and_insists_on_every_field():
+    values = {
+        "task_id": 7,
+        "owner_id": 1,
+        "script_id": 2,
+        "script_name": "a.sh",
+        "execute_at": T0,
+        "status": TaskStatus.QUEUED,
+        "priority": 3,
+        "attempt": 2,
+        "max_attempts": 5,
+        "variables": {"A": "b"},
+        "timeout_s": 9.5,
+        "idempotency_key": "k",
+        "created_at": T0,
+        "updated_at": T0 + timedelta(seconds=1),
+        "lease_expires_at": None,
+        "epoch": 4,
+        "schedule_id": None,
+        "nominal_at": T0,
+        "lost_count": 1,
+    }
+    built = trusted(Task, values)
+    assert built == Task(**values) and type(built) is Task
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.priority = 0  # type: ignore[misc]
+    with pytest.raises(TypeError, match="needs exactly"):
+        trusted(Task, {k: v for k, v in values.items() if k != "lost_count"})  # no defaults
+    with pytest.raises(TypeError, match="needs exactly"):
+        trusted(Task, {**values, "lost_cuont": 1})
