@@ -354,6 +354,26 @@ def test_one_bad_item_stores_nothing_and_names_the_item(client, repo, bad_item, 
 
 
 @pytest.mark.parametrize(
+    "first, second",
+    [
+        ({"priority": 10}, {"execute_at": "tomorrow"}),  # new_task's limit, then TaskIn's check
+        ({"execute_at": "tomorrow"}, {"priority": 10}),
+        ("not an object", {"priority": 10}),
+    ],
+)
+def test_a_batch_names_its_first_bad_item_whichever_check_finds_it(client, repo, first, second):
+    """The list is validated in one call; where that fails, item by item, so
+    that the item named is the lowest bad one, not the first TaskIn refuses."""
+    items: list = [batch_item(i) for i in range(4)]
+    items[1] = first if isinstance(first, str) else {**items[1], **first}
+    items[3].update(second)
+    response = client.post("/v1/tasks:batch", json={"tasks": items})
+    assert response.status_code == 422
+    assert response.json()["field"].startswith("tasks[1]"), response.json()
+    assert rows_in(repo, "tasks") == 0
+
+
+@pytest.mark.parametrize(
     "body, status, field",
     [
         ({"tasks": []}, 422, "tasks"),
