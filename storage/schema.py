@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     select,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import Select
@@ -129,8 +130,10 @@ tasks = Table(
     "tasks",
     metadata,
     Column("task_id", Id, primary_key=True, autoincrement=True),
-    Column("owner_id", Id, ForeignKey("users.user_id"), nullable=False),
-    Column("script_id", Id, ForeignKey("scripts.script_id"), nullable=False),
+    # No foreign keys on owner and script on PostgreSQL (migration 0008: a
+    # third of an insert's time; users and scripts are never deleted).
+    Column("owner_id", Id, nullable=False),
+    Column("script_id", Id, nullable=False),
     Column("schedule_id", Id, ForeignKey("schedules.schedule_id"), nullable=True),
     # the occurrence's own time: execute_at moves with retries, this does not
     Column("nominal_at", UtcDateTime, nullable=False),
@@ -154,8 +157,21 @@ tasks = Table(
     # set on occurrences a backfill created: they run under this overlap
     # policy, are never misfires and do not move the schedule's plan
     Column("backfill_overlap", String(16), nullable=True),
-    UniqueConstraint("schedule_id", "nominal_at", name="uq_tasks_schedule_occurrence"),
-    UniqueConstraint("owner_id", "idempotency_key", name="uq_tasks_owner_idempotency_key"),
+    # Unique over the rows that have the key (partial on PostgreSQL: 0008).
+    Index(
+        "uq_tasks_schedule_occurrence",
+        "schedule_id",
+        "nominal_at",
+        unique=True,
+        postgresql_where=text("schedule_id IS NOT NULL"),
+    ),
+    Index(
+        "uq_tasks_owner_idempotency_key",
+        "owner_id",
+        "idempotency_key",
+        unique=True,
+        postgresql_where=text("idempotency_key IS NOT NULL"),
+    ),
     UniqueConstraint("request_id", name="uq_tasks_request_id"),
     Index("ix_tasks_status_bucket", "status", "bucket"),
     Index("ix_tasks_status_lease", "status", "lease_expires_at"),

@@ -625,7 +625,10 @@ def _insert_next(
         inserted = conn.execute(
             postgresql.insert(tasks)
             .values(chunk)
-            .on_conflict_do_nothing(constraint="uq_tasks_schedule_occurrence")
+            .on_conflict_do_nothing(
+                index_elements=["schedule_id", "nominal_at"],
+                index_where=tasks.c.schedule_id.is_not(None),  # the key is a partial index
+            )
             .returning(tasks.c.task_id, tasks.c.nominal_at)
         ).all()
         outcome.follow_ups += [(row.task_id, row.nominal_at) for row in inserted]
