@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import datetime
-from types import SimpleNamespace
 from typing import Any
 from typing import cast as typed
 
@@ -22,7 +21,7 @@ from scheduling.errors import (
     TaskNotRetryable,
 )
 from scheduling.lifecycle import CANCEL, REDRIVE, after_redrive
-from scheduling.models import FINAL_STATUSES, NewTask, SubmitResult, Task, TaskStatus
+from scheduling.models import FINAL_STATUSES, NewTask, SubmitResult, Task, TaskStatus, trusted
 from scheduling.timeline import bucket_of
 from storage import schema
 from storage.repository import TaskQuery
@@ -103,9 +102,34 @@ def add_tasks(
 
 
 def _as_stored(row: dict[str, Any], *, task_id: int, script_name: str) -> Task:
-    """The task a new row (``_new_row``) becomes once inserted as ``task_id``:
-    through ``rows.task``, the one mapper of a stored row."""
-    return rows.task(SimpleNamespace(**row, task_id=task_id, script_name=script_name, lost_count=0))
+    """The task a new row (``_new_row``) becomes once inserted as ``task_id``.
+    Built from the row directly: through ``rows.task`` (a namespace, then
+    an attribute read and a copy per field) it was an eighth of the batch
+    endpoint's CPU. The contract tests check it equals a read."""
+    return trusted(
+        Task,
+        {
+            "task_id": task_id,
+            "owner_id": row["owner_id"],
+            "script_id": row["script_id"],
+            "script_name": script_name,
+            "execute_at": row["execute_at"],
+            "status": TaskStatus.SCHEDULED,
+            "priority": row["priority"],
+            "attempt": row["attempt"],
+            "max_attempts": row["max_attempts"],
+            "variables": row["variables"],  # the row's own copy (_new_row)
+            "timeout_s": row["timeout_s"],
+            "idempotency_key": row["idempotency_key"],
+            "created_at": row["created_at"],
+            "updated_at": row["updated_at"],
+            "lease_expires_at": row["lease_expires_at"],
+            "epoch": row["epoch"],
+            "schedule_id": row["schedule_id"],
+            "nominal_at": row["nominal_at"],
+            "lost_count": 0,
+        },
+    )
 
 
 # What may differ between new tasks: each goes as an array when it does, as
