@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from typing import Any
 
 from fastapi import Request
 from fastapi.routing import APIRoute
@@ -97,24 +98,27 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     return seen
 
 
-def check_json_body(body: bytes) -> None:
+def check_json_body(body: bytes) -> Any:
     """What Python's json module lets through but a strict API must not:
     invalid UTF-8, NaN/Infinity, integers beyond 64 bits and repeated keys
     (each a 422 naming the problem). Plain syntax errors are left to the
-    framework (400)."""
+    framework (400): ``NOT_PARSED``. Returns the parsed body."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"body is not valid UTF-8 (byte {exc.start})", "body") from None
     try:
-        json.loads(
+        return json.loads(
             text,
             parse_constant=_reject_constant,
             parse_int=_checked_int,
             object_pairs_hook=_no_duplicate_keys,
         )
     except json.JSONDecodeError:
-        return  # malformed: FastAPI answers 400
+        return NOT_PARSED  # malformed: FastAPI answers 400
+
+
+NOT_PARSED = object()
 
 
 def is_json(content_type: str) -> bool:
@@ -150,8 +154,11 @@ class StrictJsonRoute(APIRoute):
                     raise UnsupportedMediaType(
                         f"send application/json, not {content_type[:64]!r}", "content-type"
                     )
-                if body:
-                    check_json_body(body)
+                if body and (parsed := check_json_body(body)) is not NOT_PARSED:
+                    # Starlette's Request.json() keeps what it parsed in
+                    # ``_json``: FastAPI then validates this body without
+                    # parsing it again (a 1,000-task batch is 100 KB).
+                    request._json = parsed
             return await handler(request)
 
         return strict

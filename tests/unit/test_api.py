@@ -462,6 +462,23 @@ def test_malformed_json_is_still_a_400(client):
     assert response.status_code == 400 and response.json()["error"] == "malformed_json"
 
 
+def test_a_json_body_is_parsed_once_by_the_strict_check(client, monkeypatch):
+    """FastAPI validates what the strict check parsed; Starlette's own
+    parser is not reached (a 1,000-task batch was parsed twice)."""
+    import types
+
+    import starlette.requests
+
+    def second_parse(*args, **kwargs):
+        raise AssertionError("the body was parsed a second time")
+
+    monkeypatch.setattr(starlette.requests, "json", types.SimpleNamespace(loads=second_parse))
+    single = client.post("/v1/tasks", json={"script": "hello.sh", "execute_at": soon()})
+    batch = client.post("/v1/tasks:batch", json={"tasks": [batch_item(0), batch_item(1)]})
+    assert single.status_code == 201 and batch.status_code == 201, (single.text, batch.text)
+    assert batch.json()["created"] == 2
+
+
 def test_an_unexpected_exception_is_a_json_500_and_logged(repo, caplog):
     api = user_api(repo, SETTINGS)
     api_app = api.app
