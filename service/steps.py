@@ -143,9 +143,12 @@ _TASK_LIST = TypeAdapter(list[TaskIn])
 
 def store_batch(repo: Repository, news: Sequence[NewTask], *, now: datetime) -> list[SubmitResult]:
     """One transaction: every task, or none (the first failure is raised,
-    naming its item)."""
+    naming its item). ``news`` come from ``new_batch`` in this call: their
+    request ids are new, so none is looked up. That lookup was 1,000 index
+    probes per batch, and in later rounds of ``bench.million`` a slow plan
+    of it held PostgreSQL's every active sample."""
     try:
-        results = repo.add_tasks(news, now=now, atomic=True)
+        results = repo.add_tasks(news, now=now, atomic=True, fresh=True)
     except BatchRejected as rejected:
         index, error = rejected.failures[0]
         raise in_batch(error, index) from None

@@ -101,7 +101,12 @@ class TaskStore(Protocol):
     """Submissions (the shards' group commit) and the user's queries and moves."""
 
     def add_tasks(
-        self, new_tasks: Sequence[NewTask], *, now: datetime, atomic: bool = False
+        self,
+        new_tasks: Sequence[NewTask],
+        *,
+        now: datetime,
+        atomic: bool = False,
+        fresh: bool = False,  # request ids minted for this call: nothing to look up
     ) -> list[SubmitResult | ChronorayError]: ...
     def get_task(self, task_id: int, *, owner_id: int | None = None) -> Task: ...
     def list_runs(self, task_id: int) -> list[Run]: ...

@@ -153,12 +153,17 @@ class SqlTaskRepository:
 
     # -- submissions and queries -------------------------------------------
     def add_tasks(
-        self, new_tasks: Sequence[NewTask], *, now: datetime, atomic: bool = False
+        self,
+        new_tasks: Sequence[NewTask],
+        *,
+        now: datetime,
+        atomic: bool = False,
+        fresh: bool = False,
     ) -> list[SubmitResult | ChronorayError]:
         """Group commit: every valid submission in one transaction (see
         ``tasks.add_tasks``)."""
         results = self.databases.write(
-            lambda conn: tasks.add_tasks(conn, new_tasks, now=now, atomic=atomic),
+            lambda conn: tasks.add_tasks(conn, new_tasks, now=now, atomic=atomic, fresh=fresh),
             what="store the tasks",
         )
         self.statistics.stored(len(new_tasks))

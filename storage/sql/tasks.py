@@ -30,23 +30,23 @@ from storage.sql import rows, scripts
 
 
 def add_tasks(
-    conn: Connection, new_tasks: Sequence[NewTask], *, now: datetime, atomic: bool = False
+    conn: Connection,
+    new_tasks: Sequence[NewTask],
+    *,
+    now: datetime,
+    atomic: bool = False,
+    fresh: bool = False,
 ) -> list[SubmitResult | ChronorayError]:
     """Every valid submission in this transaction. An item that fails on its
     own (unknown script, idempotency conflict) gets its error back; the
     others are stored. ``atomic``: one failure stores nothing and raises
     BatchRejected. A concurrent submission taking an idempotency key fails
-    the transaction on the unique key (the caller retries)."""
+    the transaction on the unique key (the caller retries). ``fresh``: the
+    request ids were minted for this call, so no replay can have stored
+    them and they are not looked up (the unique key still holds)."""
     results: list[SubmitResult | ChronorayError | None] = [None] * len(new_tasks)
     known = scripts.latest(conn, {(t.owner_id, t.script_name) for t in new_tasks})
-    stored_requests = {
-        row.request_id: rows.task(row)
-        for row in conn.execute(
-            rows.with_script_name(*rows.TASK_COLUMNS).where(
-                rows.among(conn, tasks.c.request_id, {t.request_id for t in new_tasks})
-            )
-        )
-    }
+    stored_requests = {} if fresh else _stored_requests(conn, new_tasks)
     new_rows, row_positions = [], []
     # A second item with the same request (a replay that landed in the same
     # group commit) answers with the first item's outcome.
@@ -99,6 +99,19 @@ def add_tasks(
             else first
         )
     return typed("list[SubmitResult | ChronorayError]", results)  # every position is filled
+
+
+def _stored_requests(conn: Connection, new_tasks: Sequence[NewTask]) -> dict[str, Task]:
+    """Tasks a replay of these submissions stored already (Ray resends a
+    call to a restarted shard), by request id."""
+    return {
+        row.request_id: rows.task(row)
+        for row in conn.execute(
+            rows.with_script_name(*rows.TASK_COLUMNS).where(
+                rows.among(conn, tasks.c.request_id, {t.request_id for t in new_tasks})
+            )
+        )
+    }
 
 
 def _as_stored(row: dict[str, Any], *, task_id: int, script_name: str) -> Task:

@@ -602,6 +602,23 @@ def test_a_batch_of_alike_tasks_returns_each_as_stored(repo, owner, size):
         assert (stored.variables, stored.priority, stored.lost_count) == ({"SAME": "yes"}, 2, 0)
 
 
+def test_a_fresh_batch_does_not_look_up_its_request_ids_and_a_replay_still_does(repo, owner):
+    """Request ids minted for the call (the batch endpoint, Client.submit_batch)
+    cannot be stored yet: no lookup. A shard's group commit, which Ray may
+    replay, still finds what the first call stored."""
+    news = [new(owner, seconds=30 + i) for i in range(3)]
+    sent, stop = statements_on(repo.engine, "SELECT")
+    try:
+        first = repo.add_tasks(news, now=T0, atomic=True, fresh=True)
+    finally:
+        stop()
+    assert all(r.created for r in first)
+    assert not [s for s in sent if "request_id" in s], sent
+    replayed = repo.add_tasks(news, now=T0)
+    assert [r.task.task_id for r in replayed] == [r.task.task_id for r in first]
+    assert not any(r.created for r in replayed)
+
+
 def test_a_page_of_a_users_tasks_is_read_in_its_order_soon_after_a_bulk_load(postgres_repo):
     """Right after a bulk load into an empty table the planner believes it
     is still empty and sorted every task of the user for a page of 50
