@@ -28,20 +28,25 @@ def engine(request, tmp_path):
     engine.dispose()
 
 
+def _add_user_and_script(conn):
+    """User 1 and its script 1, in the columns every revision has."""
+    conn.execute(
+        text("INSERT INTO users (first_name, last_name, created_at) VALUES ('a', 'b', :t)"),
+        {"t": T},
+    )
+    conn.execute(
+        text(
+            "INSERT INTO scripts (owner_id, name, version, sha256, interpreter, body, created_at) "
+            "VALUES (1, 's', 1, 'x', 'bash', :body, :t)"
+        ),
+        {"body": b"true", "t": T},
+    )
+
+
 def test_upgrade_from_the_first_revision_keeps_tasks(engine):
     upgrade(engine, "0001")
     with engine.begin() as conn:
-        conn.execute(
-            text("INSERT INTO users (first_name, last_name, created_at) VALUES ('a', 'b', :t)"),
-            {"t": T},
-        )
-        conn.execute(
-            text(
-                "INSERT INTO scripts (owner_id, name, version, sha256, interpreter, body, created_at) "
-                "VALUES (1, 's', 1, 'x', 'bash', :body, :t)"
-            ),
-            {"body": b"true", "t": T},
-        )
+        _add_user_and_script(conn)
         conn.execute(
             text(
                 "INSERT INTO tasks (owner_id, script_id, execute_at, bucket, status, priority, attempt, "
@@ -76,17 +81,7 @@ def test_0008_keys_refuse_what_the_constraints_refused_and_go_back(tmp_path):
     engine = make_engine(create_postgres_database("migrate0008"))
     upgrade(engine)
     with engine.begin() as conn:
-        conn.execute(
-            text("INSERT INTO users (first_name, last_name, created_at) VALUES ('a', 'b', :t)"),
-            {"t": T},
-        )
-        conn.execute(
-            text(
-                "INSERT INTO scripts (owner_id, name, version, sha256, interpreter, body, created_at) "
-                "VALUES (1, 's', 1, 'x', 'bash', :body, :t)"
-            ),
-            {"body": b"true", "t": T},
-        )
+        _add_user_and_script(conn)
         conn.execute(
             text(
                 "INSERT INTO schedules (owner_id, script_name, cron, timezone, variables, priority, "
