@@ -7,11 +7,12 @@ from collections.abc import Mapping
 
 from scheduling.errors import InvalidInput, TooLarge
 
-VARIABLE_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
+# Matched whole (fullmatch): with match, "$" also matches before a final newline.
+VARIABLE_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
 # Names that would let a task change how the interpreter or loader behaves.
 RESERVED_VARIABLES = frozenset({"PATH", "PYTHONPATH", "BASH_ENV", "ENV", "IFS", "HOME"})
 RESERVED_PREFIXES = ("LD_", "CHRONORAY_", "PYTHON")
-SCRIPT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SCRIPT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_VARIABLES = 64
 MAX_VARIABLE_VALUE_BYTES = 4096
 
@@ -22,7 +23,7 @@ def validate_variables(variables: Mapping[str, str]) -> dict[str, str]:
     clean: dict[str, str] = {}
     for name, value in variables.items():
         where = f"variables.{name}"
-        if not isinstance(name, str) or not VARIABLE_NAME.match(name):
+        if not isinstance(name, str) or not VARIABLE_NAME.fullmatch(name):
             raise InvalidInput("name must match ^[A-Z_][A-Z0-9_]{0,63}$", where)
         if name in RESERVED_VARIABLES or name.startswith(RESERVED_PREFIXES):
             raise InvalidInput("reserved name", where)
@@ -37,6 +38,6 @@ def validate_variables(variables: Mapping[str, str]) -> dict[str, str]:
 
 
 def validate_script_name(name: str, field: str = "script") -> str:
-    if not SCRIPT_NAME.match(name):
+    if not SCRIPT_NAME.fullmatch(name):
         raise InvalidInput("must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", field)
     return name

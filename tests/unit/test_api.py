@@ -102,6 +102,12 @@ def test_cancel_scheduled_task_once_then_conflict_when_started(client, repo):
 
 BAD_TASKS = [
     ({"script": "nope.sh", "execute_at": "2030-01-01T00:00:00Z"}, 404, "script"),
+    ({"script": "hello.sh\n", "execute_at": 1900000000}, 422, "script"),  # "$" before a newline
+    (
+        {"script": "hello.sh", "execute_at": 1900000000, "variables": {"A\n": "x"}},
+        422,
+        "variables.A\n",
+    ),
     ({"script": "hello.sh", "execute_at": "2030-01-01T00:00:00"}, 422, "execute_at"),
     ({"script": "hello.sh", "execute_at": "tomorrow"}, 422, "execute_at"),
     ({"script": "hello.sh", "execute_at": True}, 422, "execute_at"),
