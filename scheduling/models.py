@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 Record = TypeVar("Record", bound="DataclassInstance")
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
 
 
 def trusted(cls: type[Record], values: dict[str, Any]) -> Record:
@@ -35,9 +36,6 @@ def trusted(cls: type[Record], values: dict[str, Any]) -> Record:
 
 def new_request_id() -> str:
     return secrets.token_hex(16)
-
-
-_FIELD_NAMES: dict[type, frozenset[str]] = {}
 
 
 class TaskStatus(str, enum.Enum):
@@ -121,7 +119,7 @@ class NewTask:
     # Minted once per submission and carried by every retry of the call that
     # stores it (Ray replays calls to a restarted shard): the second store
     # returns the first task instead of inserting another.
-    request_id: str = field(default_factory=lambda: new_request_id())
+    request_id: str = field(default_factory=new_request_id)
 
     def __post_init__(self) -> None:
         require_aware(self.execute_at, "execute_at")

@@ -127,7 +127,7 @@ def _as_stored(row: dict[str, Any], *, task_id: int, script_name: str) -> Task:
             "script_id": row["script_id"],
             "script_name": script_name,
             "execute_at": row["execute_at"],
-            "status": TaskStatus.SCHEDULED,
+            "status": rows.STATUS_OF[row["status"]],
             "priority": row["priority"],
             "attempt": row["attempt"],
             "max_attempts": row["max_attempts"],
