@@ -443,6 +443,19 @@ def uid_leases(base: int, count: int) -> UidLeases:
     return UidLeases(base, count, Path(tempfile.gettempdir()) / "chronoray-uids")
 
 
+# A held bash run is bash itself, started before the instant with its script
+# argument a pipe the executor keeps (/dev/fd/FD) and the real script after
+# it: bash's start-up (exec, loading, initialisation: most of a short run's
+# cost) is paid during the lead and it waits in its first read. On the go the
+# executor writes this line and closes the pipe: bash closes the pipe, takes
+# the script's name as $0 and sources the script, whose first line follows
+# within microseconds. A discard or a dead executor closes the pipe with
+# nothing written: an empty script, and bash exits having run nothing. The
+# script is sourced, not executed: a top-level `return` ends it instead of
+# failing, and BASH_SOURCE and FUNCNAME have one entry more.
+HELD_BASH_GO = 'exec {fd}<&-; BASH_ARGV0=$1; shift; . "$0"\n'
+
+
 class ScriptRun:
     """One run of a script in its sandbox, in steps, so that its start-up
     can be paid before its due instant. ``prepare`` takes the run's uid,
@@ -471,9 +484,12 @@ class ScriptRun:
         self._scratch: str | None = None
         self._quota = 0
         self._command = [*interpreter_command(interpreter), str(script_path)]
+        # bash can be held after its own start-up: see HELD_BASH_GO
+        self._hold_in_shell = interpreter is Interpreter.BASH
         self._variables = dict(variables)
         self._child: _Child | None = None
-        self._go: int | None = None  # the write end of a held launcher's pipe
+        self._go: int | None = None  # the write end of a held run's pipe
+        self._go_message = b"g"  # what releases it
         self.started_at: datetime | None = None
         self.launch_error: str | None = None
         self.closed = False
@@ -528,6 +544,8 @@ class ScriptRun:
         wait_on = None
         if hold:
             wait_on, self._go = os.pipe()
+            if self._hold_in_shell:  # bash opens it again, as /dev/fd/N, as the run's uid
+                os.fchmod(wait_on, 0o444)
         output, output_end = os.pipe()
         try:
             launched = self._through_server(env, cwd, output_end, wait_on)
@@ -558,8 +576,16 @@ class ScriptRun:
                 os.close(wait_on)
 
     def _wrap(self, *, hold_fd: int | None) -> list[str]:
+        """The launcher's command line; a held run waits on ``hold_fd``:
+        bash after its own start-up (``HELD_BASH_GO``), any other
+        interpreter in the launcher, before its exec."""
+        command = self._command
+        if hold_fd is not None and self._hold_in_shell:
+            command = [command[0], f"/dev/fd/{hold_fd}", *command[1:]]
+            self._go_message = HELD_BASH_GO.format(fd=hold_fd).encode()
+            hold_fd = None  # the launcher execs bash at once
         return self._isolation.wrap(
-            self._command,
+            command,
             timeout_s=self._timeout_s,
             limits=self._limits,
             cgroup_procs=self._cgroup.procs_files() if self._cgroup else (),
@@ -592,7 +618,7 @@ class ScriptRun:
         self.started_at = datetime.now(timezone.utc)
         if self._go is not None:
             try:
-                os.write(self._go, b"g")
+                os.write(self._go, self._go_message)  # shorter than PIPE_BUF: never blocks
             except BrokenPipeError:
                 pass  # the launcher died before its release: finish reports how
             self._close_go()

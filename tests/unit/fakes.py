@@ -175,15 +175,23 @@ def uid_of(pid: int) -> int:
     return int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
 
 
-def held_launchers() -> list[int]:
-    """Processes of a run still in the launcher, waiting in a pipe read to
-    exec the interpreter: as root, those dropped to a run's uid. Forked by
-    the fork server, such a process still shows the server's environment
-    (only an exec sets /proc's), so they are not found by a variable."""
+def exe_of(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/exe")
+
+
+def held_runs() -> list[int]:
+    """Processes of a held run: a launcher waiting in a pipe read to exec
+    the interpreter, or bash started and waiting to read its script from
+    that pipe (``bash /dev/fd/N SCRIPT``, see ``HELD_BASH_GO``); as root,
+    those dropped to a run's uid. Forked by the fork server, a launcher
+    still shows the server's environment (only an exec sets /proc's), so
+    they are not found by a variable."""
     from actors import fork_server
-    from actors.sandbox import SandboxLimits, detect_isolation
+    from actors.sandbox import SandboxLimits, detect_isolation, interpreter_command
+    from scheduling.models import Interpreter
 
     launcher = detect_isolation("nobody").launcher
+    [bash] = interpreter_command(Interpreter.BASH)
     first, last = SandboxLimits().uid_range()
     servers = {server.pid for server in fork_server._servers.values()}
     found = []
@@ -191,7 +199,11 @@ def held_launchers() -> list[int]:
         if not entry.name.isdigit() or int(entry.name) in servers:
             continue
         try:
-            if os.readlink(entry / "exe") != launcher:
+            exe = os.readlink(entry / "exe")
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if exe != launcher and not (
+                exe == os.path.realpath(bash) and argv[1:2] and argv[1].startswith(b"/dev/fd/")
+            ):
                 continue
             uid = uid_of(int(entry.name))
         except (OSError, ValueError):

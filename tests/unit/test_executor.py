@@ -9,7 +9,7 @@ import pytest
 
 from actors.executor import Executor, ExecutorFenced, ScriptCache
 from scheduling.models import FailureClass
-from tests.unit.fakes import held_launchers, processes_with
+from tests.unit.fakes import held_runs, processes_with
 from tests.unit.test_pure_scheduling import spec
 
 
@@ -322,7 +322,7 @@ def test_a_held_run_ended_before_its_instant_is_killed_without_running(tmp_path,
         job = replace(spec(5, due=due), script_sha256="9" * 64, variables={"MARK": marker[5:]})
         await executor.run_batch([job])
         for _ in range(200):  # the launcher is up long before the instant
-            if held_launchers():
+            if held_runs():
                 break
             await asyncio.sleep(0.05)
         else:
@@ -333,7 +333,7 @@ def test_a_held_run_ended_before_its_instant_is_killed_without_running(tmp_path,
             executor.lose_contact("test")
         for _ in range(200):
             if (
-                not held_launchers()
+                not held_runs()
                 and not processes_with(marker)
                 and not await executor.running()
                 and not await executor.holding()

@@ -18,7 +18,7 @@ from actors.sandbox import (
     uid_leases,
 )
 from scheduling.models import Interpreter
-from tests.unit.fakes import held_launchers, processes_with, uid_of
+from tests.unit.fakes import exe_of, held_runs, processes_with, uid_of
 
 
 def write(tmp_path: Path, body: str, name="script") -> Path:
@@ -28,14 +28,21 @@ def write(tmp_path: Path, body: str, name="script") -> Path:
     return path
 
 
-def run(path, interpreter=Interpreter.BASH, variables=None, timeout_s=10.0, output_limit=4096):
+def run(
+    path,
+    interpreter=Interpreter.BASH,
+    variables=None,
+    timeout_s=10.0,
+    output_limit=4096,
+    limits: SandboxLimits | None = None,
+):
     return asyncio.run(
         run_script(
             script_path=path,
             interpreter=interpreter,
             variables=variables or {},
             timeout_s=timeout_s,
-            limits=SandboxLimits(output_bytes=output_limit),
+            limits=limits or SandboxLimits(output_bytes=output_limit),
         )
     )
 
@@ -251,10 +258,16 @@ async def until(condition, what: str, timeout_s: float = 10.0):
     return found
 
 
-def held_run(path: Path, marker: str, hold: bool = True, fork_server: bool = True) -> ScriptRun:
+def held_run(
+    path: Path,
+    marker: str,
+    hold: bool = True,
+    fork_server: bool = True,
+    interpreter: Interpreter = Interpreter.BASH,
+) -> ScriptRun:
     return ScriptRun(
         script_path=path,
-        interpreter=Interpreter.BASH,
+        interpreter=interpreter,
         variables={"MARK": marker},
         timeout_s=10,
         limits=SandboxLimits(fork_server=fork_server),
@@ -268,24 +281,62 @@ START_PATHS = {"fork server": True, "Popen of the launcher": False}
 @pytest.mark.parametrize("start_path", START_PATHS)
 def test_a_held_run_has_its_sandbox_built_and_starts_only_when_released(tmp_path, start_path):
     ran = tmp_path / "ran"
-    script = write(tmp_path, f"echo $$ $(id -u) > {ran}; echo ran")
+    # What a script sees of itself does not change with the hold (bash is
+    # held after its start-up, reading its script from a pipe): its name,
+    # its arguments, its open descriptors (ls's own directory one of them),
+    # its own text through $0, a bash it starts, its exit status.
+    script = write(
+        tmp_path,
+        f"echo $$ $(id -u) > {ran}\n"
+        'echo "$# $([ "$0" = "${BASH_SOURCE[0]}" ] && echo same-name)"\n'
+        "ls /proc/self/fd | wc -l\n"
+        'head -c 9 "$0"; echo\n'
+        "bash -c 'echo child $#' && exit 3\n"
+        "echo not reached\n",
+    )
     tmp_path.chmod(0o777)
+    limits = SandboxLimits(fork_server=START_PATHS[start_path])
+    unheld = run(script, variables={"MARK": "unheld"}, limits=limits)
+    assert unheld.exit_code == 3
+    assert unheld.output_tail.splitlines()[:2] == ["0 same-name", "5"]
+    ran.unlink()
 
     async def scenario():
         run = held_run(script, "MARK=held-released", fork_server=START_PATHS[start_path])
         assert run.held
-        # the script's own process is up as the run's uid, still the launcher
+        # bash itself is up as the run's uid, waiting for its script
         first, last = SandboxLimits().uid_range()
-        held = await until(held_launchers, "the held launcher to drop to the run's uid")
+        held = await until(held_runs, "the held bash to drop to the run's uid")
         assert len(held) == 1 and first <= uid_of(held[0]) <= last
+        assert os.path.basename(exe_of(held[0])) == "bash"
         assert not ran.exists()
         released_at = datetime.now(timezone.utc)
         run.release()
         outcome = await run.finish()
-        assert (outcome.exit_code, outcome.output_tail) == (0, "ran\n")
+        assert (outcome.exit_code, outcome.output_tail) == (3, unheld.output_tail)
         assert outcome.started_at >= released_at and run.closed
         pid, uid = ran.read_text().split()
         assert pid == "1" and first <= int(uid) <= last  # its own namespace, its own uid
+
+    asyncio.run(scenario())
+
+
+@needs_root
+def test_a_held_python_run_waits_in_the_launcher(tmp_path):
+    """Only bash is held after its start-up; another interpreter waits in
+    the launcher, before its exec."""
+    ran = tmp_path / "ran"
+    script = write(tmp_path, f"open({str(ran)!r}, 'w').write('ran')\nprint('py')\n")
+    tmp_path.chmod(0o777)
+
+    async def scenario():
+        run = held_run(script, "MARK=held-python", interpreter=Interpreter.PYTHON)
+        [held] = await until(held_runs, "the held launcher")
+        assert exe_of(held) == detect_isolation("nobody").launcher
+        assert not ran.exists()
+        run.release()
+        outcome = await run.finish()
+        assert (outcome.exit_code, outcome.output_tail, ran.read_text()) == (0, "py\n", "ran")
 
     asyncio.run(scenario())
 
@@ -299,10 +350,32 @@ def test_a_discarded_held_run_runs_nothing_and_leaves_nothing(tmp_path, start_pa
 
     async def scenario():
         run = held_run(script, "MARK=held-discarded", fork_server=START_PATHS[start_path])
-        await until(held_launchers, "the held launcher")
+        await until(held_runs, "the held bash")
         run.discard()
-        await until(lambda: not held_launchers(), "the launcher's end")
+        await until(lambda: not held_runs(), "the held bash's end")
         assert run.closed and not ran.exists()
+
+    asyncio.run(scenario())
+
+
+@needs_root
+@pytest.mark.parametrize("interpreter", [Interpreter.BASH, Interpreter.PYTHON])
+def test_a_held_run_whose_go_pipe_closes_unwritten_runs_nothing(tmp_path, interpreter):
+    """What an executor that dies before the instant leaves: the pipe's end
+    of file, nothing killed. A held bash reads an empty script, a held
+    launcher exits unexec'd; neither runs a line."""
+    ran = tmp_path / "ran"
+    body = f"touch {ran}" if interpreter is Interpreter.BASH else f"open({str(ran)!r}, 'w')"
+    script = write(tmp_path, body)
+    tmp_path.chmod(0o777)
+
+    async def scenario():
+        run = held_run(script, "MARK=held-orphaned", interpreter=interpreter)
+        await until(held_runs, "the held run")
+        run._close_go()
+        await until(lambda: not held_runs(), "the held run's own end")
+        assert not ran.exists()
+        run.discard()
 
     asyncio.run(scenario())
 
