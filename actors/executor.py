@@ -12,7 +12,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from enum import Enum
@@ -99,6 +99,57 @@ class ScriptCache:
         return path
 
 
+class InstantReleases:
+    """Runs due at one instant are released together: one timer per instant
+    starts them all in one loop, before the event loop handles anything
+    else. Released by each attempt's own coroutine, the releases of one
+    instant interleaved with the ends and results of the scripts released
+    first (a minute's 300 fires: p50 / p99 39.8 / 101.6 ms against 33.1 /
+    79.9 ms, see the README)."""
+
+    def __init__(
+        self, sleep_until: Callable[[float], Awaitable[None]], fenced: Callable[[], bool]
+    ) -> None:
+        self._sleep_until = sleep_until
+        self._fenced = fenced
+        self._due: dict[float, list[tuple[ScriptRun, Callable[[int], None], asyncio.Future]]] = {}
+        self._timers: set[asyncio.Task] = set()
+
+    async def release(self, run: ScriptRun, *, at: float, on_start: Callable[[int], None]) -> bool:
+        """Release ``run`` at ``at`` (epoch seconds, never before) with every
+        run due then; False, and not released, if the executor was fenced
+        by then."""
+        waiting = self._due.get(at)
+        if waiting is None:
+            waiting = self._due[at] = []
+            timer = asyncio.ensure_future(self._release_all(at))
+            self._timers.add(timer)  # the loop keeps only a weak reference
+            timer.add_done_callback(self._timers.discard)
+        released: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        waiting.append((run, on_start, released))
+        return await released
+
+    async def _release_all(self, at: float) -> None:
+        try:
+            await self._sleep_until(at)
+        except BaseException:
+            for _, _, released in self._due.pop(at, []):
+                released.cancel()
+            raise
+        fenced = self._fenced()
+        due = self._due.pop(at)
+        for run, on_start, released in due:
+            if released.done():  # its attempt was cancelled meanwhile
+                continue
+            try:
+                if not fenced:
+                    run.release(on_start=on_start)
+            except Exception as exc:
+                released.set_exception(exc)
+            else:
+                released.set_result(not fenced)
+
+
 class Executor:
     """Runs handed-over attempts, each at its due instant, at most ``slots``
     at once. An attempt's script starts only after its start gate committed
@@ -150,6 +201,7 @@ class Executor:
         self._outbox: Outbox[RunResult] = Outbox(
             sink.report_results, name=f"executor {executor_id}", retry_s=retry_s
         )
+        self._releases = InstantReleases(self._sleep_until, lambda: self.fenced)
 
     async def run_batch(self, specs: Sequence[TaskSpec]) -> int:
         """Take each attempt in the background; a replayed call is a no-op
@@ -293,12 +345,15 @@ class Executor:
                 self.refused_at_gate += 1
                 log.info("attempt %s not started: it is not ours to run", spec.key)
                 return None  # someone else's: nothing to say about it
-            await self._sleep_until(to_epoch(spec.due_at))
-            if self.fenced:
+            released = await self._releases.release(
+                run,
+                at=to_epoch(spec.due_at),
+                on_start=lambda pid: self._pids.__setitem__(spec.key, pid),
+            )
+            if not released:  # fenced by its instant
                 return self._result(
                     spec, None, self._clock.now(), None, FENCED, FailureClass.EXECUTOR_LOST
                 )
-            run.release(on_start=lambda pid: self._pids.__setitem__(spec.key, pid))
             outcome = await run.finish()
         finally:
             if not run.closed:  # refused, fenced or cancelled before its release

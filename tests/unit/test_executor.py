@@ -2,12 +2,13 @@
 caches scripts by hash, reports results in batches."""
 
 import asyncio
+import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from actors.executor import Executor, ExecutorFenced, ScriptCache
+from actors.executor import Executor, ExecutorFenced, InstantReleases, ScriptCache
 from scheduling.models import FailureClass
 from tests.unit.fakes import held_runs, processes_with
 from tests.unit.test_pure_scheduling import spec
@@ -525,3 +526,57 @@ def test_the_executor_follows_the_pools_answers_to_its_heartbeats(tmp_path):
     assert asyncio.run(asyncio.wait_for(scenario(), timeout=10)) is False
     # not draining, not draining, then drained (nothing held), then drained again
     assert shell._pool.beats == [(False, False), (False, False), (True, True), (True, True)]
+
+
+class FakeRun:
+    """A run that records who released it, and when."""
+
+    def __init__(self, log, name, fails=False):
+        self.log, self.name, self.fails = log, name, fails
+
+    def release(self, on_start=None):
+        if self.fails:
+            raise OSError("no fork")
+        self.log.append((self.name, asyncio.current_task(), time.time()))
+        on_start(len(self.log))
+
+
+async def sleep_until(at):
+    await asyncio.sleep(max(0.0, at - time.time()) + 0.002)  # a margin for the monotonic clock
+
+
+def test_runs_due_at_one_instant_are_released_together_and_never_early():
+    """One timer releases every run of an instant in one loop (not one
+    coroutine each, interleaved with the ends of scripts already started);
+    a cancelled attempt's run is skipped, a failed release is its own
+    attempt's error, a fenced executor releases nothing."""
+
+    async def scenario(fenced):
+        log, started = [], []
+        releases = InstantReleases(sleep_until, lambda: fenced)
+        at = time.time() + 0.2
+        runs = [FakeRun(log, n, fails=n == "bad") for n in ("a", "b", "bad", "cancelled", "c")]
+        waiters = [
+            asyncio.ensure_future(releases.release(run, at=at, on_start=started.append))
+            for run in runs
+        ]
+        later = asyncio.ensure_future(
+            releases.release(FakeRun(log, "later"), at=at + 0.1, on_start=started.append)
+        )
+        await asyncio.sleep(0.05)
+        waiters[3].cancel()
+        outcomes = await asyncio.gather(*waiters, later, return_exceptions=True)
+        return log, started, outcomes, at
+
+    log, started, outcomes, at = asyncio.run(scenario(fenced=False))
+    assert [name for name, _, _ in log] == ["a", "b", "c", "later"]
+    together = {task for name, task, _ in log if name != "later"}
+    assert len(together) == 1 and log[-1][1] not in together  # one timer per instant
+    assert started == [1, 2, 3, 4]
+    assert outcomes[:2] == [True, True] and outcomes[4:] == [True, True]
+    assert isinstance(outcomes[2], OSError) and isinstance(outcomes[3], asyncio.CancelledError)
+    assert all(when >= at for _, _, when in log) and log[-1][2] >= at + 0.1
+
+    log, started, outcomes, _ = asyncio.run(scenario(fenced=True))
+    assert log == [] and started == []
+    assert outcomes[:3] == [False, False, False] and outcomes[4:] == [False, False]
