@@ -248,7 +248,7 @@ def main() -> None:
     parser.add_argument(
         "--prespawn",
         choices=["on", "off"],
-        default="off",
+        default="on",
         help="executors build each run's sandbox at hand-over and hold it until the instant",
     )
     parser.add_argument("--lead-s", type=float, default=20.0)

@@ -55,9 +55,8 @@ class Settings:
     sweep_interval_s: float = 5.0
     prefire_ms: float = 250.0  # hand tasks to executors this early; they start on the instant
     # executors build a run's sandbox when it is handed over and hold it
-    # before the script's first line until the instant; off by default: on
-    # the 2-core bench box it measured no gain (README, Benchmarks)
-    prespawn: bool = False
+    # (bash: started, before the script's first line) until the instant
+    prespawn: bool = True
     queue_lease_s: float = 600.0  # how long a handed-over task may wait for a slot
     lease_grace_s: float = 30.0  # beyond a running task's timeout
     claim_batch: int = 2000

@@ -19,7 +19,7 @@ SAMPLES = {
     "CHRONORAY_RANGE_S": ("120", lambda s: s.range_s),
     "CHRONORAY_RANGE_SLICES": ("0", lambda s: s.range_slices),
     "CHRONORAY_PREFIRE_MS": ("100", lambda s: s.prefire_ms),
-    "CHRONORAY_PRESPAWN": ("on", lambda s: s.prespawn),
+    "CHRONORAY_PRESPAWN": ("off", lambda s: s.prespawn),
     "CHRONORAY_LOOKAHEAD_S": ("30", lambda s: s.lookahead_s),
     "CHRONORAY_SWEEP_INTERVAL_S": ("2", lambda s: s.sweep_interval_s),
     "CHRONORAY_QUEUE_LEASE_S": ("20", lambda s: s.queue_lease_s),
