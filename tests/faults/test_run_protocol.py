@@ -89,7 +89,7 @@ def test_down_lets_running_scripts_finish_and_the_next_start_runs_the_rest(
     assert Counter(v.task.status.value for v in views) == {"succeeded": 12}, [
         describe_runs(v) for v in views if v.task.status.value != "succeeded"
     ]
-    assert [v.task.attempt for v in views[:2]] == [2, 2]
+    assert [v.task.attempt for v in views[:2]] == [2, 2], [describe_runs(v) for v in views[:2]]
     assert [v.runs[0].failure.value for v in views[:2]] == ["executor_lost"] * 2
     lines = ledger_lines(ledger)
     assert {(t.task_id, a): lines[(t.task_id, a)] for t in long for a in (1, 2)} == {
