@@ -294,6 +294,7 @@ def main() -> None:
 
         client = Client(namespace=settings.namespace)
         engine = make_engine(args.database_url)  # the bench's own reads
+        procstat.count_postgres_of(engine)  # not other clusters on the box
         client.register_script("stamp.sh", floor.STAMP_SCRIPT)
         time.sleep(5)  # let the deployment settle before reading its idle memory
         idle_mb = procstat.resident_mb()

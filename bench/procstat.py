@@ -41,6 +41,35 @@ CONTROL_PLANE = (
 )
 
 
+# The postmaster of the cluster a benchmark uses (``count_postgres_of``):
+# other PostgreSQL clusters on the box (a developer's throwaway ones, the
+# system's) are not the benchmark's. None: every PostgreSQL process counts.
+_postmaster: int | None = None
+
+
+def count_postgres_of(engine) -> None:
+    """Count only the PostgreSQL cluster ``engine`` connects to: its
+    postmaster (the parent of this connection's backend) and its children."""
+    global _postmaster
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        backend = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+    _postmaster = _parent_of(int(backend))
+
+
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def _counted(role: str, pid: int, stat: str) -> bool:
+    if role != "postgresql" or _postmaster is None or pid == _postmaster:
+        return True
+    return int(stat[stat.rindex(")") + 2 :].split()[1]) == _postmaster
+
+
 def process_class(cmdline: str, comm: str) -> str | None:
     """The class a process is counted under; None: not ours to count."""
     if cmdline.startswith("ray::"):
@@ -83,7 +112,7 @@ def snapshot() -> Snapshot:
             continue  # gone meanwhile
         comm = stat[stat.index("(") + 1 : stat.rindex(")")]
         role = process_class(cmdline, comm)
-        if role is None:
+        if role is None or not _counted(role, pid, stat):
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
         found[pid] = (role, (int(fields[11]) + int(fields[12])) / TICKS)  # utime, stime
@@ -129,7 +158,7 @@ def resident_by_class(exclude: tuple[str, ...] = ()) -> dict[str, tuple[float, i
                 stat = f.read()
             comm = stat[stat.index("(") + 1 : stat.rindex(")")]
             role = process_class(cmdline, comm)
-            if role is None or role in exclude:
+            if role is None or role in exclude or not _counted(role, int(entry), stat):
                 continue
             with open(f"/proc/{entry}/smaps_rollup") as f:
                 pss_kb = next(int(line.split()[1]) for line in f if line.startswith("Pss:"))

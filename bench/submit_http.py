@@ -48,6 +48,7 @@ from bench.figures import median_table, percentile
 from chronoray.deploy import deploy, free_port, local_token, start_local_ray, teardown
 from chronoray.settings import Settings
 from scheduling.tiers import local_tiers
+from storage.engines import make_engine
 
 WRK = shutil.which("wrk") or "/usr/bin/wrk"  # make bench-http installs it
 LEVERS = {
@@ -341,6 +342,7 @@ def main() -> None:
     if not args.database_url:
         parser.error("--database-url (or CHRONORAY_BENCH_DATABASE_URL) is required")
     levers = list(LEVERS) if args.ab else [args.ingress]
+    procstat.count_postgres_of(make_engine(args.database_url))  # not other clusters on the box
     results = {lever: one_configuration(args, lever) for lever in levers}
     for lever, (ours, floors) in results.items():
         summary(lever, ours, floors)
