@@ -484,8 +484,10 @@ class ScriptRun:
         self._scratch: str | None = None
         self._quota = 0
         self._command = [*interpreter_command(interpreter), str(script_path)]
-        # bash can be held after its own start-up: see HELD_BASH_GO
-        self._hold_in_shell = interpreter is Interpreter.BASH
+        # bash can be held after its own start-up (HELD_BASH_GO), unless the
+        # task names a BASH_ENV: bash would source that during the hold,
+        # before the start gate, so such a run waits in the launcher
+        self._hold_in_shell = interpreter is Interpreter.BASH and "BASH_ENV" not in variables
         self._variables = dict(variables)
         self._child: _Child | None = None
         self._go: int | None = None  # the write end of a held run's pipe

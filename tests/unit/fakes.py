@@ -180,10 +180,10 @@ def exe_of(pid: int) -> str:
 
 
 def held_runs() -> list[int]:
-    """Processes of a held run: a launcher waiting in a pipe read to exec
-    the interpreter, or bash started and waiting to read its script from
-    that pipe (``bash /dev/fd/N SCRIPT``, see ``HELD_BASH_GO``); as root,
-    those dropped to a run's uid. Forked by the fork server, a launcher
+    """Processes of this process's held runs: a launcher waiting in a pipe
+    read to exec the interpreter, or bash started and waiting to read its
+    script from that pipe (``bash /dev/fd/N SCRIPT``, see ``HELD_BASH_GO``);
+    as root, those dropped to a run's uid. Forked by the fork server, a launcher
     still shows the server's environment (only an exec sets /proc's), so
     they are not found by a variable."""
     from actors import fork_server
@@ -208,6 +208,22 @@ def held_runs() -> list[int]:
             uid = uid_of(int(entry.name))
         except (OSError, ValueError):
             continue
-        if os.geteuid() != 0 or first <= uid <= last:
+        if (os.geteuid() != 0 or first <= uid <= last) and _descends_from_us(int(entry.name)):
             found.append(int(entry.name))
     return found
+
+
+def _descends_from_us(pid: int) -> bool:
+    """Started by this process (through its fork server or Popen), not by
+    another test run or deployment on the same host."""
+    for _ in range(8):
+        if pid == os.getpid():
+            return True
+        if pid <= 1:
+            return False
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat[stat.rindex(")") + 2 :].split()[1])
+    return False

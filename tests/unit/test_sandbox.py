@@ -322,6 +322,35 @@ def test_a_held_run_has_its_sandbox_built_and_starts_only_when_released(tmp_path
 
 
 @needs_root
+def test_a_bash_run_with_its_own_bash_env_is_held_in_the_launcher(tmp_path):
+    """bash sources BASH_ENV at its start-up: held after its start-up, a
+    task's BASH_ENV would run before the start gate. Such a run waits in the
+    launcher, and its BASH_ENV runs on the release, before the script."""
+    ran = tmp_path / "ran"
+    startup = write(tmp_path, f"echo startup >> {ran}", name="startup")
+    script = write(tmp_path, f"echo script >> {ran}")
+    tmp_path.chmod(0o777)
+
+    async def scenario():
+        run = ScriptRun(
+            script_path=script,
+            interpreter=Interpreter.BASH,
+            variables={"MARK": "held-bash-env", "BASH_ENV": str(startup)},
+            timeout_s=10,
+            limits=SandboxLimits(),
+        ).prepare(hold=True)
+        [held] = await until(held_runs, "the held launcher")
+        assert exe_of(held) == detect_isolation("nobody").launcher
+        await asyncio.sleep(0.2)
+        assert not ran.exists()
+        run.release()
+        outcome = await run.finish()
+        assert (outcome.exit_code, ran.read_text()) == (0, "startup\nscript\n")
+
+    asyncio.run(scenario())
+
+
+@needs_root
 def test_a_held_python_run_waits_in_the_launcher(tmp_path):
     """Only bash is held after its start-up; another interpreter waits in
     the launcher, before its exec."""
