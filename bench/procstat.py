@@ -60,14 +60,18 @@ def count_postgres_of(engine) -> None:
 
 def _parent_of(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
+        return _ppid(f.read())
+
+
+def _ppid(stat: str) -> int:
+    """The parent pid in a /proc/PID/stat line (the field after the state)."""
     return int(stat[stat.rindex(")") + 2 :].split()[1])
 
 
 def _counted(role: str, pid: int, stat: str) -> bool:
     if role != "postgresql" or _postmaster is None or pid == _postmaster:
         return True
-    return int(stat[stat.rindex(")") + 2 :].split()[1]) == _postmaster
+    return _ppid(stat) == _postmaster
 
 
 def process_class(cmdline: str, comm: str) -> str | None:

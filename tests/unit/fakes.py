@@ -191,7 +191,7 @@ def held_runs() -> list[int]:
     from scheduling.models import Interpreter
 
     launcher = detect_isolation("nobody").launcher
-    [bash] = interpreter_command(Interpreter.BASH)
+    bash = os.path.realpath(interpreter_command(Interpreter.BASH)[0])
     first, last = SandboxLimits().uid_range()
     servers = {server.pid for server in fork_server._servers.values()}
     found = []
@@ -202,7 +202,7 @@ def held_runs() -> list[int]:
             exe = os.readlink(entry / "exe")
             argv = (entry / "cmdline").read_bytes().split(b"\0")
             if exe != launcher and not (
-                exe == os.path.realpath(bash) and argv[1:2] and argv[1].startswith(b"/dev/fd/")
+                exe == bash and argv[1:2] and argv[1].startswith(b"/dev/fd/")
             ):
                 continue
             uid = uid_of(int(entry.name))
