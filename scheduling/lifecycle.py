@@ -76,6 +76,10 @@ REDRIVE = Move(frozenset({_S.DEAD}), _S.SCHEDULED)  # a user gives a dead task m
 # An attempt's result applies to a task in flight; ``after_attempt`` picks the target.
 RESULT_SOURCE = IN_FLIGHT_STATUSES
 RESULT_TARGETS = frozenset({_S.SUCCEEDED, _S.DEAD, _S.SCHEDULED})
+# A success ends its task from any status a result applies to, and keeps the
+# row's attempts, limits and loss count (``after_attempt``): it is decided
+# without reading the row.
+SUCCEED = Move(RESULT_SOURCE, _S.SUCCEEDED)
 MOVES = (CLAIM, START, CANCEL, SKIP, STOP, REDRIVE)
 
 

@@ -10,9 +10,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import event, text
 
-from scheduling.models import Interpreter
+from scheduling.models import FailureClass
 from tests.conftest import T0
-from tests.contract.test_repository import POLICY, new, result, submit
+from tests.contract.test_repository import POLICY, new, owner_in, result, submit
 
 pytestmark = pytest.mark.postgres
 
@@ -21,20 +21,18 @@ LEASE = T0 + timedelta(seconds=30)
 
 @pytest.fixture
 def owner(postgres_repo):
-    owner = postgres_repo.ensure_user(first_name="ada", last_name="lovelace", now=T0)
-    postgres_repo.add_script(
-        owner_id=owner, name="job.sh", interpreter=Interpreter.BASH, body=b"echo hi", now=T0
-    )
-    return owner
+    return owner_in(postgres_repo)
 
 
 @contextmanager
 def updates_of_tasks(engine):
-    """The UPDATE statements on tasks sent meanwhile, with their parameters."""
+    """The UPDATE statements on tasks sent meanwhile (alone or in a WITH),
+    with their parameters."""
     sent = []
 
     def capture(_conn, _cursor, statement, parameters, _context, _executemany):
-        if statement.lstrip().upper().startswith("UPDATE TASKS"):
+        head = statement.lstrip().upper()
+        if head.startswith("UPDATE TASKS") or (head.startswith("WITH") and "UPDATE TASKS" in head):
             sent.append((statement, parameters))
 
     event.listen(engine, "before_cursor_execute", capture)
@@ -73,11 +71,15 @@ def test_claim_gate_and_result_probe_the_primary_key_under_stale_statistics(post
     assert len(specs) == 2000
 
     with updates_of_tasks(engine) as gate:
-        assert len(repo.mark_running(specs[:5], lease_grace_s=5, now=T0)) == 5
+        assert len(repo.mark_running(specs[:10], lease_grace_s=5, now=T0)) == 10
     assert_keyed(engine, gate)
 
     with updates_of_tasks(engine) as results:
-        assert repo.record_results([result(s) for s in specs[:5]], policy=POLICY, now=T0) == []
+        successes = [result(s) for s in specs[:5]]
+        failures = [result(s, failure=FailureClass.EXIT_CODE) for s in specs[5:10]]
+        retried = repo.record_results(successes + failures, policy=POLICY, now=T0)
+    assert sorted(task_id for task_id, _ in retried) == sorted(s.task_id for s in specs[5:10])
+    assert len(results) == 2  # the successes' write and the failures'
     assert_keyed(engine, results)
 
     analyze(engine)  # now: none scheduled

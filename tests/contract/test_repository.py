@@ -17,20 +17,25 @@ from scheduling.models import (
     TaskStatus,
 )
 from scheduling.timeline import Wheel
-from storage.repository import TaskQuery
+from storage.repository import MAX_OUTPUT_TAIL_CHARS, TaskQuery
 from tests.conftest import T0
 
 WHEEL = Wheel(num_shards=1, range_s=60)
 POLICY = RetryPolicy(backoff_base_s=5.0, jitter=False)
 
 
-@pytest.fixture
-def owner(repo):
+def owner_in(repo):
+    """A user with the script ``job.sh``."""
     owner = repo.ensure_user(first_name="ada", last_name="lovelace", now=T0)
     repo.add_script(
         owner_id=owner, name="job.sh", interpreter=Interpreter.BASH, body=b"echo hi", now=T0
     )
     return owner
+
+
+@pytest.fixture
+def owner(repo):
+    return owner_in(repo)
 
 
 def new(owner, seconds=0, **kw):
@@ -501,7 +506,9 @@ def statements_on(engine, verb: str):
     return sent, lambda: event.remove(engine, "before_cursor_execute", note)
 
 
-def test_a_batch_passes_the_start_gate_and_records_its_results_in_one_statement_each(repo, owner):
+def test_a_batch_passes_the_start_gate_and_records_its_results_in_one_statement_per_kind(
+    repo, owner
+):
     tasks = submit(repo, *(new(owner, max_attempts=2) for _ in range(50)))
     epoch = repo.start_shard(0, now=T0)
     specs = repo.claim(
@@ -525,11 +532,75 @@ def test_a_batch_passes_the_start_gate_and_records_its_results_in_one_statement_
     finally:
         stop()
     assert sorted(started) == sorted(spec.key for spec in specs)
-    assert gate_updates == 1 and len(sent) == 2  # the gate's one, the results' one
+    # the gate's one, the results' one; on PostgreSQL the successes' apart: they need no read
+    result_writes = 2 if repo.engine.dialect.name == "postgresql" else 1
+    assert gate_updates == 1 and len(sent) == 1 + result_writes
     assert len(retries) == 25  # the failed half is scheduled again; the rest succeeded
     statuses = [repo.get_task(spec.task_id).status for spec in specs]
     assert statuses.count(TaskStatus.SUCCEEDED) == 25 and statuses.count(TaskStatus.SCHEDULED) == 25
     assert all(len(repo.list_runs(spec.task_id)) == 1 for spec in specs)
+
+
+def test_successes_are_recorded_with_their_runs_in_one_statement_on_postgres(postgres_repo):
+    """A success needs no read of its row: one statement moves the rows and
+    logs the runs. A success of another epoch, or of a task cancelled
+    meanwhile, in the same batch changes nothing and logs no run."""
+    repo = postgres_repo
+    owner = owner_in(repo)
+    tasks = submit(repo, *(new(owner, max_attempts=3) for _ in range(6)))
+    epoch = repo.start_shard(0, now=T0)
+    specs = repo.claim(
+        [t.task_id for t in tasks],
+        shard=0,
+        epoch=epoch,
+        lease_until=T0 + timedelta(seconds=30),
+        now=T0,
+    ).specs
+    repo.mark_running(specs[:4], lease_grace_s=5, now=T0)  # the rest still queued
+    stale = replace(specs[1], epoch=epoch + 1)
+    outcomes = []
+    sent: list[str] = []
+    note = lambda *args: sent.append(args[2])  # noqa: E731
+    event.listen(repo.engine, "before_cursor_execute", note)
+    try:
+        watch = repo.record_results(
+            [result(specs[0]), result(stale), result(specs[2]), result(specs[4])],
+            policy=POLICY,
+            now=T0,
+            on_outcome=lambda r, status, schedule_id: outcomes.append((r.task_id, status)),
+        )
+    finally:
+        event.remove(repo.engine, "before_cursor_execute", note)
+    assert watch == [] and len(sent) == 1, sent
+    ended = {specs[0].task_id, specs[2].task_id, specs[4].task_id}  # queued: a result applies too
+    assert sorted(outcomes) == sorted((i, TaskStatus.SUCCEEDED) for i in ended)
+    for spec in specs:
+        task = repo.get_task(spec.task_id)
+        runs = repo.list_runs(spec.task_id)
+        if spec.task_id in ended:
+            assert (task.status, task.attempt, task.max_attempts, task.lease_expires_at) == (
+                TaskStatus.SUCCEEDED,
+                1,
+                3,
+                None,
+            )
+            [run] = runs
+            assert (run.attempt, run.exit_code, run.failure, run.output_tail) == (
+                1,
+                0,
+                None,
+                "x" * MAX_OUTPUT_TAIL_CHARS,  # the tail, as every write keeps it
+            )
+            assert (run.started_at, run.finished_at, run.executor_id) == (
+                spec.due_at + timedelta(milliseconds=3),
+                spec.due_at + timedelta(seconds=1),
+                "small-0",
+            )
+        else:
+            assert task.status in (TaskStatus.RUNNING, TaskStatus.QUEUED) and runs == []
+    # a replay of the same successes decides nothing and logs nothing more
+    assert repo.record_results([result(specs[0])], policy=POLICY, now=T0) == []
+    assert len(repo.list_runs(specs[0].task_id)) == 1
 
 
 def test_a_late_report_of_an_earlier_attempt_beside_the_current_one_applies_only_the_current(

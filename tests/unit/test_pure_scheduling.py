@@ -13,6 +13,7 @@ from scheduling.lifecycle import (
     RESULT_SOURCE,
     RESULT_TARGETS,
     START,
+    SUCCEED,
     RetryPolicy,
     after_attempt,
     after_redrive,
@@ -169,6 +170,32 @@ def test_only_the_first_executor_loss_counts_against_the_attempts():
     # loss 1 uses attempt 1 of 2; losses 2 and 3 are free; loss 4 uses the last attempt
     assert statuses == [TaskStatus.SCHEDULED] * 3 + [TaskStatus.DEAD] * 2
     assert (attempt, lost) == (4, 5)
+
+
+@pytest.mark.parametrize("started", [True, False])
+@pytest.mark.parametrize("attempt, max_attempts, lost_count", [(1, 1, 0), (2, 5, 1), (4, 4, 3)])
+def test_a_success_is_decided_without_the_row(attempt, max_attempts, lost_count, started):
+    """What lets storage write a success without reading its row first: from
+    any status a result applies to, whatever the row's limits and losses, a
+    success ends the task and keeps them as they are."""
+    outcome = after_attempt(
+        attempt=attempt,
+        max_attempts=max_attempts,
+        priority=4,
+        failure=None,
+        policy=RetryPolicy(),
+        now=T0,
+        lost_count=lost_count,
+        tiers=local_tiers(),
+        started=started,
+    )
+    assert (outcome.status, outcome.attempt, outcome.priority) == (SUCCEED.target, attempt, 4)
+    assert (outcome.max_attempts, outcome.lost_count, outcome.execute_at) == (
+        max_attempts,
+        lost_count,
+        None,
+    )
+    assert SUCCEED.source == RESULT_SOURCE
 
 
 def test_the_moves_and_results_are_the_documented_state_machine():
