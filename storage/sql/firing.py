@@ -109,63 +109,86 @@ def claim(
     rules: MisfireRules,
 ) -> Claimed:
     """The CLAIM move, fenced by the shard's epoch: a superseded incarnation
-    claims nothing. One-shot tasks in one conditional update; schedule
-    occurrences one by one under their policies."""
+    claims nothing. One-shot tasks in one conditional update that returns
+    their specs; schedule occurrences one by one under their policies."""
     if not task_ids:
         return Claimed([])
-    current_epoch = exists().where(shards.c.shard == shard, shards.c.epoch == epoch)
-    occurrence_ids = set(
-        conn.execute(
-            select(tasks.c.task_id).where(
-                tasks.c.task_id.in_(list(task_ids)), tasks.c.schedule_id.is_not(None)
-            )
-        ).scalars()
+    # One-shot tasks (the bulk) are claimed and returned as specs in one
+    # statement; only what it left may be a schedule occurrence.
+    moved = conn.execute(
+        rows.prebuilt(conn, _claim_one_shot),
+        {
+            "ids": list(task_ids),
+            "claim_shard": shard,
+            "claim_epoch": epoch,
+            "lease_until": lease_until,
+            "now": now,
+        },
+    ).all()
+    # SQLite's RETURNING cannot carry the script's columns (rows.SPEC_RETURNING)
+    claimed = (
+        moved
+        if conn.dialect.name == "postgresql"
+        else _spec_rows(conn, [row.task_id for row in moved])
     )
-    plain = [t for t in task_ids if t not in occurrence_ids]
-    claimed: Sequence[int] = []
-    if plain:
-        claimed = (
-            conn.execute(
-                update(tasks)
-                .where(
-                    tasks.c.task_id.in_(plain),
-                    rows.in_status(CLAIM.source),
-                    current_epoch,
-                )
-                .values(
-                    status=CLAIM.target.value,
-                    epoch=epoch,
-                    lease_expires_at=lease_until,
-                    updated_at=now,
-                )
-                .returning(tasks.c.task_id)
-            )
-            .scalars()
-            .all()
-        )
     fired = schedules.FireOutcome()
+    left = set(task_ids).difference(row.task_id for row in claimed)
+    occurrence_ids = (
+        sorted(
+            conn.execute(
+                select(tasks.c.task_id).where(
+                    rows.among(conn, tasks.c.task_id, left), tasks.c.schedule_id.is_not(None)
+                )
+            ).scalars()
+        )
+        if left
+        else []
+    )
     if occurrence_ids:
         fired = schedules.fire_occurrences(
             conn,
-            sorted(occurrence_ids),
+            occurrence_ids,
             shard=shard,
             epoch=epoch,
             lease_until=lease_until,
             now=now,
             rules=rules,
         )
-    ids = [*claimed, *fired.fired]
-    found = (
-        conn.execute(
-            rows.with_script_name(*rows.SPEC_COLUMNS)
-            .where(tasks.c.task_id.in_(ids))
-            .order_by(tasks.c.execute_at)
-        ).all()
-        if ids
-        else []
-    )
+    found = [*claimed, *_spec_rows(conn, fired.fired)]
+    found.sort(key=lambda row: row.execute_at)
     return Claimed(
         [rows.spec(row, shard=shard) for row in found], fired.follow_ups, fired.cancelled
+    )
+
+
+def _spec_rows(conn: Connection, ids: Sequence[int]) -> Sequence[Any]:
+    """The rows ``rows.spec`` maps, of these tasks."""
+    if not ids:
+        return []
+    return conn.execute(
+        rows.with_script_name(*rows.SPEC_COLUMNS).where(rows.among(conn, tasks.c.task_id, ids))
+    ).all()
+
+
+def _claim_one_shot(dialect: str) -> Any:
+    current_epoch = exists().where(
+        shards.c.shard == bindparam("claim_shard"), shards.c.epoch == bindparam("claim_epoch")
+    )
+    return (
+        update(tasks)
+        .where(
+            rows.among_bound(dialect, tasks.c.task_id, "ids"),
+            tasks.c.schedule_id.is_(None),
+            rows.in_status(CLAIM.source),
+            current_epoch,
+        )
+        .values(
+            status=CLAIM.target.value,
+            epoch=bindparam("claim_epoch"),
+            lease_expires_at=bindparam("lease_until", type_=UtcDateTime),
+            updated_at=bindparam("now", type_=UtcDateTime),
+        )
+        .returning(*(rows.SPEC_RETURNING if dialect == "postgresql" else [tasks.c.task_id]))
     )
 
 
@@ -285,9 +308,11 @@ def _apply_results(
     watch: list[tuple[int, datetime]],
     ended_schedules: set[int],
 ) -> list[RunResult]:
-    """Results of distinct tasks: one UPDATE for all, one INSERT of their
-    runs. Returns the results whose task changed status between this read
-    and the write while still on their attempt: to be decided again."""
+    """Results of distinct tasks: on PostgreSQL the successes in one
+    statement of their own (``_record_successes``); the rest read, decided,
+    then one UPDATE for all and one INSERT of their runs. Returns the
+    results whose task changed status between this read and the write while
+    still on their attempt: to be decided again."""
     if conn.dialect.name == "postgresql":
         successes = [r for r in results if r.succeeded]
         if successes:

@@ -143,6 +143,68 @@ def test_claim_is_conditional_and_fenced_by_epoch(repo, owner):
     assert repo.get_task(tasks[0].task_id).status is TaskStatus.QUEUED
 
 
+def test_one_shot_tasks_are_claimed_as_their_specs_in_one_statement(repo, owner):
+    """The claim moves the rows and returns what executors need (the
+    script's digest and interpreter included) in due order; on PostgreSQL
+    nothing is read again. A task already claimed is left."""
+    script, _ = repo.add_script(  # not the first script: each spec carries its own's
+        owner_id=owner, name="py.py", interpreter=Interpreter.PYTHON, body=b"print(1)", now=T0
+    )
+    tasks = submit(
+        repo,
+        replace(
+            new(owner, 2, variables={"A": "1"}, priority=7, timeout_s=9.5), script_name="py.py"
+        ),
+        new(owner, 1, max_attempts=3),
+        new(owner, 0),
+    )
+    epoch = repo.start_shard(0, now=T0)
+    [first] = repo.claim(
+        [tasks[2].task_id], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=9), now=T0
+    ).specs
+    sent, stop = statements_on(repo.engine, "UPDATE")
+    every: list[str] = []
+    note = lambda *args: every.append(args[2])  # noqa: E731
+    event.listen(repo.engine, "before_cursor_execute", note)
+    try:
+        specs = repo.claim(
+            [t.task_id for t in tasks[:2]],
+            shard=0,
+            epoch=epoch,
+            lease_until=T0 + timedelta(seconds=30),
+            now=T0,
+        ).specs
+    finally:
+        event.remove(repo.engine, "before_cursor_execute", note)
+        stop()
+    # SQLite's RETURNING cannot carry the script's columns: it reads them after
+    assert len(sent) == 1 and len(every) == (1 if repo.engine.dialect.name == "postgresql" else 2)
+    assert [s.task_id for s in specs] == [tasks[1].task_id, tasks[0].task_id]  # due order
+    assert first.task_id == tasks[2].task_id
+    again = [t.task_id for t in tasks]
+    assert repo.claim(again, shard=0, epoch=epoch, lease_until=T0, now=T0).specs == []
+    spec = specs[1]
+    assert (spec.script_id, spec.script_sha256, spec.interpreter) == (
+        script.script_id,
+        script.sha256,
+        Interpreter.PYTHON,
+    )
+    assert specs[0].interpreter is Interpreter.BASH
+    assert (spec.attempt, spec.epoch, spec.shard, spec.priority, spec.timeout_s) == (
+        1,
+        epoch,
+        0,
+        7,
+        9.5,
+    )
+    assert (dict(spec.variables), spec.due_at) == ({"A": "1"}, T0 + timedelta(seconds=2))
+    task = repo.get_task(tasks[0].task_id)
+    assert (task.status, task.lease_expires_at) == (
+        TaskStatus.QUEUED,
+        T0 + timedelta(seconds=30),
+    )
+
+
 def test_wheel_assigns_each_task_to_one_shard(repo, owner):
     wheel = Wheel(num_shards=2, range_s=60)
     base = T0 - timedelta(seconds=T0.timestamp() % 120)
