@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 SERVICES_DIR ?= $(CURDIR)/.run/services
 PYTEST_ARGS ?=
 
-.PHONY: run test install system-deps sandbox-deps bench-deps services-start services-stop lint bench bench-http bench-million bench-run-burst bench-console bench-sandbox bench-history chaos clean
+.PHONY: run test install system-deps sandbox-deps bench-deps services-start services-stop lint bench bench-http bench-million bench-run-burst bench-console bench-sandbox bench-history bench-statements chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -118,6 +118,15 @@ bench-history: install system-deps
 	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
 	source $(SERVICES_DIR)/env && \
 	$(BIN)/python -m bench.history --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(HISTORY_BENCH_ARGS)
+
+# The run path's writes in-process (claim, start gate, result) against a bare
+# keyed UPDATE, one task per call and 100 (bench/statements.py, ~2 minutes).
+bench-statements: install system-deps
+	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
+	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
+	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
+	source $(SERVICES_DIR)/env && \
+	$(BIN)/python -m bench.statements --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(BENCH_ARGS)
 
 # The chaos harness (bench/chaos.py): all 12 scenarios on PostgreSQL with
 # durable settings, ~30 minutes. CHAOS_ARGS="--only 1,4 --soak-s 60" for less.
