@@ -163,9 +163,7 @@ def test_one_shot_tasks_are_claimed_as_their_specs_in_one_statement(repo, owner)
         [tasks[2].task_id], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=9), now=T0
     ).specs
     sent, stop = statements_on(repo.engine, "UPDATE")
-    every: list[str] = []
-    note = lambda *args: every.append(args[2])  # noqa: E731
-    event.listen(repo.engine, "before_cursor_execute", note)
+    every, stop_every = statements_on(repo.engine, "")
     try:
         specs = repo.claim(
             [t.task_id for t in tasks[:2]],
@@ -175,7 +173,7 @@ def test_one_shot_tasks_are_claimed_as_their_specs_in_one_statement(repo, owner)
             now=T0,
         ).specs
     finally:
-        event.remove(repo.engine, "before_cursor_execute", note)
+        stop_every()
         stop()
     # SQLite's RETURNING cannot carry the script's columns: it reads them after
     assert len(sent) == 1 and len(every) == (1 if repo.engine.dialect.name == "postgresql" else 2)
@@ -259,6 +257,19 @@ def claimed(repo, owner, **kw):
         [task.task_id], shard=0, epoch=epoch, lease_until=T0 + timedelta(seconds=30), now=T0
     ).specs
     return spec
+
+
+def claim_all(repo, tasks):
+    """A new incarnation of shard 0 and the specs of ``tasks`` it claimed."""
+    epoch = repo.start_shard(0, now=T0)
+    specs = repo.claim(
+        [t.task_id for t in tasks],
+        shard=0,
+        epoch=epoch,
+        lease_until=T0 + timedelta(seconds=30),
+        now=T0,
+    ).specs
+    return epoch, specs
 
 
 def test_success_is_recorded_once_with_its_run(repo, owner):
@@ -557,7 +568,8 @@ def test_stale_queued_leases_again_only_what_it_hands_over(repo, owner):
 
 
 def statements_on(engine, verb: str):
-    """The SQL statements starting with ``verb`` sent while the block runs."""
+    """The SQL statements starting with ``verb`` (or a WITH) sent while the
+    block runs; ``""``: every statement."""
     sent: list[str] = []
 
     def note(conn, cursor, statement, parameters, context, executemany):
@@ -572,14 +584,7 @@ def test_a_batch_passes_the_start_gate_and_records_its_results_in_one_statement_
     repo, owner
 ):
     tasks = submit(repo, *(new(owner, max_attempts=2) for _ in range(50)))
-    epoch = repo.start_shard(0, now=T0)
-    specs = repo.claim(
-        [t.task_id for t in tasks],
-        shard=0,
-        epoch=epoch,
-        lease_until=T0 + timedelta(seconds=30),
-        now=T0,
-    ).specs
+    epoch, specs = claim_all(repo, tasks)
     stale = replace(specs[0], epoch=epoch + 1)  # another incarnation's: must not pass
     sent, stop = statements_on(repo.engine, "UPDATE")
     try:
@@ -605,25 +610,17 @@ def test_a_batch_passes_the_start_gate_and_records_its_results_in_one_statement_
 
 def test_successes_are_recorded_with_their_runs_in_one_statement_on_postgres(postgres_repo):
     """A success needs no read of its row: one statement moves the rows and
-    logs the runs. A success of another epoch, or of a task cancelled
-    meanwhile, in the same batch changes nothing and logs no run."""
+    logs the runs. A success of another epoch in the same batch changes
+    nothing and logs no run; one whose row is still queued is applied (a
+    result applies to any status in flight)."""
     repo = postgres_repo
     owner = owner_in(repo)
     tasks = submit(repo, *(new(owner, max_attempts=3) for _ in range(6)))
-    epoch = repo.start_shard(0, now=T0)
-    specs = repo.claim(
-        [t.task_id for t in tasks],
-        shard=0,
-        epoch=epoch,
-        lease_until=T0 + timedelta(seconds=30),
-        now=T0,
-    ).specs
+    epoch, specs = claim_all(repo, tasks)
     repo.mark_running(specs[:4], lease_grace_s=5, now=T0)  # the rest still queued
     stale = replace(specs[1], epoch=epoch + 1)
     outcomes = []
-    sent: list[str] = []
-    note = lambda *args: sent.append(args[2])  # noqa: E731
-    event.listen(repo.engine, "before_cursor_execute", note)
+    sent, stop = statements_on(repo.engine, "")  # every statement
     try:
         watch = repo.record_results(
             [result(specs[0]), result(stale), result(specs[2]), result(specs[4])],
@@ -632,7 +629,7 @@ def test_successes_are_recorded_with_their_runs_in_one_statement_on_postgres(pos
             on_outcome=lambda r, status, schedule_id: outcomes.append((r.task_id, status)),
         )
     finally:
-        event.remove(repo.engine, "before_cursor_execute", note)
+        stop()
     assert watch == [] and len(sent) == 1, sent
     ended = {specs[0].task_id, specs[2].task_id, specs[4].task_id}  # queued: a result applies too
     assert sorted(outcomes) == sorted((i, TaskStatus.SUCCEEDED) for i in ended)
