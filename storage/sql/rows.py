@@ -280,21 +280,20 @@ def prebuilt(conn: Connection, build: Callable[[str], Any]) -> Any:
     return statement
 
 
-def among_bound(dialect: str, column_: Any, name: str) -> Any:
-    """``column_ IN`` the list bound as ``name`` at execution, for a
-    prebuilt statement (``among`` for a statement built per call)."""
+def among_bound(dialect: str, column_: Any, name: str, items: Any = None) -> Any:
+    """``column_ IN`` the list bound as ``name``: given as ``items``, or at
+    execution for a prebuilt statement. On PostgreSQL ``= ANY`` of one
+    array parameter, so the statement's text does not grow with the items
+    (psycopg parses a statement's text on every execution once it is long:
+    a thousand ids cost more than the query); an expanding IN elsewhere."""
+    value = None if items is None else list(items)
+    required = items is None  # bound at execution, and refused if not
     if dialect == "postgresql":
-        return column_ == any_(bindparam(name, type_=ARRAY(column_.type)))
-    return column_.in_(bindparam(name, expanding=True))
+        array = bindparam(name, value, type_=ARRAY(column_.type), required=required)
+        return column_ == any_(array)
+    return column_.in_(bindparam(name, value, expanding=True, required=required))
 
 
 def among(conn: Connection, column_: Any, items: Any) -> Any:
-    """``column_ IN items``; on PostgreSQL ``= ANY`` of one array parameter,
-    so the statement's text does not grow with the items (psycopg parses a
-    statement's text on every execution once it is long: a thousand ids
-    cost more than the query)."""
-    items = list(items)
-    if conn.dialect.name == "postgresql":
-        array = bindparam(f"among_{column_.name}", value=items, type_=ARRAY(column_.type))
-        return column_ == any_(array)
-    return column_.in_(items)
+    """``column_ IN items`` (``among_bound`` with the items given now)."""
+    return among_bound(conn.dialect.name, column_, f"among_{column_.name}", items)
