@@ -17,6 +17,7 @@ import ray
 from actors.batching import GroupCommitter
 from actors.executor import ExecutorDraining
 from actors.handles import ExecutorCalls, ShardResults
+from chronoray.metrics import OutcomeMetrics
 from scheduling.clock import Clock, SystemClock
 from scheduling.lifecycle import lost_result
 from scheduling.models import CommittedResults, RunResult, TaskSpec
@@ -92,9 +93,11 @@ class Dispatcher:
         # Results from every executor, one commit per shard at a time; each
         # executor hears back only after its results are committed.
         self._results: dict[int, GroupCommitter[RunResult, None]] = {}
-        # What executors' own commits decided, one call per shard at a time.
+        # What executors' own commits put back on a timer, one call per shard
+        # at a time (any shard routes an entry to its owner).
         self._announced: dict[int, GroupCommitter[CommittedResults, None]] = {}
         self.orphans_recovered = 0  # running in the database, held by no executor
+        self.metrics = OutcomeMetrics()  # of the results executors committed
         self.draining = False  # `chronoray down`: nothing more is placed
 
     async def hello(self) -> str:
@@ -118,8 +121,9 @@ class Dispatcher:
     ) -> None:
         """Free the attempts' slots at once; return when their shards have
         committed them, or, where the executor committed them (``committed``
-        says what that decided), taken that in. Until then the executor
-        keeps them and sends them again."""
+        says what that decided), counted their outcomes here and, where the
+        commit put tasks back on a timer, told a shard. Until then the
+        executor keeps them and sends them again."""
         by_shard: dict[int, list[RunResult]] = {}
         for result in results:
             key = (result.task_id, result.attempt)
@@ -132,12 +136,12 @@ class Dispatcher:
             del self._finished[next(iter(self._finished))]
         await self._place()
         if committed is not None:
-            await asyncio.gather(
-                *(
-                    self._announcer(shard).submit([part])
-                    for shard, part in committed.by_shard().items()
-                )
-            )
+            if committed.watch:  # retries to time, occurrences that waited for this run
+                first = min((o.result.shard for o in committed.outcomes), default=0)
+                await self._announcer(first).submit([CommittedResults(watch=committed.watch)])
+            # Counted once the shards have what they need: a report sent
+            # again after a failed announcement is not counted twice.
+            self.metrics.count(committed.outcomes)
             return
         await asyncio.gather(
             *(self._committer(shard).submit(batch) for shard, batch in by_shard.items())
@@ -498,11 +502,15 @@ class DispatcherShell:
         return await (await self._ready()).drain()
 
     async def metrics(self) -> list:
-        """Queue depth per priority and running attempts per tier (Prometheus)."""
+        """Queue depth per priority, running attempts per tier, and the
+        outcomes of what executors committed (Prometheus)."""
         from chronoray.metrics import dispatcher_families
 
         dispatcher = await self._ready()
-        return dispatcher_families(dispatcher.depth_by_priority(), dispatcher.running_by_tier())
+        return [
+            *dispatcher_families(dispatcher.depth_by_priority(), dispatcher.running_by_tier()),
+            *dispatcher.metrics.families(),
+        ]
 
     async def settings(self):
         """How drivers (chronoray.Client) learn the deployment's settings."""

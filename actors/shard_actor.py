@@ -200,10 +200,10 @@ class Shard:
         return len(committed.watch)
 
     async def results_committed(self, committed: CommittedResults) -> None:
-        """Count what a commit decided, and put the tasks it sent back (or
-        that waited for a run to end) on their owners' timers."""
-        for outcome in committed.outcomes:
-            self.metrics.outcome(outcome.result, outcome.status, outcome.schedule_id)
+        """Count what a commit decided (the outcomes of this shard's own
+        commits; the dispatcher counts executors'), and put the tasks it
+        sent back (or that waited for a run to end) on their owners' timers."""
+        self.metrics.count(committed.outcomes)
         await self._route(committed.watch)
 
     # -- the safety net --------------------------------------------------------

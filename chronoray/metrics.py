@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from scheduling.models import RunResult, TaskStatus
+from scheduling.models import Outcome, RunResult, TaskStatus
 
 # fire lag = executor start − due time; a good run is single-digit milliseconds
 FIRE_LAG_BUCKETS_S = (
@@ -24,21 +24,15 @@ def _lag_s(result: RunResult) -> float | None:
     return max(0.0, (result.started_at - result.due_at).total_seconds())
 
 
-class ShardMetrics:
-    """What a shard sees: submissions it stored, fires, and each attempt's
-    outcome (fire lag by tier and schedule, retries and dead tasks by
-    failure class)."""
+class OutcomeMetrics:
+    """Each attempt's outcome: fire lag by tier and schedule, retries and
+    dead tasks by failure class. Counted where what a commit decided is
+    first known: the dispatcher for the results executors committed, a
+    shard for those it committed itself (attempts lost with their
+    executors), so a plain success costs no call to its shard."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.submitted = Counter(
-            "chronoray_tasks_submitted",
-            "Tasks stored by a submission (POST /v1/tasks, /sendTask, Client.submit)",
-            registry=self.registry,
-        )
-        self.fired = Counter(
-            "chronoray_fires", "Attempts a shard handed to the dispatcher", registry=self.registry
-        )
         self.fire_lag = Histogram(
             "chronoray_fire_lag_seconds",
             "Executor start minus due time, per tier; schedule is the schedule id ('' for one-shot)",
@@ -55,6 +49,10 @@ class ShardMetrics:
             registry=self.registry,
         )  # fmt: skip
 
+    def count(self, outcomes: Iterable[Outcome]) -> None:
+        for outcome in outcomes:
+            self.outcome(outcome.result, outcome.status, outcome.schedule_id)
+
     def outcome(self, result: RunResult, status: TaskStatus, schedule_id: int | None) -> None:
         lag = _lag_s(result)
         if lag is not None:
@@ -69,6 +67,22 @@ class ShardMetrics:
 
     def families(self) -> list[Metric]:
         return list(self.registry.collect())
+
+
+class ShardMetrics(OutcomeMetrics):
+    """What a shard sees: submissions it stored, fires, and the outcomes of
+    the results it committed itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.submitted = Counter(
+            "chronoray_tasks_submitted",
+            "Tasks stored by a submission (POST /v1/tasks, /sendTask, Client.submit)",
+            registry=self.registry,
+        )
+        self.fired = Counter(
+            "chronoray_fires", "Attempts a shard handed to the dispatcher", registry=self.registry
+        )
 
 
 class ApiMetrics:

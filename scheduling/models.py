@@ -235,9 +235,9 @@ class Outcome:
 
 @dataclass(frozen=True, kw_only=True)
 class CommittedResults:
-    """What a commit of run results decided, for the shards that did not
-    write it: outcomes to count, and tasks to put on a timer again (retries,
-    and schedule occurrences that waited for a run to end)."""
+    """What a commit of run results decided: outcomes to count, and tasks to
+    put on a timer again (retries, and schedule occurrences that waited for
+    a run to end)."""
 
     outcomes: tuple[Outcome, ...] = ()
     watch: tuple[tuple[int, datetime], ...] = ()
@@ -246,18 +246,6 @@ class CommittedResults:
         return CommittedResults(
             outcomes=self.outcomes + other.outcomes, watch=self.watch + other.watch
         )
-
-    def by_shard(self) -> dict[int, CommittedResults]:
-        """Each outcome to its task's shard; the watch list to the first of
-        them (any shard routes an entry to its owner)."""
-        outcomes: dict[int, list[Outcome]] = {}
-        for outcome in self.outcomes:
-            outcomes.setdefault(outcome.result.shard, []).append(outcome)
-        split = {shard: CommittedResults(outcomes=tuple(o)) for shard, o in outcomes.items()}
-        if self.watch:
-            first = min(split, default=0)
-            split[first] = split.get(first, CommittedResults()) + CommittedResults(watch=self.watch)
-        return split
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,6 +3,8 @@
 import asyncio
 from datetime import timedelta
 
+import pytest
+
 from actors.dispatcher import Dispatcher, ExecutorSlots
 from scheduling.models import CommittedResults, FailureClass, Outcome, RunResult, TaskStatus
 from scheduling.tiers import production_tiers
@@ -243,7 +245,54 @@ def test_results_an_executor_committed_free_slots_and_reach_their_shards_as_deci
         await dispatcher.report_results([done], committed)
         assert ex["small"].client.received == [1, 2]  # the slot is free
         assert shards.results == {}  # nothing recorded twice
-        [part] = shards.committed[3]
-        assert part.outcomes == committed.outcomes and part.watch == ((1, retry_at),)
+        assert shards.committed == {3: [CommittedResults(watch=((1, retry_at),))]}
+        assert counted(dispatcher, "chronoray_retries_total", failure="exit_code") == 1
 
     asyncio.run(scenario())
+
+
+def test_a_success_an_executor_committed_is_counted_here_and_costs_its_shard_no_call():
+    async def scenario():
+        dispatcher, ex, shards = build({"small": 1})
+        first = spec(1, shard=3)
+        await dispatcher.submit([first])
+        done = result(first)
+        committed = CommittedResults(
+            outcomes=(Outcome(result=done, status=TaskStatus.SUCCEEDED, schedule_id=None),)
+        )
+        await dispatcher.report_results([done], committed)
+        assert shards.committed == {} and shards.results == {}
+        assert counted(dispatcher, "chronoray_fire_lag_seconds_count", tier="small") == 1
+
+    asyncio.run(scenario())
+
+
+def test_outcomes_are_counted_once_though_a_failed_announcement_is_reported_again():
+    async def scenario():
+        dispatcher, ex, shards = build({"small": 1})
+        first = spec(1, shard=0)
+        await dispatcher.submit([first])
+        done = result(first, FailureClass.TIMEOUT)
+        committed = CommittedResults(
+            outcomes=(Outcome(result=done, status=TaskStatus.SCHEDULED, schedule_id=None),),
+            watch=((1, T0 + timedelta(seconds=2)),),
+        )
+        shards.fail = True
+        with pytest.raises(ConnectionError):
+            await dispatcher.report_results([done], committed)
+        assert counted(dispatcher, "chronoray_retries_total", failure="timeout") == 0
+        shards.fail = False
+        await dispatcher.report_results([done], committed)  # the executor's resend
+        assert counted(dispatcher, "chronoray_retries_total", failure="timeout") == 1
+        assert len(shards.committed[0]) == 1
+
+    asyncio.run(scenario())
+
+
+def counted(dispatcher, name, **labels):
+    return sum(
+        sample.value
+        for family in dispatcher.metrics.families()
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
