@@ -87,11 +87,13 @@ class Outbox(Generic[In]):
         *,
         max_batch: int = 2000,
         retry_s: float = 0.5,
+        linger_s: float = 0.0,
         name: str = "outbox",
     ):
         self._send = send
         self._max_batch = max_batch
         self._retry_s = retry_s
+        self._linger_s = linger_s  # an item waits this long for others to go with it
         self._name = name
         self._items: list[In] = []
         self._wake = asyncio.Event()
@@ -113,6 +115,8 @@ class Outbox(Generic[In]):
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
+            if self._linger_s:
+                await asyncio.sleep(self._linger_s)
             self._wake.clear()
             while self._items:
                 batch = self._items[: self._max_batch]

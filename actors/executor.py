@@ -173,6 +173,7 @@ class Executor:
         prespawn: bool = False,
         patience_s: float = 60.0,
         retry_s: float = 0.5,
+        results_linger_s: float = 0.0,
     ) -> None:
         self.executor_id = executor_id
         self.tier = tier
@@ -199,7 +200,10 @@ class Executor:
         self._fenced_keys: set[tuple[int, int]] = set()
         self.refused_at_gate = 0  # attempts someone else owned: never started here
         self._outbox: Outbox[RunResult] = Outbox(
-            sink.report_results, name=f"executor {executor_id}", retry_s=retry_s
+            sink.report_results,
+            name=f"executor {executor_id}",
+            retry_s=retry_s,
+            linger_s=results_linger_s,
         )
         self._releases = InstantReleases(self._sleep_until, lambda: self.fenced)
 
@@ -420,6 +424,13 @@ class Executor:
 # -- the Ray shell ------------------------------------------------------------
 
 EXECUTOR_PREFIX = "chronoray-exec-"  # not a prefix of POOL_NAME
+# A result waits this long for others to share its commit and report. The
+# wait used to come by itself: the report answered only after the task's
+# shard was told; without that call, results went in a quarter more
+# transactions (PostgreSQL's commits in a 10,000-task burst: 3,629 and
+# 3,709 before, 4,602 after). A few milliseconds between a script's end and
+# its commit, no more than that call took.
+RESULTS_LINGER_S = 0.005
 
 
 class _RepositoryStore:
@@ -486,6 +497,7 @@ class ExecutorShell:
             node_id=self._node_id,
             limits=self._limits,
             prespawn=settings.prespawn,
+            results_linger_s=RESULTS_LINGER_S,
         )
         self._timing = settings.pool_timing
         self._pool = pool_handle(settings.namespace)

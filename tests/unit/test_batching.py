@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from actors.batching import GroupCommitter
+from actors.batching import GroupCommitter, Outbox
 from actors.handles import ShardRouter
 from scheduling.errors import Unavailable
 from scheduling.models import NewTask
@@ -39,6 +39,30 @@ def test_one_bad_item_fails_only_its_own_caller():
     assert good == ["A", "B"] and other == ["C"]
     assert isinstance(bad, Refused)
     assert ["poison"] in writes  # isolated: retried on its own
+
+
+def test_an_outbox_sends_what_came_within_its_linger_in_one_call_and_the_rest_after():
+    sends = []
+
+    async def scenario():
+        sent = asyncio.Queue()
+
+        async def send(items):
+            sends.append(list(items))
+            sent.put_nowait(None)
+
+        outbox = Outbox(send, linger_s=0.2)
+        outbox.put(["a"])
+        await asyncio.sleep(0.05)  # the linger's timer is due after this one, whatever the load
+        outbox.put(["b", "c"])
+        assert sends == [] and outbox.pending() == ["a", "b", "c"]
+        await sent.get()
+        outbox.put(["d"])
+        await sent.get()
+        assert outbox.pending() == []
+
+    asyncio.run(scenario())
+    assert sends == [["a", "b", "c"], ["d"]]
 
 
 def test_an_outage_is_not_retried_item_by_item():
