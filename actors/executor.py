@@ -427,9 +427,9 @@ EXECUTOR_PREFIX = "chronoray-exec-"  # not a prefix of POOL_NAME
 # A result waits this long for others to share its commit and report. The
 # wait used to come by itself: the report answered only after the task's
 # shard was told; without that call, results went in a quarter more
-# transactions (PostgreSQL's commits in a 10,000-task burst: 3,629 and
-# 3,709 before, 4,602 after). A few milliseconds between a script's end and
-# its commit, no more than that call took.
+# transactions (PostgreSQL's commits in a 10,000-task burst: 3,578-3,725
+# before, 4,599-4,618 after, 4,345-4,375 with this). A few milliseconds
+# between a script's end and its commit, no more than that call took.
 RESULTS_LINGER_S = 0.005
 
 
