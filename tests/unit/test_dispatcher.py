@@ -251,15 +251,20 @@ def test_results_an_executor_committed_free_slots_and_reach_their_shards_as_deci
     asyncio.run(scenario())
 
 
+async def one_committed(*, shard, failure=None, status=TaskStatus.SUCCEEDED, watch=()):
+    """A dispatcher with one attempt placed, its result, and what its
+    executor's commit decided."""
+    dispatcher, _, shards = build({"small": 1})
+    placed = spec(1, shard=shard)
+    await dispatcher.submit([placed])
+    done = result(placed, failure)
+    outcome = Outcome(result=done, status=status, schedule_id=None)
+    return dispatcher, shards, done, CommittedResults(outcomes=(outcome,), watch=watch)
+
+
 def test_a_success_an_executor_committed_is_counted_here_and_costs_its_shard_no_call():
     async def scenario():
-        dispatcher, ex, shards = build({"small": 1})
-        first = spec(1, shard=3)
-        await dispatcher.submit([first])
-        done = result(first)
-        committed = CommittedResults(
-            outcomes=(Outcome(result=done, status=TaskStatus.SUCCEEDED, schedule_id=None),)
-        )
+        dispatcher, shards, done, committed = await one_committed(shard=3)
         await dispatcher.report_results([done], committed)
         assert shards.committed == {} and shards.results == {}
         assert counted(dispatcher, "chronoray_fire_lag_seconds_count", tier="small") == 1
@@ -269,12 +274,10 @@ def test_a_success_an_executor_committed_is_counted_here_and_costs_its_shard_no_
 
 def test_outcomes_are_counted_once_though_a_failed_announcement_is_reported_again():
     async def scenario():
-        dispatcher, ex, shards = build({"small": 1})
-        first = spec(1, shard=0)
-        await dispatcher.submit([first])
-        done = result(first, FailureClass.TIMEOUT)
-        committed = CommittedResults(
-            outcomes=(Outcome(result=done, status=TaskStatus.SCHEDULED, schedule_id=None),),
+        dispatcher, shards, done, committed = await one_committed(
+            shard=0,
+            failure=FailureClass.TIMEOUT,
+            status=TaskStatus.SCHEDULED,
             watch=((1, T0 + timedelta(seconds=2)),),
         )
         shards.fail = True
