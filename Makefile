@@ -63,16 +63,20 @@ test: install system-deps sandbox-deps lint
 	source $(SERVICES_DIR)/env && \
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# A recipe's prefix: throwaway PostgreSQL (fsync and synchronous_commit on),
+# ZooKeeper and Redis for the rest of the line, stopped when it ends.
+DURABLE_SERVICES = rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR); \
+	trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
+	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
+	source $(SERVICES_DIR)/env
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 bench: install system-deps sandbox-deps
-	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
-	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
-	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
-	source $(SERVICES_DIR)/env && \
+	@$(DURABLE_SERVICES) && \
 	$(BIN)/python -m bench.fire_lag --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(BENCH_ARGS) && \
 	$(BIN)/python -m bench.sandbox_start $(SANDBOX_BENCH_ARGS)
 
@@ -83,19 +87,13 @@ bench-sandbox: install sandbox-deps
 
 # Submission throughput through Ray Serve: POST /v1/tasks against /v1/tasks:batch.
 bench-http: install system-deps sandbox-deps bench-deps
-	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
-	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
-	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
-	source $(SERVICES_DIR)/env && \
+	@$(DURABLE_SERVICES) && \
 	$(BIN)/python -m bench.submit_http --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(BENCH_ARGS)
 
 # A million future tasks through /v1/tasks:batch and Client.submit_batch:
 # accept rate, memory, list latency, a sample firing (bench/million.py).
 bench-million: install system-deps sandbox-deps
-	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
-	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
-	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
-	source $(SERVICES_DIR)/env && \
+	@$(DURABLE_SERVICES) && \
 	$(BIN)/python -m bench.million --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(BENCH_ARGS)
 
 # make run's memory in a burst of 10,000 (chronoray up: local Ray, SQLite).
@@ -104,37 +102,25 @@ bench-run-burst: install sandbox-deps
 
 # The console's pages over 100,000 tasks and 1,000 schedules: server time per page.
 bench-console: install system-deps sandbox-deps
-	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
-	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
-	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
-	source $(SERVICES_DIR)/env && \
+	@$(DURABLE_SERVICES) && \
 	$(BIN)/python -m bench.console --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(BENCH_ARGS)
 
 # A long history against the run path: the shards' and the API's queries with
 # no finished rows and with 10 million (bench/history.py, ~15 minutes).
 bench-history: install system-deps
-	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
-	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
-	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
-	source $(SERVICES_DIR)/env && \
+	@$(DURABLE_SERVICES) && \
 	$(BIN)/python -m bench.history --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(HISTORY_BENCH_ARGS)
 
 # The run path's writes in-process (claim, start gate, result) against a bare
 # keyed UPDATE, one task per call and 100 (bench/statements.py, ~2 minutes).
 bench-statements: install system-deps
-	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
-	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
-	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
-	source $(SERVICES_DIR)/env && \
+	@$(DURABLE_SERVICES) && \
 	$(BIN)/python -m bench.statements --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(BENCH_ARGS)
 
 # The chaos harness (bench/chaos.py): all 12 scenarios on PostgreSQL with
 # durable settings, ~30 minutes. CHAOS_ARGS="--only 1,4 --soak-s 60" for less.
 chaos: install system-deps sandbox-deps
-	@rm -rf $(SERVICES_DIR); mkdir -p $(SERVICES_DIR)
-	@trap 'scripts/test-services.sh stop $(SERVICES_DIR)' EXIT; \
-	CHRONORAY_DURABLE=1 scripts/test-services.sh start $(SERVICES_DIR) >/dev/null && \
-	source $(SERVICES_DIR)/env && \
+	@$(DURABLE_SERVICES) && \
 	$(BIN)/python -m bench.chaos --services-dir $(SERVICES_DIR) $(CHAOS_ARGS)
 
 clean:
