@@ -216,7 +216,7 @@ def mark_running(
                 ),
             ],
             {"now": now},
-        ).all()
+        )
         moved_keys = {(row.task_id, row.attempt) for row in moved}
         started += [key for key in dict.fromkeys(s.key for s in chunk) if key in moved_keys]
     return started
@@ -374,7 +374,9 @@ def _apply_results(
         ("execute_at", UtcDateTime, due),
         ("bucket", BigInteger, buckets),
     ]
-    changed = set(rows.execute_with_rows(conn, _result_write, applied, {"now": now}).scalars())
+    changed = {
+        row.task_id for row in rows.execute_with_rows(conn, _result_write, applied, {"now": now})
+    }
     run_rows = []
     overtaken = []
     for result, outcome, row in decided:

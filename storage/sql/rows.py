@@ -5,9 +5,10 @@ these, so a column added to the schema is mapped in one place."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, any_, bindparam, column, func, select, values
+from sqlalchemy import Connection, any_, bindparam, column, func, literal, select, values
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from scheduling.models import (
@@ -73,8 +74,10 @@ def unindexed_status() -> Any:
 
 
 def in_status(statuses: frozenset[TaskStatus]) -> Any:
-    """``status IN statuses`` for a statement that finds its rows by key."""
-    return unindexed_status().in_(status_values(statuses))
+    """``status IN statuses`` for a statement that finds its rows by key.
+    One bound parameter per status, not an expanding list: the compiled
+    text is then final, as ``execute_with_rows`` needs it."""
+    return unindexed_status().in_([literal(value) for value in status_values(statuses)])
 
 
 def count(conn: Connection, table: Any, *where: Any) -> int:
@@ -242,7 +245,14 @@ def _unnest(arrays: list[Any], columns: Sequence[tuple[str, Any, list[Any]]]) ->
     return func.unnest(*arrays).table_valued(*names).render_derived(with_types=False).alias("v")
 
 
-_BUILT: dict[Callable[[Any], Any], Any] = {}  # builder: its statement over unbound arrays
+@dataclass(frozen=True)
+class _DriverStatement:
+    text: str  # in the driver's parameter style
+    constants: dict[str, Any]  # the values bound when it was built
+    required: frozenset[str]  # bound at each call
+
+
+_COMPILED: dict[Callable[[Any], Any], _DriverStatement] = {}
 
 
 def execute_with_rows(
@@ -250,20 +260,30 @@ def execute_with_rows(
     build: Callable[[Any], Any],
     columns: Sequence[tuple[str, Any, list[Any]]],
     params: dict[str, Any],
-) -> Any:
-    """Execute ``build(v)``, ``v`` being ``rows_of(columns)``, with ``params``
-    for its other bind parameters. On PostgreSQL the statement is built once
-    per ``build``, over array parameters bound at each call: SQLAlchemy then
-    neither rebuilds it nor walks it for its cache key per call (0.33 ms of
-    an executor's CPU for the start gate's statement, paid per task when
-    tasks come one at a time)."""
+) -> Sequence[Any]:
+    """The rows returned by ``build(v)``, ``v`` being ``rows_of(columns)``,
+    with ``params`` for its other bind parameters. On PostgreSQL the
+    statement is compiled once per ``build``, over array parameters, and
+    its text goes to the driver as it is: SQLAlchemy's per-call work
+    (processing every bound value, the result's metadata) was most of an
+    executor's CPU at the start gate and the result when tasks come one at
+    a time. ``params`` and the arrays' items must then be what the driver
+    takes as they are: aware datetimes, ints, strings."""
     if conn.dialect.name != "postgresql":
-        return conn.execute(build(rows_of(conn, *columns)), params)
-    statement = _BUILT.get(build)
+        return conn.execute(build(rows_of(conn, *columns)), params).all()
+    statement = _COMPILED.get(build)
     if statement is None:
         unbound = [bindparam(f"v_{name}", type_=ARRAY(kind)) for name, kind, _ in columns]
-        statement = _BUILT[build] = build(_unnest(unbound, columns))
-    return conn.execute(statement, {f"v_{name}": items for name, _, items in columns} | params)
+        compiled = build(_unnest(unbound, columns)).compile(dialect=conn.dialect)
+        statement = _COMPILED[build] = _DriverStatement(
+            compiled.string,
+            dict(compiled.params),
+            frozenset(bind.key for bind in compiled.binds.values() if bind.required),
+        )
+    given = {f"v_{name}": items for name, _, items in columns} | params
+    if missing := statement.required.difference(given):
+        raise TypeError(f"no value for {sorted(missing)}")
+    return conn.exec_driver_sql(statement.text, statement.constants | given).all()
 
 
 _PREBUILT: dict[tuple[Callable[[str], Any], str], Any] = {}

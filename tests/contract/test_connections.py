@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import pytest
 from psycopg.adapt import PyFormat
 from psycopg.types.array import ListBinaryDumper
-from sqlalchemy import Boolean, Float, Integer, String, create_engine, func, select, text
+from sqlalchemy import Boolean, Float, Integer, String, bindparam, create_engine, func, select, text
 
 from scheduling.errors import Unavailable
 from storage.engines import make_engine
@@ -114,4 +114,25 @@ def test_array_parameters_go_binary_and_come_back_equal(name, kind, items):
             select(func.count()).where(rows.among(conn, v.c[name], [x for x in items if x]))
         ).scalar_one()
         assert matched == len([x for x in items if x])
+    engine.dispose()
+
+
+@pytest.mark.parametrize(("name", "kind", "items"), ARRAY_CASES, ids=[c[0] for c in ARRAY_CASES])
+def test_statements_run_from_their_compiled_text_take_the_same_arrays(name, kind, items):
+    """``rows.execute_with_rows`` hands its compiled text to the driver,
+    without SQLAlchemy's processing of each value: the same arrays go in,
+    and a parameter left out is an error, never a NULL."""
+    engine = make_engine(postgres_admin_url(), pool_size=1)
+
+    def build(v):
+        return select(v.c[name]).where(bindparam("keep", type_=Boolean()))
+
+    with engine.connect() as conn:
+        given = [(name, kind, items)]
+        assert [
+            row[0] for row in rows.execute_with_rows(conn, build, given, {"keep": True})
+        ] == items
+        assert rows.execute_with_rows(conn, build, given, {"keep": False}) == []
+        with pytest.raises(TypeError, match="keep"):
+            rows.execute_with_rows(conn, build, given, {})
     engine.dispose()
