@@ -36,7 +36,7 @@ from actors.sandbox import (
 from scheduling.clock import Clock, SystemClock, to_epoch
 from scheduling.errors import Unavailable
 from scheduling.lifecycle import classify
-from scheduling.models import FailureClass, RunResult, TaskSpec
+from scheduling.models import FailureClass, Interpreter, RunResult, TaskSpec
 from scheduling.tiers import Tier
 
 log = logging.getLogger(__name__)
@@ -431,6 +431,8 @@ EXECUTOR_PREFIX = "chronoray-exec-"  # not a prefix of POOL_NAME
 # before, 4,599-4,618 after, 4,345-4,375 with this). A few milliseconds
 # between a script's end and its commit, no more than that call took.
 RESULTS_LINGER_S = 0.005
+STORE_CONNECTIONS = 2  # a run's start gate, result and script fetch overlap
+WARM_UP_TIMEOUT_S = 2.0
 
 
 class _RepositoryStore:
@@ -441,13 +443,16 @@ class _RepositoryStore:
         from actors.batching import GroupCommitter
         from storage.sql import SqlTaskRepository
 
-        self._repo = SqlTaskRepository.connect(settings.database_url, pool_size=2)
+        self._repo = SqlTaskRepository.connect(settings.database_url, pool_size=STORE_CONNECTIONS)
         self._lease_grace_s = settings.lease_grace_s
         self._gate: GroupCommitter[TaskSpec, bool] = GroupCommitter(self._start_many)
         self.results = ResultRecorder(self._repo, settings, name=f"executor {executor_id}")
 
     def get_script_body(self, script_id: int) -> bytes:
         return self._repo.get_script_body(script_id)
+
+    def warm_up(self) -> None:
+        self._repo.warm_up(connections=STORE_CONNECTIONS, now=datetime.now(timezone.utc))
 
     async def start(self, spec: TaskSpec) -> bool:
         [started] = await self._gate.submit([spec])
@@ -474,7 +479,7 @@ class ExecutorShell:
     def __init__(self, *, executor_id: str, tier: Tier, settings) -> None:
         from actors.handles import pool_handle
 
-        store = _RepositoryStore(settings, executor_id)
+        store = self._store = _RepositoryStore(settings, executor_id)
         cache_dir = Path(tempfile.gettempdir()) / "chronoray-scripts" / executor_id
         self._node_id = ray.get_runtime_context().get_node_id()
         self._limits = replace(
@@ -485,6 +490,7 @@ class ExecutorShell:
             scratch_mb=tier.scratch_mb,
         )
         self._settings = settings
+        self._results = DispatcherResults(settings.namespace)
         self.network = "not ready"  # what prepare_network says holds
         self.cgroups = "not ready"  # which cgroups hold each run's memory and processes
         self._executor = Executor(
@@ -492,7 +498,7 @@ class ExecutorShell:
             tier=tier.name,
             slots=tier.slots,
             scripts=ScriptCache(store, cache_dir),
-            sink=CommitThenReport(store.results, DispatcherResults(settings.namespace)),
+            sink=CommitThenReport(store.results, self._results),
             gate=store,
             node_id=self._node_id,
             limits=self._limits,
@@ -562,6 +568,7 @@ class ExecutorShell:
         )
         self.network = await asyncio.to_thread(prepare_network, limits, self._control_plane())
         self.cgroups = (await asyncio.to_thread(cgroup_support, limits)).describe()
+        await self._warm_up()
         log.info(
             "executor %s: scripts' network: %s; %s",
             self._executor.executor_id,
@@ -569,6 +576,41 @@ class ExecutorShell:
             self.cgroups,
         )
         await self._heartbeat_forever()
+
+    async def _warm_up(self) -> None:
+        """Pay before the first heartbeat (only then does the pool offer
+        this executor) what its first runs would pay: the database's
+        connections and statements, a sandbox and the fork server; then
+        reach the dispatcher (Ray connects on a first call, and the first
+        report looked it up on the event loop). Paid by the runs, a new
+        executor's first ten started up to 150 ms late, their first steps
+        taking longer than their lead. Best effort: what fails here, a run
+        pays for."""
+        try:  # a database that is down must not hold back the heartbeats
+            await asyncio.wait_for(asyncio.to_thread(self._store.warm_up), WARM_UP_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("executor warm-up: the database: %r", exc)
+        try:  # held, and ended unreleased: nothing runs
+            ScriptRun(
+                script_path=Path(os.devnull),
+                interpreter=Interpreter.BASH,
+                variables={},
+                timeout_s=1.0,
+                limits=self._limits,
+            ).prepare(hold=True).discard()
+        except Exception as exc:
+            log.warning("executor warm-up: a sandbox: %r", exc)
+        self._reaching = asyncio.ensure_future(self._reach_dispatcher())
+
+    async def _reach_dispatcher(self) -> None:
+        """Until it answers: the dispatcher may be deployed after the pool
+        starts its executors."""
+        while True:
+            try:
+                await self._results.hello()
+                return
+            except Exception:
+                await asyncio.sleep(self._timing.heartbeat_s)
 
     def _control_plane(self) -> ControlPlane:
         settings = self._settings

@@ -298,6 +298,14 @@ class DispatcherResults:
         self._namespace = namespace
         self._handle = None  # a restartable actor's handle outlives its restarts
 
+    async def hello(self) -> None:
+        """Reach the dispatcher once (Ray opens its connection on the first call)."""
+        if self._handle is None:
+            self._handle = await asyncio.wait_for(
+                asyncio.to_thread(dispatcher_handle, self._namespace), timeout=PROBE_TIMEOUT_S
+            )
+        await asyncio.wait_for(self._handle.hello.remote(), timeout=PROBE_TIMEOUT_S)
+
     async def report_results(
         self, results: list[RunResult], committed: CommittedResults | None = None
     ) -> None:

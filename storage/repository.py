@@ -152,6 +152,11 @@ class FiringStore(Protocol):
         tiers: TierTable | None = None,
         on_outcome: OutcomeHook | None = None,
     ) -> list[tuple[int, datetime]]: ...
+    def warm_up(self, *, connections: int, now: datetime) -> None:
+        """Open ``connections`` of the pool and build the start gate's and
+        the results' statements, before the first run needs them."""
+        ...
+
     def stale_queued(
         self, *, wheel: Wheel, shard: int, now: datetime, lease_until: datetime, limit: int
     ) -> list[TaskSpec]: ...

@@ -8,6 +8,7 @@ the module of its concern: ``accounts``, ``scripts``, ``tasks``, ``firing``,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from datetime import datetime
 from typing import Any
 
@@ -252,6 +253,13 @@ class SqlTaskRepository:
             return firing.record_results(
                 conn, results, policy=policy, now=now, tiers=tiers, on_outcome=on_outcome
             )
+
+    def warm_up(self, *, connections: int, now: datetime) -> None:
+        with ExitStack() as opened:
+            for _ in range(connections - 1):
+                opened.enter_context(self.databases.begin())
+            with self.databases.begin() as conn:
+                firing.warm_up(conn, now=now)
 
     def stale_queued(
         self, *, wheel: Wheel, shard: int, now: datetime, lease_until: datetime, limit: int

@@ -608,6 +608,24 @@ def test_a_batch_passes_the_start_gate_and_records_its_results_in_one_statement_
     assert all(len(repo.list_runs(spec.task_id)) == 1 for spec in specs)
 
 
+def test_a_warm_up_opens_its_connections_and_builds_the_run_path_changing_no_row(repo, owner):
+    """An executor warms up before its first heartbeat: its pool's
+    connections are opened and, on PostgreSQL, the start gate's and the
+    results' writes are built and run once, on no rows."""
+    [task] = submit(repo, new(owner))
+    task_id = task.task_id
+    tasks_before = repo.get_task(task_id)
+    sent, stop = statements_on(repo.engine, "UPDATE")
+    try:
+        repo.warm_up(connections=2, now=T0)
+    finally:
+        stop()
+    assert repo.engine.pool.checkedin() >= 2
+    assert repo.get_task(task_id) == tasks_before and repo.list_runs(task_id) == []
+    on_postgres = repo.engine.dialect.name == "postgresql"
+    assert len(sent) == (3 if on_postgres else 0)  # the gate, a success, another result
+
+
 def test_successes_are_recorded_with_their_runs_in_one_statement_on_postgres(postgres_repo):
     """A success needs no read of its row: one statement moves the rows and
     logs the runs. A success of another epoch in the same batch changes
