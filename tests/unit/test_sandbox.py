@@ -18,6 +18,7 @@ from actors.sandbox import (
     uid_leases,
 )
 from scheduling.models import Interpreter
+from tests.ray_cluster import wait_for
 from tests.unit.fakes import exe_of, held_runs, processes_with, uid_of
 
 
@@ -161,10 +162,12 @@ def assert_gone(marker: str, timeout_s: float = 5.0) -> None:
     kernel tears a killed namespace down asynchronously, and a process
     killed holding gigabytes takes a while to free them on a busy box.
     Anything that was not killed is still there at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while processes_with(marker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert processes_with(marker) == []
+    wait_for(
+        lambda: processes_with(marker) == [],
+        timeout_s=timeout_s,
+        interval_s=0.05,
+        what=f"every process carrying {marker} to be gone",
+    )
 
 
 FORK_BOMB = "bomb() { bomb | bomb & }; while true; do bomb 2>/dev/null; done"
