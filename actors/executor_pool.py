@@ -275,20 +275,17 @@ class ExecutorPoolShell:
         self._ticking = asyncio.ensure_future(self._tick_forever())
 
     async def _tick_forever(self) -> None:
-        from actors.handles import dispatcher_handle
+        from actors.handles import find_dispatcher
 
         dispatcher = None
         while True:
             await asyncio.sleep(self._settings.pool_timing.heartbeat_s)
             demand: dict[str, int] = {}
             try:
-                # Looked up once, and again only after a failure: a lookup asks
-                # the GCS, and while the GCS is down it would hold this loop
-                # (and the heartbeats it answers).
+                # Looked up once, and again only after a failure (off this
+                # loop, which answers the heartbeats: see find_dispatcher).
                 if dispatcher is None:
-                    dispatcher = await asyncio.wait_for(
-                        asyncio.to_thread(dispatcher_handle, self._settings.namespace), timeout=2
-                    )
+                    dispatcher = await find_dispatcher(self._settings.namespace)
                 demand = await asyncio.wait_for(dispatcher.demand.remote(), timeout=2)
             except Exception:
                 dispatcher = None  # not deployed yet, or restarting: size for the minimum

@@ -79,6 +79,15 @@ def dispatcher_handle(namespace: str):
     return ray.get_actor(DISPATCHER_NAME, namespace=namespace)
 
 
+async def find_dispatcher(namespace: str):
+    """The dispatcher's handle, looked up in a thread and within
+    ``PROBE_TIMEOUT_S``: a lookup asks the GCS, and while the GCS is down it
+    would hold the caller's event loop for as long."""
+    return await asyncio.wait_for(
+        asyncio.to_thread(dispatcher_handle, namespace), timeout=PROBE_TIMEOUT_S
+    )
+
+
 def pool_handle(namespace: str):
     return ray.get_actor(POOL_NAME, namespace=namespace)
 
@@ -301,9 +310,7 @@ class DispatcherResults:
     async def hello(self) -> None:
         """Reach the dispatcher once (Ray opens its connection on the first call)."""
         if self._handle is None:
-            self._handle = await asyncio.wait_for(
-                asyncio.to_thread(dispatcher_handle, self._namespace), timeout=PROBE_TIMEOUT_S
-            )
+            self._handle = await find_dispatcher(self._namespace)
         await asyncio.wait_for(self._handle.hello.remote(), timeout=PROBE_TIMEOUT_S)
 
     async def report_results(
