@@ -8,11 +8,11 @@ the module of its concern: ``accounts``, ``scripts``, ``tasks``, ``firing``,
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 
 from scheduling.audit import Start
 from scheduling.errors import ChronorayError
@@ -61,6 +61,7 @@ class SqlTaskRepository:
         self.tracks_writes = self.databases.tracks_writes
         self.misfire_rules = misfire_rules or MisfireRules()
         self.statistics = FreshStatistics(engine)
+        self._dialect = engine.dialect.name
 
     @classmethod
     def connect(
@@ -77,6 +78,11 @@ class SqlTaskRepository:
             read_engines=[make_replica_engine(u, pool_size=pool_size) for u in replica_urls],
             misfire_rules=misfire_rules,
         )
+
+    def _write_for(self, one_statement: bool) -> AbstractContextManager[Connection]:
+        """Work that is one statement runs in autocommit (one round trip);
+        anything else in a transaction."""
+        return self.databases.statement() if one_statement else self.databases.begin()
 
     def note_write(self, owner_id: int) -> None:
         self.databases.note_write(owner_id)
@@ -235,7 +241,7 @@ class SqlTaskRepository:
     ) -> list[tuple[int, int]]:
         if not specs:
             return []
-        with self.databases.begin() as conn:
+        with self._write_for(firing.gate_is_one_statement(self._dialect, specs)) as conn:
             return firing.mark_running(conn, specs, lease_grace_s=lease_grace_s, now=now)
 
     def record_results(
@@ -249,7 +255,7 @@ class SqlTaskRepository:
     ) -> list[tuple[int, datetime]]:
         if not results:
             return []
-        with self.databases.begin() as conn:
+        with self._write_for(firing.results_are_one_statement(self._dialect, results)) as conn:
             return firing.record_results(
                 conn, results, policy=policy, now=now, tiers=tiers, on_outcome=on_outcome
             )

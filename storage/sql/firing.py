@@ -209,6 +209,12 @@ def mark_running(
     return started
 
 
+def gate_is_one_statement(dialect: str, specs: Sequence[TaskSpec]) -> bool:
+    """Whether ``mark_running`` of these is a single statement (then it
+    needs no transaction around it): one chunk on PostgreSQL."""
+    return dialect == "postgresql" and len(specs) <= rows.CHUNK
+
+
 def _gate_rows(
     specs: Sequence[TaskSpec], leases: list[datetime]
 ) -> list[tuple[str, Any, list[Any]]]:
@@ -306,6 +312,19 @@ def record_results(
             else:  # rows that keep moving under the write: the caller retries later
                 raise Unavailable(f"{len(undecided)} results overtaken {RESULT_ROUNDS} times")
     return watch + schedules.waiting_occurrences(conn, ended_schedules, now=now)
+
+
+def results_are_one_statement(dialect: str, results: Sequence[RunResult]) -> bool:
+    """Whether ``record_results`` of these writes in a single statement
+    (then it needs no transaction around it): on PostgreSQL, successes of
+    distinct tasks in one chunk go in ``_record_successes``' one statement;
+    what may follow it only reads (``waiting_occurrences``)."""
+    return (
+        dialect == "postgresql"
+        and len(results) <= rows.CHUNK
+        and all(r.succeeded for r in results)
+        and len({r.task_id for r in results}) == len(results)
+    )
 
 
 def _apply_results(

@@ -45,6 +45,17 @@ class Databases:
         except (OperationalError, InterfaceError) as exc:
             raise Unavailable(f"database unavailable: {exc.orig}") from exc
 
+    @contextmanager
+    def statement(self) -> Iterator[Connection]:
+        """A connection on the primary in autocommit, for work that is one
+        statement (atomic by itself, and committed before it answers): one
+        round trip where a transaction takes three (BEGIN, it, COMMIT)."""
+        try:
+            with self.engine.connect() as conn:
+                yield conn.execution_options(isolation_level="AUTOCOMMIT")
+        except (OperationalError, InterfaceError) as exc:
+            raise Unavailable(f"database unavailable: {exc.orig}") from exc
+
     def write(self, work: Callable[[Connection], T], *, what: str) -> T:
         """``work`` in one transaction on the primary, tried again when it
         lost a race on a unique key (two uploads taking the next version

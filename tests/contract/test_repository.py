@@ -4,7 +4,7 @@ from dataclasses import replace
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import event, inspect
+from sqlalchemy import event, inspect, select
 
 from scheduling.errors import IdempotencyConflict, ScriptNotFound, TaskNotCancellable, TaskNotFound
 from scheduling.lifecycle import RetryPolicy
@@ -18,6 +18,7 @@ from scheduling.models import (
 )
 from scheduling.timeline import Wheel
 from storage.repository import MAX_OUTPUT_TAIL_CHARS, TaskQuery
+from storage.schema import tasks as task_table
 from tests.conftest import T0
 
 WHEEL = Wheel(num_shards=1, range_s=60)
@@ -678,6 +679,54 @@ def test_successes_are_recorded_with_their_runs_in_one_statement_on_postgres(pos
     # a replay of the same successes decides nothing and logs nothing more
     assert repo.record_results([result(specs[0])], policy=POLICY, now=T0) == []
     assert len(repo.list_runs(specs[0].task_id)) == 1
+
+
+def test_a_write_of_one_statement_runs_in_autocommit_and_any_other_in_a_transaction(
+    postgres_repo,
+):
+    """The start gate and a batch of successes are one statement each on
+    PostgreSQL: they go without BEGIN and COMMIT (one round trip), and
+    their rows are committed when the call returns. Results that need a
+    read, a write and an insert stay in one transaction."""
+    repo = postgres_repo
+    owner = owner_in(repo)
+    tasks = submit(repo, *(new(owner, max_attempts=3) for _ in range(3)))
+    _, specs = claim_all(repo, tasks)
+    modes: list[tuple[str, bool]] = []
+
+    def note(conn, cursor, statement, parameters, context, executemany):
+        modes.append((statement.split()[0].upper(), cursor.connection.autocommit))
+
+    event.listen(repo.engine, "before_cursor_execute", note)
+    try:
+        assert sorted(repo.mark_running(specs, lease_grace_s=5, now=T0)) == sorted(
+            s.key for s in specs
+        )
+        gate, modes[:] = list(modes), []
+        repo.record_results([result(specs[0]), result(specs[1])], policy=POLICY, now=T0)
+        successes, modes[:] = list(modes), []
+        retried = repo.record_results(
+            [result(specs[2], failure=FailureClass.EXIT_CODE)], policy=POLICY, now=T0
+        )
+        failure = list(modes)
+    finally:
+        event.remove(repo.engine, "before_cursor_execute", note)
+    assert gate == [("UPDATE", True)]
+    assert len(successes) == 1 and successes[0][1] is True
+    assert len(failure) >= 3 and not any(autocommit for _, autocommit in failure), failure
+    assert [t for t, _ in retried] == [specs[2].task_id]
+    # committed on return: another connection sees them
+    with repo.engine.connect() as other:
+        ended = other.execute(
+            select(task_table.c.task_id, task_table.c.status).where(
+                task_table.c.task_id.in_([s.task_id for s in specs])
+            )
+        ).all()
+    assert dict(ended) == {
+        specs[0].task_id: TaskStatus.SUCCEEDED.value,
+        specs[1].task_id: TaskStatus.SUCCEEDED.value,
+        specs[2].task_id: TaskStatus.SCHEDULED.value,
+    }
 
 
 def test_a_late_report_of_an_earlier_attempt_beside_the_current_one_applies_only_the_current(
