@@ -428,9 +428,13 @@ EXECUTOR_PREFIX = "chronoray-exec-"  # not a prefix of POOL_NAME
 # wait used to come by itself: the report answered only after the task's
 # shard was told; without that call, results went in a quarter more
 # transactions (PostgreSQL's commits in a 10,000-task burst: 3,578-3,725
-# before, 4,599-4,618 after, 4,345-4,375 with this). A few milliseconds
-# between a script's end and its commit, no more than that call took.
-RESULTS_LINGER_S = 0.005
+# before, 4,599-4,618 after, 4,345-4,375 with 5 ms). 25 ms against 5 took
+# the control plane's CPU per task from 15.4-16.0 to 14.8-15.4 ms in a
+# spread and from 4.8-5.6 to 4.5-4.9 in a burst (README, Dec 6). It is off
+# the fire lag's path (each run is released by its own timer); the
+# dispatcher hears of a free slot this much later, which the burst's drain
+# did not show (200, 235 -> 229, 246 tasks/s).
+RESULTS_LINGER_S = 0.025
 STORE_CONNECTIONS = 2  # a run's start gate, result and script fetch overlap
 WARM_UP_TIMEOUT_S = 2.0
 
