@@ -61,7 +61,6 @@ class SqlTaskRepository:
         self.tracks_writes = self.databases.tracks_writes
         self.misfire_rules = misfire_rules or MisfireRules()
         self.statistics = FreshStatistics(engine)
-        self._dialect = engine.dialect.name
 
     @classmethod
     def connect(
@@ -241,7 +240,7 @@ class SqlTaskRepository:
     ) -> list[tuple[int, int]]:
         if not specs:
             return []
-        with self._write_for(firing.gate_is_one_statement(self._dialect, specs)) as conn:
+        with self._write_for(firing.gate_is_one_statement(self.engine.dialect.name, specs)) as conn:
             return firing.mark_running(conn, specs, lease_grace_s=lease_grace_s, now=now)
 
     def record_results(
@@ -255,7 +254,9 @@ class SqlTaskRepository:
     ) -> list[tuple[int, datetime]]:
         if not results:
             return []
-        with self._write_for(firing.results_are_one_statement(self._dialect, results)) as conn:
+        with self._write_for(
+            firing.results_are_one_statement(self.engine.dialect.name, results)
+        ) as conn:
             return firing.record_results(
                 conn, results, policy=policy, now=now, tiers=tiers, on_outcome=on_outcome
             )

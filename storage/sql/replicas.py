@@ -23,6 +23,15 @@ CONFLICT_RETRIES = 3
 T = TypeVar("T")
 
 
+@contextmanager
+def _reachable() -> Iterator[None]:
+    """Driver errors that mean "the database is not there" as Unavailable."""
+    try:
+        yield
+    except (OperationalError, InterfaceError) as exc:
+        raise Unavailable(f"database unavailable: {exc.orig}") from exc
+
+
 class Databases:
     """The primary ``engine`` and its ``read_engines`` (PostgreSQL streaming
     replicas). Driver errors that mean "the database is not there" become
@@ -39,22 +48,16 @@ class Databases:
     @contextmanager
     def begin(self, engine: Engine | None = None) -> Iterator[Connection]:
         """A transaction on the primary (or ``engine``)."""
-        try:
-            with (engine or self.engine).begin() as conn:
-                yield conn
-        except (OperationalError, InterfaceError) as exc:
-            raise Unavailable(f"database unavailable: {exc.orig}") from exc
+        with _reachable(), (engine or self.engine).begin() as conn:
+            yield conn
 
     @contextmanager
     def statement(self) -> Iterator[Connection]:
         """A connection on the primary in autocommit, for work that is one
         statement (atomic by itself, and committed before it answers): one
         round trip where a transaction takes three (BEGIN, it, COMMIT)."""
-        try:
-            with self.engine.connect() as conn:
-                yield conn.execution_options(isolation_level="AUTOCOMMIT")
-        except (OperationalError, InterfaceError) as exc:
-            raise Unavailable(f"database unavailable: {exc.orig}") from exc
+        with _reachable(), self.engine.connect() as conn:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
     def write(self, work: Callable[[Connection], T], *, what: str) -> T:
         """``work`` in one transaction on the primary, tried again when it
