@@ -5,6 +5,7 @@ declares the silent ones dead and sizes each tier (scheduling.tiers.plan_size)."
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -275,20 +276,19 @@ class ExecutorPoolShell:
         self._ticking = asyncio.ensure_future(self._tick_forever())
 
     async def _tick_forever(self) -> None:
-        from actors.handles import find_dispatcher
+        from actors.handles import ActorLookup, dispatcher_handle
 
-        dispatcher = None
+        # looked up off this loop, which answers the heartbeats (ActorLookup)
+        dispatcher = ActorLookup(
+            functools.partial(dispatcher_handle, self._settings.namespace), what="the dispatcher"
+        )
         while True:
             await asyncio.sleep(self._settings.pool_timing.heartbeat_s)
             demand: dict[str, int] = {}
             try:
-                # Looked up once, and again only after a failure (off this
-                # loop, which answers the heartbeats: see find_dispatcher).
-                if dispatcher is None:
-                    dispatcher = await find_dispatcher(self._settings.namespace)
-                demand = await asyncio.wait_for(dispatcher.demand.remote(), timeout=2)
+                demand = await asyncio.wait_for((await dispatcher.get()).demand.remote(), timeout=2)
             except Exception:
-                dispatcher = None  # not deployed yet, or restarting: size for the minimum
+                dispatcher.forget()  # not deployed yet, or restarting: size for the minimum
             try:
                 self._pool.tick(demand)
             except Exception:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -31,8 +31,9 @@ def shard_name(index: int) -> str:
 
 @functools.lru_cache(maxsize=256)
 def shard_handle(index: int, namespace: str):
+    # For drivers and tests, off any actor's loop (actors use call_shard).
     # Handles to detached, restartable actors stay valid across restarts; a
-    # shard removed and deployed again needs a new one (see call_shard).
+    # shard removed and deployed again needs a new one.
     return ray.get_actor(shard_name(index), namespace=namespace)
 
 
@@ -48,20 +49,79 @@ POOL_TIMEOUT_S = 5.0
 DRIVER_CALL_TIMEOUT_S = 3 * CALL_TIMEOUT_S
 
 
+class ActorLookup:
+    """A named actor's handle for code on an event loop: looked up in a
+    thread, each wait bounded by ``timeout_s``, one lookup in flight however
+    many wait. ``ray.get_actor`` asks the GCS, and while the GCS is down it
+    blocks until the GCS is back: on an actor's loop that would hold every
+    release, heartbeat and placement behind it, and a new thread per wait
+    would fill the loop's thread pool, which its database writes use. A
+    handle to a detached, restartable actor outlives its restarts, so it is
+    kept until ``forget`` (the actor was removed and deployed anew)."""
+
+    def __init__(
+        self, lookup: Callable[[], Any], *, what: str, timeout_s: float = PROBE_TIMEOUT_S
+    ) -> None:
+        self._lookup = lookup
+        self._what = what
+        self._timeout_s = timeout_s
+        self._handle: Any = None
+        self._pending: asyncio.Future[Any] | None = None
+
+    async def get(self) -> Any:
+        """The handle; raises what the lookup raised (ValueError: no such
+        actor), or Unavailable after ``timeout_s`` (the lookup goes on)."""
+        if self._handle is not None:
+            return self._handle
+        loop = asyncio.get_running_loop()
+        if self._pending is None or self._pending.get_loop() is not loop:
+            self._pending = loop.run_in_executor(None, self._lookup)
+            self._pending.add_done_callback(self._landed)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._pending), timeout=self._timeout_s)
+        except asyncio.TimeoutError:
+            raise Unavailable(f"{self._what} not found within {self._timeout_s} s") from None
+
+    def _landed(self, lookup: asyncio.Future[Any]) -> None:
+        if lookup is not self._pending:
+            return
+        self._pending = None
+        if not lookup.cancelled() and lookup.exception() is None:
+            self._handle = lookup.result()
+
+    def forget(self) -> None:
+        """Look it up again next time."""
+        self._handle = None
+
+
+_shard_lookups: dict[tuple[int, str], ActorLookup] = {}
+
+
+def _shard_lookup(index: int, namespace: str) -> ActorLookup:
+    found = _shard_lookups.get((index, namespace))
+    if found is None:
+        found = _shard_lookups[(index, namespace)] = ActorLookup(
+            functools.partial(ray.get_actor, shard_name(index), namespace=namespace),
+            what=f"shard {index}",
+        )
+    return found
+
+
 async def call_shard(
     index: int, namespace: str, method: str, *args, timeout_s: float = CALL_TIMEOUT_S
 ):
     """Call a shard, within ``timeout_s``; if its handle is dead (the actor
     was removed and deployed anew), look it up again once."""
+    lookup = _shard_lookup(index, namespace)
     try:
         try:
             return await asyncio.wait_for(
-                getattr(shard_handle(index, namespace), method).remote(*args), timeout=timeout_s
+                getattr(await lookup.get(), method).remote(*args), timeout=timeout_s
             )
         except RayActorError:
-            shard_handle.cache_clear()
+            lookup.forget()
             return await asyncio.wait_for(
-                getattr(shard_handle(index, namespace), method).remote(*args), timeout=timeout_s
+                getattr(await lookup.get(), method).remote(*args), timeout=timeout_s
             )
     except asyncio.TimeoutError:
         raise Unavailable(f"shard {index} did not answer {method} within {timeout_s} s") from None
@@ -77,15 +137,6 @@ def named_actor(name: str, namespace: str):
 
 def dispatcher_handle(namespace: str):
     return ray.get_actor(DISPATCHER_NAME, namespace=namespace)
-
-
-async def find_dispatcher(namespace: str):
-    """The dispatcher's handle, looked up in a thread and within
-    ``PROBE_TIMEOUT_S``: a lookup asks the GCS, and while the GCS is down it
-    would hold the caller's event loop for as long."""
-    return await asyncio.wait_for(
-        asyncio.to_thread(dispatcher_handle, namespace), timeout=PROBE_TIMEOUT_S
-    )
 
 
 def pool_handle(namespace: str):
@@ -114,6 +165,12 @@ class ShardRouter:
         # (one actor call per request was an eighth of a replica's CPU).
         # A failed call fails each of its requests, as their own calls would.
         self._submitters: dict[int, GroupCommitter[NewTask, SubmitResult | ChronorayError]] = {}
+        self._dispatcher = ActorLookup(
+            functools.partial(dispatcher_handle, namespace), what="the dispatcher"
+        )
+        self._pool = ActorLookup(
+            functools.partial(pool_handle, namespace), what="the executor pool"
+        )
 
     async def _call(self, shard: int, method: str, *args):
         return await call_shard(shard, self._namespace, method, *args, timeout_s=self._timeout_s)
@@ -153,7 +210,7 @@ class ShardRouter:
 
     async def probe(self) -> dict[str, str]:
         """Which actors answer: {"dispatcher": "ok", "shard-0": "ok", …}."""
-        calls = {"dispatcher": dispatcher_handle(self._namespace).hello.remote()}
+        calls = {"dispatcher": _ask(self._dispatcher, "hello")}
         for i in range(self._wheel.num_shards):
             calls[f"shard-{i}"] = call_shard(i, self._namespace, "ready")
         answers = await _each_within(calls, PROBE_TIMEOUT_S)
@@ -165,8 +222,7 @@ class ShardRouter:
     async def executors(self) -> dict:
         """The executor pool's status: per tier and per executor."""
         try:
-            pool = pool_handle(self._namespace)
-            return await asyncio.wait_for(pool.status.remote(), timeout=POOL_TIMEOUT_S)
+            return await asyncio.wait_for(_ask(self._pool, "status"), timeout=POOL_TIMEOUT_S)
         except Exception as exc:
             raise Unavailable(f"executor pool not reachable: {type(exc).__name__}") from None
 
@@ -189,9 +245,9 @@ class ShardRouter:
         namespace = self._namespace
 
         async def pool():
-            return pool_families(await pool_handle(namespace).status.remote())
+            return pool_families(await _ask(self._pool, "status"))
 
-        calls = {"dispatcher": dispatcher_handle(namespace).metrics.remote(), "pool": pool()}
+        calls = {"dispatcher": _ask(self._dispatcher, "metrics"), "pool": pool()}
         for i in range(self._wheel.num_shards):
             calls[f"shard-{i}"] = call_shard(i, namespace, "metrics")
         answers = await _each_within(calls, PROBE_TIMEOUT_S)
@@ -199,6 +255,16 @@ class ShardRouter:
             if isinstance(answer, Exception):  # a source down is shown as down, not as an error
                 log.warning("metrics of %s unavailable: %r", source, answer)
         return {s: None if isinstance(a, Exception) else a for s, a in answers.items()}
+
+
+async def _ask(actor: ActorLookup, method: str) -> Any:
+    """Call ``method`` of a looked-up actor; a dead handle is looked up anew next time."""
+    handle = await actor.get()
+    try:
+        return await getattr(handle, method).remote()
+    except RayActorError:
+        actor.forget()
+        raise
 
 
 async def _each_within(calls: dict[str, Any], timeout_s: float) -> dict[str, Any]:
@@ -304,24 +370,24 @@ class DispatcherResults:
     (or took in what the executor's own commit decided)."""
 
     def __init__(self, namespace: str) -> None:
-        self._namespace = namespace
-        self._handle = None  # a restartable actor's handle outlives its restarts
+        # a restartable actor's handle outlives its restarts
+        self._dispatcher = ActorLookup(
+            functools.partial(dispatcher_handle, namespace), what="the dispatcher"
+        )
 
     async def hello(self) -> None:
         """Reach the dispatcher once (Ray opens its connection on the first call)."""
-        if self._handle is None:
-            self._handle = await find_dispatcher(self._namespace)
-        await asyncio.wait_for(self._handle.hello.remote(), timeout=PROBE_TIMEOUT_S)
+        handle = await self._dispatcher.get()
+        await asyncio.wait_for(handle.hello.remote(), timeout=PROBE_TIMEOUT_S)
 
     async def report_results(
         self, results: list[RunResult], committed: CommittedResults | None = None
     ) -> None:
-        if self._handle is None:
-            self._handle = dispatcher_handle(self._namespace)
+        handle = await self._dispatcher.get()
         try:
             await asyncio.wait_for(
-                self._handle.report_results.remote(results, committed), timeout=REPORT_TIMEOUT_S
+                handle.report_results.remote(results, committed), timeout=REPORT_TIMEOUT_S
             )
         except Exception:
-            self._handle = None  # removed and deployed anew: look it up again next time
+            self._dispatcher.forget()  # removed and deployed anew: look it up again next time
             raise

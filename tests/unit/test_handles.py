@@ -1,0 +1,158 @@
+"""Looking actors up from an event loop: the lookup (a GCS call that blocks
+while the GCS is down) never holds the loop, and one lookup at a time runs
+however many callers wait for it."""
+
+import asyncio
+import threading
+
+import pytest
+
+import actors.handles as handles
+from actors.handles import ActorLookup, DispatcherResults
+from scheduling.errors import Unavailable
+
+
+class BlockingLookup:
+    """Stands in for ray.get_actor while the GCS is down: blocks its thread
+    until ``answer`` is set, then returns it (or raises it)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.answer: object = None
+        self._go = threading.Event()
+
+    def __call__(self):
+        self.calls += 1
+        self._go.wait(timeout=30)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+    def back(self, answer: object) -> None:
+        self.answer = answer
+        self._go.set()
+
+
+async def ticks_while(awaitable, *, tick_s: float = 0.01) -> tuple[object, int]:
+    """Await ``awaitable`` while counting ticks of a timer on the same loop."""
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(tick_s)
+            ticks += 1
+
+    counting = asyncio.ensure_future(ticker())
+    try:
+        try:
+            return await awaitable, ticks
+        except Exception as exc:
+            return exc, ticks
+    finally:
+        counting.cancel()
+
+
+def test_a_lookup_that_blocks_leaves_the_loop_running_and_runs_once():
+    lookup = BlockingLookup()
+    actor = ActorLookup(lookup, what="the dispatcher", timeout_s=0.3)
+
+    async def scenario():
+        first, ticks = await ticks_while(
+            asyncio.gather(actor.get(), actor.get(), return_exceptions=True)
+        )
+        assert all(isinstance(e, Unavailable) for e in first), first
+        assert "the dispatcher not found within 0.3 s" in str(first[0])
+        assert ticks >= 10  # the loop turned while the lookup blocked
+        again, _ = await ticks_while(actor.get())
+        assert isinstance(again, Unavailable)
+        assert lookup.calls == 1  # still the first lookup: no thread per wait
+        lookup.back("handle")
+        assert await actor.get() == "handle"
+        assert await actor.get() == "handle"
+        assert lookup.calls == 1  # kept once found
+        actor.forget()
+        lookup.answer = "handle after a redeploy"
+        assert await actor.get() == "handle after a redeploy"
+        assert lookup.calls == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_lookup_is_raised_and_the_next_get_looks_again():
+    lookup = BlockingLookup()
+    lookup.back(ValueError("Failed to look up actor with name 'chronoray-dispatcher'"))
+    actor = ActorLookup(lookup, what="the dispatcher", timeout_s=1.0)
+
+    async def scenario():
+        with pytest.raises(ValueError, match="Failed to look up"):
+            await actor.get()
+        lookup.answer = "handle"
+        assert await actor.get() == "handle"
+        assert lookup.calls == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_lookup_pending_on_a_loop_that_stopped_does_not_hold_the_next_loop():
+    lookup = BlockingLookup()
+    actor = ActorLookup(lookup, what="shard 0", timeout_s=0.1)
+
+    async def gives_up():
+        with pytest.raises(Unavailable):
+            await actor.get()
+
+    async def finds():
+        return await actor.get()
+
+    first = asyncio.new_event_loop()
+    try:
+        first.run_until_complete(gives_up())  # stops with its lookup pending
+        lookup.back("handle")  # the lookup's answer can never land on the stopped loop
+        assert asyncio.run(finds()) == "handle"
+        assert lookup.calls == 2
+    finally:
+        first.close()
+
+
+class FakeDispatcher:
+    """A dispatcher handle that answers report_results at once."""
+
+    def __init__(self) -> None:
+        self.reports: list = []
+
+    @property
+    def report_results(self):
+        outer = self
+
+        class Method:
+            @staticmethod
+            def remote(results, committed):
+                outer.reports.append((results, committed))
+                future = asyncio.get_running_loop().create_future()
+                future.set_result(None)
+                return future
+
+        return Method()
+
+
+def test_a_report_whose_dispatcher_lookup_blocks_fails_in_bounded_time_and_goes_through_later(
+    monkeypatch,
+):
+    """An executor's results go out after a failed report: its loop, which
+    releases held runs at their instants, must not wait on the GCS."""
+    lookup = BlockingLookup()
+    monkeypatch.setattr(handles, "dispatcher_handle", lambda namespace: lookup())
+    sink = DispatcherResults("chronoray-test")
+
+    async def scenario():
+        failed, ticks = await ticks_while(sink.report_results([], None))
+        assert isinstance(failed, Unavailable), failed  # after PROBE_TIMEOUT_S
+        assert ticks >= 50
+        dispatcher = FakeDispatcher()
+        lookup.back(dispatcher)
+        await sink.report_results([], None)
+        assert dispatcher.reports == [([], None)]
+        assert lookup.calls == 1
+
+    asyncio.run(scenario())
