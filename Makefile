@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 SERVICES_DIR ?= $(CURDIR)/.run/services
 PYTEST_ARGS ?=
 
-.PHONY: run test install system-deps sandbox-deps bench-deps services-start services-stop lint bench bench-http bench-million bench-run-burst bench-console bench-sandbox bench-history bench-statements chaos clean
+.PHONY: run test install system-deps sandbox-deps bench-deps services-start services-stop lint bench bench-http bench-million bench-run-burst bench-console bench-sandbox bench-history bench-statements bench-ray-calls chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -116,6 +116,10 @@ bench-history: install system-deps
 bench-statements: install system-deps
 	@$(DURABLE_SERVICES) && \
 	$(BIN)/python -m bench.statements --database-url "$$CHRONORAY_TEST_POSTGRES_URL" $(BENCH_ARGS)
+
+# What one call between two actors costs (bench/ray_calls.py): no database.
+bench-ray-calls: install
+	$(BIN)/python -m bench.ray_calls $(BENCH_ARGS)
 
 # The chaos harness (bench/chaos.py): all 12 scenarios on PostgreSQL with
 # durable settings, ~30 minutes. CHAOS_ARGS="--only 1,4 --soak-s 60" for less.
