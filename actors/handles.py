@@ -29,11 +29,10 @@ def shard_name(index: int) -> str:
     return f"chronoray-shard-{index}"
 
 
-@functools.lru_cache(maxsize=256)
 def shard_handle(index: int, namespace: str):
-    # For drivers and tests, off any actor's loop (actors use call_shard).
-    # Handles to detached, restartable actors stay valid across restarts; a
-    # shard removed and deployed again needs a new one.
+    """The shard's live handle, asked of the GCS each time: for tests and
+    operators, off any actor's loop (actors and the API use call_shard,
+    which keeps its handle until the shard is removed and deployed anew)."""
     return ray.get_actor(shard_name(index), namespace=namespace)
 
 

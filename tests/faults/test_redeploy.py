@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 import pytest
 import ray
 
-from actors.handles import shard_handle, shard_name
+from actors.handles import shard_name
 from chronoray.deploy import deploy_actors
 from tests.ray_cluster import wait_for
 
@@ -26,7 +26,6 @@ def test_submissions_and_results_reach_a_redeployed_shard(deployment, http):
     old = ray.get_actor(shard_name(victim), namespace=settings.namespace)
     ray.kill(old, no_restart=True)
     deploy_actors(settings)
-    shard_handle.cache_clear()  # this test process's own cache
     # the same instant, so the same (redeployed) shard owns it
     created = http.post("/v1/tasks", json={"script": "redeploy.sh", "execute_at": due})
     assert created.status_code == 201, created.text
