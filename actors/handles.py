@@ -106,6 +106,12 @@ def _shard_lookup(index: int, namespace: str) -> ActorLookup:
     return found
 
 
+def forget_shard_handles() -> None:
+    """Drop the shard handles call_shard keeps: a driver connected to a new
+    cluster (its old one killed) must not call the old cluster's actors."""
+    _shard_lookups.clear()
+
+
 async def call_shard(
     index: int, namespace: str, method: str, *args, timeout_s: float = CALL_TIMEOUT_S
 ):

@@ -141,7 +141,7 @@ class Harness:
 
     # lifecycle
     def start(self, settings=None) -> None:
-        from actors.handles import shard_handle
+        from actors.handles import forget_shard_handles
         from chronoray import Client
         from chronoray.deploy import deploy, prepare_database
         from scheduling.tiers import local_node_resources
@@ -149,7 +149,7 @@ class Harness:
         from tests.ray_cluster import RayHead
 
         self.settings = settings or self.settings
-        shard_handle.cache_clear()  # handles of a cluster that was killed are useless
+        forget_shard_handles()  # handles of a cluster that was killed are useless
         if self.head is None:
             self.head = RayHead.start(
                 local_node_resources(self.settings.tiers), gcs_redis=self.gcs_redis
