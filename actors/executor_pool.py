@@ -5,7 +5,6 @@ declares the silent ones dead and sizes each tier (scheduling.tiers.plan_size)."
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import time
@@ -276,12 +275,10 @@ class ExecutorPoolShell:
         self._ticking = asyncio.ensure_future(self._tick_forever())
 
     async def _tick_forever(self) -> None:
-        from actors.handles import ActorLookup, dispatcher_handle
+        from actors.handles import dispatcher_lookup
 
         # looked up off this loop, which answers the heartbeats (ActorLookup)
-        dispatcher = ActorLookup(
-            functools.partial(dispatcher_handle, self._settings.namespace), what="the dispatcher"
-        )
+        dispatcher = dispatcher_lookup(self._settings.namespace)
         while True:
             await asyncio.sleep(self._settings.pool_timing.heartbeat_s)
             demand: dict[str, int] = {}

@@ -144,6 +144,11 @@ def dispatcher_handle(namespace: str):
     return ray.get_actor(DISPATCHER_NAME, namespace=namespace)
 
 
+def dispatcher_lookup(namespace: str) -> ActorLookup:
+    """The dispatcher's handle for code on an event loop (ActorLookup)."""
+    return ActorLookup(functools.partial(dispatcher_handle, namespace), what="the dispatcher")
+
+
 def pool_handle(namespace: str):
     return ray.get_actor(POOL_NAME, namespace=namespace)
 
@@ -170,9 +175,7 @@ class ShardRouter:
         # (one actor call per request was an eighth of a replica's CPU).
         # A failed call fails each of its requests, as their own calls would.
         self._submitters: dict[int, GroupCommitter[NewTask, SubmitResult | ChronorayError]] = {}
-        self._dispatcher = ActorLookup(
-            functools.partial(dispatcher_handle, namespace), what="the dispatcher"
-        )
+        self._dispatcher = dispatcher_lookup(namespace)
         self._pool = ActorLookup(
             functools.partial(pool_handle, namespace), what="the executor pool"
         )
@@ -376,9 +379,7 @@ class DispatcherResults:
 
     def __init__(self, namespace: str) -> None:
         # a restartable actor's handle outlives its restarts
-        self._dispatcher = ActorLookup(
-            functools.partial(dispatcher_handle, namespace), what="the dispatcher"
-        )
+        self._dispatcher = dispatcher_lookup(namespace)
 
     async def hello(self) -> None:
         """Reach the dispatcher once (Ray opens its connection on the first call)."""
