@@ -96,6 +96,17 @@ def process_class(cmdline: str, comm: str) -> str | None:
     return None
 
 
+def cpu_seconds(stat: str) -> float:
+    """A process's own user + system time from its /proc/PID/stat line."""
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
+def cpu_of(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        return cpu_seconds(f.read())
+
+
 @dataclass(frozen=True)
 class Snapshot:
     cpu_s: dict[int, tuple[str, float]]  # pid: (class, cpu seconds so far)
@@ -118,8 +129,7 @@ def snapshot() -> Snapshot:
         role = process_class(cmdline, comm)
         if role is None or not _counted(role, pid, stat):
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        found[pid] = (role, (int(fields[11]) + int(fields[12])) / TICKS)  # utime, stime
+        found[pid] = (role, cpu_seconds(stat))
     return Snapshot(found)
 
 

@@ -25,16 +25,10 @@ from datetime import datetime, timezone
 
 import ray
 
+from bench.procstat import cpu_of
 from scheduling.models import Interpreter, TaskSpec
 
-TICKS = os.sysconf("SC_CLK_TCK")
 GAPS = {"back to back": 0.0, "10 ms apart": 0.01}
-
-
-def cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def one_spec() -> TaskSpec:
@@ -87,13 +81,13 @@ def ray_system_pids() -> list[int]:
 def measure(caller, pids: dict[str, int], calls: int, gap_s: float, in_process: bool):
     system = ray_system_pids()
     ray.get(caller.call.remote(100, gap_s, in_process))  # warm
-    before = {name: cpu_s(pid) for name, pid in pids.items()}
-    system_before = sum(cpu_s(pid) for pid in system)
+    before = {name: cpu_of(pid) for name, pid in pids.items()}
+    system_before = sum(cpu_of(pid) for pid in system)
     began = time.monotonic()
     ray.get(caller.call.remote(calls, gap_s, in_process))
     wall = time.monotonic() - began
-    used = {name: (cpu_s(pid) - before[name]) * 1000 / calls for name, pid in pids.items()}
-    used["raylet+gcs"] = (sum(cpu_s(pid) for pid in system) - system_before) * 1000 / calls
+    used = {name: (cpu_of(pid) - before[name]) * 1000 / calls for name, pid in pids.items()}
+    used["raylet+gcs"] = (sum(cpu_of(pid) for pid in system) - system_before) * 1000 / calls
     used["wall"] = wall * 1000 / calls
     return used
 
