@@ -55,6 +55,9 @@ LEVERS = {
     "proxy": ("proxy", {}),
     "haproxy": ("haproxy", {}),
     "proxy + throughput-optimized": ("proxy", {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
+    # the replica's HTTP server and chronoray's code on one event loop: no
+    # hop between two threads' loops per request
+    "haproxy + one loop": ("haproxy", {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}),
 }
 
 
