@@ -115,21 +115,35 @@ def forget_shard_handles() -> None:
 async def call_shard(
     index: int, namespace: str, method: str, *args, timeout_s: float = CALL_TIMEOUT_S
 ):
-    """Call a shard, within ``timeout_s``; if its handle is dead (the actor
-    was removed and deployed anew), look it up again once."""
-    lookup = _shard_lookup(index, namespace)
+    """Call a shard, each try within ``timeout_s``."""
     try:
-        try:
-            return await asyncio.wait_for(
-                getattr(await lookup.get(), method).remote(*args), timeout=timeout_s
-            )
-        except RayActorError:
-            lookup.forget()
-            return await asyncio.wait_for(
-                getattr(await lookup.get(), method).remote(*args), timeout=timeout_s
-            )
+        return await _call_anew_if_dead(
+            _shard_lookup(index, namespace), method, *args, timeout_s=timeout_s
+        )
     except asyncio.TimeoutError:
         raise Unavailable(f"shard {index} did not answer {method} within {timeout_s} s") from None
+
+
+async def _call_anew_if_dead(
+    actor: ActorLookup, method: str, *args, timeout_s: float | None = None
+) -> Any:
+    """Call ``method`` of a looked-up actor, each try within ``timeout_s``;
+    if its handle is dead (the actor was removed and deployed anew), look it
+    up again and try once more."""
+
+    async def once() -> Any:
+        handle = await actor.get()
+        return await asyncio.wait_for(getattr(handle, method).remote(*args), timeout=timeout_s)
+
+    try:
+        return await once()
+    except RayActorError:
+        actor.forget()
+    try:
+        return await once()
+    except RayActorError:
+        actor.forget()
+        raise
 
 
 def named_actor(name: str, namespace: str):
@@ -266,13 +280,9 @@ class ShardRouter:
 
 
 async def _ask(actor: ActorLookup, method: str) -> Any:
-    """Call ``method`` of a looked-up actor; a dead handle is looked up anew next time."""
-    handle = await actor.get()
-    try:
-        return await getattr(handle, method).remote()
-    except RayActorError:
-        actor.forget()
-        raise
+    """Call ``method`` of a looked-up actor; after a redeploy the first
+    probe finds the new actor instead of reporting it down."""
+    return await _call_anew_if_dead(actor, method)
 
 
 async def _each_within(calls: dict[str, Any], timeout_s: float) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import asyncio
 import threading
 
 import pytest
+from ray.exceptions import RayActorError
 
 import actors.handles as handles
 from actors.handles import ActorLookup, DispatcherResults
@@ -156,3 +157,60 @@ def test_a_report_whose_dispatcher_lookup_blocks_fails_in_bounded_time_and_goes_
         assert lookup.calls == 1
 
     asyncio.run(scenario())
+
+
+class Handle:
+    """An actor handle whose ``hello`` answers, or raises what the actor
+    behind it raised (a removed actor's handle: RayActorError)."""
+
+    def __init__(self, answer: object) -> None:
+        self.answer = answer
+
+    @property
+    def hello(self):
+        answer = self.answer
+
+        class Method:
+            @staticmethod
+            def remote():
+                future = asyncio.get_running_loop().create_future()
+                if isinstance(answer, Exception):
+                    future.set_exception(answer)
+                else:
+                    future.set_result(answer)
+                return future
+
+        return Method()
+
+
+def test_a_probe_after_a_redeploy_finds_the_new_actor_at_once():
+    """The kept handle died with the actor it named; the first probe after
+    the actor was deployed anew answers from the new one, not 'down'."""
+    handles_in_turn = iter([Handle(RayActorError()), Handle("the new incarnation")])
+    lookups = []
+
+    def lookup():
+        lookups.append(1)
+        return next(handles_in_turn)
+
+    actor = ActorLookup(lookup, what="the dispatcher")
+
+    async def scenario():
+        assert await handles._ask(actor, "hello") == "the new incarnation"
+        assert await handles._ask(actor, "hello") == "the new incarnation"
+
+    asyncio.run(scenario())
+    assert len(lookups) == 2  # looked up again once, then kept
+
+
+def test_a_probe_of_an_actor_that_stays_dead_raises_after_one_new_lookup():
+    lookups = []
+
+    def lookup():
+        lookups.append(1)
+        return Handle(RayActorError())
+
+    actor = ActorLookup(lookup, what="the dispatcher")
+    with pytest.raises(RayActorError):
+        asyncio.run(handles._ask(actor, "hello"))
+    assert len(lookups) == 2
