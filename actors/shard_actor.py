@@ -110,7 +110,10 @@ class Shard:
 
     async def track(self, entries: Sequence[tuple[int, datetime]]) -> None:
         """Watch these tasks if they fall inside the look-ahead window."""
-        for task_id, due_at in self._soon(entries):
+        self._watch(self._soon(entries))
+
+    def _watch(self, soon: Sequence[tuple[int, datetime]]) -> None:
+        for task_id, due_at in soon:
             self._timer.add(task_id, due_at)
         self.wake.set()
 
@@ -128,7 +131,7 @@ class Shard:
             by_shard.setdefault(self._wheel.owner_of(task_id, due_at), []).append((task_id, due_at))
         for shard, owned in by_shard.items():
             if shard == self.index:
-                await self.track(owned)
+                self._watch(owned)  # already inside the look-ahead
             else:
                 await self._peers.track(shard, owned)
 
