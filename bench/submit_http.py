@@ -19,7 +19,9 @@ requests. Tasks are due in an hour, so nothing runs meanwhile.
 
 --ab runs the ingress levers each alone on a new Ray (Serve reads them as
 its processes start): Serve's Python proxy, HAProxy
-(chronoray's default), and the proxy with RAY_SERVE_THROUGHPUT_OPTIMIZED=1.
+(chronoray's default), the proxy with RAY_SERVE_THROUGHPUT_OPTIMIZED=1, and
+HAProxy with Serve running chronoray's code on the replica's own event loop
+(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0).
 
     python -m bench.submit_http --database-url postgresql+psycopg://... [--ab]
 """
