@@ -117,19 +117,16 @@ async def call_shard(
 ):
     """Call a shard, each try within ``timeout_s``."""
     try:
-        return await _call_anew_if_dead(
-            _shard_lookup(index, namespace), method, *args, timeout_s=timeout_s
-        )
+        return await _ask(_shard_lookup(index, namespace), method, *args, timeout_s=timeout_s)
     except asyncio.TimeoutError:
         raise Unavailable(f"shard {index} did not answer {method} within {timeout_s} s") from None
 
 
-async def _call_anew_if_dead(
-    actor: ActorLookup, method: str, *args, timeout_s: float | None = None
-) -> Any:
+async def _ask(actor: ActorLookup, method: str, *args, timeout_s: float | None = None) -> Any:
     """Call ``method`` of a looked-up actor, each try within ``timeout_s``;
     if its handle is dead (the actor was removed and deployed anew), look it
-    up again and try once more."""
+    up again and try once more: the first call after a redeploy reaches the
+    new actor instead of failing."""
 
     async def once() -> Any:
         handle = await actor.get()
@@ -277,12 +274,6 @@ class ShardRouter:
             if isinstance(answer, Exception):  # a source down is shown as down, not as an error
                 log.warning("metrics of %s unavailable: %r", source, answer)
         return {s: None if isinstance(a, Exception) else a for s, a in answers.items()}
-
-
-async def _ask(actor: ActorLookup, method: str) -> Any:
-    """Call ``method`` of a looked-up actor; after a redeploy the first
-    probe finds the new actor instead of reporting it down."""
-    return await _call_anew_if_dead(actor, method)
 
 
 async def _each_within(calls: dict[str, Any], timeout_s: float) -> dict[str, Any]:
