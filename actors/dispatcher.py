@@ -17,6 +17,7 @@ import ray
 from actors.batching import GroupCommitter
 from actors.executor import ExecutorDraining
 from actors.handles import ExecutorCalls, ShardResults
+from actors.heap import settle_after_start
 from chronoray.metrics import OutcomeMetrics
 from scheduling.clock import Clock, SystemClock
 from scheduling.lifecycle import lost_result
@@ -408,6 +409,7 @@ class DispatcherShell:
             )
         # __init__ runs inside the actor's event loop (Ray async actors).
         self._starting = asyncio.ensure_future(self._start())
+        settle_after_start()
 
     async def _ready(self) -> Dispatcher:
         if not self._starting.done():

@@ -23,6 +23,7 @@ import ray
 
 from actors.batching import Outbox
 from actors.handles import DispatcherResults
+from actors.heap import settle_after_start
 from actors.network import RAY_FIXED_PORTS, ControlPlane, control_plane
 from actors.results import CommitThenReport, ResultRecorder
 from actors.sandbox import (
@@ -522,6 +523,7 @@ class ExecutorShell:
                 session_timeout_s=settings.zookeeper_session_timeout_s,
             )
         self._beating = asyncio.ensure_future(self._live())
+        settle_after_start()
 
     async def run_batch(self, specs: list[TaskSpec]) -> int:
         return await self._executor.run_batch(specs)

@@ -17,6 +17,7 @@ import ray
 
 from actors.executor import EXECUTOR_PREFIX, ExecutorActor, Heartbeat
 from actors.handles import named_actor
+from actors.heap import settle_after_start
 from scheduling.tiers import MemberView, PoolTiming, Tier, TierTable, plan_size
 
 log = logging.getLogger(__name__)
@@ -273,6 +274,7 @@ class ExecutorPoolShell:
             tiers=settings.tiers, factory=factory, timing=settings.pool_timing, adopted=adopted
         )
         self._ticking = asyncio.ensure_future(self._tick_forever())
+        settle_after_start()
 
     async def _tick_forever(self) -> None:
         from actors.handles import dispatcher_lookup

@@ -13,6 +13,7 @@ import ray
 
 from actors.batching import GroupCommitter
 from actors.handles import DispatcherCalls, ShardHints
+from actors.heap import settle_after_start
 from actors.results import ResultRecorder
 from chronoray.metrics import ShardMetrics
 from chronoray.settings import Settings
@@ -325,6 +326,7 @@ class ShardShell:
         # Ray runs __init__ inside the actor's event loop: start at once, so a
         # restarted shard fires its tasks without waiting to be called.
         self._started = asyncio.ensure_future(self._start())
+        settle_after_start()
 
     async def _ready(self) -> Shard:
         await asyncio.shield(self._started)

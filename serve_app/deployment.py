@@ -25,6 +25,7 @@ class ChronorayIngress:
 
     def __serve_build_asgi_app__(self):
         from actors.handles import ShardRouter
+        from actors.heap import settle_after_start
         from serve_app.app import create_api
         from service.core import Service
 
@@ -33,7 +34,9 @@ class ChronorayIngress:
             namespace=self._settings.namespace,
             zookeeper_hosts=self._settings.zookeeper_hosts,
         )
-        return create_api(Service(repo=self._repo, router=router, settings=self._settings))
+        app = create_api(Service(repo=self._repo, router=router, settings=self._settings))
+        settle_after_start()
+        return app
 
 
 def build_application(settings: Settings):
