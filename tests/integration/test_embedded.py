@@ -17,6 +17,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, select
 
+from chronoray.deploy import MALLOC_ENVIRONMENT
 from storage.schema import tasks
 from tests.ray_cluster import free_port, wait_for
 
@@ -38,6 +39,28 @@ def listeners_on(port: int) -> str:
     """Who listens on ``port`` (for a failure's message)."""
     shown = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True, check=False)
     return "\n".join(line for line in shown.stdout.splitlines() if f":{port} " in line)
+
+
+def pids_matching(pattern: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, check=False)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def children_of(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return [int(child) for child in found.stdout.split()]
+
+
+def cmdline_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""  # it exited since it was listed
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    items = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in items if b"=" in item)
 
 
 def json_objects(text: str) -> list[dict]:
@@ -80,6 +103,12 @@ def test_up_on_sqlite_serves_the_readme_quick_start(tmp_path, deployment):
             time.sleep(0.25)
         up_after_s = time.monotonic() - started
         print(f"chronoray up after {up_after_s:.1f} s")
+        # up's raylet and the actors it started run with up's malloc settings
+        [raylet] = pids_matching(f"ray/raylet/raylet .*{ray_tmp}")
+        actors = [pid for pid in children_of(raylet) if "Shell" in cmdline_of(pid)]
+        assert len(actors) >= 4, [cmdline_of(pid) for pid in children_of(raylet)]
+        for pid in [raylet, *actors]:
+            assert environ_of(pid).items() >= MALLOC_ENVIRONMENT.items(), cmdline_of(pid)
         assert (tmp_path / "data" / "chronoray.db").exists()
 
         printed = re.search(

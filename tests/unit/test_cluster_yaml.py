@@ -50,4 +50,14 @@ def test_every_node_starts_ray_with_the_default_ingress_serve_variables(config):
     assert Settings(database_url="sqlite://").serve_ingress == "haproxy"
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         [start] = [c for c in config[key] if "ray start" in c]
-        assert start.startswith("RAY_SERVE_ENABLE_HA_PROXY=1 "), start
+        assert "RAY_SERVE_ENABLE_HA_PROXY=1 " in start.split("ray start")[0], start
+
+
+def test_every_node_starts_ray_with_the_malloc_environment_of_a_local_ray(config):
+    """As start_local_ray does: every Ray process inherits it from `ray start`."""
+    from chronoray.deploy import MALLOC_ENVIRONMENT
+
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        [start] = [c for c in config[key] if "ray start" in c]
+        given = dict(word.split("=", 1) for word in start.split("ray start")[0].split())
+        assert given.items() >= MALLOC_ENVIRONMENT.items(), start
