@@ -24,9 +24,9 @@ APP_NAME = "chronoray"
 # core, and Ray's processes run dozens of threads: two arenas per process
 # took `make run`'s idle PSS from 1,505-1,506 MB to 1,483-1,485 MB (three
 # readings each, 60 s after start, Dec 7; the actors shrank, Ray's own
-# processes did not). The raylet inherits it from the process that starts Ray (``ray start`` on a
-# cluster: cluster.yaml), and the workers it starts (every actor, Serve's
-# too) from the raylet; Ray starts its agents without it.
+# processes did not). The raylet inherits it from the process that starts
+# Ray (``ray start`` on a cluster: cluster.yaml), and the workers it starts
+# (every actor, Serve's too) from the raylet; Ray starts its agents without it.
 MALLOC_ENVIRONMENT = {"MALLOC_ARENA_MAX": "2"}
 
 

@@ -43,21 +43,28 @@ def test_the_control_plane_resource_is_offered_by_the_head_only(config):
     assert offering == [config["head_node_type"]]
 
 
+def ray_start_variables(config) -> dict[str, dict[str, str]]:
+    """The variables each node type's `ray start` line sets before the command."""
+    found = {}
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        [start] = [c for c in config[key] if "ray start" in c]
+        found[key] = dict(word.split("=", 1) for word in start.split("ray start")[0].split())
+    return found
+
+
 def test_every_node_starts_ray_with_the_default_ingress_serve_variables(config):
     """Serve reads them as its processes start: `ray start` must carry them."""
     from chronoray.settings import Settings
 
     assert Settings(database_url="sqlite://").serve_ingress == "haproxy"
-    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
-        [start] = [c for c in config[key] if "ray start" in c]
-        assert "RAY_SERVE_ENABLE_HA_PROXY=1 " in start.split("ray start")[0], start
+    for key, given in ray_start_variables(config).items():
+        assert given.get("RAY_SERVE_ENABLE_HA_PROXY") == "1", key
 
 
 def test_every_node_starts_ray_with_the_malloc_environment_of_a_local_ray(config):
-    """As start_local_ray does: every Ray process inherits it from `ray start`."""
+    """As start_local_ray does: the raylet takes it from `ray start`, and every
+    actor from the raylet."""
     from chronoray.deploy import MALLOC_ENVIRONMENT
 
-    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
-        [start] = [c for c in config[key] if "ray start" in c]
-        given = dict(word.split("=", 1) for word in start.split("ray start")[0].split())
-        assert given.items() >= MALLOC_ENVIRONMENT.items(), start
+    for key, given in ray_start_variables(config).items():
+        assert given.items() >= MALLOC_ENVIRONMENT.items(), key
