@@ -56,6 +56,9 @@ class ExecutorSlots:
     slots: int
     client: ExecutorClient
     in_flight: dict[tuple[int, int], TaskSpec] = field(default_factory=dict)
+    # Placed, and the call that hands them over not yet answered: the
+    # executor may take them after it has answered anything else.
+    sending: set[tuple[int, int]] = field(default_factory=set)
     accepting: bool = True
     node: str = ""  # the Ray node it runs on, recorded with the attempts it loses
     # The credit window: attempts it may hold per slot. Beyond its slots they
@@ -87,6 +90,10 @@ class Dispatcher:
         self._clock = clock or SystemClock()
         self._queue = ReadyQueue(aging_s=aging_s, rank_of=tiers.index_for)
         self.late_results = 0  # results of attempts already given up on (shards ignore them)
+        # Attempts lost with an executor declared dead, until their shards
+        # have committed the loss: dropped, such an attempt would wait as
+        # queued in the database until its lease ran out.
+        self._losses: dict[tuple[int, int], RunResult] = {}
         # Attempts that finished recently: a shard that restarts hands over
         # every task still ``queued`` in the database, including ones whose
         # result is on its way back; these must not run again.
@@ -125,16 +132,7 @@ class Dispatcher:
         says what that decided), counted their outcomes here and, where the
         commit put tasks back on a timer, told a shard. Until then the
         executor keeps them and sends them again."""
-        by_shard: dict[int, list[RunResult]] = {}
-        for result in results:
-            key = (result.task_id, result.attempt)
-            held = [ex for ex in self._executors if ex.in_flight.pop(key, None) is not None]
-            if not held and key in self._finished:
-                self.late_results += 1
-            self._finished[key] = None
-            by_shard.setdefault(result.shard, []).append(result)
-        while len(self._finished) > FINISHED_MEMORY:
-            del self._finished[next(iter(self._finished))]
+        self._finish(results)
         await self._place()
         if committed is not None:
             if committed.watch:  # retries to time, occurrences that waited for this run
@@ -144,6 +142,24 @@ class Dispatcher:
             # again after a failed announcement is not counted twice.
             self.metrics.count(committed.outcomes)
             return
+        await self._record(results)
+
+    def _finish(self, results: Sequence[RunResult]) -> None:
+        """Free these attempts' slots; remember them as finished."""
+        for result in results:
+            key = (result.task_id, result.attempt)
+            held = [ex for ex in self._executors if ex.in_flight.pop(key, None) is not None]
+            if not held and key in self._finished:
+                self.late_results += 1
+            self._finished[key] = None
+        while len(self._finished) > FINISHED_MEMORY:
+            del self._finished[next(iter(self._finished))]
+
+    async def _record(self, results: Sequence[RunResult]) -> None:
+        """Returns once each result's shard has committed it."""
+        by_shard: dict[int, list[RunResult]] = {}
+        for result in results:
+            by_shard.setdefault(result.shard, []).append(result)
         await asyncio.gather(
             *(self._committer(shard).submit(batch) for shard, batch in by_shard.items())
         )
@@ -277,7 +293,8 @@ class Dispatcher:
         """Follow the pool's membership: add new executors, mark draining
         ones, and drop the ones declared dead. Their attempts are reported
         to their shards as ``executor_lost`` at once (retried without
-        waiting for the lease); returns those attempts."""
+        waiting for the lease), and again on every call until a report
+        gets through; returns the attempts lost since the last call."""
         known = {ex.executor_id: ex for ex in self._executors}
         current = {m.executor_id for m in members}
         now = self._clock.now()
@@ -304,10 +321,23 @@ class Dispatcher:
             ex.accepting = member.accepting
             executors.append(ex)
         self._executors = executors
-        if lost:
-            await self.report_results(lost)
+        self._finish(lost)
+        self._losses.update((r.key, r) for r in lost)
         await self._place()
+        await self._report_losses()
         return lost
+
+    async def _report_losses(self) -> None:
+        losses = list(self._losses.values())
+        if not losses:
+            return
+        try:
+            await self._record(losses)
+        except Exception:
+            log.warning("%d lost attempts not yet reported; again soon", len(losses), exc_info=True)
+            return
+        for loss in losses:
+            self._losses.pop(loss.key, None)
 
     async def reconcile(self) -> None:
         """Align slot counts with what executors really run: a restarted
@@ -315,6 +345,7 @@ class Dispatcher:
         longer has (it was fenced) is left to its lease."""
         for ex in self._executors:
             before = dict(ex.in_flight)
+            on_the_way = set(ex.sending)
             try:
                 actual = await ex.client.running()
             except Exception:
@@ -322,13 +353,16 @@ class Dispatcher:
                 continue
             # What changed while the executor answered stays changed: an
             # attempt placed meanwhile is kept, one finished meanwhile is not
-            # brought back.
-            placed_meanwhile = {k: s for k, s in ex.in_flight.items() if k not in before}
+            # brought back. One on its way is kept too: Ray may run the
+            # executor's answer before the call that hands it over.
+            unsettled = {
+                k: s for k, s in ex.in_flight.items() if k not in before or k in on_the_way
+            }
             ex.in_flight = {
                 spec.key: spec
                 for spec in actual
                 if spec.key in ex.in_flight or spec.key not in before
-            } | placed_meanwhile
+            } | unsettled
         await self._place()
 
     async def _place(self) -> None:
@@ -346,6 +380,7 @@ class Dispatcher:
         for spec, executor_id in placed:
             ex = by_id[executor_id]
             ex.in_flight[spec.key] = spec  # reserved until the executor reports it
+            ex.sending.add(spec.key)
             per_executor.setdefault(executor_id, (ex, []))[1].append(spec)
         await asyncio.gather(*(self._send(ex, specs) for ex, specs in per_executor.values()))
 
@@ -360,9 +395,13 @@ class Dispatcher:
             log.warning(
                 "executor %s refused %d tasks; requeued", ex.executor_id, len(specs), exc_info=True
             )
+        finally:
+            ex.sending.difference_update(spec.key for spec in specs)
         for spec in specs:
             ex.in_flight.pop(spec.key, None)
-        self._queue.push_many(specs)
+        # Not one reported lost meanwhile (its executor was declared dead):
+        # that attempt is over, and its retry is a new one.
+        self._queue.push_many(spec for spec in specs if spec.key not in self._finished)
 
 
 # -- Ray shell ---------------------------------------------------------------

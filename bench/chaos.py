@@ -737,8 +737,8 @@ def s7_cron_under_alternating_kills(h: Harness, out: Outcome, scale: float) -> N
 
 
 def s8_executors_killed_before_due(h: Harness, out: Outcome, scale: float) -> None:
-    """SIGKILL executors 100 ms before 100 max_attempts=1 tasks are due (the
-    attempts were handed over early): none ends dead."""
+    """SIGKILL executors once 100 max_attempts=1 tasks due in 5 s were handed
+    over to them early, before their start gate: none ends dead."""
     ledger = shared_file(h.ledgers, "s8")
     h.script("s8.sh", ledger)
     from actors.executor import EXECUTOR_PREFIX
@@ -760,11 +760,14 @@ def s8_executors_killed_before_due(h: Harness, out: Outcome, scale: float) -> No
         held = ray.get(h.dispatcher().stats.remote(), timeout=10)["executors"]
         return sum(held.get(e, {}).get("running", 0) for e in large) >= min(count, slots)
 
-    try:  # the early hand-over (prefire) must have happened: then kill
-        wait_for(handed_over, timeout_s=max(0.0, at - 0.1 - time.time()), interval_s=0.01)
+    # Killed as soon as the early hand-over (prefire) is seen, not at a fixed
+    # time before the instant: a slow box took more than the 150 ms between
+    # the hand-over and a kill at 100 ms before it. The start gate opens
+    # 50 ms before the instant; a kill after that tests something else.
+    try:
+        wait_for(handed_over, timeout_s=max(0.0, at - 0.06 - time.time()), interval_s=0.005)
     except TimeoutError:
         out.problems.append("the attempts were not handed over early: kill before the hand-over")
-    time.sleep(max(0.0, at - 0.1 - time.time()))
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
         out.faults += 1
@@ -1209,7 +1212,7 @@ TITLES = {
     5: "PostgreSQL restart fast, immediate, stop 30 s",
     6: "down/up, whole-cluster SIGKILL/up",
     7: "10 schedules every 2 s, shard/dispatcher kills",
-    8: "executors SIGKILLed 100 ms before due",
+    8: "executors SIGKILLed after the early hand-over",
     9: "backlog beyond a 20 s queue lease",
     10: "two owners of one shard",
     11: "Serve replica and proxy SIGKILL",

@@ -230,6 +230,80 @@ def test_reconcile_keeps_what_was_placed_or_finished_while_an_executor_answered(
     asyncio.run(scenario())
 
 
+def test_an_attempt_on_its_way_to_an_executor_outlives_a_reconcile_that_answered_first():
+    """Ray runs an async actor's calls out of order: an executor may answer
+    `running` before it takes a batch sent to it earlier. The attempt stays
+    placed, so losing that executor reports it (dropped here, it waited as
+    queued in the database until its lease ran out)."""
+
+    async def scenario():
+        dispatcher, ex, shards = build({"small": 1})
+        client = ex["small"].client
+        arrive = asyncio.Event()
+        take = client.run_batch
+
+        async def late_run_batch(specs):
+            await arrive.wait()
+            return await take(specs)
+
+        client.run_batch = late_run_batch
+        placing = asyncio.ensure_future(dispatcher.submit([spec(1)]))
+        await asyncio.sleep(0)
+        await dispatcher.reconcile()  # the executor's answer: nothing yet
+        arrive.set()
+        await placing
+        assert client.received == [1]
+        assert list(ex["small"].in_flight) == [(1, 1)]
+        lost = await dispatcher.sync_members([])  # that executor is declared dead
+        assert [r.task_id for r in lost] == [1]
+        assert [r.task_id for r in shards.results[0]] == [1]
+
+    asyncio.run(scenario())
+
+
+def test_an_attempt_reported_lost_is_not_placed_again_when_its_hand_over_fails_after():
+    """Its loss put the task back as a new attempt; placed again, the old one
+    could pass its start gate before the loss was committed, and both run."""
+
+    async def scenario():
+        dispatcher, ex, shards = build({"small": 1, "medium": 1})
+        client = ex["small"].client
+        refuse = asyncio.Event()
+
+        async def dying_run_batch(specs):
+            await refuse.wait()
+            raise ConnectionError("executor is gone")
+
+        client.run_batch = dying_run_batch
+        placing = asyncio.ensure_future(dispatcher.submit([spec(1)]))
+        await asyncio.sleep(0)
+        lost = await dispatcher.sync_members([ex["medium"]])
+        assert [r.task_id for r in lost] == [1]
+        refuse.set()
+        await placing
+        assert dispatcher.stats()["queued"] == 0
+        assert ex["medium"].client.received == []
+
+    asyncio.run(scenario())
+
+
+def test_the_losses_of_a_dead_executor_reach_their_shard_though_it_failed_to_answer_once():
+    async def scenario():
+        dispatcher, ex, shards = build({"small": 1, "medium": 1})
+        await dispatcher.submit([spec(1)])
+        shards.fail = True  # the owner shard is restarting
+        lost = await dispatcher.sync_members([ex["medium"]])
+        assert [r.task_id for r in lost] == [1] and shards.results == {}
+        shards.fail = False
+        assert await dispatcher.sync_members([ex["medium"]]) == []  # nothing newly lost
+        assert [r.task_id for r in shards.results[0]] == [1]  # reported again, once
+        await dispatcher.sync_members([ex["medium"]])
+        assert len(shards.results[0]) == 1
+        assert dispatcher.stats()["late_results"] == 0
+
+    asyncio.run(scenario())
+
+
 def test_results_an_executor_committed_free_slots_and_reach_their_shards_as_decided():
     async def scenario():
         dispatcher, ex, shards = build({"small": 1})
