@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import ray
@@ -29,6 +30,12 @@ from scheduling.tiers import TierTable
 log = logging.getLogger(__name__)
 
 FINISHED_MEMORY = 200_000
+# A queued attempt leased this long ago that no one holds was dropped on its
+# way (see ``recover_dropped``): placed again rather than left to its lease.
+DROPPED_AFTER_S = 30.0
+# How long a loss is reported again while its shard does not answer (a
+# shard a redeploy removed never will); after that the net above has it.
+LOSS_REPORTED_FOR_S = 60.0
 
 
 class ExecutorClient(Protocol):
@@ -105,6 +112,7 @@ class Dispatcher:
         # at a time (any shard routes an entry to its owner).
         self._announced: dict[int, GroupCommitter[CommittedResults, None]] = {}
         self.orphans_recovered = 0  # running in the database, held by no executor
+        self.dropped_recovered = 0  # queued long in the database, held by no one
         self.metrics = OutcomeMetrics()  # of the results executors committed
         self.draining = False  # `chronoray down`: nothing more is placed
 
@@ -208,6 +216,36 @@ class Dispatcher:
             await self.report_results(lost)
         return lost
 
+    async def recover_dropped(self, queued: Sequence[TaskSpec]) -> list[TaskSpec]:
+        """``queued``: attempts queued in the database since long ago (read
+        before this call). Those this dispatcher neither waits on, placed,
+        finished nor lost, and that no executor holds, were dropped on their
+        way (a hand-over or a loss report that never arrived): placed again
+        now, not when their 10-minute lease ends. Any executor that does not
+        answer makes this a no-op; should a copy still be on its way after
+        all, the start gate lets one start."""
+        if not queued or self.draining:
+            return []
+        held = await self._held()
+        if held is None:
+            return []
+        placed = {key for ex in self._executors for key in ex.in_flight}
+        dropped = [
+            spec
+            for spec in queued
+            if spec.key not in held
+            and spec.key not in placed
+            and spec.key not in self._queue
+            and spec.key not in self._finished
+            and spec.key not in self._losses
+        ]
+        if dropped:
+            log.warning("%d queued attempts held by no one: placed again", len(dropped))
+            self.dropped_recovered += len(dropped)
+            self._queue.push_many(dropped)
+            await self._place()
+        return dropped
+
     async def drain(self) -> int | None:
         """Place nothing more (queued attempts stay queued in the database
         for the next start) and say how many attempts executors still run or
@@ -260,6 +298,7 @@ class Dispatcher:
             "queued_by_priority": self._queue.depth_by_priority(),
             "late_results": self.late_results,
             "orphans_recovered": self.orphans_recovered,
+            "dropped_recovered": self.dropped_recovered,
             "executors": {
                 ex.executor_id: {
                     "tier": ex.tier,
@@ -335,6 +374,13 @@ class Dispatcher:
             await self._record(losses)
         except Exception:
             log.warning("%d lost attempts not yet reported; again soon", len(losses), exc_info=True)
+            now = self._clock.now()
+            for loss in losses:
+                if (now - loss.finished_at).total_seconds() > LOSS_REPORTED_FOR_S:
+                    # Given up: its row is still queued, and the net (or its
+                    # lease) offers it again, which must not be ignored here.
+                    del self._losses[loss.key]
+                    self._finished.pop(loss.key, None)
             return
         for loss in losses:
             self._losses.pop(loss.key, None)
@@ -468,13 +514,22 @@ class DispatcherShell:
 
     async def _recover(self) -> None:
         """Running attempts no executor holds (their executor died, perhaps
-        with the whole cluster) are retried at once, not left to a lease."""
+        with the whole cluster) are retried at once, and queued ones dropped
+        on their way placed again, neither left to a lease."""
         if not self._members_known:
             return  # an empty membership would make every running attempt look orphaned
         running = await asyncio.to_thread(
             self._repo.running_specs, wheel=self._settings.wheel, limit=50_000
         )
         await self._dispatcher.recover_orphans(running)
+        leased_by = datetime.now(UTC) - timedelta(seconds=DROPPED_AFTER_S)
+        queued = await asyncio.to_thread(
+            self._repo.long_queued,
+            wheel=self._settings.wheel,
+            lease_ends_before=leased_by + timedelta(seconds=self._settings.queue_lease_s),
+            limit=1_000,
+        )
+        await self._dispatcher.recover_dropped(queued)
 
     async def _follow_pool(self) -> None:
         infos = await asyncio.wait_for(self._pool.executors.remote(), timeout=5)

@@ -280,6 +280,14 @@ class SqlTaskRepository:
         with self.databases.begin() as conn:
             return firing.queued_specs(conn, wheel=wheel, shard=shard, limit=limit)
 
+    def long_queued(
+        self, *, wheel: Wheel, lease_ends_before: datetime, limit: int
+    ) -> list[TaskSpec]:
+        with self.databases.begin() as conn:
+            return firing.long_queued(
+                conn, wheel=wheel, lease_ends_before=lease_ends_before, limit=limit
+            )
+
     def running_specs(self, *, wheel: Wheel, limit: int) -> list[TaskSpec]:
         with self.databases.begin() as conn:
             return firing.running_specs(conn, wheel=wheel, limit=limit)

@@ -579,6 +579,24 @@ def queued_specs(conn: Connection, *, wheel: Wheel, shard: int, limit: int) -> l
     )
 
 
+def long_queued(
+    conn: Connection, *, wheel: Wheel, lease_ends_before: datetime, limit: int
+) -> list[TaskSpec]:
+    """Queued attempts, on any shard, whose queue lease ends before
+    ``lease_ends_before``: leased long ago (by the index on status and
+    lease), the oldest first. What a dispatcher compares with what it and
+    its executors hold."""
+    return specs(
+        conn,
+        and_(
+            tasks.c.status == TaskStatus.QUEUED.value,
+            tasks.c.lease_expires_at < lease_ends_before,
+        ),
+        wheel,
+        limit=limit,
+    )
+
+
 def running_specs(conn: Connection, *, wheel: Wheel, limit: int) -> list[TaskSpec]:
     """Every attempt the database says is running, on any shard: what a
     dispatcher compares with what executors hold."""

@@ -333,6 +333,16 @@ def test_stale_queued_attempts_are_leased_again_without_using_an_attempt(repo, o
     assert repo.running_specs(wheel=WHEEL, limit=10) == [spec]
 
 
+def test_long_queued_attempts_are_those_leased_before_a_bound_on_any_shard(repo, owner):
+    spec = claimed(repo, owner)  # its lease ends at T0 + 30 s
+    leased_later = T0 + timedelta(seconds=30)
+    assert repo.long_queued(wheel=WHEEL, lease_ends_before=leased_later, limit=10) == []
+    after = leased_later + timedelta(microseconds=1)
+    assert repo.long_queued(wheel=WHEEL, lease_ends_before=after, limit=10) == [spec]
+    repo.mark_running([spec], lease_grace_s=5, now=T0)
+    assert repo.long_queued(wheel=WHEEL, lease_ends_before=after, limit=10) == []
+
+
 def test_the_start_gate_refuses_every_attempt_but_the_current_one(repo, owner):
     """Defect 4: an executor starts a script only after its own queued →
     running commit; a stale or repeated hand-over never passes."""

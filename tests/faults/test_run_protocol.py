@@ -9,10 +9,20 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 
 import pytest
+import ray
 
-from bench.chaos import SCENARIOS, Harness, Outcome, ledger_body, ledger_lines, table
+from bench.chaos import (
+    SCENARIOS,
+    Harness,
+    Outcome,
+    ledger_body,
+    ledger_entries,
+    ledger_lines,
+    table,
+)
 from tests.conftest import shared_file
 from tests.ray_cluster import wait_for
 
@@ -55,6 +65,43 @@ def describe_runs(view) -> list[str]:
 def assert_each_ran_once(ledger, task_ids) -> None:
     ran = Counter(task_id for task_id, _ in ledger_lines(ledger).elements())
     assert {t: ran[t] for t in task_ids if ran[t] != 1} == {}, "a task ran other than once"
+
+
+def test_a_queued_attempt_whose_hand_over_never_arrived_runs_once_without_its_lease(
+    deployment, client, tmp_path
+):
+    """The dispatcher's net under every way of dropping an attempt on its
+    way: one queued in the database since longer than DROPPED_AFTER_S that
+    no one holds (here claimed behind its shard's back, as if the hand-over
+    were lost) is placed by a recovery pass (every 5 s) and runs once, on
+    time, not when its 10-minute queue lease ends."""
+    from actors.dispatcher import DROPPED_AFTER_S
+    from actors.handles import dispatcher_handle
+
+    ledger = shared_file(tmp_path, "ledger")
+    ledger_script(client, "dropped.sh", ledger)
+    # Its shard would claim it 250 ms before; two recovery passes fit before
+    # (one is a no-op while an executor does not say what it holds).
+    due = time.time() + 12
+    task = client.submit("dropped.sh", due, max_attempts=1)
+    shard = deployment.settings.wheel.owner_of(task.task_id, task.execute_at)
+    now = datetime.now(UTC)
+    leased_at = now - timedelta(seconds=DROPPED_AFTER_S + 1)
+    claimed = deployment.repo.claim(
+        [task.task_id],
+        shard=shard,
+        epoch=deployment.repo.shard_epoch(shard),
+        lease_until=leased_at + timedelta(seconds=deployment.settings.queue_lease_s),
+        now=now,
+    )
+    assert [spec.task_id for spec in claimed.specs] == [task.task_id]
+    [view] = client.wait([task.task_id], timeout_s=30)
+    assert view.task.status.value == "succeeded", describe_runs(view)
+    [(_, attempt, started, _)] = ledger_entries(ledger)
+    assert attempt == 1
+    assert due <= started < due + 1.0, "placed by a recovery pass before it was due"
+    stats = ray.get(dispatcher_handle(deployment.settings.namespace).stats.remote(), timeout=10)
+    assert stats["dropped_recovered"] >= 1
 
 
 def test_down_lets_running_scripts_finish_and_the_next_start_runs_the_rest(

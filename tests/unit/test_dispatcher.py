@@ -5,7 +5,8 @@ from datetime import timedelta
 
 import pytest
 
-from actors.dispatcher import Dispatcher, ExecutorSlots
+from actors.dispatcher import LOSS_REPORTED_FOR_S, Dispatcher, ExecutorSlots
+from scheduling.clock import ManualClock
 from scheduling.models import CommittedResults, FailureClass, Outcome, RunResult, TaskStatus
 from scheduling.tiers import production_tiers
 from tests.conftest import T0
@@ -13,7 +14,7 @@ from tests.unit.fakes import FakeExecutor, FakeShardLink
 from tests.unit.test_pure_scheduling import spec
 
 
-def build(slots=None, *, credits=1):
+def build(slots=None, *, credits=1, clock=None):
     slots = slots or {"small": 2, "medium": 1, "large": 1}
     tiers = production_tiers()
     executors = {
@@ -29,7 +30,11 @@ def build(slots=None, *, credits=1):
     }
     shards = FakeShardLink()
     dispatcher = Dispatcher(
-        tiers=tiers, executors=list(executors.values()), shards=shards, max_queued=100
+        tiers=tiers,
+        executors=list(executors.values()),
+        shards=shards,
+        max_queued=100,
+        clock=clock,
     )
     return dispatcher, executors, shards
 
@@ -287,6 +292,36 @@ def test_an_attempt_reported_lost_is_not_placed_again_when_its_hand_over_fails_a
     asyncio.run(scenario())
 
 
+def test_a_queued_attempt_no_one_holds_is_placed_again_and_none_that_someone_holds():
+    """The net under every way of dropping an attempt on its way: what the
+    database says is queued since long ago, and neither this dispatcher nor
+    an executor holds, is placed again rather than left to its lease."""
+
+    async def scenario():
+        dispatcher, ex, _ = build({"small": 1})
+        client = ex["small"].client
+        placed, waiting, finished, held, dropped = (spec(i) for i in range(1, 6))
+        await dispatcher.submit([placed, waiting])  # one slot: `waiting` waits here
+        await dispatcher.report_results([result(finished)])  # its result is on its way
+        client.holds = [held.key]  # taken by the executor, unknown here
+        queued = [placed, waiting, finished, held, dropped]
+        assert await dispatcher.recover_dropped(queued) == [dropped]
+        assert client.received == [1]
+        assert dispatcher.stats()["queued"] == 2  # `waiting` and `dropped`, in order
+        assert dispatcher.stats()["dropped_recovered"] == 1
+        assert await dispatcher.recover_dropped(queued) == []  # now it waits here
+        await dispatcher.report_results([result(placed)])
+        assert client.received == [1, 2]
+
+        client.fail = True  # cannot tell what it holds: no verdict
+        assert await dispatcher.recover_dropped([spec(7)]) == []
+        client.fail = False
+        await dispatcher.drain()
+        assert await dispatcher.recover_dropped([spec(8)]) == []  # `chronoray down`
+
+    asyncio.run(scenario())
+
+
 def test_the_losses_of_a_dead_executor_reach_their_shard_though_it_failed_to_answer_once():
     async def scenario():
         dispatcher, ex, shards = build({"small": 1, "medium": 1})
@@ -300,6 +335,23 @@ def test_the_losses_of_a_dead_executor_reach_their_shard_though_it_failed_to_ans
         await dispatcher.sync_members([ex["medium"]])
         assert len(shards.results[0]) == 1
         assert dispatcher.stats()["late_results"] == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_loss_its_shard_never_takes_is_given_up_after_a_minute_and_left_to_the_net():
+    async def scenario():
+        clock = ManualClock(T0)
+        dispatcher, ex, shards = build({"small": 1, "medium": 1}, clock=clock)
+        lost = spec(1)
+        await dispatcher.submit([lost])
+        shards.fail = True  # its shard is gone (a redeploy with fewer shards)
+        await dispatcher.sync_members([ex["medium"]])
+        assert await dispatcher.recover_dropped([lost]) == []  # its loss is being reported
+        clock.advance(LOSS_REPORTED_FOR_S + 1)
+        await dispatcher.sync_members([ex["medium"]])
+        assert await dispatcher.recover_dropped([lost]) == [lost]
+        assert ex["medium"].client.received == [1]
 
     asyncio.run(scenario())
 
