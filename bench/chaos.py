@@ -748,22 +748,34 @@ def s8_executors_killed_before_due(h: Harness, out: Outcome, scale: float) -> No
         for e in ray.get(h.pool().status.remote(), timeout=30)["executors"]
         if e["tier"] == "large" and e["state"] == "live"
     ]
-    pids = [ray.get(h.actor(EXECUTOR_PREFIX + e).info.remote(), timeout=10)["pid"] for e in large]
+    executors = [h.actor(EXECUTOR_PREFIX + e) for e in large]
+    pids = [ray.get(e.info.remote(), timeout=10)["pid"] for e in executors]
     at = time.time() + 5
     count = max(10, int(100 * scale))
     due = h.submit(
         [{"script": "s8.sh", "execute_at": at, "max_attempts": 1, "priority": 3}] * count
     )
-    slots = sum(t.slots * t.executors for t in h.settings.tiers if t.name == "large")
+    # What these executors may hold at once: their slots times the credit window.
+    room = len(large) * h.settings.tiers.by_name("large").slots * h.settings.executor_credits
 
     def handed_over() -> bool:
-        held = ray.get(h.dispatcher().stats.remote(), timeout=10)["executors"]
-        return sum(held.get(e, {}).get("running", 0) for e in large) >= min(count, slots)
+        """The dispatcher placed on them all it could (none of these tasks
+        waits, or they are full), and they hold all of it."""
+        stats = ray.get(h.dispatcher().stats.remote(), timeout=10)
+        on_them = sum(stats["executors"].get(e, {}).get("running", 0) for e in large)
+        waiting = stats["queued_by_priority"].get(3, 0)
+        if on_them == 0 or (waiting and on_them < room):
+            return False
+        held = ray.get([e.holding.remote() for e in executors], timeout=10)
+        return sum(len(keys) for keys in held) >= on_them
 
-    # Killed as soon as the early hand-over (prefire) is seen, not at a fixed
-    # time before the instant: a slow box took more than the 150 ms between
-    # the hand-over and a kill at 100 ms before it. The start gate opens
-    # 50 ms before the instant; a kill after that tests something else.
+    # Killed as soon as the executors hold the attempts handed over early
+    # (prefire), not at a fixed time before the instant: a slow box took
+    # more than the 150 ms between the hand-over and a kill 100 ms before
+    # it; and not when the dispatcher has placed them, which is before they
+    # arrive (a kill then loses nothing: the batch is placed again). The
+    # start gate opens 50 ms before the instant; a kill after that tests
+    # something else.
     try:
         wait_for(handed_over, timeout_s=max(0.0, at - 0.06 - time.time()), interval_s=0.005)
     except TimeoutError:
