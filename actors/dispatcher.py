@@ -192,7 +192,24 @@ class Dispatcher:
             self._results[shard] = GroupCommitter(record, isolate=False)
         return self._results[shard]
 
-    async def recover_orphans(self, running: Sequence[TaskSpec]) -> list[RunResult]:
+    async def recover(
+        self, running: Sequence[TaskSpec], queued: Sequence[TaskSpec]
+    ) -> tuple[list[RunResult], list[TaskSpec]]:
+        """``recover_orphans`` and ``recover_dropped`` (both read before
+        this call), on one answer from every executor."""
+        if not running and not queued:
+            return [], []
+        held = await self._held()
+        if held is None:  # an executor did not answer: it may hold any of them
+            return [], []
+        return (
+            await self.recover_orphans(running, held=held),
+            await self.recover_dropped(queued, held=held),
+        )
+
+    async def recover_orphans(
+        self, running: Sequence[TaskSpec], *, held: set[tuple[int, int]] | None = None
+    ) -> list[RunResult]:
         """``running``: the attempts the database says are running, read
         before this call. Those that no executor holds (their executor died
         with a dispatcher or a whole cluster) are lost: reported at once as
@@ -201,7 +218,7 @@ class Dispatcher:
         report a no-op, since records are conditional on the attempt."""
         if not running:
             return []
-        held = await self._held()
+        held = held if held is not None else await self._held()
         if held is None:
             return []
         now = self._clock.now()
@@ -216,7 +233,9 @@ class Dispatcher:
             await self.report_results(lost)
         return lost
 
-    async def recover_dropped(self, queued: Sequence[TaskSpec]) -> list[TaskSpec]:
+    async def recover_dropped(
+        self, queued: Sequence[TaskSpec], *, held: set[tuple[int, int]] | None = None
+    ) -> list[TaskSpec]:
         """``queued``: attempts queued in the database since long ago (read
         before this call). Those this dispatcher neither waits on, placed,
         finished nor lost, and that no executor holds, were dropped on their
@@ -226,7 +245,7 @@ class Dispatcher:
         all, the start gate lets one start."""
         if not queued or self.draining:
             return []
-        held = await self._held()
+        held = held if held is not None else await self._held()
         if held is None:
             return []
         placed = {key for ex in self._executors for key in ex.in_flight}
@@ -521,7 +540,6 @@ class DispatcherShell:
         running = await asyncio.to_thread(
             self._repo.running_specs, wheel=self._settings.wheel, limit=50_000
         )
-        await self._dispatcher.recover_orphans(running)
         leased_by = datetime.now(UTC) - timedelta(seconds=DROPPED_AFTER_S)
         queued = await asyncio.to_thread(
             self._repo.long_queued,
@@ -529,7 +547,7 @@ class DispatcherShell:
             lease_ends_before=leased_by + timedelta(seconds=self._settings.queue_lease_s),
             limit=1_000,
         )
-        await self._dispatcher.recover_dropped(queued)
+        await self._dispatcher.recover(running, queued)
 
     async def _follow_pool(self) -> None:
         infos = await asyncio.wait_for(self._pool.executors.remote(), timeout=5)

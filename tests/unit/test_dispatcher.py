@@ -322,6 +322,28 @@ def test_a_queued_attempt_no_one_holds_is_placed_again_and_none_that_someone_hol
     asyncio.run(scenario())
 
 
+def test_a_recovery_pass_asks_each_executor_once_for_orphans_and_dropped_alike():
+    async def scenario():
+        dispatcher, ex, shards = build({"small": 1})
+        client = ex["small"].client
+        asked = 0
+        holding = client.holding
+
+        async def counted_holding():
+            nonlocal asked
+            asked += 1
+            return await holding()
+
+        client.holding = counted_holding
+        orphan, dropped = spec(1), spec(2)
+        lost, placed = await dispatcher.recover([orphan], [dropped])
+        assert [r.task_id for r in lost] == [1] and placed == [dropped]
+        assert asked == 1
+        assert client.received == [2]
+
+    asyncio.run(scenario())
+
+
 def test_the_losses_of_a_dead_executor_reach_their_shard_though_it_failed_to_answer_once():
     async def scenario():
         dispatcher, ex, shards = build({"small": 1, "medium": 1})
