@@ -62,7 +62,7 @@ class ActorLookup:
         self, lookup: Callable[[], Any], *, what: str, timeout_s: float = PROBE_TIMEOUT_S
     ) -> None:
         self._lookup = lookup
-        self._what = what
+        self.what = what
         self._timeout_s = timeout_s
         self._handle: Any = None
         self._pending: asyncio.Future[Any] | None = None
@@ -79,7 +79,7 @@ class ActorLookup:
         try:
             return await asyncio.wait_for(asyncio.shield(self._pending), timeout=self._timeout_s)
         except asyncio.TimeoutError:
-            raise Unavailable(f"{self._what} not found within {self._timeout_s} s") from None
+            raise Unavailable(f"{self.what} not found within {self._timeout_s} s") from None
 
     def _landed(self, lookup: asyncio.Future[Any]) -> None:
         if lookup is not self._pending:
@@ -115,11 +115,18 @@ def forget_shard_handles() -> None:
 async def call_shard(
     index: int, namespace: str, method: str, *args, timeout_s: float = CALL_TIMEOUT_S
 ):
-    """Call a shard, each try within ``timeout_s``."""
+    """Call a shard, each try within ``timeout_s``. A shard that does not
+    answer, is dead or restarting, or is not registered (yet) raises
+    ``Unavailable``: the API answers 503, never 500, and a caller in an actor
+    keeps its fallback. What the shard itself raised is raised as it is."""
     try:
         return await _ask(_shard_lookup(index, namespace), method, *args, timeout_s=timeout_s)
     except asyncio.TimeoutError:
         raise Unavailable(f"shard {index} did not answer {method} within {timeout_s} s") from None
+    except RayActorError as exc:
+        raise Unavailable(f"shard {index} is down ({type(exc).__name__}): {method}") from None
+    except ActorNotRegistered:
+        raise Unavailable(f"shard {index} is not registered: {method}") from None
 
 
 async def _ask(actor: ActorLookup, method: str, *args, timeout_s: float | None = None) -> Any:
@@ -129,7 +136,10 @@ async def _ask(actor: ActorLookup, method: str, *args, timeout_s: float | None =
     new actor instead of failing."""
 
     async def once() -> Any:
-        handle = await actor.get()
+        try:
+            handle = await actor.get()
+        except ValueError:  # ray.get_actor: no live actor of that name
+            raise ActorNotRegistered(actor.what) from None
         return await asyncio.wait_for(getattr(handle, method).remote(*args), timeout=timeout_s)
 
     try:
@@ -141,6 +151,11 @@ async def _ask(actor: ActorLookup, method: str, *args, timeout_s: float | None =
     except RayActorError:
         actor.forget()
         raise
+
+
+class ActorNotRegistered(Exception):
+    """No live actor of that name: being deployed anew, or removed. Told
+    apart from a ValueError that the actor's own method raised."""
 
 
 def named_actor(name: str, namespace: str):

@@ -6,6 +6,7 @@ none of them repeats a step. Blocking repository calls run off the loop."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -63,6 +64,7 @@ from service.steps import (
 from storage.repository import Repository
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 RAW_SCRIPT_TYPES = frozenset(
     {
         "text/plain",
@@ -159,6 +161,16 @@ class Service:
 
     async def _io(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.to_thread(call, *args, **kwargs)
+
+    async def _hint(self, entries: Sequence[tuple[int, datetime]]) -> None:
+        """Tell the owner shards' timers about tasks just committed outside
+        them. The commit is the answer: a shard that does not take the hint
+        (down, restarting) finds them in its next sweep or on its start, so
+        its failure must not turn a stored task into an error answer."""
+        try:
+            await self.router.track(entries)
+        except Exception as exc:
+            log.warning("%d committed tasks not hinted to their shards: %r", len(entries), exc)
 
     async def _check_caps(self, owner: int, *, tasks: int = 0, schedules: int = 0) -> None:
         """429 past a cap; counts in the database only when its kept counts
@@ -289,7 +301,7 @@ class Service:
             lookahead_s=self.settings.lookahead_s,
         )
         if soon:
-            await self.router.track(soon)
+            await self._hint(soon)
         return results
 
     async def send_task(self, owner: int, body: SendTaskIn) -> SubmitResult | Schedule:
@@ -376,13 +388,13 @@ class Service:
             attempts=attempts,
             now=self.clock.now(),
         )
-        await self.router.track([(task.task_id, task.execute_at)])
+        await self._hint([(task.task_id, task.execute_at)])
         return task
 
     # -- schedules -------------------------------------------------------------
     async def _follow(self, follow_up: tuple[int, datetime] | None) -> None:
         if follow_up is not None:  # an occurrence stored outside its shard
-            await self.router.track([follow_up])
+            await self._hint([follow_up])
 
     async def create_schedule(self, owner: int, body: ScheduleIn) -> Schedule:
         now = self.clock.now()
@@ -454,7 +466,7 @@ class Service:
             now=now,
         )
         if created:
-            await self.router.track(created)
+            await self._hint(created)
         return BackfillResult(schedule_id, fires, [task_id for task_id, _ in created])
 
     async def audit_schedules(

@@ -48,12 +48,15 @@ class RepoRouter:
         self.repo = repo
         self.now = now
         self.tracked: list = []
+        self.track_fails_with: Exception | None = None  # a shard down for hints
         self.probes = {"dispatcher": "ok"}
 
     async def submit(self, new_tasks: Sequence[NewTask]) -> list[SubmitResult | ChronorayError]:
         return self.repo.add_tasks(list(new_tasks), now=self.now())
 
     async def track(self, entries) -> None:
+        if self.track_fails_with is not None:
+            raise self.track_fails_with
         self.tracked.extend(entries)
 
     async def probe(self) -> dict[str, str]:

@@ -6,6 +6,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from chronoray.settings import Settings
+from scheduling.errors import Unavailable
 from tests.sqlite import rows_in, sqlite_repository
 from tests.unit.fakes import RepoRouter, user_api
 
@@ -337,6 +338,23 @@ def test_a_batch_tells_the_shards_only_of_tasks_inside_their_look_ahead(repo):
     assert [task_id for task_id, _ in router.tracked] == [response.json()["tasks"][1]["task_id"]]
     far = api.post("/v1/tasks:batch", json={"tasks": [batch_item(3), batch_item(4)]})
     assert far.status_code == 201 and len(router.tracked) == 1  # no call for them at all
+
+
+@pytest.mark.parametrize("failure", [Unavailable("shard 0 is down"), RuntimeError("a bug")])
+def test_a_hint_the_shard_does_not_take_leaves_a_committed_batch_answered_2xx(repo, failure):
+    """The batch is committed before its shards are told; a shard down then
+    finds the tasks in its sweep, so the answer is the commit's (a 5xx here
+    would make a client without a key send the tasks twice)."""
+    router = RepoRouter(repo, lambda: datetime.now(timezone.utc))
+    router.track_fails_with = failure
+    api = user_api(repo, SETTINGS, router=router)
+    assert api.post("/v1/scripts", json={"name": "hello.sh", "body": "echo"}).status_code == 201
+    soon = (datetime.now(timezone.utc) + timedelta(seconds=5)).isoformat()
+    response = api.post(
+        "/v1/tasks:batch", json={"tasks": [{"script": "hello.sh", "execute_at": soon}]}
+    )
+    assert response.status_code == 201, response.text
+    assert rows_in(repo, "tasks") == 1 and router.tracked == []
 
 
 @pytest.mark.parametrize(

@@ -3,14 +3,15 @@ while the GCS is down) never holds the loop, and one lookup at a time runs
 however many callers wait for it."""
 
 import asyncio
+import re
 import threading
 
 import pytest
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorDiedError, RayActorError
 
 import actors.handles as handles
 from actors.handles import ActorLookup, DispatcherResults
-from scheduling.errors import Unavailable
+from scheduling.errors import InvalidInput, Unavailable
 
 
 class BlockingLookup:
@@ -160,19 +161,18 @@ def test_a_report_whose_dispatcher_lookup_blocks_fails_in_bounded_time_and_goes_
 
 
 class Handle:
-    """An actor handle whose ``hello`` answers, or raises what the actor
-    behind it raised (a removed actor's handle: RayActorError)."""
+    """An actor handle whose every method answers ``answer``, or raises it
+    (a removed actor's handle: RayActorError)."""
 
     def __init__(self, answer: object) -> None:
         self.answer = answer
 
-    @property
-    def hello(self):
+    def __getattr__(self, method: str):
         answer = self.answer
 
         class Method:
             @staticmethod
-            def remote():
+            def remote(*args):
                 future = asyncio.get_running_loop().create_future()
                 if isinstance(answer, Exception):
                     future.set_exception(answer)
@@ -214,3 +214,51 @@ def test_a_probe_of_an_actor_that_stays_dead_raises_after_one_new_lookup():
     with pytest.raises(RayActorError):
         asyncio.run(handles._ask(actor, "hello"))
     assert len(lookups) == 2
+
+
+@pytest.fixture
+def shard_lookups(monkeypatch):
+    """call_shard's kept lookups, emptied for the test and after it."""
+    monkeypatch.setattr(handles, "_shard_lookups", {})
+    return handles._shard_lookups
+
+
+def shard_answering(shard_lookups, *answers: object) -> list[int]:
+    """Shard 0 of namespace "ns", looked up anew for each of ``answers``."""
+    lookups: list[int] = []
+    in_turn = iter(answers)
+
+    def lookup():
+        lookups.append(1)
+        answer = next(in_turn)
+        if type(answer) is ValueError:  # ray.get_actor: no such actor
+            raise answer
+        return Handle(answer)
+
+    shard_lookups[(0, "ns")] = ActorLookup(lookup, what="shard 0")
+    return lookups
+
+
+@pytest.mark.parametrize(
+    "answers, why",
+    [
+        ((RayActorError(), RayActorError()), "shard 0 is down (RayActorError): submit"),
+        ((ActorDiedError(), ValueError("no actor")), "shard 0 is not registered: submit"),
+        ((ValueError("no actor"),), "shard 0 is not registered: submit"),
+    ],
+)
+def test_a_shard_dead_or_not_registered_is_unavailable_to_its_callers(shard_lookups, answers, why):
+    """The API maps Unavailable to 503; a raw RayActorError or ValueError
+    was an unmapped error, a 500, while a shard restarted."""
+    lookups = shard_answering(shard_lookups, *answers)
+    with pytest.raises(Unavailable, match=re.escape(why)):
+        asyncio.run(handles.call_shard(0, "ns", "submit", []))
+    assert len(lookups) == len(answers)  # a dead handle is looked up again once
+
+
+def test_what_the_shard_itself_raised_reaches_its_caller_as_it_is(shard_lookups):
+    """A shard's own refusal (an InvalidInput is also a ValueError) is not
+    taken for a missing shard."""
+    shard_answering(shard_lookups, InvalidInput("must be at most 9", "priority"))
+    with pytest.raises(InvalidInput, match="must be at most 9"):
+        asyncio.run(handles.call_shard(0, "ns", "submit", []))
