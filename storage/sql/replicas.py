@@ -13,6 +13,7 @@ from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from scheduling.errors import Unavailable
 
@@ -25,11 +26,15 @@ T = TypeVar("T")
 
 @contextmanager
 def _reachable() -> Iterator[None]:
-    """Driver errors that mean "the database is not there" as Unavailable."""
+    """Driver errors that mean "the database is not there" as Unavailable,
+    and so a pool whose every connection stayed busy (the database slow or
+    hung): a bounded wait, then a 503, not an unmapped error."""
     try:
         yield
     except (OperationalError, InterfaceError) as exc:
         raise Unavailable(f"database unavailable: {exc.orig}") from exc
+    except PoolTimeout as exc:
+        raise Unavailable(f"database busy: no pooled connection came free ({exc})") from exc
 
 
 class Databases:
@@ -80,7 +85,7 @@ class Databases:
         if engine is not self.engine:
             try:
                 connection = engine.connect()
-            except (OperationalError, InterfaceError) as exc:
+            except (OperationalError, InterfaceError, PoolTimeout) as exc:
                 self._skip_replica(engine, exc)
                 engine = self.engine
             else:

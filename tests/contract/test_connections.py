@@ -89,6 +89,21 @@ def test_a_connection_dropped_while_busy_fails_one_transaction_and_the_pool_rene
     assert backend_pid(databases) not in pids
 
 
+def test_a_pool_that_stays_busy_is_unavailable_after_its_bounded_wait():
+    """Every pooled connection held (the database slow or hung): the next
+    caller waits the pool's timeout, then gets Unavailable (a 503), not the
+    pool's own TimeoutError (an unmapped 500)."""
+    engine = create_engine(postgres_admin_url(), pool_size=1, max_overflow=0, pool_timeout=0.2)
+    databases = Databases(engine)
+    try:
+        with engine.connect():  # the pool's one connection, held
+            with pytest.raises(Unavailable, match="no pooled connection came free"):
+                backend_pid(databases)
+        backend_pid(databases)  # free again: served
+    finally:
+        engine.dispose()
+
+
 ARRAY_CASES = [  # every column type that goes as an array (rows.rows_of, rows.among)
     ("bigint", Id, [1, 2**40, None]),
     ("small_ints", Integer(), [0, 3]),
