@@ -20,7 +20,10 @@ YOUNG_THRESHOLD = 10_000
 
 def settle_after_start() -> None:
     """Call once start-up has built what lives as long as the process:
-    collect what start-up left, then freeze the rest."""
+    collect what start-up left, then freeze the rest. Also public as
+    ``chronoray.settle_heap()`` for a driver that submits in bulk: a library
+    must not retune its host's collector unasked, so a driver opts in (an
+    object frozen here that later becomes cyclic garbage is never freed)."""
     gc.collect()
     gc.freeze()
     _, middle, old = gc.get_threshold()

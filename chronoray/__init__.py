@@ -4,9 +4,10 @@ The package stays import-light (no Ray at import time) so the pure scheduling
 code and storage can use its errors and settings; `Client` is loaded lazily.
 """
 
+from actors.heap import settle_after_start as settle_heap
 from scheduling.errors import ChronorayError
 
-__all__ = ["ChronorayError", "Client"]
+__all__ = ["ChronorayError", "Client", "settle_heap"]
 
 
 def __getattr__(name: str):  # lazy: importing Client pulls in Ray
