@@ -124,10 +124,14 @@ class Dispatcher:
     async def room(self) -> int:
         return max(0, self._max_queued - len(self._queue))
 
+    def _placed(self) -> set[tuple[int, int]]:
+        """Keys of the attempts placed on an executor and not yet reported."""
+        return {key for ex in self._executors for key in ex.in_flight}
+
     async def submit(self, specs: Sequence[TaskSpec]) -> int:
-        in_flight = {key for ex in self._executors for key in ex.in_flight}
+        placed = self._placed()
         self._queue.push_many(
-            s for s in specs if s.key not in in_flight and s.key not in self._finished
+            s for s in specs if s.key not in placed and s.key not in self._finished
         )
         await self._place()
         return await self.room()
@@ -248,7 +252,7 @@ class Dispatcher:
         held = held if held is not None else await self._held()
         if held is None:
             return []
-        placed = {key for ex in self._executors for key in ex.in_flight}
+        placed = self._placed()
         dropped = [
             spec
             for spec in queued
@@ -293,7 +297,7 @@ class Dispatcher:
         run (their rows are already final, so late results change nothing)."""
         wanted = {tuple(k) for k in keys}
         waiting = self._queue.remove(wanted)
-        placed = {key for ex in self._executors for key in ex.in_flight}
+        placed = self._placed()
         # Neither waiting nor placed here: running where this dispatcher does
         # not know (it restarted, or a reconcile is catching up), or done.
         # Every executor is asked; one that does not hold it ignores it.

@@ -406,6 +406,20 @@ def load_threads(stop: threading.Event, workers: list[Callable[[], None]]):
             thread.join()
 
 
+def count_refusal(refused: Counter, answer: httpx.Response) -> None:
+    """Count an answer other than 2xx by its status. A 5xx other than 503
+    is printed with its request and body: they tell whose it was (chronoray's
+    JSON, Serve's proxy, HAProxy), so that it can be traced."""
+    refused[answer.status_code] += 1
+    if answer.status_code >= 500 and answer.status_code != 503:
+        asked = answer.request
+        print(
+            f"  {time.strftime('%H:%M:%S')} HTTP {answer.status_code} on {asked.method} "
+            f"{asked.url.path}: {answer.text[:300]!r}",
+            flush=True,
+        )
+
+
 def send_keyed_batch(session: httpx.Client, batch: list[dict], refused: Counter, tries: int):
     """POST /v1/tasks:batch, the same keys again after any failure, until an
     answer arrives; returns task id -> due (the later of execute_at and the
@@ -422,7 +436,7 @@ def send_keyed_batch(session: httpx.Client, batch: list[dict], refused: Counter,
                     task["task_id"]: max(item["execute_at"], now)
                     for item, task in zip(batch, answer.json()["tasks"], strict=True)
                 }
-            refused[answer.status_code] += 1
+            count_refusal(refused, answer)
         time.sleep(0.5)
     return {}
 
@@ -482,7 +496,7 @@ def s2_shard_kills_during_submission(h: Harness, out: Outcome, scale: float) -> 
                     with lock:
                         answered[answer.json()["task_id"]] = max(at, time.time())
                 else:
-                    refused[answer.status_code] += 1
+                    count_refusal(refused, answer)
 
     fault_log: list[tuple[float, str]] = []
     with load_threads(stop, [functools.partial(client, i) for i in range(16)]):
@@ -909,7 +923,7 @@ def s11_serve_kills(h: Harness, out: Outcome, scale: float) -> None:
                 if answer.status_code == 201:
                     schedules_answered.append(answer.json()["schedule_id"])
                 else:
-                    refused[answer.status_code] += 1
+                    count_refusal(refused, answer)
                 time.sleep(0.2)
 
     workers = [functools.partial(batches, i) for i in range(4)]
@@ -1003,7 +1017,7 @@ def s13_gcs_restart(h: Harness, out: Outcome, scale: float) -> None:
                     for task, request in zip(answer.json()["tasks"], batch, strict=True):
                         answered[task["task_id"]] = max(request["execute_at"], now)
                 else:
-                    refused[answer.status_code] += 1
+                    count_refusal(refused, answer)
                 time.sleep(0.5)
 
     with load_threads(stop, [client]):
