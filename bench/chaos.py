@@ -264,15 +264,18 @@ class Harness:
         return pids
 
     def serve_pids(self, kind: str) -> list[int]:
-        """``replica``: the API's replicas; ``proxy``: Serve's HTTP proxies."""
+        """``replica``: the API's replicas; ``proxy``: Serve's HTTP proxies.
+        The state API is given this cluster's address: without one it reads
+        the host's last-started cluster from /tmp/ray, which may be another
+        (a bench's, gone), and each call then waited 40 s for its GCS and
+        failed, so a soak reached almost none of its targets."""
         from ray.util.state import list_actors
 
         wanted = "ServeReplica:" if kind == "replica" else "ProxyActor"
-        return [
-            a.pid
-            for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-            if a.class_name.startswith(wanted)
-        ]
+        alive = list_actors(
+            address=self.head.address, filters=[("state", "=", "ALIVE")], limit=1000
+        )
+        return [a.pid for a in alive if a.class_name.startswith(wanted)]
 
     def postgres(self, action: str, mode: str = "fast") -> None:
         """``restart`` (reusing the server's options) or ``stop``."""
@@ -1157,6 +1160,10 @@ def s12_soak(h: Harness, out: Outcome, scale: float, soak_s: float, every_s: flo
         f"slowest 10 s: {slowest:.1f} tasks/s acknowledged"
     )
     print(f"  soak faults: {dict(faults)}; not reached: {dict(missed)}")
+    # A target found mid-restart is tried again 0.5 s later, so some misses
+    # are expected; a soak that reaches fewer than it misses tests little.
+    reached, tried = sum(faults.values()), sum(faults.values()) + sum(missed.values())
+    out.check(reached >= tried / 2, f"the soak reached {reached} of {tried} targets it tried")
     print(f"  refusals seen by the load: {dict(refused)}")
     h.audit(out, ledger, dict(due), timeout_s=240)
     if out.worst_lag_task is not None:
