@@ -22,6 +22,9 @@ REPLICA_PAUSE_S = 5.0  # an unreachable replica is skipped this long before it i
 CONFLICT_RETRIES = 3
 
 T = TypeVar("T")
+# A replica that cannot give a connection now (down, or every pooled one
+# busy past the pool's wait) is skipped and the primary serves.
+REPLICA_UNUSABLE = (OperationalError, InterfaceError, PoolTimeout)
 
 
 @contextmanager
@@ -85,7 +88,7 @@ class Databases:
         if engine is not self.engine:
             try:
                 connection = engine.connect()
-            except (OperationalError, InterfaceError, PoolTimeout) as exc:
+            except REPLICA_UNUSABLE as exc:
                 self._skip_replica(engine, exc)
                 engine = self.engine
             else:
@@ -131,7 +134,7 @@ class Databases:
                     text("SELECT pg_last_wal_replay_lsn() >= CAST(:lsn AS pg_lsn)"),
                     {"lsn": position},
                 ).scalar()
-        except (OperationalError, InterfaceError) as exc:
+        except REPLICA_UNUSABLE as exc:
             self._skip_replica(replica, exc)
             return self.engine
         if not caught_up:

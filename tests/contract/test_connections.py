@@ -104,6 +104,25 @@ def test_a_pool_that_stays_busy_is_unavailable_after_its_bounded_wait():
         engine.dispose()
 
 
+def test_a_read_replica_whose_pool_stays_busy_is_skipped_for_the_primary():
+    """A replica that cannot give a connection within its pool's wait is
+    passed over like an unreachable one, both where a query takes its
+    connection and where an owner's read-your-writes position is checked."""
+    primary = make_engine(postgres_admin_url(), pool_size=1)
+    busy = create_engine(postgres_admin_url(), pool_size=1, max_overflow=0, pool_timeout=0.2)
+    try:
+        with busy.connect():  # the replica's one connection, held
+            databases = Databases(primary, [busy])
+            with databases.read() as conn:
+                assert conn.engine is primary
+            databases = Databases(primary, [busy])
+            databases._written[7] = "0/0"  # owner 7 wrote: its reads check the replica
+            assert databases.reader(7) is primary
+    finally:
+        busy.dispose()
+        primary.dispose()
+
+
 ARRAY_CASES = [  # every column type that goes as an array (rows.rows_of, rows.among)
     ("bigint", Id, [1, 2**40, None]),
     ("small_ints", Integer(), [0, 3]),
