@@ -410,10 +410,15 @@ def load_threads(stop: threading.Event, workers: list[Callable[[], None]]):
 
 
 def count_refusal(refused: Counter, answer: httpx.Response) -> None:
-    """Count an answer other than 2xx by its status. A 5xx other than 503
-    is printed with its request and body: they tell whose it was (chronoray's
-    JSON, Serve's proxy, HAProxy), so that it can be traced."""
+    """Count an answer other than 2xx by its status (see ``show_5xx``)."""
     refused[answer.status_code] += 1
+    show_5xx(answer)
+
+
+def show_5xx(answer: httpx.Response) -> None:
+    """A 5xx other than 503 is printed with its request and body: they tell
+    whose it was (chronoray's JSON, Serve's proxy, HAProxy), so that it can
+    be traced."""
     if answer.status_code >= 500 and answer.status_code != 503:
         asked = answer.request
         print(
@@ -594,6 +599,7 @@ def s5_postgres_restarts(h: Harness, out: Outcome, scale: float) -> None:
                 else:
                     retry_after = "retry-after" in answer.headers
                     refusals[(answer.status_code, retry_after)] += 1
+                    show_5xx(answer)
                     if stop.is_set() and time.time() > deadline:
                         continue  # give up on this key: it was never acknowledged
                     pending.append((key, at))
