@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 FINISHED_MEMORY = 200_000
 # A queued attempt leased this long ago that no one holds was dropped on its
-# way (see ``recover_dropped``): placed again rather than left to its lease.
+# way (see ``_recover_dropped``): placed again rather than left to its lease.
 DROPPED_AFTER_S = 30.0
 # How long a loss is reported again while its shard does not answer (a
 # shard a redeploy removed never will); after that the net above has it.
@@ -199,32 +199,25 @@ class Dispatcher:
     async def recover(
         self, running: Sequence[TaskSpec], queued: Sequence[TaskSpec]
     ) -> tuple[list[RunResult], list[TaskSpec]]:
-        """``recover_orphans`` and ``recover_dropped`` (both read before
-        this call), on one answer from every executor."""
+        """The net under lost and dropped attempts, on one answer from every
+        executor (``_held``): ``running`` and ``queued`` are what the
+        database said, read before this call. Returns the orphans reported
+        lost and the dropped attempts placed again. Any executor that does
+        not answer makes this a no-op: it may hold any of them."""
         if not running and not queued:
             return [], []
         held = await self._held()
-        if held is None:  # an executor did not answer: it may hold any of them
-            return [], []
-        return (
-            await self.recover_orphans(running, held=held),
-            await self.recover_dropped(queued, held=held),
-        )
-
-    async def recover_orphans(
-        self, running: Sequence[TaskSpec], *, held: set[tuple[int, int]] | None = None
-    ) -> list[RunResult]:
-        """``running``: the attempts the database says are running, read
-        before this call. Those that no executor holds (their executor died
-        with a dispatcher or a whole cluster) are lost: reported at once as
-        ``executor_lost``. Any executor that does not answer makes this a
-        no-op: it may hold them. A result committed in between makes the
-        report a no-op, since records are conditional on the attempt."""
-        if not running:
-            return []
-        held = held if held is not None else await self._held()
         if held is None:
-            return []
+            return [], []
+        return await self._recover_orphans(running, held), await self._recover_dropped(queued, held)
+
+    async def _recover_orphans(
+        self, running: Sequence[TaskSpec], held: set[tuple[int, int]]
+    ) -> list[RunResult]:
+        """Running attempts that no executor holds (their executor died with
+        a dispatcher or a whole cluster) are lost: reported at once as
+        ``executor_lost``. A result committed in between makes the report a
+        no-op, since records are conditional on the attempt."""
         now = self._clock.now()
         lost = [
             lost_result(spec, now=now, reason="running, but no live executor holds it")
@@ -237,20 +230,16 @@ class Dispatcher:
             await self.report_results(lost)
         return lost
 
-    async def recover_dropped(
-        self, queued: Sequence[TaskSpec], *, held: set[tuple[int, int]] | None = None
+    async def _recover_dropped(
+        self, queued: Sequence[TaskSpec], held: set[tuple[int, int]]
     ) -> list[TaskSpec]:
-        """``queued``: attempts queued in the database since long ago (read
-        before this call). Those this dispatcher neither waits on, placed,
-        finished nor lost, and that no executor holds, were dropped on their
-        way (a hand-over or a loss report that never arrived): placed again
-        now, not when their 10-minute lease ends. Any executor that does not
-        answer makes this a no-op; should a copy still be on its way after
-        all, the start gate lets one start."""
-        if not queued or self.draining:
-            return []
-        held = held if held is not None else await self._held()
-        if held is None:
+        """Attempts queued in the database since long ago that this
+        dispatcher neither waits on, placed, finished nor lost, and that no
+        executor holds, were dropped on their way (a hand-over or a loss
+        report that never arrived): placed again now, not when their
+        10-minute lease ends. Should a copy still be on its way after all,
+        the start gate lets one start."""
+        if self.draining:
             return []
         placed = self._placed()
         dropped = [

@@ -168,13 +168,13 @@ def test_running_attempts_no_executor_holds_are_lost_at_once():
         dispatcher, ex, shards = build({"small": 1, "medium": 1})
         held, orphan = spec(1), spec(2)
         ex["small"].client.holds = [held.key]
-        lost = await dispatcher.recover_orphans([held, orphan])
+        lost = (await dispatcher.recover([held, orphan], []))[0]
         assert [(r.task_id, r.failure) for r in lost] == [(2, FailureClass.EXECUTOR_LOST)]
         assert [r.task_id for r in shards.results[0]] == [2]
         assert lost[0].started_at is None
 
         ex["medium"].client.fail = True  # cannot tell what it holds: no verdict
-        assert await dispatcher.recover_orphans([spec(3)]) == []
+        assert await dispatcher.recover([spec(3)], []) == ([], [])
 
     asyncio.run(scenario())
 
@@ -305,19 +305,19 @@ def test_a_queued_attempt_no_one_holds_is_placed_again_and_none_that_someone_hol
         await dispatcher.report_results([result(finished)])  # its result is on its way
         client.holds = [held.key]  # taken by the executor, unknown here
         queued = [placed, waiting, finished, held, dropped]
-        assert await dispatcher.recover_dropped(queued) == [dropped]
+        assert await dispatcher.recover([], queued) == ([], [dropped])
         assert client.received == [1]
         assert dispatcher.stats()["queued"] == 2  # `waiting` and `dropped`, in order
         assert dispatcher.stats()["dropped_recovered"] == 1
-        assert await dispatcher.recover_dropped(queued) == []  # now it waits here
+        assert await dispatcher.recover([], queued) == ([], [])  # now it waits here
         await dispatcher.report_results([result(placed)])
         assert client.received == [1, 2]
 
         client.fail = True  # cannot tell what it holds: no verdict
-        assert await dispatcher.recover_dropped([spec(7)]) == []
+        assert await dispatcher.recover([], [spec(7)]) == ([], [])
         client.fail = False
         await dispatcher.drain()
-        assert await dispatcher.recover_dropped([spec(8)]) == []  # `chronoray down`
+        assert await dispatcher.recover([], [spec(8)]) == ([], [])  # `chronoray down`
 
     asyncio.run(scenario())
 
@@ -369,10 +369,10 @@ def test_a_loss_its_shard_never_takes_is_given_up_after_a_minute_and_left_to_the
         await dispatcher.submit([lost])
         shards.fail = True  # its shard is gone (a redeploy with fewer shards)
         await dispatcher.sync_members([ex["medium"]])
-        assert await dispatcher.recover_dropped([lost]) == []  # its loss is being reported
+        assert await dispatcher.recover([], [lost]) == ([], [])  # its loss is being reported
         clock.advance(LOSS_REPORTED_FOR_S + 1)
         await dispatcher.sync_members([ex["medium"]])
-        assert await dispatcher.recover_dropped([lost]) == [lost]
+        assert await dispatcher.recover([], [lost]) == ([], [lost])
         assert ex["medium"].client.received == [1]
 
     asyncio.run(scenario())
