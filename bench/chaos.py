@@ -45,6 +45,7 @@ from tests.ray_cluster import wait_for
 
 UTC = timezone.utc
 ROOT = Path(__file__).resolve().parents[1]
+ODD_5XX: list[float] = []  # when each 5xx other than 503 came, to set beside the faults
 
 
 # -- the ledger -----------------------------------------------------------------
@@ -176,6 +177,8 @@ class Harness:
     def stop(self) -> None:
         from chronoray.deploy import teardown
 
+        if ODD_5XX and self.head is not None:
+            print_serve_errors(self.head.temp_dir)
         try:
             if self.head is not None:
                 teardown(self.settings)
@@ -420,6 +423,7 @@ def show_5xx(answer: httpx.Response) -> None:
     whose it was (chronoray's JSON, Serve's proxy, HAProxy), so that it can
     be traced."""
     if answer.status_code >= 500 and answer.status_code != 503:
+        ODD_5XX.append(time.time())
         asked = answer.request
         print(
             f"  {time.strftime('%H:%M:%S')} HTTP {answer.status_code} on {asked.method} "
@@ -1171,10 +1175,32 @@ def s12_soak(h: Harness, out: Outcome, scale: float, soak_s: float, every_s: flo
     reached, tried = sum(faults.values()), sum(faults.values()) + sum(missed.values())
     out.check(reached >= tried / 2, f"the soak reached {reached} of {tried} targets it tried")
     print(f"  refusals seen by the load: {dict(refused)}")
+    for when in ODD_5XX:
+        if when >= began:
+            near = [f"{kind} {at - when:+.1f} s" for at, kind in fault_log if -10 <= at - when <= 1]
+            print(f"  the 5xx at {time.strftime('%H:%M:%S', time.localtime(when))}: faults {near}")
     h.audit(out, ledger, dict(due), timeout_s=240)
     if out.worst_lag_task is not None:
         explain_lag(h, out, fault_log)
     print_launch_gaps(h, ledger)
+
+
+def print_serve_errors(temp_dir: Path, most: int = 60) -> None:
+    """Serve's own log lines about errors (its access log's 5xx, its error
+    lines, each traceback's last line), read before the cluster's directory
+    goes: whose a 5xx other than 503 was."""
+    shown: list[str] = []
+    for log in sorted(temp_dir.glob("session_*/logs/serve/*.log")):
+        lines = log.read_text(errors="replace").splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("Traceback"):
+                ends = (t for t in lines[i + 1 :] if t and not t[0].isspace())
+                shown.append(f"{log.name}: {lines[i - 1][:300]} ... {next(ends, '')[:300]}")
+            elif " 500 " in line or " 502 " in line or " ERROR " in line:
+                shown.append(f"{log.name}: {line[:400]}")
+    print(f"  Serve's logs: {len(shown)} lines about errors (the first {most}):")
+    for line in shown[:most]:
+        print(f"    {line}")
 
 
 def print_launch_gaps(h: Harness, ledger: Path) -> None:
