@@ -1190,7 +1190,7 @@ def print_serve_errors(temp_dir: Path, most: int = 60) -> None:
     lines, each traceback's last line), read before the cluster's directory
     goes: whose a 5xx other than 503 was."""
     shown: list[str] = []
-    for log in sorted(temp_dir.glob("session_*/logs/serve/*.log")):
+    for log in sorted(temp_dir.glob("session_2*/logs/serve/*.log")):  # not session_latest
         lines = log.read_text(errors="replace").splitlines()
         for i, line in enumerate(lines):
             if line.startswith("Traceback"):
