@@ -1,15 +1,24 @@
-"""The HTTP floor of ``make bench-http``: plain uvicorn serving a FastAPI app
-whose ``POST /v1/tasks`` parses the body and awaits one call to an actor on
-the same Ray cluster, and answers 201. What any Ray-backed HTTP API pays at
-the least, without Serve and without chronoray's own work.
+"""The HTTP floors of ``make bench-http``: a FastAPI app whose ``POST
+/v1/tasks`` reads the body, awaits one call to an actor on the same Ray
+cluster, and answers 201. Served two ways:
+
+- by plain uvicorn (``main``): what any Ray-backed HTTP API pays at the
+  least, without Serve and without chronoray's own work;
+- as a Serve application beside chronoray's (``deploy_serve_floor``): the
+  same ingress, proxy and replica machinery chronoray's requests go
+  through, without chronoray's own work.
 
     python -m bench.floor_http --ray-address 192.0.2.2:6379 --port 8123
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the Serve floor's code is sent to
+# its replica by value, and FastAPI must find `Request` in the annotation
+# itself, not by name in globals the replica does not have.
 import argparse
+import sys
+import time
 
+import httpx
 import ray
 import uvicorn
 from fastapi import FastAPI, Request
@@ -31,6 +40,47 @@ def app(echo) -> FastAPI:
         return JSONResponse({"bytes": size}, status_code=201)
 
     return api
+
+
+SERVE_FLOOR_PREFIX = "/floor"
+
+
+def deploy_serve_floor(http_url: str, timeout_s: float = 60.0) -> str:
+    """The floor app as a Serve application at ``/floor`` on the running
+    Serve (chronoray's, whose ingress it shares); returns its base URL."""
+    from ray import serve
+
+    # A replica cannot import bench/ (not an installed package): send the code.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+    @serve.deployment(
+        ray_actor_options={"num_cpus": 0},  # as chronoray's replicas
+        max_ongoing_requests=1000,
+        logging_config={"enable_access_log": False},
+    )
+    @serve.ingress()
+    class ServeFloor:
+        def __init__(self, echo) -> None:
+            self._echo = echo
+
+        def __serve_build_asgi_app__(self):
+            return app(self._echo)
+
+    echo = Echo.remote()
+    serve.run(ServeFloor.bind(echo), name="floor", route_prefix=SERVE_FLOOR_PREFIX, blocking=False)
+    url = f"{http_url}{SERVE_FLOOR_PREFIX}"
+    deadline, last = time.monotonic() + timeout_s, "nothing"
+    while time.monotonic() < deadline:
+        try:
+            answer = httpx.post(f"{url}/v1/tasks", content=b"{}")
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        else:
+            if answer.status_code == 201:
+                return url
+            last = f"{answer.status_code} {answer.text[:200]}"
+        time.sleep(0.3)
+    raise RuntimeError(f"the Serve floor did not answer 201: {last}")
 
 
 def main() -> None:

@@ -13,7 +13,9 @@ of --rounds rounds (the summary prints their median):
     collector frozen and tuned as in the actors), undone after the round;
 and the floors:
   - single: plain uvicorn with a FastAPI app awaiting one actor call per
-    request on the same Ray (bench/floor_http.py), the same wrk load;
+    request on the same Ray (bench/floor_http.py), the same wrk load; and
+    the same app as a Serve application beside chronoray's, on the same
+    ingress ("single through Serve": Serve's share of the cost);
   - batch: a bare PostgreSQL insert loop of the same rows, --batch-size per
     transaction.
 CPU per task by process class (bench/procstat.py) is printed for the single
@@ -50,6 +52,7 @@ import ray
 
 from bench import procstat
 from bench.figures import median_table, percentile
+from bench.floor_http import deploy_serve_floor
 from chronoray import settle_heap
 from chronoray.deploy import deploy, free_port, local_token, start_local_ray, teardown
 from chronoray.settings import Settings
@@ -209,6 +212,7 @@ def one_configuration(args, lever: str) -> tuple[list[dict], list[dict]]:
 
         client = Client(namespace=settings.namespace)
         floor_server = FloorServer(ray.get_runtime_context().gcs_address)
+        serve_floor_url = deploy_serve_floor(url)
         due = time.time() + 3600
 
         def task(i: int) -> dict:
@@ -217,7 +221,9 @@ def one_configuration(args, lever: str) -> tuple[list[dict], list[dict]]:
         post_all(url, [("/v1/tasks", task(i)) for i in range(200)], args.clients, token)  # warm up
         for number in range(1, args.rounds + 1):
             print(f"-- round {number} of {args.rounds}")
-            found, floor = one_round(args, url, token, client, floor_server.url, task)
+            found, floor = one_round(
+                args, url, token, client, (floor_server.url, serve_floor_url), task
+            )
             ours.append(found)
             floors.append(floor)
     finally:
@@ -289,7 +295,9 @@ def wrk(url: str, body: dict, token: str, clients: int, seconds: float) -> dict[
     }
 
 
-def one_round(args, url: str, token: str, client, floor_url: str, task) -> tuple[dict, dict]:
+def one_round(
+    args, url: str, token: str, client, floor_urls: tuple[str, str], task
+) -> tuple[dict, dict]:
     """chronoray's figures and the floors', each over the same bodies, from
     an empty tasks table (what earlier rounds stored would weigh on this one)."""
     truncate_tasks(args.database_url)
@@ -302,10 +310,28 @@ def one_round(args, url: str, token: str, client, floor_url: str, task) -> tuple
         f"p50 {found['single p50 ms']:.1f} ms, p99 {found['single p99 ms']:.1f} ms"
     )
     found["single control-plane CPU ms/task"] = procstat.report(used, requests, "single")
-    floor = wrk(floor_url, task(0), token, args.clients, args.single_s)
+    plain_url, serve_url = floor_urls
+    floor = wrk(plain_url, task(0), token, args.clients, args.single_s)
+    before = procstat.snapshot()
+    through_serve = wrk(serve_url, task(0), token, args.clients, args.single_s)
+    used = procstat.cpu_by_class(before, procstat.snapshot())
+    found["single control-plane CPU ms/task, floor through Serve"] = procstat.report(
+        used, int(through_serve["single requests"]), "floor single through Serve"
+    )
+    print(f"floor single: {floor['single /s']:.0f}/s, p50 {floor['single p50 ms']:.1f} ms")
+    print(
+        f"floor single through Serve: {through_serve['single /s']:.0f}/s, "
+        f"p50 {through_serve['single p50 ms']:.1f} ms"
+    )
+    for name in ("single /s", "single p50 ms", "single p99 ms"):
+        # chronoray's figure beside Serve's floor too: a second floor column
+        # would not fit the table, so the floor is its own row
+        found[f"{name}, floor through Serve"] = through_serve[name]
+    found["single /s over the floor through Serve"] = (
+        found["single /s"] / through_serve["single /s"]
+    )
     floor.pop("single requests")
     floor.pop("single failed requests")
-    print(f"floor single: {floor['single /s']:.0f}/s, p50 {floor['single p50 ms']:.1f} ms")
     total = args.batches * args.batch_size
     if not total:
         return found, floor
