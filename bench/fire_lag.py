@@ -11,7 +11,8 @@
 * minute: K schedules on ``* * * * *``; for one minute's fires, due → first
   line p50/p99, and how many schedules fired that minute other than once.
 * each run also measures the floor (bench/floor.py: the same launcher
-  spawned by a plain loop at the same concurrency, and bare ``bash -c``),
+  spawned by a plain loop at the same concurrency, and bare ``bash -c``;
+  for the minute, as many runs at one instant, held ready before it),
   CPU seconds per task by process class (bench/procstat.py) and memory; the
   summary prints the median of the runs and the ratio to the floor.
 """
@@ -215,6 +216,9 @@ def floors(args, limits, slots: int) -> dict[str, float]:
             "burst drain tasks/s": floor.burst(args.burst_tasks, slots, limits=limits),
             "bare burst drain tasks/s": floor.burst(args.burst_tasks, 32, limits=None),
         }
+    if args.minute_schedules:
+        lags = floor.at_one_instant(args.minute_schedules, slots, limits=limits)
+        found |= {"minute p50 ms": percentile(lags, 50), "minute p99 ms": percentile(lags, 99)}
     print("floor: " + ", ".join(f"{k} {v:.1f}" for k, v in found.items()))
     return found
 

@@ -7,6 +7,10 @@ the script prints (its clock, ``$EPOCHREALTIME``).
   with the deployment's limits): what chronoray adds on top of it is the
   scheduler.
 * bare: ``bash -c`` with no sandbox, 32 at once: the machine's spawn rate.
+* at one instant: the sandboxed launch path held before the script's first
+  line (what pre-spawn does), as many as there are slots, all released in
+  one loop at the instant; each run that ends starts the next at once. What
+  a minute's fires cost on this box's cores with no scheduler in the way.
 """
 
 from __future__ import annotations
@@ -14,28 +18,35 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from actors.sandbox import SandboxLimits, run_script
+from actors.sandbox import SandboxLimits, ScriptRun, run_script
 from scheduling.models import Interpreter
 
 STAMP_SCRIPT = "echo $EPOCHREALTIME"  # a bash builtin: the first line costs no extra exec
 
 
-def _first_lines(
-    due: list[float], concurrency: int, *, limits: SandboxLimits | None
-) -> list[float]:
-    """Each task's first-line time, in due order."""
+def _with_stamp_script(work: Callable[[Path], Awaitable[list[float]]]) -> list[float]:
+    """``work(script)`` on an event loop of its own, the stamp script
+    written where the sandbox's uid can read it."""
     directory = Path(tempfile.mkdtemp(prefix="chronoray-floor-"))
     script = directory / "stamp.sh"
     script.write_text(STAMP_SCRIPT)
     script.chmod(0o755)
     directory.chmod(0o755)  # the sandbox runs the script as another uid
     try:
-        return asyncio.run(_run_all(due, concurrency, script, limits=limits))
+        return asyncio.run(work(script))
     finally:
         script.unlink()
         directory.rmdir()
+
+
+def _first_lines(
+    due: list[float], concurrency: int, *, limits: SandboxLimits | None
+) -> list[float]:
+    """Each task's first-line time, in due order."""
+    return _with_stamp_script(lambda script: _run_all(due, concurrency, script, limits=limits))
 
 
 async def _run_all(
@@ -79,3 +90,47 @@ def spread(
     due = [start + i * spread_s / count for i in range(count)]
     first_lines = _first_lines(due, concurrency, limits=limits)
     return [(line - at) * 1000 for line, at in zip(first_lines, due, strict=True)]
+
+
+def at_one_instant(count: int, concurrency: int, *, limits: SandboxLimits) -> list[float]:
+    """``count`` runs due at one instant, ``concurrency`` at once: instant
+    → first line in ms. The first ``concurrency`` are held ready before it
+    (their sandboxes built, bash started), as pre-spawn holds them; the
+    instant is set half a second after they are all ready."""
+    return _with_stamp_script(
+        lambda script: _release_at_one_instant(count, concurrency, script, limits)
+    )
+
+
+async def _release_at_one_instant(
+    count: int, concurrency: int, script: Path, limits: SandboxLimits
+) -> list[float]:
+    def new_run() -> ScriptRun:
+        return ScriptRun(
+            script_path=script,
+            interpreter=Interpreter.BASH,
+            variables={},
+            timeout_s=60,
+            limits=limits,
+        )
+
+    held = [new_run().prepare(hold=True) for _ in range(min(count, concurrency))]
+    left = count - len(held)
+    instant = time.time() + 0.5
+    await asyncio.sleep(max(0.0, instant - time.time()))
+    for run in held:  # in one loop, as the executor's InstantReleases does
+        run.release()
+
+    async def slot(run: ScriptRun) -> list[float]:
+        nonlocal left
+        lines = []
+        while True:
+            outcome = await run.finish()
+            lines.append((float(outcome.output_tail.split()[0]) - instant) * 1000)
+            if left == 0:
+                return lines
+            left -= 1
+            run = new_run().prepare(hold=False)  # due already: started at once
+            run.release()
+
+    return [lag for lags in await asyncio.gather(*(slot(run) for run in held)) for lag in lags]
