@@ -45,9 +45,10 @@ def app(echo) -> FastAPI:
 SERVE_FLOOR_PREFIX = "/floor"
 
 
-def deploy_serve_floor(http_url: str, timeout_s: float = 60.0) -> str:
+def deploy_serve_floor(http_url: str, *, replicas: int = 1, timeout_s: float = 60.0) -> str:
     """The floor app as a Serve application at ``/floor`` on the running
-    Serve (chronoray's, whose ingress it shares); returns its base URL."""
+    Serve (chronoray's, whose ingress it shares), with as many replicas as
+    chronoray's; returns its base URL."""
     from ray import serve
 
     # A replica cannot import bench/ (not an installed package): send the code.

@@ -187,12 +187,14 @@ def one_configuration(args, lever: str) -> tuple[list[dict], list[dict]]:
         tiers=local_tiers(executors=1, slots=4),
         http_port=free_port(),
         serve_ingress=ingress,
+        serve_replicas=args.serve_replicas,
         max_active_tasks=10_000_000,
         rate_limit_per_s=1e6,  # the per-user limit would bind first: measure the path
         rate_limit_burst=1_000_000,
     )
     print(
-        f"\n== {lever}: clients={args.clients} batch_size={args.batch_size} cpus={os.cpu_count()}"
+        f"\n== {lever}: clients={args.clients} batch_size={args.batch_size} "
+        f"serve_replicas={args.serve_replicas} cpus={os.cpu_count()}"
     )
     start_local_ray(settings, logging_level="error", include_dashboard=False)
     ours: list[dict] = []
@@ -212,7 +214,7 @@ def one_configuration(args, lever: str) -> tuple[list[dict], list[dict]]:
 
         client = Client(namespace=settings.namespace)
         floor_server = FloorServer(ray.get_runtime_context().gcs_address)
-        serve_floor_url = deploy_serve_floor(url)
+        serve_floor_url = deploy_serve_floor(url, replicas=args.serve_replicas)
         due = time.time() + 3600
 
         def task(i: int) -> dict:
@@ -380,6 +382,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--serve-replicas", type=int, default=1, help="API replicas (and the Serve floor's)"
+    )
     parser.add_argument("--ingress", choices=sorted(LEVERS), default="haproxy")
     parser.add_argument("--ab", action="store_true", help="each ingress lever alone, in turn")
     args = parser.parse_args()
