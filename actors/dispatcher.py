@@ -239,7 +239,7 @@ class Dispatcher:
         report that never arrived): placed again now, not when their
         10-minute lease ends. Should a copy still be on its way after all,
         the start gate lets one start."""
-        if self.draining:
+        if not queued or self.draining:
             return []
         placed = self._placed()
         dropped = [
