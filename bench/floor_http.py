@@ -68,7 +68,12 @@ def deploy_serve_floor(http_url: str, *, replicas: int = 1, timeout_s: float = 6
             return app(self._echo)
 
     echo = Echo.remote()
-    serve.run(ServeFloor.bind(echo), name="floor", route_prefix=SERVE_FLOOR_PREFIX, blocking=False)
+    serve.run(
+        ServeFloor.options(num_replicas=replicas).bind(echo),
+        name="floor",
+        route_prefix=SERVE_FLOOR_PREFIX,
+        blocking=False,
+    )
     url = f"{http_url}{SERVE_FLOOR_PREFIX}"
     deadline, last = time.monotonic() + timeout_s, "nothing"
     while time.monotonic() < deadline:
