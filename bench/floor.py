@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from actors.sandbox import SandboxLimits, ScriptRun, run_script
+from actors.sandbox import SandboxLimits, ScriptOutcome, ScriptRun, run_script
 from scheduling.models import Interpreter
 
 STAMP_SCRIPT = "echo $EPOCHREALTIME"  # a bash builtin: the first line costs no extra exec
@@ -105,32 +105,38 @@ def at_one_instant(count: int, concurrency: int, *, limits: SandboxLimits) -> li
 async def _release_at_one_instant(
     count: int, concurrency: int, script: Path, limits: SandboxLimits
 ) -> list[float]:
-    def new_run() -> ScriptRun:
-        return ScriptRun(
+    held = [
+        ScriptRun(
             script_path=script,
             interpreter=Interpreter.BASH,
             variables={},
             timeout_s=60,
             limits=limits,
-        )
-
-    held = [new_run().prepare(hold=True) for _ in range(min(count, concurrency))]
+        ).prepare(hold=True)
+        for _ in range(min(count, concurrency))
+    ]
     left = count - len(held)
     instant = time.time() + 0.5
     await asyncio.sleep(max(0.0, instant - time.time()))
     for run in held:  # in one loop, as the executor's InstantReleases does
         run.release()
 
+    def lag_ms(outcome: ScriptOutcome) -> float:
+        return (float(outcome.output_tail.split()[0]) - instant) * 1000
+
     async def slot(run: ScriptRun) -> list[float]:
         nonlocal left
-        lines = []
-        while True:
-            outcome = await run.finish()
-            lines.append((float(outcome.output_tail.split()[0]) - instant) * 1000)
-            if left == 0:
-                return lines
+        lags = [lag_ms(await run.finish())]
+        while left:  # due already: the next starts as this slot frees
             left -= 1
-            run = new_run().prepare(hold=False)  # due already: started at once
-            run.release()
+            outcome = await run_script(
+                script_path=script,
+                interpreter=Interpreter.BASH,
+                variables={},
+                timeout_s=60,
+                limits=limits,
+            )
+            lags.append(lag_ms(outcome))
+        return lags
 
     return [lag for lags in await asyncio.gather(*(slot(run) for run in held)) for lag in lags]

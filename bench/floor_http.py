@@ -16,13 +16,14 @@ cluster, and answers 201. Served two ways:
 # itself, not by name in globals the replica does not have.
 import argparse
 import sys
-import time
 
 import httpx
 import ray
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+
+from tests.ray_cluster import wait_for
 
 
 @ray.remote(num_cpus=0)
@@ -75,18 +76,22 @@ def deploy_serve_floor(http_url: str, *, replicas: int = 1, timeout_s: float = 6
         blocking=False,
     )
     url = f"{http_url}{SERVE_FLOOR_PREFIX}"
-    deadline, last = time.monotonic() + timeout_s, "nothing"
-    while time.monotonic() < deadline:
+    last = ["nothing"]  # the latest answer, for the error if none is a 201
+
+    def answers() -> bool:
         try:
             answer = httpx.post(f"{url}/v1/tasks", content=b"{}")
         except httpx.HTTPError as exc:
-            last = repr(exc)
-        else:
-            if answer.status_code == 201:
-                return url
-            last = f"{answer.status_code} {answer.text[:200]}"
-        time.sleep(0.3)
-    raise RuntimeError(f"the Serve floor did not answer 201: {last}")
+            last[0] = repr(exc)
+            return False
+        last[0] = f"{answer.status_code} {answer.text[:200]}"
+        return answer.status_code == 201
+
+    try:
+        wait_for(answers, timeout_s=timeout_s, interval_s=0.3, what=f"a 201 from {url}")
+    except TimeoutError as exc:
+        raise RuntimeError(f"{exc}; the last answer: {last[0]}") from None
+    return url
 
 
 def main() -> None:

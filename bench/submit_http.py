@@ -297,29 +297,34 @@ def wrk(url: str, body: dict, token: str, clients: int, seconds: float) -> dict[
     }
 
 
+def wrk_with_cpu(url: str, body: dict, token: str, args, label: str) -> tuple[dict, float]:
+    """``wrk``'s figures, and the control plane's CPU per request meanwhile
+    (printed by process class under ``label``)."""
+    before = procstat.snapshot()
+    found = wrk(url, body, token, args.clients, args.single_s)
+    used = procstat.cpu_by_class(before, procstat.snapshot())
+    return found, procstat.report(used, int(found["single requests"]), label)
+
+
 def one_round(
     args, url: str, token: str, client, floor_urls: tuple[str, str], task
 ) -> tuple[dict, dict]:
     """chronoray's figures and the floors', each over the same bodies, from
     an empty tasks table (what earlier rounds stored would weigh on this one)."""
     truncate_tasks(args.database_url)
-    before = procstat.snapshot()
-    found = wrk(url, task(0), token, args.clients, args.single_s)
-    used = procstat.cpu_by_class(before, procstat.snapshot())
+    found, cpu_ms = wrk_with_cpu(url, task(0), token, args, "single")
     requests = int(found.pop("single requests"))
     print(
         f"single: {requests} in {args.single_s:.0f} s = {found['single /s']:.0f}/s, "
         f"p50 {found['single p50 ms']:.1f} ms, p99 {found['single p99 ms']:.1f} ms"
     )
-    found["single control-plane CPU ms/task"] = procstat.report(used, requests, "single")
+    found["single control-plane CPU ms/task"] = cpu_ms
     plain_url, serve_url = floor_urls
     floor = wrk(plain_url, task(0), token, args.clients, args.single_s)
-    before = procstat.snapshot()
-    through_serve = wrk(serve_url, task(0), token, args.clients, args.single_s)
-    used = procstat.cpu_by_class(before, procstat.snapshot())
-    found["single control-plane CPU ms/task, floor through Serve"] = procstat.report(
-        used, int(through_serve["single requests"]), "floor single through Serve"
+    through_serve, cpu_ms = wrk_with_cpu(
+        serve_url, task(0), token, args, "floor single through Serve"
     )
+    found["single control-plane CPU ms/task, floor through Serve"] = cpu_ms
     print(f"floor single: {floor['single /s']:.0f}/s, p50 {floor['single p50 ms']:.1f} ms")
     print(
         f"floor single through Serve: {through_serve['single /s']:.0f}/s, "
