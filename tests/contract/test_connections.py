@@ -115,7 +115,7 @@ def test_a_read_replica_whose_pool_stays_busy_is_skipped_for_the_primary():
             databases = Databases(primary, [busy])
             with databases.read() as conn:
                 assert conn.engine is primary
-            databases = Databases(primary, [busy])
+            databases = Databases(primary, [busy])  # anew: the first has paused the replica
             databases._written[7] = "0/0"  # owner 7 wrote: its reads check the replica
             assert databases.reader(7) is primary
     finally:
