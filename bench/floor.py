@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from actors.sandbox import SandboxLimits, ScriptOutcome, ScriptRun, run_script
 from scheduling.models import Interpreter
@@ -40,6 +41,22 @@ def _with_stamp_script(work: Callable[[Path], Awaitable[list[float]]]) -> list[f
     finally:
         script.unlink()
         directory.rmdir()
+
+
+def _stamp_run(script: Path, limits: SandboxLimits) -> dict[str, Any]:
+    """The stamp script's run in the executor's sandbox: the arguments of
+    ``ScriptRun`` and ``run_script``."""
+    return {
+        "script_path": script,
+        "interpreter": Interpreter.BASH,
+        "variables": {},
+        "timeout_s": 60,
+        "limits": limits,
+    }
+
+
+def _clock_of(outcome: ScriptOutcome) -> float:
+    return float(outcome.output_tail.split()[0])  # the script's first line
 
 
 def _first_lines(
@@ -63,14 +80,7 @@ async def _run_all(
                 )
                 output, _ = await proc.communicate()
                 return float(output.split()[0])
-            outcome = await run_script(
-                script_path=script,
-                interpreter=Interpreter.BASH,
-                variables={},
-                timeout_s=60,
-                limits=limits,
-            )
-            return float(outcome.output_tail.split()[0])
+            return _clock_of(await run_script(**_stamp_run(script, limits)))
 
     return list(await asyncio.gather(*(one(at) for at in due)))
 
@@ -106,13 +116,7 @@ async def _release_at_one_instant(
     count: int, concurrency: int, script: Path, limits: SandboxLimits
 ) -> list[float]:
     held = [
-        ScriptRun(
-            script_path=script,
-            interpreter=Interpreter.BASH,
-            variables={},
-            timeout_s=60,
-            limits=limits,
-        ).prepare(hold=True)
+        ScriptRun(**_stamp_run(script, limits)).prepare(hold=True)
         for _ in range(min(count, concurrency))
     ]
     left = count - len(held)
@@ -122,21 +126,14 @@ async def _release_at_one_instant(
         run.release()
 
     def lag_ms(outcome: ScriptOutcome) -> float:
-        return (float(outcome.output_tail.split()[0]) - instant) * 1000
+        return (_clock_of(outcome) - instant) * 1000
 
     async def slot(run: ScriptRun) -> list[float]:
         nonlocal left
         lags = [lag_ms(await run.finish())]
         while left:  # due already: the next starts as this slot frees
             left -= 1
-            outcome = await run_script(
-                script_path=script,
-                interpreter=Interpreter.BASH,
-                variables={},
-                timeout_s=60,
-                limits=limits,
-            )
-            lags.append(lag_ms(outcome))
+            lags.append(lag_ms(await run_script(**_stamp_run(script, limits))))
         return lags
 
     return [lag for lags in await asyncio.gather(*(slot(run) for run in held)) for lag in lags]
