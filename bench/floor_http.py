@@ -76,7 +76,14 @@ def deploy_serve_floor(http_url: str, *, replicas: int = 1, timeout_s: float = 6
         blocking=False,
     )
     url = f"{http_url}{SERVE_FLOOR_PREFIX}"
-    last = ["nothing"]  # the latest answer, for the error if none is a 201
+    wait_until_taking(url, timeout_s)
+    return url
+
+
+def wait_until_taking(url: str, timeout_s: float) -> None:
+    """Until the floor at ``url`` answers ``POST /v1/tasks`` with 201;
+    RuntimeError with its last answer if it does not within ``timeout_s``."""
+    last = ["nothing"]
 
     def answers() -> bool:
         try:
@@ -91,7 +98,6 @@ def deploy_serve_floor(http_url: str, *, replicas: int = 1, timeout_s: float = 6
         wait_for(answers, timeout_s=timeout_s, interval_s=0.3, what=f"a 201 from {url}")
     except TimeoutError as exc:
         raise RuntimeError(f"{exc}; the last answer: {last[0]}") from None
-    return url
 
 
 def main() -> None:

@@ -52,7 +52,7 @@ import ray
 
 from bench import procstat
 from bench.figures import median_table, percentile
-from bench.floor_http import deploy_serve_floor
+from bench.floor_http import deploy_serve_floor, wait_until_taking
 from chronoray import settle_heap
 from chronoray.deploy import deploy, free_port, local_token, start_local_ray, teardown
 from chronoray.settings import Settings
@@ -161,15 +161,11 @@ class FloorServer:
             env={"RAY_AUTH_MODE": "token", **os.environ},
         )
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                httpx.post(f"{self.url}/v1/tasks", json={}).raise_for_status()
-                return
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError("the floor server did not start")
+        try:
+            wait_until_taking(self.url, timeout_s=60)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         self.proc.terminate()
