@@ -8,6 +8,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def ingress_environment(settings: Settings) -> dict[str, str]:
     if settings.serve_ingress != "haproxy":
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
     state = _haproxy_directory(settings.http_port)
+    stats_port, metrics_port = free_ports(2, besides={settings.http_port})
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # two cores: one thread measured best
@@ -109,10 +111,10 @@ def ingress_environment(settings: Settings) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(state / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state / "server-state"),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
         # Ray 2.60's HAProxy binds a Prometheus frontend even with metrics off,
         # on 9101 unless told: a second deployment on the host failed to start
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
     }
 
 
@@ -133,9 +135,28 @@ def _haproxy_directory(http_port: int) -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int, *, besides: Collection[int] = ()) -> list[int]:
+    """Distinct free ports, none of them in `besides` (ports already chosen
+    but not yet bound). Every probe stays bound until all are chosen: ports
+    probed one after another can repeat, and `ray start` refused two of its
+    components on one port in a CI run."""
+    probes: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            probe = socket.socket()
+            probes.append(probe)  # held, even when skipped: the next probe gets another
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+            if port not in besides:
+                ports.append(port)
+        return ports
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def _record_as_current_cluster(gcs_address: str) -> None:

@@ -7,8 +7,14 @@ set -euo pipefail
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 ZK_JAR=${ZK_JAR:-/usr/share/java/zookeeper.jar}
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+free_ports() {
+  # all bound at once, so the ports differ (ports probed one by one can repeat)
+  python3 -c '
+import socket, sys
+probes = [socket.socket() for _ in range(int(sys.argv[1]))]
+for probe in probes:
+    probe.bind(("127.0.0.1", 0))
+print(" ".join(str(probe.getsockname()[1]) for probe in probes))' "$1"
 }
 
 as_postgres() {
@@ -20,9 +26,7 @@ start() {
   local dir=$1
   mkdir -p "$dir"
   local pg_port zk_port redis_port
-  pg_port=$(free_port)
-  zk_port=$(free_port)
-  redis_port=$(free_port)
+  read -r pg_port zk_port redis_port < <(free_ports 3)
 
   # PostgreSQL: a fresh cluster with trust auth, fsync off (throwaway data);
   # CHRONORAY_DURABLE=1 keeps PostgreSQL's durable defaults (the chaos harness

@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from chronoray.deploy import free_port
+
 PG_BIN = Path(os.environ.get("CHRONORAY_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _as_postgres(*command: str) -> list[str]:
@@ -51,7 +46,7 @@ class PgServer:
 
     @classmethod
     def primary(cls) -> PgServer:
-        server = cls(data=cls._workdir() / "data", port=_free_port())
+        server = cls(data=cls._workdir() / "data", port=free_port())
         _run(
             str(PG_BIN / "initdb"), "-D", str(server.data), "-U", "postgres", "-A", "trust",
             "--no-sync",
@@ -61,7 +56,7 @@ class PgServer:
 
     def replica(self) -> PgServer:
         """A hot standby streaming from this server (pg_basebackup -R)."""
-        standby = PgServer(data=self._workdir() / "data", port=_free_port())
+        standby = PgServer(data=self._workdir() / "data", port=free_port())
         _run(
             str(PG_BIN / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.port),
             "-U", "postgres", "-D", str(standby.data), "-R", "-X", "stream", "--no-sync",

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 import httpx
 import ray
 
+from chronoray.deploy import free_port, free_ports
 from chronoray.settings import Settings
 from scheduling.lifecycle import RetryPolicy
 from scheduling.tiers import NetworkPolicy, TierTable, local_node_resources, slot_tier
@@ -28,24 +28,6 @@ from storage.engines import make_engine
 from storage.sql import SqlTaskRepository
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free ports: each socket stays bound until all are chosen
-    (ports picked one after another can repeat, which made `ray start`
-    refuse two components on one port in a CI run)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def wait_for(condition, *, timeout_s: float, interval_s: float = 0.1, what: str = "condition"):

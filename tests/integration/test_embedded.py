@@ -17,9 +17,9 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, select
 
-from chronoray.deploy import MALLOC_ENVIRONMENT
+from chronoray.deploy import MALLOC_ENVIRONMENT, free_port
 from storage.schema import tasks
-from tests.ray_cluster import free_port, wait_for
+from tests.ray_cluster import wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]

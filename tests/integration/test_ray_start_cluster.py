@@ -21,8 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from chronoray.deploy import free_port, free_ports
 from tests.conftest import create_postgres_database
-from tests.ray_cluster import free_port, free_ports, wait_for
+from tests.ray_cluster import wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.slow]
 
@@ -41,8 +42,12 @@ class Node:
     """One `ray start --block` in a session of its own: stopping it stops
     that node's raylet, agents and workers, and nothing of the others."""
 
-    def __init__(self, name: str, args: list[str], temp_dir: Path) -> None:
-        agent, metrics = free_ports(2)
+    def __init__(
+        self, name: str, args: list[str], temp_dir: Path, ports: list[int] | None = None
+    ) -> None:
+        """``ports``: the agent's and the metrics exporter's, when the caller
+        chose them with its own (ports chosen apart can repeat)."""
+        agent, metrics = ports or free_ports(2)
         self.name, self.log = name, temp_dir / f"{name}.log"
         self.process = subprocess.Popen(
             [
@@ -104,7 +109,7 @@ def node_offering(address: str, resource: str, not_in: set[str] = frozenset()) -
 def cluster(tmp_path):
     """A head offering the control plane and three tiers' resources."""
     temp_dir = Path(tempfile.mkdtemp(prefix="crn-", dir="/tmp"))  # short: Ray's socket paths
-    port, client = free_ports(2)
+    port, client, *agent_ports = free_ports(4)
     nodes = {
         "head": Node(
             "head",
@@ -118,6 +123,7 @@ def cluster(tmp_path):
                 "--include-dashboard=false",
             ],
             temp_dir,
+            agent_ports,
         )
     }
     address = f"127.0.0.1:{port}"

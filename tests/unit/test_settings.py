@@ -116,7 +116,18 @@ def test_the_haproxy_ingress_has_files_of_its_own_and_a_socket_path_haproxy_take
     # Serve adds a directory of 56 characters; HAProxy refuses paths past 97
     assert len(str(socket.parent / ("x" * 56) / socket.name)) <= 97
     assert socket.parent != Path(second["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent
-    for port in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
-        assert first[port] != second[port]  # HAProxy binds both, metrics on or off
+    # HAProxy binds both, metrics on or off: free ports, not its fixed 9101,
+    # apart from each other and from the HTTP port (none is bound yet)
+    haproxy_ports = {first["RAY_SERVE_HAPROXY_STATS_PORT"], first["RAY_SERVE_HAPROXY_METRICS_PORT"]}
+    assert len(haproxy_ports) == 2 and not haproxy_ports & {"8000", "9101"}
     proxy = ingress_environment(Settings(database_url="sqlite://", serve_ingress="proxy"))
     assert proxy == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+
+
+def test_free_ports_are_distinct_and_none_of_those_already_chosen():
+    from chronoray.deploy import free_ports
+
+    chosen = free_ports(100)  # released again, so the kernel may offer them anew
+    assert len(set(chosen)) == 100
+    more = free_ports(200, besides=set(chosen))
+    assert len(set(more)) == 200 and not set(more) & set(chosen)
