@@ -777,11 +777,7 @@ def s8_executors_killed_before_due(h: Harness, out: Outcome, scale: float) -> No
     ]
     executors = [h.actor(EXECUTOR_PREFIX + e) for e in large]
     pids = [ray.get(e.info.remote(), timeout=10)["pid"] for e in executors]
-    at = time.time() + 5
     count = max(10, int(100 * scale))
-    due = h.submit(
-        [{"script": "s8.sh", "execute_at": at, "max_attempts": 1, "priority": 3}] * count
-    )
     # What these executors may hold at once: their slots times the credit window.
     room = len(large) * h.settings.tiers.by_name("large").slots * h.settings.executor_credits
 
@@ -802,14 +798,29 @@ def s8_executors_killed_before_due(h: Harness, out: Outcome, scale: float) -> No
     # it; and not when the dispatcher has placed them, which is before they
     # arrive (a kill then loses nothing: the batch is placed again). The
     # start gate opens 50 ms before the instant; a kill after that tests
-    # something else.
-    try:
-        wait_for(handed_over, timeout_s=max(0.0, at - 0.06 - time.time()), interval_s=0.005)
-    except TimeoutError:
-        out.problems.append("the attempts were not handed over early: kill before the hand-over")
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-        out.faults += 1
+    # something else, so a round whose hand-over is not seen by 60 ms before
+    # its instant (a CI run's box took longer than the 190 ms between) is
+    # let run, audited like the rest, and followed by another round.
+    due: dict[int, float] = {}
+    for _ in range(3):
+        at = time.time() + 5
+        round_due = h.submit(
+            [{"script": "s8.sh", "execute_at": at, "max_attempts": 1, "priority": 3}] * count
+        )
+        due |= round_due
+        try:
+            wait_for(handed_over, timeout_s=max(0.0, at - 0.06 - time.time()), interval_s=0.005)
+        except TimeoutError:
+            pass
+        if time.time() < at - 0.06:  # a slow answer can come back after the deadline too
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+                out.faults += 1
+            break
+        print(f"s8: {count} attempts not seen handed over by 60 ms before their instant")
+        h.wait_final(round_due, 120)  # they run unharmed; the next round starts clean
+    else:
+        out.problems.append("in 3 rounds the attempts were never seen handed over early")
     statuses, _ = h.audit(out, ledger, due, timeout_s=120)
     out.check("dead" not in statuses.values(), "a task ended dead")
     with h.engine.connect() as conn:
