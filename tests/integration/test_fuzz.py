@@ -17,8 +17,10 @@ from storage.schema import api_tokens
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres]
 
-MIN_REQUESTS = 2000
-EXAMPLES_PER_MODE = 32  # 38 operations x 2 modes: ~2,240 requests
+# 38 operations x 2 modes: ~1,400 requests, ~75 s of a 2-core box (32 each
+# sent ~2,240 in 120-145 s, a tenth of the suite's time budget)
+MIN_REQUESTS = 1300
+EXAMPLES_PER_MODE = 20
 
 
 @pytest.fixture(scope="session")
