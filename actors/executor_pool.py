@@ -1,6 +1,7 @@
 """The pool creates executors per tier with the Ray resources their tier
 names, so Ray places each only where it fits; it watches their heartbeats,
-declares the silent ones dead and sizes each tier (scheduling.tiers.plan_size)."""
+probes the silent ones and declares dead those that do not answer, and
+sizes each tier (scheduling.tiers.plan_size)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,10 @@ class Member:
     # view lost attempts the dispatcher had just placed on it).
     drained: bool = False
     node: str = ""  # the Ray node id its heartbeats come from
+    # Silent past the threshold and asked directly whether it is alive: a
+    # heartbeat late behind a loaded box (a burst's executor, a pool that
+    # stalled) declared live executors dead, and their attempts were lost.
+    suspected_at: float | None = None
 
     @property
     def placed(self) -> bool:
@@ -61,9 +66,10 @@ class Member:
 
 class ExecutorPool:
     """Which executors exist and which are alive. Executors heartbeat here;
-    one that misses ``misses`` heartbeats is declared dead and dropped from
-    the membership the dispatcher follows (which retries its attempts), and
-    a replacement is started. Each tier grows with demand and shrinks when
+    one that misses ``misses`` heartbeats is suspected and probed (the
+    shell pings it); unless it answers, or heartbeats, within the probe's
+    time it is declared dead and dropped from the membership the dispatcher
+    follows (which retries its attempts), and a replacement is started. Each tier grows with demand and shrinks when
     idle, between its ``executors`` and ``most_executors``."""
 
     def __init__(
@@ -110,6 +116,7 @@ class ExecutorPool:
         now = self._clock()
         member.drained = member.draining and drained
         member.last_heartbeat = now
+        member.suspected_at = None
         member.node = node or member.node
         if running or member.running:
             member.idle_since = now
@@ -151,24 +158,32 @@ class ExecutorPool:
                     "heartbeat_age_s": None
                     if m.last_heartbeat is None
                     else round(now - m.last_heartbeat, 3),
+                    "suspected": m.suspected_at is not None,
                 }
                 for m in self._members.values()
             ],
         }
 
     # -- the periodic check -------------------------------------------------
-    def tick(self, demand: Mapping[str, int]) -> list[str]:
-        """Declare silent executors dead, report unplaceable tiers, and size
-        each tier for ``demand`` (tasks wanting that tier: queued plus
-        running). Returns the ids declared dead."""
+    def tick(self, demand: Mapping[str, int]) -> list[ExecutorInfo]:
+        """Suspect silent executors, declare dead the suspects whose probe
+        never came back, report unplaceable tiers, and size each tier for
+        ``demand`` (tasks wanting that tier: queued plus running). Returns
+        the newly suspected executors (ExecutorInfo): the caller probes
+        each and tells ``probed`` what it found."""
         now = self._clock()
-        dead = []
+        suspects = []
+        silence = self._timing.heartbeat_s * self._timing.misses
         for member in list(self._members.values()):
             if member.placed:
                 silent = now - member.last_heartbeat
-                if silent > self._timing.heartbeat_s * self._timing.misses:
-                    dead.append(member.info.executor_id)
-                    self._declare_dead(member, now, f"no heartbeat for {silent:.1f} s")
+                if member.suspected_at is not None:
+                    if now - member.suspected_at > silence + self._timing.heartbeat_s:
+                        why = f"no heartbeat for {silent:.1f} s and no answer to its probe"
+                        self._declare_dead(member, now, why)
+                elif silent > silence:
+                    member.suspected_at = now
+                    suspects.append(member.info)
             elif now - member.created_at > self._timing.placement_timeout_s:
                 why = (
                     f"no node offers {member.tier.actor_options()} "
@@ -180,7 +195,22 @@ class ExecutorPool:
         for tier in self._tiers:
             self._size(tier, demand.get(tier.name, 0), now)
         self._reap(now)
-        return dead
+        return suspects
+
+    def probed(self, executor_id: str, answered: bool, why: str = "") -> bool:
+        """What the probe of a suspect found. One that answered is live (as
+        if it had heartbeated); one that did not, and sent no heartbeat
+        meanwhile, is declared dead. Returns whether it was declared dead."""
+        member = self._members.get(executor_id)
+        if member is None or member.suspected_at is None:
+            return False  # gone already, or it heartbeated since
+        now = self._clock()
+        if answered:
+            member.last_heartbeat, member.suspected_at = now, None
+            return False
+        silent = now - member.last_heartbeat
+        self._declare_dead(member, now, f"no heartbeat for {silent:.1f} s and {why}")
+        return True
 
     def _size(self, tier: Tier, demand: int, now: float) -> None:
         views = [
@@ -273,6 +303,7 @@ class ExecutorPoolShell:
         self._pool = ExecutorPool(
             tiers=settings.tiers, factory=factory, timing=settings.pool_timing, adopted=adopted
         )
+        self._probes: set[asyncio.Future] = set()
         self._ticking = asyncio.ensure_future(self._tick_forever())
         settle_after_start()
 
@@ -289,9 +320,28 @@ class ExecutorPoolShell:
             except Exception:
                 dispatcher.forget()  # not deployed yet, or restarting: size for the minimum
             try:
-                self._pool.tick(demand)
+                for suspect in self._pool.tick(demand):
+                    probe = asyncio.ensure_future(self._probe(suspect))
+                    self._probes.add(probe)  # held: the loop keeps only weak references
+                    probe.add_done_callback(self._probes.discard)
             except Exception:
                 log.exception("pool tick failed")
+
+    async def _probe(self, suspect: ExecutorInfo) -> None:
+        """Ask a silent executor directly: a killed one fails at once (Ray
+        knows its process is gone); a live one behind on its heartbeats
+        answers; a hung or unreachable one gets as long again as the
+        silence that made it a suspect."""
+        timing = self._settings.pool_timing
+        try:
+            await asyncio.wait_for(
+                suspect.handle.ping.remote(), timeout=timing.heartbeat_s * timing.misses
+            )
+        except Exception as exc:
+            why = "no answer to a ping" if isinstance(exc, TimeoutError) else f"ping: {exc!r}"
+            self._pool.probed(suspect.executor_id, answered=False, why=why[:200])
+        else:
+            self._pool.probed(suspect.executor_id, answered=True)
 
     async def heartbeat(
         self, executor_id: str, running: int, node: str = "", drained: bool = False

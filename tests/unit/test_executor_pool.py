@@ -73,25 +73,68 @@ def test_executors_join_after_their_first_heartbeat():
     assert shown == {small: "node-1", factory.created[1]: None}
 
 
-def test_silent_executor_is_declared_dead_replaced_and_refused():
+def test_silent_executor_is_probed_declared_dead_replaced_and_refused():
     pool, clock, factory = build()
     beat_all(pool)
     small, large = factory.created
     clock.now = 2.0
     pool.heartbeat(large, 0)
     assert pool.tick({}) == []
-    clock.now = 3.5  # small silent for 3.5 s > 3 × 1 s
+    clock.now = 3.5  # small silent for 3.5 s > 3 × 1 s: suspected, still a member
     pool.heartbeat(large, 0)
-    assert pool.tick({}) == [small]
+    assert [i.executor_id for i in pool.tick({})] == [small]
+    assert pool.tick({}) == []  # probed once
+    assert small in [i.executor_id for i in pool.executors()]
+    assert [e["suspected"] for e in pool.status()["executors"]] == [True, False]
+    clock.now = 4.0
+    assert pool.probed(small, answered=False, why="no answer to a ping") is True
     assert small not in [i.executor_id for i in pool.executors()]
-    assert len(factory.created) == 3 and factory.created[2].startswith("small-")  # replaced
+    assert len(factory.created) == 2  # replaced at the next tick
+    pool.heartbeat(large, 0)
+    pool.tick({})
+    assert len(factory.created) == 3 and factory.created[2].startswith("small-")
     assert pool.heartbeat(small, 1) == Heartbeat.DEAD  # a late heartbeat: it must fence itself
     assert factory.destroyed == []  # given time to exit by itself
-    clock.now = 3.5 + TIMING.reap_after_s
+    clock.now = 4.0 + TIMING.reap_after_s
     pool.heartbeat(large, 0)
     pool.heartbeat(factory.created[2], 0)
     pool.tick({})
     assert factory.destroyed == [small]
+
+
+def test_a_suspect_that_answers_its_probe_or_heartbeats_stays_live():
+    pool, clock, factory = build()
+    beat_all(pool)
+    small, large = factory.created
+    clock.now = 3.5  # both silent: a loaded box held their heartbeats back
+    assert [i.executor_id for i in pool.tick({})] == [small, large]
+    clock.now = 4.0
+    assert pool.probed(small, answered=True) is False  # the ping came back
+    pool.heartbeat(large, 0)  # a late heartbeat arrived before the probe's answer
+    assert pool.probed(large, answered=False, why="no answer to a ping") is False
+    assert sorted(i.executor_id for i in pool.executors()) == sorted([small, large])
+    assert [e["suspected"] for e in pool.status()["executors"]] == [False, False]
+    clock.now = 6.9  # silent again, but not for 3 s since the probe's answer
+    assert pool.tick({}) == []
+    assert len(factory.created) == 2 and factory.destroyed == []
+
+
+def test_a_suspect_whose_probe_never_comes_back_is_declared_dead():
+    pool, clock, factory = build()
+    beat_all(pool)
+    small, large = factory.created
+    clock.now = 3.5
+    pool.heartbeat(large, 0)
+    assert [i.executor_id for i in pool.tick({})] == [small]
+    clock.now = 3.5 + 3 * TIMING.heartbeat_s  # the probe's own time: not yet
+    pool.heartbeat(large, 0)
+    pool.tick({})
+    assert small in [i.executor_id for i in pool.executors()]
+    clock.now = 3.5 + 4.5 * TIMING.heartbeat_s  # the shell lost the probe: the tick decides
+    pool.heartbeat(large, 0)
+    pool.tick({})
+    assert small not in [i.executor_id for i in pool.executors()]
+    assert pool.heartbeat(small, 0) == Heartbeat.DEAD
 
 
 def test_a_tier_no_node_can_host_is_reported_not_waited_on_silently():
@@ -233,3 +276,65 @@ def test_attempts_a_draining_executor_refuses_are_placed_elsewhere():
         assert sorted(other.received) == [1, 2]
 
     asyncio.run(scenario())
+
+
+def test_the_shell_probes_a_suspect_with_a_ping_bounded_by_the_silence():
+    """A ping that answers keeps the suspect; one that fails (a killed
+    process) or hangs past the probe's time declares it dead."""
+    from types import SimpleNamespace
+
+    from actors.executor_pool import ExecutorPoolShell
+
+    class Ping:
+        def __init__(self, behaviour):
+            self.behaviour = behaviour
+
+        def remote(self):
+            async def answer():
+                if self.behaviour == "hangs":
+                    await asyncio.sleep(60)
+                if self.behaviour == "died":
+                    raise RuntimeError("the actor died")
+                return "pong"
+
+            return answer()
+
+    async def scenario():
+        pool, clock, factory = build()
+        beat_all(pool)
+        clock.now = 3.5
+        suspects = pool.tick({})
+        shell = ExecutorPoolShell.__new__(ExecutorPoolShell)  # no Ray actor: its probe alone
+        shell._pool = pool
+        shell._settings = SimpleNamespace(pool_timing=PoolTiming(heartbeat_s=0.02, misses=3))
+        outcomes = {}
+        for suspect, behaviour in zip(suspects, ["answers", "hangs"], strict=True):
+            outcomes[suspect.executor_id] = behaviour
+            await shell._probe(
+                SimpleNamespace(
+                    executor_id=suspect.executor_id, handle=SimpleNamespace(ping=Ping(behaviour))
+                )
+            )
+        return pool, outcomes
+
+    pool, outcomes = asyncio.run(asyncio.wait_for(scenario(), timeout=10))
+    live = {i.executor_id for i in pool.executors()}
+    assert {e for e, b in outcomes.items() if b == "answers"} == live
+    assert len(live) == 1
+
+    async def died():
+        pool, clock, factory = build()
+        beat_all(pool)
+        clock.now = 3.5
+        shell = ExecutorPoolShell.__new__(ExecutorPoolShell)
+        shell._pool = pool
+        shell._settings = SimpleNamespace(pool_timing=TIMING)
+        for suspect in pool.tick({}):
+            await shell._probe(
+                SimpleNamespace(
+                    executor_id=suspect.executor_id, handle=SimpleNamespace(ping=Ping("died"))
+                )
+            )
+        return pool
+
+    assert asyncio.run(asyncio.wait_for(died(), timeout=5)).executors() == []
