@@ -42,7 +42,10 @@ def _run(call: Coroutine[Any, Any, T]) -> T:
 class Client:
     """Acts as the user whose ``token`` it is given (or ``CHRONORAY_TOKEN``),
     else as the embedded default's local user. The token decides whose work
-    it sees; it is no wall against code that holds the cluster's credentials."""
+    it sees; it is no wall against code that holds the cluster's credentials.
+    ``call_timeout_s`` bounds each call to a shard: one that does not answer
+    by then raises Unavailable (the call may still be taken later: retry
+    with the same idempotency key)."""
 
     def __init__(
         self,
@@ -51,6 +54,7 @@ class Client:
         namespace: str = "chronoray",
         token: str | None = None,
         admin_token: str | None = None,
+        call_timeout_s: float = DRIVER_CALL_TIMEOUT_S,
     ) -> None:
         if not ray.is_initialized():
             ray.init(address=address, namespace=namespace, log_to_driver=False)
@@ -59,7 +63,7 @@ class Client:
             self.settings.database_url, self.settings.database_replica_urls, pool_size=2
         )
         router = ShardRouter(
-            wheel=self.settings.wheel, namespace=namespace, timeout_s=DRIVER_CALL_TIMEOUT_S
+            wheel=self.settings.wheel, namespace=namespace, timeout_s=call_timeout_s
         )
         self._service = Service(repo=repo, router=router, settings=self.settings)
         self._admin = admin_token is not None and _run(self._service.caller(admin_token)).admin
