@@ -27,7 +27,7 @@ def test_a_gcs_sigkill_and_restart_under_load_loses_nothing(tmp_path):
             "--only",
             "13",
             "--scale",
-            "0.3",
+            "0.25",  # 30 s of load, the scenario's least
             "--any-postgres",
             "--services-dir",
             str(tmp_path),

@@ -16,6 +16,7 @@ from scheduling.cron import CronSchedule
 from storage.schema import schedules as schedules_table
 from storage.schema import tasks
 from tests.conftest import shared_file
+from tests.ray_cluster import wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.slow]
 UTC = timezone.utc
@@ -57,11 +58,18 @@ def test_misfire_policies_after_the_scheduler_stopped_over_three_fires(
     deployment, client, tmp_path
 ):
     settings = deployment.settings
-    now = datetime.now(UTC)
-    # Every 20 s, first in ~10 s: a 60 s stop spans exactly three fires, and
-    # the first is 40 s or more past the 30 s misfire grace when shards resume.
-    seconds = sorted((now.second + 10 + 20 * k) % 60 for k in range(3))
+    pids = [
+        ray.get(shard_handle(i, settings.namespace).pid.remote())
+        for i in range(settings.num_shards)
+    ]
+    # Every 15 s, first in ~7 s: frozen from before the first fire until 32 s
+    # after it, the shards miss exactly three fires, and when they resume the
+    # first is more than the 30 s misfire grace late.
+    base = datetime.now(UTC).replace(microsecond=0)
+    first = base + timedelta(seconds=8)
+    seconds = sorted((first.second + 15 * k) % 60 for k in range(4))
     cron = f"{','.join(map(str, seconds))} * * * * *"
+    assert settings.misfire.grace_s < 32 and 15 * 3 > 32
     ids, ledgers = {}, {}
     for policy in ("skip", "fire_once", "fire_all"):
         ledgers[policy] = shared_file(tmp_path, policy)
@@ -72,22 +80,39 @@ def test_misfire_policies_after_the_scheduler_stopped_over_three_fires(
             f"misfire-{policy}.sh", cron, misfire_policy=policy
         ).schedule_id
 
-    pids = [
-        ray.get(shard_handle(i, settings.namespace).pid.remote())
-        for i in range(settings.num_shards)
-    ]
     stopped_at = datetime.now(UTC)
+    assert stopped_at < first - timedelta(seconds=1), "set-up outlasted the first fire's lead"
     for pid in pids:  # every shard frozen: nothing fires
         os.kill(pid, signal.SIGSTOP)
     try:
-        time.sleep(60)
+        sleep_until(first + timedelta(seconds=32))
     finally:
         resumed_at = datetime.now(UTC)
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
     missed = CronSchedule(cron).fires_between(stopped_at, resumed_at, limit=100)
-    assert len(missed) == 3
-    time.sleep(8)  # the timers catch up; the runs finish
+    assert len(missed) == 3 and missed[0] == first
+
+    def counted_misses() -> dict[int, int]:
+        with deployment.repo.engine.connect() as conn:
+            return dict(
+                conn.execute(
+                    select(schedules_table.c.schedule_id, schedules_table.c.missed_fires).where(
+                        schedules_table.c.schedule_id.in_(list(ids.values()))
+                    )
+                ).all()
+            )
+
+    expected = {ids["skip"]: 3, ids["fire_once"]: 2, ids["fire_all"]: 0}
+    wait_for(  # the timers catch up; the runs finish
+        lambda: (
+            counted_misses() == expected
+            and len(fired(ledgers["fire_once"])) >= 1
+            and len(fired(ledgers["fire_all"])) >= 3
+        ),
+        timeout_s=30,
+        what="the missed fires to be handled",
+    )
     # the audit finds the three fires the skip policy dropped, and nothing else
     audit = client.audit_schedule(ids["skip"], stopped_at, resumed_at)
     assert [(f.nominal_at, f.kind) for f in audit.findings] == [(t, "missed") for t in missed]
@@ -97,14 +122,8 @@ def test_misfire_policies_after_the_scheduler_stopped_over_three_fires(
     assert fired(ledgers["skip"]) == []
     assert fired(ledgers["fire_once"]) == [missed[-1]]
     assert sorted(fired(ledgers["fire_all"])) == missed
+    counted = counted_misses()
     with deployment.repo.engine.connect() as conn:
-        counted = dict(
-            conn.execute(
-                select(schedules_table.c.schedule_id, schedules_table.c.missed_fires).where(
-                    schedules_table.c.schedule_id.in_(list(ids.values()))
-                )
-            ).all()
-        )
         occurrences = conn.execute(
             select(tasks.c.schedule_id, tasks.c.nominal_at, tasks.c.status).where(
                 tasks.c.schedule_id.in_(list(ids.values()))
