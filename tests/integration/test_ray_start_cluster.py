@@ -250,16 +250,23 @@ pool: {{heartbeat_s: 0.5, misses: 4, placement_timeout_s: 10}}
             what="the ZooKeeper mirror to show the four tiers",
         )
 
-        # a task of each priority runs on its tier (one at a time: a task
-        # may take a stronger tier's free slot when its own has none)
+        # a task of each priority runs on its tier: two per tier below large
+        # and four for large, so none finds its own tier full and takes a
+        # stronger tier's free slot (which is allowed)
         api.post("/v1/scripts", json={"name": "where.sh", "body": "echo here"}).raise_for_status()
-        for priority in range(10):
-            task = api.post(
-                "/v1/tasks",
-                json={"script": "where.sh", "execute_at": time.time(), "priority": priority},
-            ).json()["task_id"]
+        batch = api.post(
+            "/v1/tasks:batch",
+            json={
+                "tasks": [
+                    {"script": "where.sh", "execute_at": time.time(), "priority": priority}
+                    for priority in range(10)
+                ]
+            },
+        )
+        assert batch.status_code == 201, batch.text
+        for priority, created in enumerate(batch.json()["tasks"]):
             view = wait_for(
-                lambda task=task: (
+                lambda task=created["task_id"]: (
                     (v := api.get(f"/v1/tasks/{task}").json())["status"] == "succeeded" and v
                 ),
                 timeout_s=30,
