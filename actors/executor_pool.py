@@ -125,10 +125,10 @@ class ExecutorPool:
         return Heartbeat.DRAIN if member.draining else Heartbeat.LIVE
 
     def executors(self) -> list[ExecutorInfo]:
-        """Placed executors: what the dispatcher may use (draining ones only
-        to finish their work)."""
+        """Placed executors: what the dispatcher may use (draining and
+        suspected ones only to finish their work)."""
         return [
-            replace(m.info, accepting=not m.draining, node=m.node)
+            replace(m.info, accepting=not m.draining and m.suspected_at is None, node=m.node)
             for m in self._members.values()
             if m.placed
         ]
