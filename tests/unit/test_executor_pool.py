@@ -73,16 +73,23 @@ def test_executors_join_after_their_first_heartbeat():
     assert shown == {small: "node-1", factory.created[1]: None}
 
 
-def test_silent_executor_is_probed_declared_dead_replaced_and_refused():
+def small_suspected():
+    """The small executor silent for 3.5 s (> 3 × 1 s), the large one
+    heartbeating: the tick at 3.5 s suspects the small one alone."""
     pool, clock, factory = build()
     beat_all(pool)
     small, large = factory.created
     clock.now = 2.0
     pool.heartbeat(large, 0)
     assert pool.tick({}) == []
-    clock.now = 3.5  # small silent for 3.5 s > 3 × 1 s: suspected, still a member
+    clock.now = 3.5
     pool.heartbeat(large, 0)
     assert [i.executor_id for i in pool.tick({})] == [small]
+    return pool, clock, factory, small, large
+
+
+def test_silent_executor_is_probed_declared_dead_replaced_and_refused():
+    pool, clock, factory, small, large = small_suspected()
     assert pool.tick({}) == []  # probed once
     # a member still, to finish its work, but offered nothing new
     assert [(i.executor_id, i.accepting) for i in pool.executors()] == [
@@ -126,12 +133,7 @@ def test_a_suspect_that_answers_its_probe_or_heartbeats_stays_live():
 
 
 def test_a_suspect_whose_probe_never_comes_back_is_declared_dead():
-    pool, clock, factory = build()
-    beat_all(pool)
-    small, large = factory.created
-    clock.now = 3.5
-    pool.heartbeat(large, 0)
-    assert [i.executor_id for i in pool.tick({})] == [small]
+    pool, clock, factory, small, large = small_suspected()
     clock.now = 3.5 + 3 * TIMING.heartbeat_s  # the probe's own time: not yet
     pool.heartbeat(large, 0)
     pool.tick({})
@@ -284,6 +286,24 @@ def test_attempts_a_draining_executor_refuses_are_placed_elsewhere():
     asyncio.run(scenario())
 
 
+class Ping:
+    """An executor handle's ``ping`` that answers, hangs or fails (its
+    process is gone)."""
+
+    def __init__(self, behaviour: str) -> None:
+        self.behaviour = behaviour
+
+    def remote(self):
+        async def answer():
+            if self.behaviour == "hangs":
+                await asyncio.sleep(60)
+            if self.behaviour == "died":
+                raise RuntimeError("the actor died")
+            return "pong"
+
+        return answer()
+
+
 def test_the_shell_probes_a_suspect_with_a_ping_bounded_by_the_silence():
     """A ping that answers keeps the suspect; one that fails (a killed
     process) or hangs past the probe's time declares it dead."""
@@ -291,56 +311,16 @@ def test_the_shell_probes_a_suspect_with_a_ping_bounded_by_the_silence():
 
     from actors.executor_pool import ExecutorPoolShell
 
-    class Ping:
-        def __init__(self, behaviour):
-            self.behaviour = behaviour
-
-        def remote(self):
-            async def answer():
-                if self.behaviour == "hangs":
-                    await asyncio.sleep(60)
-                if self.behaviour == "died":
-                    raise RuntimeError("the actor died")
-                return "pong"
-
-            return answer()
-
-    async def scenario():
-        pool, clock, factory = build()
-        beat_all(pool)
-        clock.now = 3.5
-        suspects = pool.tick({})
+    def probe(behaviour: str) -> bool:
+        """Whether the suspect is still live after a probe that ``behaviour``s."""
+        pool, clock, factory, small, large = small_suspected()
         shell = ExecutorPoolShell.__new__(ExecutorPoolShell)  # no Ray actor: its probe alone
         shell._pool = pool
         shell._settings = SimpleNamespace(pool_timing=PoolTiming(heartbeat_s=0.02, misses=3))
-        outcomes = {}
-        for suspect, behaviour in zip(suspects, ["answers", "hangs"], strict=True):
-            outcomes[suspect.executor_id] = behaviour
-            await shell._probe(
-                SimpleNamespace(
-                    executor_id=suspect.executor_id, handle=SimpleNamespace(ping=Ping(behaviour))
-                )
-            )
-        return pool, outcomes
+        suspect = SimpleNamespace(executor_id=small, handle=SimpleNamespace(ping=Ping(behaviour)))
+        asyncio.run(asyncio.wait_for(shell._probe(suspect), timeout=10))
+        return small in {i.executor_id for i in pool.executors()}
 
-    pool, outcomes = asyncio.run(asyncio.wait_for(scenario(), timeout=10))
-    live = {i.executor_id for i in pool.executors()}
-    assert {e for e, b in outcomes.items() if b == "answers"} == live
-    assert len(live) == 1
-
-    async def died():
-        pool, clock, factory = build()
-        beat_all(pool)
-        clock.now = 3.5
-        shell = ExecutorPoolShell.__new__(ExecutorPoolShell)
-        shell._pool = pool
-        shell._settings = SimpleNamespace(pool_timing=TIMING)
-        for suspect in pool.tick({}):
-            await shell._probe(
-                SimpleNamespace(
-                    executor_id=suspect.executor_id, handle=SimpleNamespace(ping=Ping("died"))
-                )
-            )
-        return pool
-
-    assert asyncio.run(asyncio.wait_for(died(), timeout=5)).executors() == []
+    assert probe("answers") is True
+    assert probe("hangs") is False
+    assert probe("died") is False
