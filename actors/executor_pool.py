@@ -68,9 +68,10 @@ class ExecutorPool:
     """Which executors exist and which are alive. Executors heartbeat here;
     one that misses ``misses`` heartbeats is suspected and probed (the
     shell pings it); unless it answers, or heartbeats, within the probe's
-    time it is declared dead and dropped from the membership the dispatcher
-    follows (which retries its attempts), and a replacement is started. Each tier grows with demand and shrinks when
-    idle, between its ``executors`` and ``most_executors``."""
+    time it is declared dead and dropped from the membership the
+    dispatcher follows (which retries its attempts), and a replacement is
+    started. Each tier grows with demand and shrinks when idle, between its
+    ``executors`` and ``most_executors``."""
 
     def __init__(
         self,
