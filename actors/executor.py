@@ -638,7 +638,6 @@ class ExecutorShell:
         executor = self._executor
         acknowledged = time.monotonic()
         while True:
-            sent = time.monotonic()
             try:
                 reply = await asyncio.wait_for(
                     self._pool.heartbeat.remote(
@@ -664,10 +663,7 @@ class ExecutorShell:
                 )
             if self._mirror is not None:
                 self._mirror.publish(self.describe(time.time()))
-            # One beat a period, however long the answer took: sleeping a
-            # whole period after a slow answer spaced beats two periods
-            # apart, two thirds of the pool's threshold.
-            await asyncio.sleep(max(0.0, period - (time.monotonic() - sent)))
+            await asyncio.sleep(period)
 
     async def _outbox_flushed(self) -> None:
         await asyncio.sleep(self._timing.heartbeat_s)  # let late results go out
